@@ -1,0 +1,6 @@
+"""`sdtk hash` (not built yet)."""
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    pass

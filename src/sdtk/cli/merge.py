@@ -1,0 +1,6 @@
+"""`sdtk merge` (not built yet)."""
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    pass

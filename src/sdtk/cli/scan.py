@@ -1,0 +1,6 @@
+"""`sdtk scan` (not built yet)."""
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    pass

@@ -1,6 +1,34 @@
+"""Shared test helpers. Area-specific helpers live in tests/helpers_<area>.py."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
+
+SRC = str(Path(__file__).resolve().parent.parent / "src")
+
+
+def run_cli(*args, cwd=None, input=None, env=None):
+    """Run `python -m sdtk ARGS` on this checkout's code; returns CompletedProcess (text)."""
+    full_env = dict(os.environ)
+    full_env["PYTHONPATH"] = SRC + os.pathsep + full_env.get("PYTHONPATH", "")
+    full_env.setdefault("COLUMNS", "200")
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, "-m", "sdtk", *map(str, args)], cwd=cwd, input=input,
+                          capture_output=True, text=True, env=full_env, timeout=600)
 
 
 @pytest.fixture
 def tmp(tmp_path):
     return tmp_path
+
+
+@pytest.fixture
+def cli():
+    return run_cli
+
+
+def torch_or_skip():
+    """torch is a test oracle only (CI installs torch==2.13.0); skip a test when it is absent."""
+    return pytest.importorskip("torch")

@@ -178,3 +178,15 @@ def test_disk_full_is_one_line_and_leaves_nothing(tmp, monkeypatch):
     with pytest.raises(OutputError, match="disk full"):
         write_safetensors(dest, [from_array("a", np.ones(4, np.float32))])
     assert os.listdir(tmp) == []
+
+
+def test_cli_convert_and_errors(tmp, cli):
+    src = tmp / "in.safetensors"
+    write_safetensors(src, [from_array("x", np.arange(4, dtype=np.float32))], {"k": "v"})
+    r = cli("convert", src, tmp / "out.safetensors")
+    assert r.returncode == 0, r.stderr
+    with open_model(tmp / "out.safetensors") as cat:
+        assert cat.metadata == {"k": "v"} and cat["x"].read().tolist() == [0, 1, 2, 3]
+    r = cli("convert", tmp / "missing.ckpt", tmp / "o2.safetensors")
+    assert r.returncode == 2 and "missing.ckpt: no such file" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1

@@ -25,9 +25,9 @@ What torch 2.13 writes (checked against real `torch.save` output; see tests/test
   torch/serialization.py `_save`.
 
 `sparse_zeros=True` makes a full-size file in seconds with almost no disk: tensors of at least
-`SPARSE_MIN_BYTES` are not read, their data are zeros left as holes (the file is seeked past
-them) and their CRC-32 is computed arithmetically; smaller tensors are read from the plan as usual
-(so e.g. integer `position_ids` stay real).
+`SPARSE_MIN_BYTES` are not read: their data are zeros left as holes (the file is seeked past
+them) and their CRC-32 is computed arithmetically. Smaller tensors are read from the plan as usual
+(so e.g. integer `position_ids` stay real) and skipped as holes too when they are all zeros.
 """
 from __future__ import annotations
 
@@ -403,7 +403,10 @@ class _ZipWriter:
 
 def _raw_bytes(t: LazyTensor) -> memoryview:
     """The tensor's values as C-contiguous little-endian bytes, checked against the plan."""
-    arr = t.read()
+    try:
+        arr = t.read()
+    except ValueError as e:  # e.g. a computed array that does not fit the planned shape
+        raise ValueError(f"tensor {t.name!r}: {e}") from None
     if tuple(arr.shape) != tuple(t.shape):
         raise ValueError(f"tensor {t.name!r}: planned shape {t.shape} but computed {arr.shape}")
     want = t.dtype.numpy
@@ -464,7 +467,10 @@ def write_torch_zip(
                     data = _raw_bytes(t)
                 except ValueError as e:
                     raise OutputError(dest, str(e)) from None
-                out.write(data)
+                if sparse_zeros and not np.frombuffer(data, np.uint8).any():  # all zeros: a hole too
+                    out.seek(size, os.SEEK_CUR)
+                else:
+                    out.write(data)
                 crc = zlib.crc32(data)
                 del data
             zw.end(crc)

@@ -49,7 +49,7 @@ def choose_advice(ident: Identity) -> None:
         if "sdxl_vae_fp16" in codes:
             _add(ident, "sdxl_vae_fp16")
         if not ident.partial and not heavy and ident.format == "safetensors" and not (codes & {"clip_position_ids_float", "clip_position_ids_shifted", "non_finite_values", "missing_keys"}):
-            _add(ident, "ready_for_generation", folder="checkpoints" if kind == "checkpoint" else "diffusion_models")
+            _add(ident, "ready_for_generation", precision=ident.precision, folder="checkpoints" if kind == "checkpoint" else "diffusion_models")
         if ident.variant in ("inpainting", "instruct-pix2pix", "depth", "x4-upscaler", "unclip", "refiner"):
             _add(ident, f"variant_{ident.variant.replace('-', '_')}")
     elif kind == "lora":

@@ -228,13 +228,17 @@ def write_safetensors(
     inputs: Iterable = (),
     overwrite: bool = False,
     on_tensor=None,
+    final_metadata=None,
 ) -> int:
     """Stream `plan` into a new safetensors file at `dest`, atomically. Returns bytes written.
 
     Each plan entry's `read()` is called once, in order, and its array written straight away,
     so peak memory is about one tensor. Entries whose raw bytes already lie little-endian in a
     file (`span`) and need no conversion are copied file to file. `on_tensor(t, bytes_done)` is
-    called after each tensor (progress bars)."""
+    called after each tensor (progress bars). `final_metadata()`, if given, is called after the
+    last tensor and its result replaces the metadata in the header, which must keep the same
+    length (for values known only at the end, e.g. input hashes computed during the write,
+    written first as same-length placeholders)."""
     plan = list(plan)
     try:
         header = build_header(plan, metadata)
@@ -256,4 +260,13 @@ def write_safetensors(
             total += t.nbytes
             if on_tensor is not None:
                 on_tensor(t, total)
+        if final_metadata is not None:
+            try:
+                final = build_header(plan, final_metadata())
+            except ValueError as e:
+                raise OutputError(dest, str(e)) from None
+            if len(final) != len(header):
+                raise OutputError(dest, "final metadata changed the header length")
+            out.seek(0)
+            out.write(final)
     return total

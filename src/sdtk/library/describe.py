@@ -51,10 +51,9 @@ def describe_for_library(catalogue, config_text: Optional[str] = None, has_confi
             "architecture": ident.architecture,
             "kind": ident.kind,
             "ema": int(bool(ident.has_ema)),
-            "title": ident.title,
         })
         info["identity"] = {k: v for k, v in {
-            "family": ident.family, "variant": ident.variant, "implementation": ident.implementation,
+            "title": ident.title, "family": ident.family, "variant": ident.variant, "implementation": ident.implementation,
             "prediction": ident.prediction_type, "partial": ident.partial or None,
             "problems": [p.code for p in ident.problems if p.counts] or None,
         }.items() if v is not None}
@@ -62,8 +61,7 @@ def describe_for_library(catalogue, config_text: Optional[str] = None, has_confi
             info["metadata"] = ident.metadata
     base = meta.get("ss_base_model_version")
     desc["base_model"] = KOHYA_BASE_MODELS.get(base, base) if base else None
-    if not desc.get("title"):
-        desc["title"] = meta.get("modelspec.title") or meta.get("ss_output_name")
+    desc["title"] = meta.get("modelspec.title") or meta.get("ss_output_name")  # the file's own name for itself
     desc["trained_words"] = _trained_words_from_metadata(meta)
     desc["info"] = info
     return desc

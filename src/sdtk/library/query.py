@@ -91,7 +91,10 @@ def list_files(conn: sqlite3.Connection, f: Filters) -> List[sqlite3.Row]:
     if not f.include_missing:
         where.append("status = 'present'")
     like("architecture", f.architecture)
-    like("COALESCE(kind, folder_kind)", f.kind)
+    if f.kind:  # as identified, or as the folder layout says (a LoRA in models/loras)
+        where.append("(LOWER(COALESCE(kind, '')) LIKE ? ESCAPE '\\' OR LOWER(COALESCE(folder_kind, '')) LIKE ? ESCAPE '\\')")
+        pat = "%" + f.kind.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        args += [pat, pat]
     like("precision", f.precision)
     like("base_model", f.base_model)
     like("trained_words", f.trained_word)

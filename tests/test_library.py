@@ -118,14 +118,14 @@ def test_vanished_files_and_offline_folders_are_marked_missing_never_wiped(tmp, 
     offline = tmp / "unplugged"
     shutil.move(tree["a1111"], offline)
     r = scan_library(conn, [tree["comfy"]])
-    assert len(r.offline) == 4 and r.missing == 3  # 3 folders of the yaml + LyCORIS (never there)
+    assert len(r.offline) == 4 and r.missing == 3  # VAE, Stable-diffusion + Lora, LyCORIS (never there)
     rows = rows_by_name(conn)
     assert rows["v2.safetensors"]["status"] == "missing" and rows["v2.safetensors"]["base_model"] == "SD 2.1 768"
     # everything comes back, unchanged: present again without reading a byte
     shutil.move(offline, tree["a1111"])
     shutil.move(moved, tree["ckpt"])
     r = scan_library(conn, [tree["comfy"]])
-    assert r.returned == 4 and r.hashed == 0 and [os.path.basename(p) for p in r.offline] == ["LyCORIS"]
+    assert r.returned == 4 and r.hashed == 0 and [os.path.basename(p) for p in r.offline] == ["Lora", "LyCORIS"]  # never there
     assert {row["status"] for row in rows_by_name(conn).values()} == {"present"}
 
 

@@ -13,7 +13,6 @@ from sdtk.cli.common import console, err_console, error_line, print_json
 from sdtk.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_PROBLEMS, SdtkError
 from sdtk.library import db as dbmod
 from sdtk.library.query import Filters, find_dupes, find_hash, list_files, parse_size, record_json, show_file
-from sdtk.library.scan import scan_library
 
 DB_HELP = "Library database file (default: SDTK_LIBRARY_DB, else the per-user data folder)."
 
@@ -243,7 +242,7 @@ def register(app: typer.Typer) -> None:
             if not roots:
                 console.print(f"new empty library {path}; scan your folders: sdtk library scan DIR...")
                 return EXIT_OK
-            report = scan_library(conn, roots, content=not no_content)
+            report = _scan_with_progress(conn, roots, not no_content, None, False)
         if json_out:
             print_json({"db": str(path), "kept": str(kept) if kept else None, **report.to_json()})
         else:
@@ -274,6 +273,8 @@ def register(app: typer.Typer) -> None:
 
 
 def _scan_with_progress(conn, roots, content: bool, on_event, show: bool):
+    from sdtk.library.scan import scan_library
+
     if not show:
         return scan_library(conn, roots, content=content, on_event=on_event)
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn

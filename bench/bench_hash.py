@@ -206,12 +206,13 @@ def main(argv=None) -> int:
             f"Best of {args.repeat} runs each, interleaved (the machine is shared; load only adds time); time measured inside a fresh interpreter (start-up and imports excluded);",
             "peak anonymous RSS sampled by bench/_measure.py over the whole process.",
             "",
-            "| variant | time (s) | GB/s | x sha256 alone | peak anon RSS |",
-            "|---|---:|---:|---:|---:|",
+            "| variant | time (s) | GB/s | x sha256 alone | CPU s (user+sys) | peak anon RSS |",
+            "|---|---:|---:|---:|---:|---:|",
         ]
         for key, label, *_ in VARIANTS:
             peak = max(m.peak_rss_anon for m in meas[key])
-            lines.append(f"| {label} | {med[key]:.2f} | {size / med[key] / 1e9:.2f} | {med[key] / base:.2f} | {peak / MB:.0f} MB |")
+            cpu = min(m.user_s + m.sys_s for m in meas[key])
+            lines.append(f"| {label} | {med[key]:.2f} | {size / med[key] / 1e9:.2f} | {med[key] / base:.2f} | {cpu:.2f} | {peak / MB:.0f} MB |")
         lines += [
             "",
             f"Peak anonymous RSS of `sdtk` on a file half the size ({small_size:,} bytes): {m_small.peak_rss_anon / MB:.0f} MB "
@@ -219,6 +220,9 @@ def main(argv=None) -> int:
             "",
             f"Target: sdtk six hashes <= 1.35x sha256 alone: **{med['sdtk'] / base:.2f}x** "
             f"({'met' if med['sdtk'] / base <= 1.35 else 'NOT met'}). One after another: {med['seq_zlib'] / base:.2f}x (zlib CRC32).",
+            "",
+            f"Load average when the run ended: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (other work on the machine slows every variant,",
+            "the two-thread one most: it needs both cores at once). CPU s includes interpreter start-up and imports.",
             "",
             "## Machine",
             "",

@@ -53,6 +53,8 @@ def _print_scan(report, db: Path) -> None:
                   f"back {r.returned}, newly missing {r.missing}; hashed {r.hashed} files ({_human(r.hashed_bytes)})")
     for root in r.offline:
         console.print(f"  [yellow]offline:[/] {root} (its records are kept, marked missing)")
+    for root in r.absent:
+        console.print(f"  [dim]not there:[/] {root}")
     for path, problem in r.problems:
         console.print(f"  [red]problem:[/] {path}: {problem}")
 

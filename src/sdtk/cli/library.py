@@ -62,11 +62,12 @@ def _print_scan(report, db: Path) -> None:
 def _table(rows) -> None:
     from rich.table import Table
 
+    recs = [record_json(row) for row in rows]
     t = Table(box=None, pad_edge=False, show_edge=False)
+    widest = {"name": max(len(r["name"]) for r in recs), "architecture": max(len(r["architecture"] or "-") for r in recs)}
     for col in ("name", "kind", "architecture", "precision", "EMA", "size", "AutoV2", "base model", "status"):
-        t.add_column(col, no_wrap=col in ("AutoV2", "size"))
-    for row in rows:
-        rec = record_json(row)
+        t.add_column(col, no_wrap=col in ("AutoV2", "size", "EMA"), overflow="fold", min_width=min(widest.get(col, 0), 48) or None)
+    for rec in recs:
         ema = "-" if rec["ema"] is None else ("yes" if rec["ema"] else "no")
         t.add_row(rec["name"], rec["kind"] or "-", rec["architecture"] or "-", rec["precision"] or "-", ema,
                   _human(rec["size"]), (rec["hashes"] or {}).get("AutoV2") or "-", rec["base_model"] or "-",

@@ -174,3 +174,28 @@ def zip_bytes(entries) -> bytes:
         for name, data in entries:
             z.writestr(zipfile.ZipInfo(name), data)
     return buf.getvalue()
+
+
+def sparse_zip(path: Path, records) -> Path:
+    """A STORED zip whose records are bytes, or an int size for a sparse zero-filled record
+    (its CRC is left 0, i.e. wrong unless empty). No ZIP64: keep the total under 4 GiB."""
+    import zlib
+
+    central = bytearray()
+    with open(path, "wb") as f:
+        for name, data in records:
+            offset = f.tell()
+            size = data if isinstance(data, int) else len(data)
+            crc = 0 if isinstance(data, int) else zlib.crc32(data)
+            nb = name.encode()
+            f.write(struct.pack("<4sHHHHHIIIHH", b"PK\x03\x04", 20, 0, 0, 0, 0, crc, size, size, len(nb), 0) + nb)
+            if isinstance(data, int):
+                f.seek(size, 1)
+            else:
+                f.write(data)
+            central += struct.pack("<4sHHHHHHIIIHHHHHII", b"PK\x01\x02", 20, 20, 0, 0, 0, 0, crc, size, size,
+                                   len(nb), 0, 0, 0, 0, 0, offset) + nb
+        cd_offset = f.tell()
+        f.write(central)
+        f.write(struct.pack("<4sHHHHIIH", b"PK\x05\x06", 0, 0, len(records), len(records), len(central), cd_offset, 0))
+    return path

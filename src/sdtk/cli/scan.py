@@ -1,6 +1,7 @@
 """`sdtk scan PATH...`: a safe/unsafe/unreadable verdict per file, nothing ever executed."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import List
 
@@ -33,7 +34,8 @@ def register(app: typer.Typer) -> None:
             print_json({"files": [r.to_json() for r in results], "exit_code": exit_code(results)})
         elif lines or not console.is_terminal:
             for r in results:
-                console.print(f"{r.verdict}\t{r.path}\t{r.reason}", markup=False, highlight=False)
+                sys.stdout.write(f"{r.verdict}\t{r.path}\t{r.reason}\n")
+            sys.stdout.flush()
         else:
             table = Table(show_header=True, header_style="bold")
             table.add_column("verdict")

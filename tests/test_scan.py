@@ -99,7 +99,7 @@ def _tar_with(payload: bytes, tmp) -> bytes:
     path = tmp / "payload.tar"
     with tarfile.open(path, "w") as tar:
         for member, data in (("sys_info", Asm().proto(2).empty_dict().stop().bytes()), ("pickle", payload),
-                             ("storages", b"\x80\x02K\x00."), ("tensors", b"\x80\x02K\x00.")):
+                             ("storages", b"\x80\x02K\x00.\x80\x02]."), ("tensors", b"\x80\x02K\x00.")):
             src = tmp / member
             src.write_bytes(data)
             tar.add(src, arcname=member)

@@ -112,7 +112,7 @@ def check_sd2_config(ident: Identity, has_yaml: Optional[bool]) -> None:
     needs = (ident.family == "sd2" and ident.prediction_type in ("v", None)) or (
         ident.family in ("sd1", "sdxl") and ident.prediction_type == "v" and ident.prediction_source not in ("marker",))
     if needs:
-        _add(ident, "needs_config_yaml", "warning", family=ident.family, prediction=ident.prediction_type)
+        _add(ident, "needs_config_yaml", "warning", title=ident.title, prediction=ident.prediction_type or "unknown")
 
 
 def check_sdxl_vae_fp16(ident: Identity) -> None:

@@ -393,3 +393,32 @@ def position_ids(kind: str, n: int = 77) -> np.ndarray:
 
 def float_dtype(name: str):
     return dtype(name)
+
+
+def write_sparse_with_values(path: Path, layout_or_rows, values: Dict[str, np.ndarray], metadata=None) -> Path:
+    """A full-size sparse file (real shapes) where the named tensors carry real values: the
+    header, those tensors' bytes at their offsets, and a zero-filled hole everywhere else."""
+    from sdtk.fileio import AtomicOutput
+    from sdtk.formats.safetensors import build_header
+    from sdtk.tensors import dtype_of_numpy
+
+    lay = layout_or_rows if isinstance(layout_or_rows, Layout) else rows_layout(layout_or_rows)
+    plan = []
+    for t in layout_plan(lay):
+        if t.name in values:
+            arr = np.ascontiguousarray(values[t.name])
+            plan.append(LazyTensor(t.name, dtype_of_numpy(arr.dtype), tuple(arr.shape), loader=lambda a=arr: a))
+        else:
+            plan.append(t)
+    header = build_header(plan, metadata)
+    total = len(header) + sum(t.nbytes for t in plan)
+    with AtomicOutput(path, overwrite=True) as out:
+        out.write(header)
+        offset = len(header)
+        for t in plan:
+            if t.name in values or (t.name.endswith("position_ids") and not t.dtype.is_float):
+                out.seek(offset)
+                out.write(np.ascontiguousarray(t.read()).tobytes())
+            offset += t.nbytes
+        out.truncate(total)
+    return Path(path)

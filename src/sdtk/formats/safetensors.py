@@ -236,9 +236,9 @@ def write_safetensors(
     so peak memory is about one tensor. Entries whose raw bytes already lie little-endian in a
     file (`span`) and need no conversion are copied file to file. `on_tensor(t, bytes_done)` is
     called after each tensor (progress bars). `final_metadata()`, if given, is called after the
-    last tensor and its result replaces the metadata in the header, which must keep the same
-    length (for values known only at the end, e.g. input hashes computed during the write,
-    written first as same-length placeholders)."""
+    last tensor and its metadata replaces `metadata` in the header before the file is committed
+    (values known only at the end, e.g. hashes computed meanwhile); the new header must fit in
+    the old one's size (equal-length placeholders), padded with spaces."""
     plan = list(plan)
     try:
         header = build_header(plan, metadata)
@@ -261,12 +261,22 @@ def write_safetensors(
             if on_tensor is not None:
                 on_tensor(t, total)
         if final_metadata is not None:
-            try:
-                final = build_header(plan, final_metadata())
-            except ValueError as e:
-                raise OutputError(dest, str(e)) from None
-            if len(final) != len(header):
-                raise OutputError(dest, "final metadata changed the header length")
-            out.seek(0)
-            out.write(final)
+            _rewrite_header(out, plan, final_metadata(), len(header), dest)
     return total
+
+
+def _rewrite_header(out, plan: Sequence[LazyTensor], metadata: Dict[str, str], size: int, dest) -> None:
+    """Overwrite the header in place with one carrying `metadata`, space-padded to `size` bytes."""
+    try:
+        fresh = build_header(plan, metadata)
+    except ValueError as e:
+        raise OutputError(dest, str(e)) from None
+    json_part = fresh[8:].rstrip(b" ")
+    if 8 + len(json_part) > size:
+        raise OutputError(dest, "final metadata is larger than the space reserved for it in the header")
+    out.flush()
+    end = out.tell()
+    out.seek(0)
+    out.write(struct.pack("<Q", size - 8) + json_part + b" " * (size - 8 - len(json_part)))
+    out.flush()
+    out.seek(end)

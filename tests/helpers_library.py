@@ -21,18 +21,30 @@ def write_model(path, layout="vae-sd-kl-f8", scale=16, seed=0, metadata=None, fl
     return path
 
 
+def tiny_lora_bytes(rng) -> bytes:
+    """A tiny but real kohya LoRA (one module: down, up, alpha; fp16), distinct per call."""
+    module = "lora_unet_down_blocks_0_attentions_0_proj_in"
+    down = rng.standard_normal((4, 32)).astype("<f2").tobytes()
+    up = rng.standard_normal((32, 4)).astype("<f2").tobytes()
+    alpha = struct.pack("<f", 4.0)
+    header = {"__metadata__": {"ss_base_model_version": "sdxl_base_v1-0", "ss_network_module": "networks.lora"},
+              f"{module}.lora_down.weight": {"dtype": "F16", "shape": [4, 32], "data_offsets": [0, 256]},
+              f"{module}.lora_up.weight": {"dtype": "F16", "shape": [32, 4], "data_offsets": [256, 512]},
+              f"{module}.alpha": {"dtype": "F32", "shape": [], "data_offsets": [512, 516]}}
+    raw = json.dumps(header).encode()
+    raw += b" " * ((-len(raw)) % 8)
+    return struct.pack("<Q", len(raw)) + raw + down + up + alpha
+
+
 def write_tiny_models(folder, count, seed=0):
-    """`count` distinct tiny safetensors files (one small tensor each), written directly (fast)."""
+    """`count` distinct tiny LoRA safetensors files, written directly (fast)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     paths = []
     for i in range(count):
-        arr = rng.standard_normal(16, dtype=np.float32)
-        header = json.dumps({"w": {"dtype": "F32", "shape": [16], "data_offsets": [0, 64]}}).encode()
-        header += b" " * ((-len(header)) % 8)
         p = folder / f"lora_{i:04d}.safetensors"
-        p.write_bytes(struct.pack("<Q", len(header)) + header + arr.tobytes())
+        p.write_bytes(tiny_lora_bytes(rng))
         paths.append(p)
     return paths
 

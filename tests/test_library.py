@@ -299,6 +299,6 @@ def test_library_db_location_from_env(tmp, tree):
     db = tmp / "envlib" / "library.sqlite3"
     r = run_cli("library", "scan", tree["comfy"] / "models" / "loras", "--quiet", env={"SDTK_LIBRARY_DB": str(db)})
     assert r.returncode == 0, r.stderr
-    assert db.exists() and "1 model files" in r.stdout
+    assert db.exists() and "2 model files" in r.stdout  # style + mystery
     r = run_cli("library", "scan", env={"SDTK_LIBRARY_DB": str(db)})  # no folders: the ones scanned before
-    assert r.returncode == 0 and "unchanged 1" in r.stdout
+    assert r.returncode == 0 and "unchanged 2" in r.stdout

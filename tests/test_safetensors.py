@@ -186,7 +186,7 @@ def test_cli_convert_and_errors(tmp, cli):
     r = cli("convert", src, tmp / "out.safetensors")
     assert r.returncode == 0, r.stderr
     with open_model(tmp / "out.safetensors") as cat:
-        assert cat.metadata == {"k": "v"} and cat["x"].read().tolist() == [0, 1, 2, 3]
+        assert cat.metadata["k"] == "v" and cat["x"].read().tolist() == [0, 1, 2, 3]
     r = cli("convert", tmp / "missing.ckpt", tmp / "o2.safetensors")
     assert r.returncode == 2 and "missing.ckpt: no such file" in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1

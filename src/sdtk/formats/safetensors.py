@@ -228,13 +228,17 @@ def write_safetensors(
     inputs: Iterable = (),
     overwrite: bool = False,
     on_tensor=None,
+    final_metadata=None,
 ) -> int:
     """Stream `plan` into a new safetensors file at `dest`, atomically. Returns bytes written.
 
     Each plan entry's `read()` is called once, in order, and its array written straight away,
     so peak memory is about one tensor. Entries whose raw bytes already lie little-endian in a
     file (`span`) and need no conversion are copied file to file. `on_tensor(t, bytes_done)` is
-    called after each tensor (progress bars)."""
+    called after each tensor (progress bars). `final_metadata()`, if given, is called after the
+    last tensor and its metadata replaces `metadata` in the header before the file is committed
+    (values known only at the end, e.g. hashes computed meanwhile); the new header must fit in
+    the old one's size (equal-length placeholders), padded with spaces."""
     plan = list(plan)
     try:
         header = build_header(plan, metadata)
@@ -256,4 +260,23 @@ def write_safetensors(
             total += t.nbytes
             if on_tensor is not None:
                 on_tensor(t, total)
+        if final_metadata is not None:
+            _rewrite_header(out, plan, final_metadata(), len(header), dest)
     return total
+
+
+def _rewrite_header(out, plan: Sequence[LazyTensor], metadata: Dict[str, str], size: int, dest) -> None:
+    """Overwrite the header in place with one carrying `metadata`, space-padded to `size` bytes."""
+    try:
+        fresh = build_header(plan, metadata)
+    except ValueError as e:
+        raise OutputError(dest, str(e)) from None
+    json_part = fresh[8:].rstrip(b" ")
+    if 8 + len(json_part) > size:
+        raise OutputError(dest, "final metadata is larger than the space reserved for it in the header")
+    out.flush()
+    end = out.tell()
+    out.seek(0)
+    out.write(struct.pack("<Q", size - 8) + json_part + b" " * (size - 8 - len(json_part)))
+    out.flush()
+    out.seek(end)

@@ -437,11 +437,13 @@ class PickleVM:
         self.what = what
         self.persistent_load = persistent_load
         self.base_offset = base_offset  # offset of `data` in the file, for messages
+        self.size = len(data)
         self.pos = 0
         self.op_pos = 0
         self.proto = 0
         self.stack: List[Any] = []
         self.marks: List[int] = []
+        self.fence = 0
         self.memo: Dict[int, Any] = {}
         self.current_callee: Any = None
         self.globals_seen: List[str] = []
@@ -479,12 +481,13 @@ class PickleVM:
 
     # -- reading ------------------------------------------------------------------------------
     def read(self, n: int) -> bytes:
-        end = self.pos + n
-        if n < 0 or end > len(self.data):
+        pos = self.pos
+        end = pos + n
+        if n < 0 or end > self.size:
             raise self.bad("pickle data was truncated")
-        chunk = bytes(self.data[self.pos:end])
         self.pos = end
-        return chunk
+        chunk = self.data[pos:end]
+        return chunk if type(chunk) is bytes else bytes(chunk)
 
     def readline(self) -> bytes:
         data = self.data
@@ -498,9 +501,7 @@ class PickleVM:
         return line
 
     # -- stack (C unpickler semantics: pops never cross the last MARK) ------------------------
-    @property
-    def fence(self) -> int:
-        return self.marks[-1] if self.marks else 0
+    # self.fence: index of the last MARK (0 without marks), kept up to date by mark/pop_mark
 
     def push(self, value: Any) -> None:
         self.stack.append(value)
@@ -519,6 +520,7 @@ class PickleVM:
         if not self.marks:
             raise self.bad("could not find MARK")
         start = self.marks.pop()
+        self.fence = self.marks[-1] if self.marks else 0
         items = self.stack[start:]
         del self.stack[start:]
         return items
@@ -633,7 +635,8 @@ class PickleVM:
 
     # -- opcode handlers ----------------------------------------------------------------------
     def op_mark(self):
-        self.marks.append(len(self.stack))
+        self.fence = len(self.stack)
+        self.marks.append(self.fence)
 
     def op_stop(self):
         return _STOP
@@ -641,6 +644,7 @@ class PickleVM:
     def op_pop(self):
         if self.marks and self.marks[-1] == len(self.stack):
             self.marks.pop()  # C unpickler: POP right after MARK discards the mark
+            self.fence = self.marks[-1] if self.marks else 0
         else:
             self.pop()
 
@@ -694,7 +698,11 @@ class PickleVM:
         self.push(struct.unpack("<i", self.read(4))[0])
 
     def op_binint1(self):
-        self.push(self.read(1)[0])
+        pos = self.pos
+        if pos >= self.size:
+            raise self.bad("pickle data was truncated")
+        self.pos = pos + 1
+        self.stack.append(self.data[pos])
 
     def op_binint2(self):
         self.push(struct.unpack("<H", self.read(2))[0])
@@ -888,7 +896,11 @@ class PickleVM:
         self._get(self._memo_index(self.readline(), "GET"))
 
     def op_binget(self):
-        self._get(self.read(1)[0])
+        pos = self.pos
+        if pos >= self.size:
+            raise self.bad("pickle data was truncated")
+        self.pos = pos + 1
+        self._get(self.data[pos])
 
     def op_long_binget(self):
         self._get(struct.unpack("<I", self.read(4))[0])
@@ -902,10 +914,19 @@ class PickleVM:
         self._put(self._memo_index(self.readline(), "PUT"))
 
     def op_binput(self):
-        self._put(self.read(1)[0])
+        pos = self.pos
+        if pos >= self.size:
+            raise self.bad("pickle data was truncated")
+        self.pos = pos + 1
+        if len(self.stack) <= self.fence:
+            raise self.bad("unpickling stack underflow")
+        self.memo[self.data[pos]] = self.stack[-1]
 
     def op_long_binput(self):
-        self._put(struct.unpack("<I", self.read(4))[0])
+        idx = struct.unpack("<I", self.read(4))[0]
+        if len(self.stack) <= self.fence:
+            raise self.bad("unpickling stack underflow")
+        self.memo[idx] = self.stack[-1]
 
     def op_memoize(self):
         self.memo[len(self.memo)] = self.top()

@@ -530,12 +530,12 @@ class PickleVM:
         shown = f"{module}.{name}"
         self.globals_seen.append(shown)
         if "." in name:
-            raise self.unsafe(f"dotted global name {module!r} {name!r} (attribute lookup trick); refused")
+            raise self.unsafe(f"global {shown} uses a dotted name (attribute-lookup trick); refused, nothing was executed")
         if self.proto < 3 and module in _COMPAT_MODULES:
             module = _COMPAT_MODULES[module]
         entry = ALLOWLIST.get((module, name))
         if entry is None:
-            raise self.unsafe(f"global {shown} is not allowed in a model file (it could run code); nothing was executed")
+            raise self.unsafe(f"global {shown} is not allowed in a model file (it could run code); refused, nothing was executed")
         return entry.value(module, name)
 
     def call(self, func: Any, args: Any, how: str) -> Any:

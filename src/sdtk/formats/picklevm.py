@@ -15,6 +15,7 @@ C unpickler, `_compat_pickle` names), `torch/_utils.py` (rebuild functions and t
 """
 from __future__ import annotations
 
+import codecs
 import math
 import re
 import struct
@@ -742,8 +743,6 @@ class PickleVM:
         line = self.readline()
         if len(line) < 2 or line[0] != line[-1] or line[:1] not in (b"'", b'"'):
             raise self.bad("the STRING opcode argument must be quoted")
-        import codecs
-
         try:
             raw = codecs.escape_decode(line[1:-1])[0]
         except ValueError:

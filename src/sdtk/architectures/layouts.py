@@ -33,16 +33,31 @@ def is_optional(stripped_key: str) -> bool:
 
 def split_key(key: str, prefixes: Dict[str, list]) -> Tuple[str, str]:
     """(component, prefix) of a key under a prefix table; ("other", "") when nothing matches."""
-    if key in DDPM_BUFFERS:
-        return "ddpm_buffers", ""
-    if key in MARKER_KEYS:
-        return "markers", ""
-    best = ("other", "")
-    for component, plist in prefixes.items():
-        for p in plist:
-            if key.startswith(p) and len(p) > len(best[1]):
-                best = (component, p)
-    return best
+    return split_key_ordered(key, prefix_order(prefixes))
+
+
+def prefix_order(prefixes: Dict[str, list]) -> Tuple[Tuple[str, str], ...]:
+    """A prefix table as (prefix, component) pairs, longest first: compute once, split many keys."""
+    return _ordered(tuple((c, tuple(pl)) for c, pl in prefixes.items()))
+
+
+def split_key_ordered(key: str, ordered: Tuple[Tuple[str, str], ...]) -> Tuple[str, str]:
+    if key in _EXACT:
+        return _EXACT[key], ""
+    for p, component in ordered:
+        if key.startswith(p):
+            return component, p
+    return "other", ""
+
+
+_EXACT = {**{k: "ddpm_buffers" for k in DDPM_BUFFERS}, **{k: "markers" for k in MARKER_KEYS}}
+
+
+@lru_cache(maxsize=256)
+def _ordered(table) -> Tuple[Tuple[str, str], ...]:
+    """(prefix, component), longest prefix first (so the most specific prefix wins)."""
+    pairs = [(p, c) for c, plist in table for p in plist if p]
+    return tuple(sorted(pairs, key=lambda pc: -len(pc[0])))
 
 
 @lru_cache(maxsize=None)

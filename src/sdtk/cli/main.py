@@ -4,7 +4,6 @@ from __future__ import annotations
 import sys
 from typing import List, Optional
 
-import click
 import typer
 
 from sdtk import __version__
@@ -43,22 +42,24 @@ def main(argv: Optional[List[str]] = None) -> None:
     command = typer.main.get_command(app)
     try:
         result = command.main(args=argv, prog_name="sdtk", standalone_mode=False)
-    except click.exceptions.Exit as e:
-        sys.exit(e.exit_code)
-    except click.exceptions.Abort:
-        error_line("interrupted; nothing was written")
-        sys.exit(EXIT_INTERRUPTED)
-    except click.ClickException as e:
-        e.show()
-        sys.exit(EXIT_BAD_INPUT)
-    except KeyboardInterrupt:
-        error_line("interrupted; nothing was written")
-        sys.exit(EXIT_INTERRUPTED)
     except SdtkError as e:
         error_line(str(e))
         sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        error_line("interrupted; nothing was written")
+        sys.exit(EXIT_INTERRUPTED)
     except BrokenPipeError:
         sys.exit(0)
+    except Exception as e:  # typer's own control flow; typer vendors click, so match by duck type
+        if isinstance(e, typer.Exit) or type(e).__name__ == "Exit":
+            sys.exit(getattr(e, "exit_code", 0))
+        if isinstance(e, typer.Abort) or type(e).__name__ == "Abort":
+            error_line("interrupted; nothing was written")
+            sys.exit(EXIT_INTERRUPTED)
+        if hasattr(e, "show") and hasattr(e, "exit_code"):  # click's UsageError / BadParameter
+            e.show()
+            sys.exit(EXIT_BAD_INPUT)
+        raise
     sys.exit(result if isinstance(result, int) else 0)
 
 

@@ -64,8 +64,9 @@ def check_components(ident: Identity, expected: List[str]) -> None:
 
 def check_known_keys(ident: Identity, table: Dict[str, list]) -> None:
     """Missing keys of each present component against the known layout; unknown extra keys."""
-    from sdtk.architectures import split_key
+    from sdtk.architectures.layouts import prefix_order, split_key_ordered
 
+    ordered = prefix_order(table)
     for name, comp in ident.components.items():
         if name in ("markers", "leftovers", "other", "model_sampling"):
             continue
@@ -74,7 +75,7 @@ def check_known_keys(ident: Identity, table: Dict[str, list]) -> None:
             continue
         have = set()
         for key in comp.keys:
-            _, prefix = split_key(key, table)
+            _, prefix = split_key_ordered(key, ordered)
             if name == "unet" and not prefix and comp.prefix:
                 prefix = comp.prefix
             have.add(key[len(prefix):])
@@ -112,7 +113,7 @@ def check_sd2_config(ident: Identity, has_yaml: Optional[bool]) -> None:
     needs = (ident.family == "sd2" and ident.prediction_type in ("v", None)) or (
         ident.family in ("sd1", "sdxl") and ident.prediction_type == "v" and ident.prediction_source not in ("marker",))
     if needs:
-        _add(ident, "needs_config_yaml", "warning", family=ident.family, prediction=ident.prediction_type)
+        _add(ident, "needs_config_yaml", "warning", title=ident.title, prediction=ident.prediction_type or "unknown")
 
 
 def check_sdxl_vae_fp16(ident: Identity) -> None:

@@ -14,9 +14,11 @@ from sdtk.formats import Catalogue, open_model
 from sdtk.identify import adapters, checks
 from sdtk.identify.advice import choose_advice
 from sdtk.identify.components import split_components
-from sdtk.identify.detect import ADAPTER_KINDS, BARE, PREFIXED_DIFFUSION, component_model, match_adjacent, match_diffusion, strip
+from sdtk.identify.detect import (ADAPTER_KINDS, BARE, PREFIXED_DIFFUSION, AdjacentMatch, DiffusionMatch, component_model,
+                                  match_adjacent, match_diffusion, strip)
 from sdtk.identify.metadata import summarise_metadata
-from sdtk.identify.model import Component, Identity
+from sdtk.identify.model import Component, Identity, Problem
+from sdtk.identify.scaled import match_scaled_layout
 from sdtk.identify.prediction import predict
 
 NOT_WEIGHTS = ("ddpm_buffers", "markers", "model_sampling")
@@ -53,6 +55,13 @@ def identify(cat: Catalogue, *, deep: bool = False, config_text: Optional[str] =
             diffusion = match_diffusion(shapes, (BARE,))
             if diffusion is None:
                 adjacent = match_adjacent(shapes, ("vae", "text-encoder"))
+                if adjacent is not None and not _covers_file(adjacent.prefix, shapes):
+                    adjacent = None  # a VAE inside an unidentified model is not a VAE file
+    scaled = None
+    if diffusion is None and adjacent is None:
+        scaled = match_scaled_layout(shapes)
+        if scaled is not None:
+            diffusion, adjacent = _scaled_match(scaled[1])
 
     if diffusion is not None:
         table = _identify_diffusion(ident, diffusion, tensors, shapes)
@@ -62,6 +71,9 @@ def identify(cat: Catalogue, *, deep: bool = False, config_text: Optional[str] =
         _identify_unknown(ident, tensors)
 
     ident.precision = precision_of(ident.components, tensors)
+    if scaled is not None:
+        ident.problems.append(Problem("scaled_copy", "warning", "problem.scaled_copy",
+                                      {"layout": scaled[0], "scale": scaled[2], "title": ident.title}))
     if ident.kind in ("checkpoint", "diffusion-model"):
         pred = predict(set(shapes), cat.metadata, cat.extras, ident.architecture, ident.family,
                        strip_tensors(tensors, ident.components.get("unet")), config_text, deep)
@@ -113,6 +125,23 @@ def identify_path(path: "os.PathLike[str] | str", *, deep: bool = False, vae_ref
 
 
 # ---------------------------------------------------------------------------------------------
+
+
+def _covers_file(prefix: str, shapes, share: float = 0.95) -> bool:
+    inside = sum(1 for k in shapes if k.startswith(prefix))
+    return inside >= share * len(shapes)
+
+
+def _scaled_match(arch_id: str):
+    """The table rows of a layout's architecture, for a scaled-down copy of that layout."""
+    from sdtk.architectures import ADJACENT, FAMILIES, VARIANTS
+
+    for var in VARIANTS:
+        if var.architecture == arch_id:
+            fam = next(f for f in FAMILIES if f.name == var.family and f.implementation == "ldm")
+            return DiffusionMatch(fam, var, "model.diffusion_model.", None), None
+    row = next(r for r in ADJACENT if r.architecture == arch_id)
+    return None, AdjacentMatch(row, "")
 
 
 def _identify_diffusion(ident: Identity, m, tensors, shapes) -> Dict[str, list]:

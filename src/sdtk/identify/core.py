@@ -57,11 +57,9 @@ def identify(cat: Catalogue, *, deep: bool = False, config_text: Optional[str] =
                 adjacent = match_adjacent(shapes, ("vae", "text-encoder"))
                 if adjacent is not None and not _covers_file(adjacent.prefix, shapes):
                     adjacent = None  # a VAE inside an unidentified model is not a VAE file
-    scaled = None
-    if diffusion is None and adjacent is None:
-        scaled = match_scaled_layout(shapes)
-        if scaled is not None:
-            diffusion, adjacent = _scaled_match(scaled[1])
+    scaled = match_scaled_layout(shapes)  # a scaled-down copy of a known layout (test/toy files)
+    if scaled is not None:  # its shapes are not the real ones: the layout it copies names it
+        diffusion, adjacent = _scaled_match(scaled[1])
 
     if diffusion is not None:
         table = _identify_diffusion(ident, diffusion, tensors, shapes)
@@ -84,7 +82,6 @@ def identify(cat: Catalogue, *, deep: bool = False, config_text: Optional[str] =
         _refine_by_prediction(ident)
         checks.check_components(ident, _expected_components(ident))
         checks.check_known_keys(ident, table)
-        checks.check_leftovers(ident, cat.extras)
         checks.check_old_clip_keys(ident, tensors)
         checks.check_sd2_config(ident, has_config)
         checks.check_sdxl_vae_fp16(ident)
@@ -93,6 +90,7 @@ def identify(cat: Catalogue, *, deep: bool = False, config_text: Optional[str] =
         checks.check_known_keys(ident, {first.name: [first.prefix]})
     if ident.kind in ("checkpoint", "text-encoder"):
         checks.check_position_ids(ident, tensors)
+    checks.check_leftovers(ident, cat.extras)
     checks.check_unidentified(ident)
     if deep:
         checks.check_non_finite(ident, tensors)

@@ -49,12 +49,17 @@ def _scale_range(real: Shape, seen: Shape, lo: int, hi: int) -> Optional[Tuple[i
     return lo, hi
 
 
+@lru_cache(maxsize=None)
+def _required_keys(name: str) -> frozenset:
+    return frozenset(k for k in _layout_shapes(name) if not is_optional(k))
+
+
 def match_scaled_layout(shapes: Mapping[str, Shape]) -> Optional[Tuple[str, str, int]]:
     """(layout name, architecture, scale factor) or None."""
     keys = {k for k in shapes if not is_optional(k)}
     for name, arch in LAYOUT_ARCHITECTURE.items():
         real = _layout_shapes(name)
-        if keys != {k for k in real if not is_optional(k)}:
+        if len(keys) != len(_required_keys(name)) or keys != _required_keys(name):
             continue
         lo, hi = 2, 1 << 20
         for k in keys:

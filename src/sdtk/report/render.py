@@ -15,7 +15,7 @@ from sdtk.report.messages import text
 SEVERITY_STYLE = {"error": ("✗", "bold red"), "warning": ("!", "yellow"), "info": ("i", "cyan")}
 
 
-def _t(key: str, lang: str, **fields) -> str:
+def _t(key: str, lang: str, /, **fields) -> str:
     return text(key, lang, **fields)
 
 

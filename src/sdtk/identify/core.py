@@ -57,7 +57,9 @@ def identify(cat: Catalogue, *, deep: bool = False, config_text: Optional[str] =
                 adjacent = match_adjacent(shapes, ("vae", "text-encoder"))
                 if adjacent is not None and not _covers_file(adjacent.prefix, shapes):
                     adjacent = None  # a VAE inside an unidentified model is not a VAE file
-    scaled = match_scaled_layout(shapes)  # a scaled-down copy of a known layout (test/toy files)
+    # a scaled-down copy of a known layout (test/toy files): shapes may fit a family by chance
+    said = diffusion.variant.architecture if diffusion else (adjacent.row.architecture or "?") if adjacent else None
+    scaled = match_scaled_layout(shapes, said)
     if scaled is not None:  # its shapes are not the real ones: the layout it copies names it
         diffusion, adjacent = _scaled_match(scaled[1])
 

@@ -39,7 +39,26 @@ def title_of(arch: Any) -> str:
     return a.title if a else str(arch)
 
 
-def prepare(details: Dict[str, Any]) -> Dict[str, Any]:
+COMPONENT_FIELDS = ("component", "components", "missing")
+
+
+def localise(details: Dict[str, Any], lang: str) -> Dict[str, Any]:
+    """Component names in details shown as the language's labels ("text_encoder" -> "Text encoder 1")."""
+    from sdtk.report.messages import has, text
+
+    def label(name):
+        return text(f"component.{name}", lang) if isinstance(name, str) and has(f"component.{name}", lang) else name
+
+    out = dict(details)
+    for key in COMPONENT_FIELDS:
+        if key in out:
+            value = out[key]
+            out[key] = [label(v) for v in value] if isinstance(value, (list, tuple)) else label(value)
+    return out
+
+
+def prepare(details: Dict[str, Any], lang: str = "en") -> Dict[str, Any]:
+    details = localise(details, lang)
     out: Dict[str, Any] = {}
     for key, value in details.items():
         if isinstance(value, (list, tuple, set)):

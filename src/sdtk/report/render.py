@@ -84,7 +84,7 @@ def render_identity(ident: Identity, lang: str = "en", verbose: bool = False) ->
         _row(rows, _t("label.safety", lang), _t(f"safety.{verdict}", lang))
     if ident.vae_comparison:
         vc = ident.vae_comparison
-        _row(rows, _t("label.vae_ref", lang), _t(vc.get("message_key", "vae.different"), lang, **prepare(vc)))
+        _row(rows, _t("label.vae_ref", lang), _t(vc.get("message_key", "vae.different"), lang, **prepare(vc, lang)))
     meta = _metadata_line(ident)
     if meta:
         _row(rows, _t("label.metadata", lang), meta)
@@ -115,12 +115,12 @@ def render_identity(ident: Identity, lang: str = "en", verbose: bool = False) ->
     for p in shown:
         mark, style = SEVERITY_STYLE.get(p.severity, ("?", ""))
         line = Text(f"  {mark} ", style=style)
-        line.append(_t(p.message_key, lang, **prepare(p.details)))
+        line.append(_t(p.message_key, lang, **prepare(p.details, lang)))
         parts.append(line)
     if ident.advice:
         parts.append(Text(_t("label.advice", lang), style="bold"))
         for a in ident.advice:
-            parts.append(Text("  • " + _t(a.message_key, lang, **prepare(a.details))))
+            parts.append(Text("  • " + _t(a.message_key, lang, **prepare(a.details, lang))))
     if verbose and ident.notes:
         parts.append(Text(_t("label.notes", lang), style="bold"))
         for n in ident.notes:

@@ -55,7 +55,7 @@ def test_folder_lists_every_model_then_totals(cli, models):
     assert r.returncode == 2  # the hostile pickle is unreadable: the worst case wins
     lines = r.stdout.strip().splitlines()
     assert len(lines) == 5  # 4 model files (notes.txt skipped) + totals
-    assert re.search(r"ok\s+style\.safetensors\s+stable-diffusion-v1/lora\s+\[LoRA\]", r.stdout)
+    assert re.search(r"ok\s+Lora/style\.safetensors\s+stable-diffusion-v1/lora\s+\[LoRA\]", r.stdout)
     assert re.search(r"1!\s+sd21\.safetensors\s+stable-diffusion-v2", r.stdout)
     assert "evil.ckpt: unreadable:" in r.stdout
     assert lines[-1].startswith("4 files: 3 identified, 1 with problems, 0 unknown, 1 unreadable")

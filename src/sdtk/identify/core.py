@@ -268,7 +268,8 @@ def strip_tensors(tensors, comp: Optional[Component]):
 
 
 def precision_of(components: Mapping[str, Component], tensors) -> str:
-    """The float dtype(s) of the weights, by bytes: "fp16", or "mixed fp32/fp16" (largest first)."""
+    """The float dtype(s) of the weights, by bytes: "fp16", or "mixed fp32/fp16" (largest first;
+    dtypes under 1% of the bytes are left out)."""
     by_bytes: Counter = Counter()
     for name, comp in components.items():
         if name in NOT_WEIGHTS:
@@ -279,5 +280,7 @@ def precision_of(components: Mapping[str, Component], tensors) -> str:
                 by_bytes[t.dtype.short] += t.nbytes
     if not by_bytes:
         return "none"
-    names = [d for d, _ in by_bytes.most_common()]
+    total = sum(by_bytes.values())
+    # a dtype holding under 1% of the weight bytes (a stray fp32 position_ids, a norm) does not make a file "mixed"
+    names = [d for d, n in by_bytes.most_common() if n >= 0.01 * total]
     return names[0] if len(names) == 1 else "mixed " + "/".join(names)

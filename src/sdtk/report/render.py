@@ -45,9 +45,9 @@ def _component_label(name: str, model, lang: str) -> str:
     return label
 
 
-def summary_line(ident: Identity, lang: str = "en") -> str:
+def summary_line(ident: Identity, lang: str = "en", name: str = "") -> str:
     """One line for folder listings: file, what, precision, size, problem count."""
-    name = os.path.basename(ident.path.rstrip("/")) or ident.path
+    name = name or os.path.basename(ident.path.rstrip("/")) or ident.path
     n_problems = sum(1 for p in ident.problems if p.counts)
     mark = "ok" if not n_problems and ident.identified else f"{n_problems}!"
     what = ident.architecture if ident.identified else _t("kind.unknown", lang)
@@ -98,8 +98,9 @@ def render_identity(ident: Identity, lang: str = "en", verbose: bool = False) ->
             table.add_row(*map(Text, ("  " + _component_label(name, c.model, lang), c.prefix or "-", f"{len(c.keys) if c.keys else '':>5}",
                           human_count(c.parameters), join(sorted(c.dtypes, key=lambda d: -c.dtypes[d])), human_bytes(c.bytes))))
         if ident.missing_components:
+            note = _t("label.missing" if ident.kind == "checkpoint" else "label.separate", lang)
             for name in ident.missing_components:
-                table.add_row(Text("  " + _component_label(name, None, lang)), Text(f"({_t('label.missing', lang)})"), "", "", "", "")
+                table.add_row(Text("  " + _component_label(name, None, lang)), Text(f"({note})"), "", "", "", "")
         parts.append(table)
     if ident.unknown_summary:
         parts.append(Text(_t("label.unknown", lang), style="bold"))

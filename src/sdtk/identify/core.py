@@ -93,6 +93,7 @@ def identify(cat: Catalogue, *, deep: bool = False, config_text: Optional[str] =
     if ident.kind in ("checkpoint", "text-encoder"):
         checks.check_position_ids(ident, tensors)
     checks.check_leftovers(ident, cat.extras)
+    checks.check_modelspec(ident, cat.metadata)
     checks.check_unidentified(ident)
     if deep:
         checks.check_non_finite(ident, tensors)

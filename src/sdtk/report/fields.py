@@ -62,7 +62,7 @@ def prepare(details: Dict[str, Any], lang: str = "en") -> Dict[str, Any]:
     out: Dict[str, Any] = {}
     for key, value in details.items():
         if isinstance(value, (list, tuple, set)):
-            out[key] = join(sorted(value) if isinstance(value, set) else value)
+            out[key] = join(sorted(value) if isinstance(value, set) else value) or "-"
         elif isinstance(value, dict):
             out[key] = join(f"{k}: {v}" for k, v in value.items())
         elif value is None:
@@ -74,7 +74,7 @@ def prepare(details: Dict[str, Any], lang: str = "en") -> Dict[str, Any]:
     if "damaged_positions" in details:
         out["positions"] = join(details["damaged_positions"], 12) or "-"
     if "base" in details:
-        out["base_title"] = title_of(details["base"]) if details["base"] else "an unknown base model"
+        out["base_title"] = title_of(details["base"])
     if "ztsnr" in details:
         out["ztsnr_hint"] = " + zsnr" if details["ztsnr"] else ""
     if isinstance(details.get("max_abs_difference"), float):

@@ -29,7 +29,7 @@ def what_it_is(ident: Identity, lang: str) -> str:
         return _t("what.unknown", lang, tensors=ident.tensor_count, params_h=human_count(ident.parameters))
     if ident.adapter is not None and "/" in ident.architecture:
         base = ident.adapter.get("base_architecture")
-        return _t("what.adapter", lang, kind=kind, base=title_of(base) if base else "?", architecture=ident.architecture)
+        return _t("what.adapter", lang, kind=kind, base=title_of(base) if base else _t("base.unknown", lang), architecture=ident.architecture)
     line = _t("what.model", lang, title=ident.title or ident.architecture, kind=kind, architecture=ident.architecture)
     if ident.variant:
         line += "; " + _t("what.variant", lang, variant=ident.variant)

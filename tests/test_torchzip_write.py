@@ -240,3 +240,33 @@ def test_bad_plan_is_refused_and_leaves_nothing(tmp):
     with pytest.raises(OutputError, match="cannot write a"):
         write_torch_zip(out, [], extras={"obj": object()})
     assert os.listdir(tmp) == []
+
+
+# --- sdtk's own reader reads what the writer writes -----------------------------------------
+
+
+def test_sdtk_reader_reads_the_writer_output(tmp):
+    from sdtk.formats import open_model
+
+    plan = every_dtype_plan()
+    out = tmp / "all.ckpt"
+    write_torch_zip(out, plan, top="all", wrap="state_dict", extras={"global_step": 12, "epoch": 1})
+    with open_model(out) as cat:
+        assert cat.format == "torch-zip"
+        assert list(cat.tensors) == [t.name for t in plan]
+        for t in plan:
+            got = cat.tensors[t.name]
+            assert (got.dtype, got.shape) == (t.dtype, t.shape)
+            assert got.read().tobytes() == np.ascontiguousarray(t.read()).tobytes(), t.name
+        assert cat.extras["global_step"] == 12 and cat.extras["epoch"] == 1
+
+
+def test_sdtk_reader_opens_the_full_size_sparse_file_lazily(tmp):
+    from sdtk.formats import open_model
+
+    layout = load_layout("sd15-full-ema")
+    out = tmp / "full.ckpt"
+    write_torch_zip(out, layout_plan(layout), wrap="state_dict", sparse_zeros=True)
+    with open_model(out) as cat:
+        assert [(n, t.shape, t.dtype.torch_name) for n, t in cat.tensors.items()] == list(layout.tensors)
+        assert cat.parameter_count == layout.parameter_count

@@ -117,6 +117,8 @@ class NumpyDType:
     byteorder: str = "<"
 
     def numpy(self) -> np.dtype:
+        if not _NUMPY_TYPESTR.match(self.typestr):
+            raise ValueError(f"numpy dtype {self.typestr!r} is not a plain numeric type")
         dt = np.dtype(self.typestr)
         return dt.newbyteorder(">") if self.byteorder == ">" else dt.newbyteorder("<")
 
@@ -307,12 +309,15 @@ def _codecs_encode(vm: "PickleVM", args: tuple) -> bytes:
 
 
 _NUMPY_TYPESTR = re.compile(r"^(b1|[iu](1|2|4|8)|f(2|4|8)|c(8|16))$")
+_NUMPY_OBJECT = "O8"  # held inertly so a scan sees what the array holds; its data is refused at BUILD
 
 
 def _numpy_dtype(vm: "PickleVM", args: tuple) -> NumpyDType:
     # numpy pickles a dtype as numpy.dtype(typestr, align, copy) + BUILD (version, byteorder, ...)
     if not 1 <= len(args) <= 3 or not isinstance(args[0], str):
         raise vm.bad("numpy.dtype takes a type string")
+    if args[0] == _NUMPY_OBJECT:
+        return NumpyDType(args[0])
     if not _NUMPY_TYPESTR.match(args[0]):
         raise vm.bad(f"numpy dtype {args[0]!r} is not a plain numeric type (object and structured arrays are refused)")
     return NumpyDType(args[0])
@@ -322,6 +327,8 @@ def _numpy_scalar(vm: "PickleVM", args: tuple):
     # numpy.core.multiarray.scalar(dtype, raw bytes) -> a Python number
     if len(args) != 2 or not isinstance(args[0], NumpyDType) or not isinstance(args[1], (bytes, str)):
         raise vm.bad("numpy scalar takes (dtype, bytes)")
+    if args[0].typestr == _NUMPY_OBJECT:
+        raise vm.bad("numpy object scalars are refused")
     raw = args[1].encode("latin-1") if isinstance(args[1], str) else args[1]
     dt = args[0].numpy()
     if len(raw) != dt.itemsize:
@@ -577,8 +584,8 @@ class PickleVM:
         if not isinstance(state, tuple) or len(state) != 5:
             raise self.bad("BUILD on a numpy array with an unexpected state")
         _version, shape, dt, fortran, raw = state
-        if not isinstance(dt, NumpyDType):
-            raise self.bad("numpy array dtype is not a plain numeric dtype")
+        if not isinstance(dt, NumpyDType) or dt.typestr == _NUMPY_OBJECT:
+            raise self.bad("numpy object arrays are refused (their elements are pickled objects)")
         shape = _int_tuple(self, shape, "numpy shape")
         if isinstance(raw, str):
             raw = raw.encode("latin-1", errors="strict")

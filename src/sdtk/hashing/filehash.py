@@ -215,8 +215,9 @@ def _worker(jobs: "queue.Queue", work, errors: List[BaseException]) -> None:
             slot.release()
 
 
-def _read_full(f, view: memoryview) -> int:
-    """Fill `view` from the file; fewer bytes only at the end of the file."""
+def _read_full(f, view: memoryview, remaining: int) -> int:
+    """Fill `view` (at most `remaining` bytes) from the file; fewer bytes only at its end."""
+    view = view[:max(0, remaining)]
     got = 0
     while got < len(view):
         n = f.readinto(view[got:])
@@ -258,7 +259,7 @@ def _hash_inline(raw, hashers: _Hashers, options: HashOptions, on_progress) -> i
     view = memoryview(buf)
     offset = 0
     while True:
-        n = _read_full(raw, view)
+        n = _read_full(raw, view, hashers.size - offset)
         if not n:
             break
         piece = view[:n]
@@ -294,7 +295,7 @@ def _hash_threaded(raw, hashers: _Hashers, options: HashOptions, on_progress) ->
     try:
         while not errors:
             slot = pool.get()
-            n = _read_full(raw, slot.view)
+            n = _read_full(raw, slot.view, hashers.size - offset)
             if not n:
                 pool.put(slot)
                 break

@@ -2,7 +2,7 @@
 
 Casts round to nearest, ties to even (numpy for fp16, ml_dtypes for bf16/fp8: the same results
 as torch's `.to()`). A finite value too large for the target becomes inf (fp16, bf16, e5m2) or NaN
-(e4m3fn has no inf): we count those per tensor, so `convert` can refuse a lossy fp16 cast and
+(e5m2) or is clipped to +-448 (e4m3fn has no inf; torch saturates): we count those per tensor, so `convert` can refuse a lossy fp16 cast and
 suggest bf16. Integer and bool tensors, position ids and marker tensors are never cast.
 Large tensors are cast in chunks into one output array: memory is the output tensor plus a chunk.
 """
@@ -19,6 +19,9 @@ from sdtk.ops.components import is_marker
 from sdtk.tensors import DType, LazyTensor
 
 CHUNK_ELEMENTS = 1 << 22  # 4 Mi values: 16 MB of fp32 per step
+# Targets without inf whose out-of-range values are clipped to +-max, as torch does
+# (torch 2.x `.to(torch.float8_e4m3fn)` saturates; ml_dtypes would give NaN).
+SATURATING = frozenset({"F8_E4M3"})
 
 
 def never_cast(t: LazyTensor) -> bool:
@@ -34,12 +37,14 @@ def _may_overflow(src: DType, dst: DType) -> bool:
 
 
 def cast_array(arr: np.ndarray, dst: DType) -> tuple[np.ndarray, int]:
-    """`arr` cast to `dst` (round to nearest even) and how many finite values became inf/NaN."""
+    """`arr` cast to `dst` (round to nearest even) and how many finite values did not fit
+    (became inf, or were clipped for saturating targets)."""
     src_dtype = arr.dtype
     out = np.empty(arr.shape, dtype=dst.numpy)
     if arr.size == 0:
         return out, 0
     check = _may_overflow(_dt(src_dtype), dst)
+    limit = float(ml_dtypes.finfo(dst.numpy).max) if dst.name in SATURATING else None
     flat_in = arr.reshape(-1)
     flat_out = out.reshape(-1)
     overflow = 0
@@ -47,6 +52,11 @@ def cast_array(arr: np.ndarray, dst: DType) -> tuple[np.ndarray, int]:
         stop = min(start + CHUNK_ELEMENTS, flat_in.size)
         piece = flat_in[start:stop]
         target = flat_out[start:stop]
+        if limit is not None:
+            if check:
+                overflow += int(np.count_nonzero(np.abs(piece) > limit) - np.count_nonzero(np.isinf(piece)))
+            target[...] = np.clip(piece, -limit, limit).astype(dst.numpy)
+            continue
         with np.errstate(over="ignore", invalid="ignore"):
             target[...] = piece.astype(dst.numpy)
         if check:

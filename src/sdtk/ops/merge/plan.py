@@ -10,6 +10,7 @@ tensor), except for the few keys that need a whole tensor (inpainting first conv
 from __future__ import annotations
 
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -21,7 +22,7 @@ from sdtk.ops.merge.arch import FIRST_CONV, component_of, is_channel_extension, 
 from sdtk.ops.merge.blocks import block_of, resolve_blocks
 from sdtk.tensors import DType, FileSpan, LazyTensor, dtype as dtype_named, numel
 
-CHUNK = 1 << 22  # elements per computed chunk (16 MiB of float32)
+CHUNK = 1 << 20  # elements per computed chunk (4 MiB of float32); chunks of one tensor run on `workers` threads
 
 
 class FileSource:
@@ -35,6 +36,9 @@ class FileSource:
 
     def computed(self, key: str) -> bool:
         return False
+
+    def prepare(self, key: str) -> None:
+        pass
 
     def read_full(self, key: str) -> np.ndarray:
         return self.cat.tensors[key].read()
@@ -153,6 +157,17 @@ class StepSource:
         raise SdtkError(self.inputs[1].label, f"tensor {key!r} has shape {list(others[0])}, {list(shape)} in {self.inputs[0].label}")
 
     # -- the source interface -------------------------------------------------------------
+    def prepare(self, key: str) -> None:
+        """Compute what needs a whole tensor (per-tensor scalars, sliced first conv) before the
+        chunks of `key` are computed, possibly on several threads; forgets the previous key's."""
+        for src in self.inputs:
+            src.prepare(key)
+        d = self.decisions[key]
+        if d.action == "merge" and self.method in ("slerp", "cosine", "ties"):
+            self._stats_for(key, d.alpha, self.compute_dtype(key))
+        elif d.action == "slice" and self._full_cache[0] != key:
+            self._full_cache = (key, self._sliced(key, d))
+
     def computed(self, key: str) -> bool:
         d = self.decisions[key]
         return d.action != "copy" or self.inputs[d.source].computed(key)
@@ -184,11 +199,9 @@ class StepSource:
         if d.action == "copy":
             return self.inputs[d.source].read_chunk(key, lo, hi, ctype)
         if d.action == "slice":
-            cached_key, cached = self._full_cache
-            if cached_key != key:
-                cached = self._sliced(key, d)
-                self._full_cache = (key, cached)
-            return cached.reshape(-1)[lo:hi].astype(ctype)
+            if self._full_cache[0] != key:
+                self.prepare(key)
+            return self._full_cache[1].reshape(-1)[lo:hi].astype(ctype)
         arrays = [s.read_chunk(key, lo, hi, ctype) for s in self.inputs]
         return self._apply(key, arrays, d.alpha, lo, ctype)
 
@@ -284,7 +297,7 @@ def output_dtype(stored: DType, requested: Optional[DType]) -> DType:
     return stored
 
 
-def output_plan(final, requested: Optional[str] = None, bake_vae=None) -> List[LazyTensor]:
+def output_plan(final, requested: Optional[str] = None, bake_vae=None, workers: int = 1) -> List[LazyTensor]:
     """The write plan of the final step: one LazyTensor per key of the primary model, in its order.
 
     `bake_vae`: a FileSource whose tensors replace the VAE's (names mapped by `vae_key_map`)."""
@@ -292,29 +305,39 @@ def output_plan(final, requested: Optional[str] = None, bake_vae=None) -> List[L
     if want is not None and not want.is_float:
         raise UsageError(None, f"--dtype {requested}: the output dtype must be a float type (fp32, fp16, bf16, fp8-e4m3fn...)")
     baked = vae_key_map(final.entries, bake_vae) if bake_vae is not None else {}
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sdtk-merge") if workers > 1 else None
     plan = []
     for key, (shape, stored) in final.entries.items():
         out = output_dtype(stored, want)
         if key in baked:
             plan.append(_file_tensor(bake_vae, baked[key], key, out))
         else:
-            plan.append(LazyTensor(key, out, tuple(shape), loader=_loader(final, key, out),
+            plan.append(LazyTensor(key, out, tuple(shape), loader=_loader(final, key, out, pool),
                                    span=final.span(key) if (out == stored and not final.computed(key)) else None))
     return plan
 
 
-def _loader(src, key: str, out: DType):
+def _loader(src, key: str, out: DType, pool: Optional[ThreadPoolExecutor]):
     def load() -> np.ndarray:
         shape = src.entries[key][0]
         if not src.computed(key):
             arr = src.read_full(key)
             return arr if arr.dtype == out.numpy else arr.astype(out.numpy)
+        src.prepare(key)
         ctype = src.compute_dtype(key) if hasattr(src, "compute_dtype") else np.float32
         n = numel(shape)
         result = np.empty(n, dtype=out.numpy)
-        for lo in range(0, n, CHUNK):
+
+        def fill(lo: int) -> None:
             hi = min(n, lo + CHUNK)
             result[lo:hi] = src.read_chunk(key, lo, hi, ctype)  # the one cast
+
+        if pool is None or n <= CHUNK:
+            for lo in range(0, n, CHUNK):
+                fill(lo)
+        else:
+            for _ in pool.map(fill, range(0, n, CHUNK)):
+                pass
         return result.reshape(shape)
 
     return load

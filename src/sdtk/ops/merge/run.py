@@ -62,6 +62,11 @@ def header_sha256(path: str) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def default_workers() -> int:
+    """Threads computing chunks of one tensor (numpy releases the GIL): the cores, at most 4."""
+    return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)))
+
+
 def _placeholder(i: int) -> str:
     return f"{'sdtk-pending-sha256-' + str(i):-<64}"
 
@@ -104,7 +109,7 @@ class _Hasher(threading.Thread):
 
 def run_recipe(recipe: Recipe, dest: str, overwrite: bool = False, hash_inputs: bool = True,
                search_dirs: Optional[List[str]] = None, on_start: Optional[Callable] = None,
-               on_tensor: Optional[Callable] = None) -> MergeResult:
+               on_tensor: Optional[Callable] = None, workers: int = 0) -> MergeResult:
     """Evaluate `recipe` into `dest`. Everything that can be refused is refused before writing."""
     recipe.validate()
     search_dirs = search_dirs or []
@@ -156,7 +161,7 @@ def run_recipe(recipe: Recipe, dest: str, overwrite: bool = False, hash_inputs: 
             if step.name:
                 sources[step.name] = steps[-1]
         final = steps[-1]
-        plan = output_plan(final, recipe.dtype, bake)
+        plan = output_plan(final, recipe.dtype, bake, workers=workers or default_workers())
 
         hasher = _Hasher(list(id_paths.values())) if hash_inputs else None
         canonical = recipe.canonical(identities)

@@ -16,7 +16,7 @@ from sdtk.errors import SdtkError, UsageError
 from sdtk.fileio import check_output_path
 from sdtk.formats import open_model
 from sdtk.formats.safetensors import write_safetensors
-from sdtk.ops.merge.arch import FIRST_CONV, check_compatible, family_of
+from sdtk.ops.merge.arch import FIRST_CONV, check_compatible, describe
 from sdtk.ops.merge.plan import FileSource, StepSource, output_plan
 from sdtk.ops.merge.recipe import Recipe, dumps_canonical
 
@@ -129,7 +129,7 @@ def run_recipe(recipe: Recipe, dest: str, overwrite: bool = False, hash_inputs: 
         sources: Dict[str, object] = {}
         for name, path in paths.items():
             cats[name] = cat = open_model(path)
-            sources[name] = FileSource(path, cat, family_of(cat))
+            sources[name] = FileSource(path, cat, *describe(cat))
         bake = None
         if bake_path:
             cats["__bake_vae__"] = bcat = open_model(bake_path)
@@ -154,7 +154,7 @@ def run_recipe(recipe: Recipe, dest: str, overwrite: bool = False, hash_inputs: 
         for i, step in enumerate(recipe.steps):
             inputs = [sources[n] for n in step.inputs]
             check_compatible([getattr(s, "label") for s in inputs], [s.family for s in inputs],
-                             [{k: v[0] for k, v in s.entries.items()} for s in inputs])
+                             [{k: v[0] for k, v in s.entries.items()} for s in inputs], [s.title for s in inputs])
             name = step.name or f"step{i + 1}"
             steps.append(StepSource(name, step.method, inputs, step.alpha, step.beta, step.seed,
                                     blocks=step.blocks, te=step.te, vae=step.vae, exclude=step.exclude))

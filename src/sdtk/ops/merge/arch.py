@@ -40,7 +40,7 @@ def component_of(key: str) -> str:
     for prefix, comp in COMPONENT_PREFIXES:
         if key.startswith(prefix):
             return comp
-    return "other" if "." in key else "top"
+    return "other" if "." in key else "buffers"
 
 
 def detect_family(shapes: Dict[str, Tuple[int, ...]]) -> Optional[str]:

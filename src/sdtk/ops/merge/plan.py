@@ -89,7 +89,7 @@ def _protected_reason(key: str, shape, dt: DType) -> Optional[str]:
     comp = component_of(key)
     if comp == "ema":
         return "model_ema"
-    if comp == "top":
+    if comp == "buffers":
         return "schedule buffer or marker"
     return None
 

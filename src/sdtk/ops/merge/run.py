@@ -27,13 +27,9 @@ A1111_METHOD_NAMES = {"weighted-sum": "Weighted sum", "add-difference": "Add dif
 
 
 def sha256_file(path: str) -> str:
-    """SHA256 of the whole file (A1111 / Civitai), read in 16 MiB blocks."""
-    try:
-        from sdtk.hashing import sha256_file as shared  # the hashing helper's, when it has landed
-
-        return shared(path)
-    except Exception:
-        pass
+    """SHA256 of the whole file (A1111 / Civitai), read in 16 MiB blocks. (sdtk.hashing.hash_file
+    computes all six published hashes in one read, 2.6x the CPU of sha256 alone; a merge needs
+    only the one A1111 keys its merge metadata by.)"""
     h = hashlib.sha256()
     with open(path, "rb", buffering=0) as f:
         buf = bytearray(HASH_CHUNK)

@@ -204,7 +204,7 @@ class StepSource:
             if self._full_cache[0] != key:
                 self.prepare(key)
             return self._full_cache[1].reshape(-1)[lo:hi].astype(ctype)
-        arrays = [s.read_chunk(key, lo, hi, ctype) for s in self.inputs]
+        arrays = [s.read_chunk(key, lo, hi, ctype) for s in self.inputs]  # fresh copies: ours to overwrite
         return self._apply(key, arrays, d.alpha, lo, ctype)
 
     # -- computing ------------------------------------------------------------------------
@@ -218,7 +218,7 @@ class StepSource:
         if m == "dare":
             keep = M.dare_keep_mask(self.seed, key, lo, arrays[0].size, self.beta)
             return M.dare(arrays[0], arrays[1], arrays[2] if len(arrays) > 2 else None, alpha, self.beta, keep)
-        return M.elementwise(m, arrays, alpha, self.beta)
+        return M.elementwise(m, arrays, alpha, self.beta, owned=True)
 
     def _stats_for(self, key: str, alpha: float, ctype):
         """Per-tensor scalars that need a pass over the whole tensor (slerp/cosine: norms and

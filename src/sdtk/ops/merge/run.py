@@ -226,18 +226,13 @@ def _metadata(recipe: Recipe, canonical: dict, cats, identities, paths, final) -
         "is_instruct_pix2pix": channels == 8,
     }
     models: Dict[str, dict] = {}
-    for name in recipe.models:
+    for name in recipe.models:  # A1111 run_modelmerger add_model_metadata: the entry, then its own sd_merge_models
         meta = cats[name].metadata
-        key = hash_of(name)
-        try:
-            nested = json.loads(meta["sd_merge_models"]) if "sd_merge_models" in meta else {}
-            if isinstance(nested, dict):
-                models.update(nested)
-        except ValueError:
-            pass
-        models[key] = {"name": os.path.splitext(identities[name]["file"])[0],
-                       "legacy_hash": legacy_hash(paths[name]),
-                       "sd_merge_recipe": json.loads(meta["sd_merge_recipe"]) if _is_json(meta.get("sd_merge_recipe")) else None}
+        models[hash_of(name)] = {"name": identities[name]["file"], "legacy_hash": legacy_hash(paths[name]),
+                                 "sd_merge_recipe": json.loads(meta["sd_merge_recipe"]) if _is_json(meta.get("sd_merge_recipe")) else None}
+        nested = json.loads(meta["sd_merge_models"]) if _is_json(meta.get("sd_merge_models")) else None
+        if isinstance(nested, dict):
+            models.update(nested)
     return {
         "format": "pt",
         "sd_merge_recipe": json.dumps(sd_merge_recipe, ensure_ascii=False),

@@ -333,15 +333,20 @@ def test_bake_vae_of_wrong_architecture_refused(tmp_path):
 
 
 def test_bake_full_size_vae_checked_against_reference_when_model_has_none(tmp_path):
-    """A UNet+CLIP file without a VAE: the VAE is checked against the real kl-f8 layout."""
+    """A UNet+CLIP file without a VAE: the (full-size) VAE is checked against the real kl-f8 layout;
+    a VAE with one tensor of the wrong shape is refused."""
     from sdtk.samples import write_sparse_safetensors
 
     layout = load_layout("sd15-emaonly").without(lambda k: k.startswith("first_stage_model."))
-    model = tmp_path / "novae.safetensors"
-    write_sparse_safetensors(model, layout)
+    model = write_layout(tmp_path / "novae.safetensors", layout, scale=16)
+    bad = tmp_path / "bad-vae.safetensors"
+    write_sparse_safetensors(bad, load_layout("vae-sd-kl-f8").rename(lambda k: k).without(
+        lambda k: k == "decoder.conv_out.bias").plus([("decoder.conv_out.bias", (4,), "float32")]))
+    with pytest.raises(SdtkError, match="decoder.conv_out.bias"):
+        convert(model, tmp_path, bake_vae=str(bad))
     vae = tmp_path / "vae.safetensors"
     write_sparse_safetensors(vae, load_layout("vae-sd-kl-f8"))
-    _, summary = convert(model, tmp_path, bake_vae=str(vae), dtype="fp16")
+    _, summary = convert(model, tmp_path, bake_vae=str(vae))
     with open_model(summary["outputs"][0]["path"]) as cat:
         assert sum(1 for k in cat.tensors if k.startswith("first_stage_model.")) == 248
     Path(summary["outputs"][0]["path"]).unlink()

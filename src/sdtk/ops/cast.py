@@ -15,7 +15,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import ml_dtypes
 import numpy as np
 
-from sdtk.ops.components import is_marker
+from sdtk.ops.components import MARKERS
 from sdtk.tensors import DType, LazyTensor
 
 CHUNK_ELEMENTS = 1 << 22  # 4 Mi values: 16 MB of fp32 per step
@@ -26,7 +26,7 @@ SATURATING = frozenset({"F8_E4M3"})
 
 def never_cast(t: LazyTensor) -> bool:
     """Tensors whose dtype carries meaning: integers, bools, position ids, markers."""
-    return not t.dtype.is_float or t.name.endswith("position_ids") or is_marker(t.name)
+    return not t.dtype.is_float or t.name.endswith("position_ids") or t.name in MARKERS
 
 
 def _may_overflow(src: DType, dst: DType) -> bool:

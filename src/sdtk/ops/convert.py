@@ -167,7 +167,7 @@ def _dtype_tags(opts: ConvertOptions) -> List[str]:
 def plan_conversion(cat: Catalogue, opts: ConvertOptions, stack: contextlib.ExitStack) -> Conversion:
     """Plan every output of converting `cat` (files named by options are opened into `stack`)."""
     path = cat.path
-    facts = model_facts(cat.tensors, cat.metadata)
+    facts = model_facts(cat)
     conv = Conversion(Path(path), facts, [], [], [])
     plan: List[LazyTensor] = list(cat.tensors.values())
     tags: List[str] = []
@@ -259,8 +259,8 @@ def plan_conversion(cat: Catalogue, opts: ConvertOptions, stack: contextlib.Exit
 
     prediction = opts.prediction_type or facts.prediction_type
     conv.prediction_type = prediction
-    if opts.prediction_type and facts.architecture == "stable-diffusion-v2-512" and opts.prediction_type == "v":
-        facts.architecture = "stable-diffusion-v2-768-v"
+    if opts.prediction_type and facts.family == "sd2":
+        facts.architecture = "stable-diffusion-v2-768-v" if prediction == "v" else "stable-diffusion-v2-512"
     names = {t.name for t in plan}
 
     if opts.extract:
@@ -291,6 +291,7 @@ def _metadata_for(cat: Catalogue, conv: Conversion, out: OutputPlan, opts: Conve
         base = {k: v for k, v in base.items() if not k.startswith("modelspec.")}
         arch = f"{arch}/vae" if (arch and out.part == "vae") else None
     prediction = conv.prediction_type if out.part in ("model", "unet") else None
+    prediction = prediction if prediction in ("epsilon", "v") else None  # ModelSpec values
     modelspec = lin.modelspec_additions(base, arch, title, prediction, bool(opts.prediction_type))
     step = lin.Lineage(conv.source.name, cat.file_size or lin.file_size(cat.path), list(conv.operations), hashes)
     return lin.output_metadata(base, modelspec, step)
@@ -331,7 +332,7 @@ def write_outputs(cat: Catalogue, conv: Conversion, opts: ConvertOptions, progre
     hasher = lin.BackgroundHashes(cat.path) if opts.source_hashes else None
     inputs = [cat.path, *conv.extra_inputs]
     for out in conv.outputs:
-        placeholder = {"sha256": lin.HASH_PLACEHOLDER, "autov3": lin.HASH_PLACEHOLDER} if hasher else {}
+        placeholder = {name: lin.HASH_PLACEHOLDER for name in lin.HASH_NAMES} if hasher else {}
         metadata = _metadata_for(cat, conv, out, opts, placeholder)
         total = sum(t.nbytes for t in out.plan)
         progress.start(out.dest, total)

@@ -276,7 +276,7 @@ def test_failure_mid_write_leaves_nothing_and_input_intact(tmp_path, monkeypatch
         convert_file(src, resolve_options(ConvertOptions(preset="generation")))
     if failure == "disk-full":
         assert "disk full" in str(info.value)
-    assert calls["n"] == 300
+    assert calls["n"] >= 300  # the failure happened mid-write (prefetch may have computed a few more)
     assert files_in(tmp_path) == ["in.safetensors"] and sha256_of(src) == before
 
 

@@ -29,6 +29,7 @@ from sdtk.ops.ema import EMA_MODES, apply_ema, has_ema
 from sdtk.ops.extract import expand_parts, extract_plans
 from sdtk.ops.model_facts import ModelFacts, model_facts
 from sdtk.ops.naming import default_output
+from sdtk.ops.prefetch import Prefetcher
 from sdtk.ops.prune import dropped_extras, prune_plan, summarize_dropped
 from sdtk.ops.replace import parse_replace, replace_component
 from sdtk.ops.sidecar import config_text, sidecar_for, sidecar_path
@@ -348,11 +349,13 @@ def write_outputs(cat: Catalogue, conv: Conversion, opts: ConvertOptions, progre
         def final_metadata(out=out) -> Dict[str, str]:
             return _metadata_for(cat, conv, out, opts, hasher.result())
 
+        prefetch = Prefetcher(out.plan)
         try:
-            out.bytes_written = write_safetensors(out.dest, out.plan, metadata, inputs=inputs,
+            out.bytes_written = write_safetensors(out.dest, prefetch.plan, metadata, inputs=inputs,
                                                   overwrite=opts.overwrite, on_tensor=on_tensor,
                                                   final_metadata=final_metadata if hasher else None)
         finally:
+            prefetch.close()
             progress.done()
         if out.part == "model" and conv.sidecar_config:
             out.sidecar = sidecar_path(out.dest)

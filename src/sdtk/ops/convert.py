@@ -197,8 +197,9 @@ def plan_conversion(cat: Catalogue, opts: ConvertOptions, stack: contextlib.Exit
         tags.append("vae")
 
     ema_mode = opts.ema
-    if ema_mode is None:
-        ema_mode = "use" if (opts.preset == "generation" and facts.has_ema) else "keep"
+    if ema_mode is None:  # generation: the EMA weights (as official releases); --prune: the normal ones
+        ema_mode = "use" if (opts.preset == "generation" and facts.has_ema) else (
+            "drop" if (opts.prune and facts.has_ema) else "keep")
     if facts.has_ema or ema_mode == "use":
         result = apply_ema(plan, ema_mode, path)
         plan = result.plan
@@ -216,7 +217,8 @@ def plan_conversion(cat: Catalogue, opts: ConvertOptions, stack: contextlib.Exit
             conv.weight_set = "non-ema"
             conv.operations.append(f"ema drop ({len(result.dropped)} model_ema.* tensors)")
             conv.notes.append("weights: kept the non-EMA weights (model.diffusion_model.*), dropped the EMA copy "
-                              "(the weights A1111 loads from a file holding both)")
+                              "(the weights A1111 loads from a file holding both" +
+                              ("; --prune drops the EMA copy unless --ema keep or --ema use)" if opts.ema is None else ")"))
             tags.append("noema")
         else:
             conv.weight_set = "both"
@@ -227,22 +229,23 @@ def plan_conversion(cat: Catalogue, opts: ConvertOptions, stack: contextlib.Exit
         plan = fixed.plan
         detail = []
         if fixed.reset:
-            detail.append(f"position_ids reset ({len(fixed.were_broken)} were damaged)")
+            detail.append(f"{len(fixed.reset)} position_ids written as 0..n-1 int64, {len(fixed.were_broken)} had been damaged")
         if fixed.renamed:
             detail.append(f"{len(fixed.renamed)} NovelAI-style CLIP keys renamed")
-        conv.operations.append("fix-clip" + (f" ({'; '.join(detail)})" if detail else ""))
+        conv.operations.append("fix-clip" + (f" ({'; '.join(detail)})" if detail else " (nothing to fix)"))
         if fixed.were_broken:
             conv.notes.append(f"CLIP position_ids were damaged and are now 0..76 int64: {', '.join(fixed.were_broken)}")
         if fixed.renamed:
             conv.notes.append(f"renamed {len(fixed.renamed)} NovelAI-era CLIP keys to the text_model.* names")
 
     if opts.prune:
-        pruned = prune_plan(plan, keep_ema=(ema_mode == "keep"), keep_unknown=opts.keep_unknown)
+        keep_ema = opts.ema == "keep" or (ema_mode == "keep" and facts.has_ema)
+        pruned = prune_plan(plan, keep_ema=keep_ema, keep_unknown=opts.keep_unknown)
         plan = pruned.plan
         conv.dropped = pruned.dropped
         conv.dropped_extras = dropped_extras(cat.extras)
         counts = summarize_dropped(pruned.dropped)
-        conv.operations.append("prune" + (f" (dropped {len(pruned.dropped)} tensors)" if pruned.dropped else ""))
+        conv.operations.append("prune" + (f" (dropped {len(pruned.dropped)} tensors)" if pruned.dropped else " (nothing else to drop)"))
         if counts:
             conv.notes.append("pruned: " + ", ".join(f"{n} {reason}" for reason, n in counts.items()))
         if pruned.kept_unknown:

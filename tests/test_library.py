@@ -118,14 +118,15 @@ def test_vanished_files_and_offline_folders_are_marked_missing_never_wiped(tmp, 
     offline = tmp / "unplugged"
     shutil.move(tree["a1111"], offline)
     r = scan_library(conn, [tree["comfy"]])
-    assert len(r.offline) == 4 and r.missing == 3  # VAE, Stable-diffusion + Lora, LyCORIS (never there)
+    assert len(r.offline) == 2 and r.missing == 3  # models/VAE and models/Stable-diffusion
+    assert [os.path.basename(p) for p in r.absent] == ["Lora", "LyCORIS"]  # named by the yaml, never there
     rows = rows_by_name(conn)
     assert rows["v2.safetensors"]["status"] == "missing" and rows["v2.safetensors"]["base_model"] == "SD 2.1 768"
     # everything comes back, unchanged: present again without reading a byte
     shutil.move(offline, tree["a1111"])
     shutil.move(moved, tree["ckpt"])
     r = scan_library(conn, [tree["comfy"]])
-    assert r.returned == 4 and r.hashed == 0 and [os.path.basename(p) for p in r.offline] == ["Lora", "LyCORIS"]  # never there
+    assert r.returned == 4 and r.hashed == 0 and r.offline == []
     assert {row["status"] for row in rows_by_name(conn).values()} == {"present"}
 
 
@@ -269,7 +270,8 @@ def test_list_filters(tmp, tree):
     def names(**kw):
         return sorted(os.path.basename(r["path"]) for r in list_files(conn, Filters(**kw)))
 
-    assert names(kind="lora") == ["style.safetensors"]
+    assert names(kind="lora") == ["style.safetensors"]  # identify: unknown; the folder: loras
+    assert record_json(list_files(conn, Filters(kind="lora"))[0])["kind"] == "lora"
     assert names(base_model="sdxl") == ["style.safetensors"]
     assert names(trained_word="SUMI") == ["style.safetensors"]
     assert names(precision="fp16") == ["v2.safetensors"]

@@ -56,6 +56,14 @@ def test_benign_torch_corpus_files_are_readable():
         assert cat.format == "torch-zip" and len(cat) == 1
 
 
+@pytest.mark.parametrize("name", ["every_dtype.pt", "shared_views.pt", "lightning.ckpt", "embedding.pt", "nested.pth",
+                                  "bigendian.pt", "legacy.pt", "legacy_embedding.pt"])
+def test_torch_written_files_scan_safe(name):
+    result = scan_file(TORCH_DATA / name)
+    assert result.verdict == "safe", result.reason
+    assert result.tensors == len(open_model(TORCH_DATA / name))
+
+
 def test_scan_reasons_name_the_global():
     r = scan_file(CORPUS / "data/malicious2_v0.pkl")
     assert "posix.system" in r.reason and "posix.system" in r.globals

@@ -110,7 +110,7 @@ class Recipe:
         if self.dtype:
             out["dtype"] = self.dtype
         if self.bake_vae:
-            out["bake_vae"] = identities["__bake_vae__"]
+            out["bake_vae"] = identities["__bake_vae__"]  # run.BAKE
         return out
 
 

@@ -112,6 +112,8 @@ class StepSource:
         self.entries = dict(primary.entries)
         self.report = StepReport(name, method)
         block_weights = resolve_blocks(blocks, self.family, alpha) if blocks is not None else None
+        for block, weight in (block_weights or {}).items():
+            M.check_scalars(method, weight, None, what=f"block {block} weight")
         exclude_re = re.compile(exclude) if exclude else None
         self.decisions: Dict[str, Decision] = {}
         for key, (shape, dt) in primary.entries.items():

@@ -219,24 +219,47 @@ def scenario(folder: Path, name: str, inputs, method: str, alpha: float, mecha_p
     results.append({"scenario": title, "inputs": [f"{p.name} ({p.stat().st_size / 1e9:.2f} GB)" for p in inputs], "runs": runs, "sdtk_vs_naive": check})
 
 
-def write_report(results, path: Path):
+def write_report(results, path: Path, facts=None, loads=None):
     lines = ["# Merge benchmark (bench/bench_merge.py)", "",
-             f"Machine: {os.cpu_count()} cores, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM; "
-             "inputs warm in the page cache before every run; one process per run, sampled every 10 ms.",
-             "Peak RssAnon = anonymous memory (what the merge allocates); RssFile = mmap'd file pages "
-             "(page cache, reclaimable, shared with the OS cache).", ""]
+             "Each contender runs in its own process on the same inputs, one after the other, inputs read once "
+             "before each run (warm page cache). Peak RssAnon = anonymous memory, what the merge allocates; "
+             "RssFile = mmap'd file pages (page cache, reclaimable). Sampled from /proc/PID/status every 10 ms.",
+             "sd-mecha 1.1.8 runs in its own venv (torch 2.13.0 CPU) with `merge_dtype=float32, output_dtype=float16` "
+             "and its default threads; naive = `safetensors.torch.load_file` of every input, merge in float32, "
+             "`save_file` (results replace A's tensors as they are computed, the kindest naive variant).", ""]
+    if facts:
+        lines += ["Machine: " + "; ".join(f"{k}: {v}" for k, v in facts.items()), ""]
+    if loads:
+        lines += [loads, ""]
     for sc in results:
         lines += [f"## {sc['scenario']}", "", "Inputs: " + ", ".join(sc["inputs"]), "",
                   "| tool | wall s | peak RssAnon MB | peak RssFile MB | ok |", "|---|---:|---:|---:|---|"]
         for r in sc["runs"]:
             status = "yes" if r["ok"] else ("skipped: " + r["skipped"] if r.get("skipped") else "FAILED")
             lines.append(f"| {r['label']} | {r['seconds']} | {r['rss_anon_mb']} | {r['rss_file_mb']} | {status} |")
+        runs = {r["label"]: r for r in sc["runs"] if r.get("ok")}
+        mecha = runs.get("sd-mecha 1.1.8")
+        for r in sc["runs"]:
+            if r.get("ok") and r["label"].startswith("sdtk") and mecha:
+                lines.append("")
+                lines.append(f"{r['label']}: {r['rss_anon_mb'] / mecha['rss_anon_mb'] * 100:.1f} % of sd-mecha's peak anonymous memory, "
+                             f"{mecha['seconds'] / r['seconds']:.2f}x its speed.")
         if sc["sdtk_vs_naive"]:
             c = sc["sdtk_vs_naive"]
-            lines += ["", f"sdtk output vs naive torch fp32 reference: {c['checked']} tensors compared bit for bit, {c['n_differ']} differ {c['differ']}; "
-                      f"key-set difference {c['key_set_difference']}."]
+            lines += ["", f"sdtk output vs the naive torch float32 result: {c['checked']} tensors compared bit for bit "
+                      f"(the first 40 and every position_ids), {c['n_differ']} differ {c['differ']}; key-set difference {c['key_set_difference']}."]
         lines.append("")
     path.write_text("\n".join(lines))
+
+
+def _facts(folder):
+    try:
+        sys.path.insert(0, str(ROOT / "bench"))
+        from _measure import machine_facts
+
+        return machine_facts(str(folder))
+    except Exception:
+        return None
 
 
 def main():
@@ -270,7 +293,7 @@ def main():
     finally:
         out = ROOT / "bench" / "results" / "merge.md"
         if results:
-            write_report(results, out)
+            write_report(results, out, _facts(folder))
             print(out.read_text())
             (folder / "results.json").write_text(json.dumps(results, indent=2))
 

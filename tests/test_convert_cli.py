@@ -87,7 +87,7 @@ def test_written_size_is_the_planned_size_and_readable(tmp_path):
     library reads it, and it is re-identified (no EMA, fp16, SD1)."""
     from safetensors import safe_open
 
-    src = write_layout(tmp_path / "v1-5-pruned.safetensors", "sd15-full-ema", scale=8)
+    src = write_layout(tmp_path / "v1-5-pruned.safetensors", "sd15-full-ema", scale=16)
     for preset, count in (("generation", 1143), ("training", 1831)):
         _, size = plan_only(src, with_hashes=False, preset=preset)
         r = run_cli("convert", src, "--for", preset, "--json", "--no-source-hash")

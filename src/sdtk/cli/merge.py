@@ -89,6 +89,7 @@ def register(app: typer.Typer) -> None:
         model_overrides: List[str] = typer.Option([], "--model", help="NAME=PATH: where a recipe's model is (with --recipe-from)."),
         models_dirs: List[Path] = typer.Option([], "--models-dir", help="Folder to look for a recipe's models in (repeatable)."),
         no_hash: bool = typer.Option(False, "--no-hash", help="Skip the inputs' SHA256 (one full read each, done while writing); store size + header hash instead."),
+        threads: int = typer.Option(0, "--threads", help="Threads computing each tensor's chunks (default: cores, at most 4)."),
         explain_blocks: bool = typer.Option(False, "--explain-blocks", help="Print the key -> block mapping of MODEL and exit."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
         json_out: bool = typer.Option(False, "--json", help="Print a JSON summary."),
@@ -141,7 +142,7 @@ def register(app: typer.Typer) -> None:
 
         with progress:
             result = run_recipe(recipe, str(output), overwrite=overwrite, hash_inputs=not no_hash,
-                                search_dirs=search, on_start=on_start, on_tensor=on_tensor)
+                                search_dirs=search, on_start=on_start, on_tensor=on_tensor, workers=threads)
         summary = {"output": result.output, "bytes": result.bytes, "tensors": result.tensors,
                    "family": result.family, "models": result.models, "steps": result.steps}
         if json_out:

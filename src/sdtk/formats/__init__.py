@@ -67,6 +67,9 @@ def open_model(path: "os.PathLike[str] | str") -> Catalogue:
         raise UnsupportedFormatError(path, "GGUF file; sdtk reads safetensors and PyTorch checkpoints")
     if kind == "numpy":
         raise UnsupportedFormatError(path, "a numpy .npy file, not a model checkpoint")
+    from sdtk.formats.torchlegacy import refuse_hidden_pickle_payload
+
+    refuse_hidden_pickle_payload(path)  # a protocol-0 pickle can start with almost any byte
     raise FormatError(path, "not a model file sdtk knows (not safetensors, not a PyTorch checkpoint)")
 
 

@@ -15,6 +15,7 @@ C unpickler, `_compat_pickle` names), `torch/_utils.py` (rebuild functions and t
 """
 from __future__ import annotations
 
+import codecs
 import math
 import re
 import struct
@@ -117,6 +118,8 @@ class NumpyDType:
     byteorder: str = "<"
 
     def numpy(self) -> np.dtype:
+        if not _NUMPY_TYPESTR.match(self.typestr):
+            raise ValueError(f"numpy dtype {self.typestr!r} is not a plain numeric type")
         dt = np.dtype(self.typestr)
         return dt.newbyteorder(">") if self.byteorder == ">" else dt.newbyteorder("<")
 
@@ -307,12 +310,15 @@ def _codecs_encode(vm: "PickleVM", args: tuple) -> bytes:
 
 
 _NUMPY_TYPESTR = re.compile(r"^(b1|[iu](1|2|4|8)|f(2|4|8)|c(8|16))$")
+_NUMPY_OBJECT = "O8"  # held inertly so a scan sees what the array holds; its data is refused at BUILD
 
 
 def _numpy_dtype(vm: "PickleVM", args: tuple) -> NumpyDType:
     # numpy pickles a dtype as numpy.dtype(typestr, align, copy) + BUILD (version, byteorder, ...)
     if not 1 <= len(args) <= 3 or not isinstance(args[0], str):
         raise vm.bad("numpy.dtype takes a type string")
+    if args[0] == _NUMPY_OBJECT:
+        return NumpyDType(args[0])
     if not _NUMPY_TYPESTR.match(args[0]):
         raise vm.bad(f"numpy dtype {args[0]!r} is not a plain numeric type (object and structured arrays are refused)")
     return NumpyDType(args[0])
@@ -322,6 +328,8 @@ def _numpy_scalar(vm: "PickleVM", args: tuple):
     # numpy.core.multiarray.scalar(dtype, raw bytes) -> a Python number
     if len(args) != 2 or not isinstance(args[0], NumpyDType) or not isinstance(args[1], (bytes, str)):
         raise vm.bad("numpy scalar takes (dtype, bytes)")
+    if args[0].typestr == _NUMPY_OBJECT:
+        raise vm.bad("numpy object scalars are refused")
     raw = args[1].encode("latin-1") if isinstance(args[1], str) else args[1]
     dt = args[0].numpy()
     if len(raw) != dt.itemsize:
@@ -430,11 +438,13 @@ class PickleVM:
         self.what = what
         self.persistent_load = persistent_load
         self.base_offset = base_offset  # offset of `data` in the file, for messages
+        self.size = len(data)
         self.pos = 0
         self.op_pos = 0
         self.proto = 0
         self.stack: List[Any] = []
         self.marks: List[int] = []
+        self.fence = 0
         self.memo: Dict[int, Any] = {}
         self.current_callee: Any = None
         self.globals_seen: List[str] = []
@@ -472,12 +482,13 @@ class PickleVM:
 
     # -- reading ------------------------------------------------------------------------------
     def read(self, n: int) -> bytes:
-        end = self.pos + n
-        if n < 0 or end > len(self.data):
+        pos = self.pos
+        end = pos + n
+        if n < 0 or end > self.size:
             raise self.bad("pickle data was truncated")
-        chunk = bytes(self.data[self.pos:end])
         self.pos = end
-        return chunk
+        chunk = self.data[pos:end]
+        return chunk if type(chunk) is bytes else bytes(chunk)
 
     def readline(self) -> bytes:
         data = self.data
@@ -491,9 +502,7 @@ class PickleVM:
         return line
 
     # -- stack (C unpickler semantics: pops never cross the last MARK) ------------------------
-    @property
-    def fence(self) -> int:
-        return self.marks[-1] if self.marks else 0
+    # self.fence: index of the last MARK (0 without marks), kept up to date by mark/pop_mark
 
     def push(self, value: Any) -> None:
         self.stack.append(value)
@@ -512,6 +521,7 @@ class PickleVM:
         if not self.marks:
             raise self.bad("could not find MARK")
         start = self.marks.pop()
+        self.fence = self.marks[-1] if self.marks else 0
         items = self.stack[start:]
         del self.stack[start:]
         return items
@@ -521,12 +531,12 @@ class PickleVM:
         shown = f"{module}.{name}"
         self.globals_seen.append(shown)
         if "." in name:
-            raise self.unsafe(f"dotted global name {module!r} {name!r} (attribute lookup trick); refused")
+            raise self.unsafe(f"global {shown} uses a dotted name (attribute-lookup trick); refused, nothing was executed")
         if self.proto < 3 and module in _COMPAT_MODULES:
             module = _COMPAT_MODULES[module]
         entry = ALLOWLIST.get((module, name))
         if entry is None:
-            raise self.unsafe(f"global {shown} is not allowed in a model file (it could run code); nothing was executed")
+            raise self.unsafe(f"global {shown} is not allowed in a model file (it could run code); refused, nothing was executed")
         return entry.value(module, name)
 
     def call(self, func: Any, args: Any, how: str) -> Any:
@@ -577,8 +587,8 @@ class PickleVM:
         if not isinstance(state, tuple) or len(state) != 5:
             raise self.bad("BUILD on a numpy array with an unexpected state")
         _version, shape, dt, fortran, raw = state
-        if not isinstance(dt, NumpyDType):
-            raise self.bad("numpy array dtype is not a plain numeric dtype")
+        if not isinstance(dt, NumpyDType) or dt.typestr == _NUMPY_OBJECT:
+            raise self.bad("numpy object arrays are refused (their elements are pickled objects)")
         shape = _int_tuple(self, shape, "numpy shape")
         if isinstance(raw, str):
             raw = raw.encode("latin-1", errors="strict")
@@ -626,7 +636,8 @@ class PickleVM:
 
     # -- opcode handlers ----------------------------------------------------------------------
     def op_mark(self):
-        self.marks.append(len(self.stack))
+        self.fence = len(self.stack)
+        self.marks.append(self.fence)
 
     def op_stop(self):
         return _STOP
@@ -634,6 +645,7 @@ class PickleVM:
     def op_pop(self):
         if self.marks and self.marks[-1] == len(self.stack):
             self.marks.pop()  # C unpickler: POP right after MARK discards the mark
+            self.fence = self.marks[-1] if self.marks else 0
         else:
             self.pop()
 
@@ -687,7 +699,11 @@ class PickleVM:
         self.push(struct.unpack("<i", self.read(4))[0])
 
     def op_binint1(self):
-        self.push(self.read(1)[0])
+        pos = self.pos
+        if pos >= self.size:
+            raise self.bad("pickle data was truncated")
+        self.pos = pos + 1
+        self.stack.append(self.data[pos])
 
     def op_binint2(self):
         self.push(struct.unpack("<H", self.read(2))[0])
@@ -727,8 +743,6 @@ class PickleVM:
         line = self.readline()
         if len(line) < 2 or line[0] != line[-1] or line[:1] not in (b"'", b'"'):
             raise self.bad("the STRING opcode argument must be quoted")
-        import codecs
-
         try:
             raw = codecs.escape_decode(line[1:-1])[0]
         except ValueError:
@@ -881,7 +895,11 @@ class PickleVM:
         self._get(self._memo_index(self.readline(), "GET"))
 
     def op_binget(self):
-        self._get(self.read(1)[0])
+        pos = self.pos
+        if pos >= self.size:
+            raise self.bad("pickle data was truncated")
+        self.pos = pos + 1
+        self._get(self.data[pos])
 
     def op_long_binget(self):
         self._get(struct.unpack("<I", self.read(4))[0])
@@ -895,10 +913,19 @@ class PickleVM:
         self._put(self._memo_index(self.readline(), "PUT"))
 
     def op_binput(self):
-        self._put(self.read(1)[0])
+        pos = self.pos
+        if pos >= self.size:
+            raise self.bad("pickle data was truncated")
+        self.pos = pos + 1
+        if len(self.stack) <= self.fence:
+            raise self.bad("unpickling stack underflow")
+        self.memo[self.data[pos]] = self.stack[-1]
 
     def op_long_binput(self):
-        self._put(struct.unpack("<I", self.read(4))[0])
+        idx = struct.unpack("<I", self.read(4))[0]
+        if len(self.stack) <= self.fence:
+            raise self.bad("unpickling stack underflow")
+        self.memo[idx] = self.stack[-1]
 
     def op_memoize(self):
         self.memo[len(self.memo)] = self.top()

@@ -155,3 +155,18 @@ def read_plain_pickle(path: "os.PathLike[str] | str") -> Catalogue:
         cat.notes.append(f"{len(values)} pickles stacked in one file; only the first is what pickle.load returns")
     cat.notes.append("a plain pickle holds no tensors (no torch storages)")
     return cat
+
+
+def refuse_hidden_pickle_payload(path: "os.PathLike[str] | str") -> None:
+    """For files of no known format: raise UnsafeFileError if they are in fact a (protocol 0)
+    pickle naming a global outside the allowlist; otherwise return (the caller refuses the file)."""
+    path = os.fspath(path)
+    buf, size = _map(path)
+    try:
+        stacked_pickles(path, buf, size)
+    except UnsafeFileError:
+        raise
+    except SdtkError:
+        pass
+    finally:
+        buf.close()

@@ -123,11 +123,15 @@ def storage_persistent_load(path: str, make_ref: Callable[[str, StorageType, str
     (legacy files add a 6th element, view_metadata)."""
     cache: Dict[str, StorageRef] = {}
 
-    def load(pid: Any) -> StorageRef:
+    def load(pid: Any) -> Any:
+        if isinstance(pid, tuple) and len(pid) == 4 and pid[0] == "module":
+            # legacy torch saves nn.Module classes as ('module', class, source file, source text);
+            # the class itself came through the allowlist, the source is only text (never run)
+            if not isinstance(pid[2], str) or not isinstance(pid[3], str):
+                raise FormatError(path, "malformed module persistent id")
+            return pid[1]
         if not isinstance(pid, tuple) or not pid or pid[0] != "storage":
             first = pid[0] if isinstance(pid, tuple) and pid else pid
-            if first == "module":
-                raise UnsafeFileError(path, "the file embeds Python module source (legacy 'module' persistent id); refused")
             raise FormatError(path, f"unexpected persistent id {str(first)[:40]!r} (expected a torch storage)")
         if len(pid) not in (5, 6):
             raise FormatError(path, "malformed storage persistent id")

@@ -5,6 +5,7 @@ Only names and shapes are used, plus the scalar `alpha` tensors of LoRAs (one va
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from typing import Any, Dict, Mapping, Optional, Tuple
 
@@ -20,12 +21,13 @@ Shape = Tuple[int, ...]
 # LyCORIS modules (loha.py, lokr.py, locon.py, dylora), peft tuners/lora, diffusers loaders.
 _SUFFIXES = (
     ".lora_down.weight", ".lora_up.weight", ".lora_mid.weight", ".alpha", ".lora_A.weight", ".lora_B.weight",
-    ".lora.down.weight", ".lora.up.weight", ".lora_linear_layer.down.weight", ".lora_linear_layer.up.weight",
+    ".lora.down.weight", ".lora.up.weight", "_lora.down.weight", "_lora.up.weight", ".lora_linear_layer.down.weight", ".lora_linear_layer.up.weight",
     ".hada_w1_a", ".hada_w1_b", ".hada_w2_a", ".hada_w2_b", ".hada_t1", ".hada_t2",
     ".lokr_w1", ".lokr_w1_a", ".lokr_w1_b", ".lokr_w2", ".lokr_w2_a", ".lokr_w2_b", ".lokr_t2",
     ".dora_scale", ".diff", ".diff_b",
 )
-_DOWN = (".lora_down.weight", ".lora_A.weight", ".lora.down.weight", ".lora_linear_layer.down.weight", ".hada_w1_b", ".lokr_w1_b")
+_DOWN = (".lora_down.weight", ".lora_A.weight", ".lora.down.weight", "_lora.down.weight", ".lora_linear_layer.down.weight", ".hada_w1_b")
+_CROSS_ATTN_K = re.compile(r"attn2[._](processor[._])?to_k")
 
 
 def _module_of(key: str) -> Tuple[str, str]:
@@ -84,13 +86,19 @@ def analyse_lora(tensors: Mapping[str, LazyTensor], subtype: str, metadata: Mapp
             rank = down.shape[0] if down.shape else None
             if len(down.shape) == 4 and down.shape[2] > 1:
                 conv = True
-            if ("attn2_to_k" in module or "attn2.to_k" in module) and len(down.shape) >= 2 and _target(module) == "unet":
+            if _CROSS_ATTN_K.search(module) and len(down.shape) >= 2 and _target(module) == "unet":
                 context_width = down.shape[1]
         if ".hada_w1_a" in parts:
             algorithms["loha"] += 1
             rank = parts[".hada_w1_a"].shape[1] if len(parts[".hada_w1_a"].shape) > 1 else None
         elif any(s.startswith(".lokr") for s in parts):
             algorithms["lokr"] += 1
+            w1 = parts.get(".lokr_w1")
+            w2 = parts.get(".lokr_w2") or parts.get(".lokr_w2_b")
+            if w1 is not None and w2 is not None and len(w1.shape) == 2 and len(w2.shape) >= 2 and _CROSS_ATTN_K.search(module):
+                context_width = w1.shape[1] * w2.shape[1]  # Kronecker product: in = in1 * in2
+            if ".lokr_w2_a" in parts:
+                rank = parts[".lokr_w2_a"].shape[1]
         elif down is not None:
             algorithms["lora"] += 1
         if rank is not None:
@@ -184,5 +192,5 @@ def summarise_ss_metadata(metadata: Mapping[str, str]) -> Dict[str, Any]:
             out["top_tags"] = [t for t, _ in freq.most_common(10)]
         except (ValueError, AttributeError, TypeError):
             out["top_tags"] = None
-    out["other_ss_keys"] = sum(1 for k in metadata if k.startswith("ss_") and k not in out)
+    out["other_ss_keys"] = sum(1 for k in metadata if k.startswith("ss_") and k not in out and k != "ss_tag_frequency")
     return out

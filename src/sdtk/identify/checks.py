@@ -64,8 +64,9 @@ def check_components(ident: Identity, expected: List[str]) -> None:
 
 def check_known_keys(ident: Identity, table: Dict[str, list]) -> None:
     """Missing keys of each present component against the known layout; unknown extra keys."""
-    from sdtk.architectures import split_key
+    from sdtk.architectures.layouts import prefix_order, split_key_ordered
 
+    ordered = prefix_order(table)
     for name, comp in ident.components.items():
         if name in ("markers", "leftovers", "other", "model_sampling"):
             continue
@@ -74,7 +75,7 @@ def check_known_keys(ident: Identity, table: Dict[str, list]) -> None:
             continue
         have = set()
         for key in comp.keys:
-            _, prefix = split_key(key, table)
+            _, prefix = split_key_ordered(key, ordered)
             if name == "unet" and not prefix and comp.prefix:
                 prefix = comp.prefix
             have.add(key[len(prefix):])
@@ -112,7 +113,7 @@ def check_sd2_config(ident: Identity, has_yaml: Optional[bool]) -> None:
     needs = (ident.family == "sd2" and ident.prediction_type in ("v", None)) or (
         ident.family in ("sd1", "sdxl") and ident.prediction_type == "v" and ident.prediction_source not in ("marker",))
     if needs:
-        _add(ident, "needs_config_yaml", "warning", family=ident.family, prediction=ident.prediction_type)
+        _add(ident, "needs_config_yaml", "warning", title=ident.title, prediction=ident.prediction_type or "unknown")
 
 
 def check_sdxl_vae_fp16(ident: Identity) -> None:
@@ -144,3 +145,16 @@ def check_non_finite(ident: Identity, tensors: Mapping[str, LazyTensor], chunk_e
     if bad:
         _add(ident, "non_finite_values", "error", tensors=len(bad), values=sum(bad.values()),
              examples=sorted(bad, key=bad.get, reverse=True)[:5])
+
+
+def check_modelspec(ident: Identity, metadata: Mapping[str, str]) -> None:
+    """`modelspec.architecture` naming another family than the tensors show (metadata copied
+    from another model). Only families are compared: ModelSpec spellings of variants differ."""
+    from sdtk.architectures import family_of
+
+    claimed = (metadata.get("modelspec.architecture") or "").strip()
+    if not claimed or ident.kind == "unknown" or ident.family is None:
+        return
+    claimed_family = family_of(claimed)
+    if claimed_family != "unknown" and claimed_family != ident.family:
+        _add(ident, "modelspec_mismatch", "warning", claimed=claimed, detected=ident.architecture)

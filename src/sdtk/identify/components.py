@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from typing import Dict, Mapping
 
-from sdtk.architectures import COMPONENT_ORDER, split_key
+from sdtk.architectures import COMPONENT_ORDER
+from sdtk.architectures.layouts import prefix_order, split_key_ordered
 from sdtk.identify.model import Component
 from sdtk.tensors import LazyTensor
 
@@ -13,8 +14,9 @@ def split_components(tensors: Mapping[str, LazyTensor], table: Dict[str, list], 
     diffusion-model files, "other" otherwise)."""
     comps: Dict[str, Component] = {}
     prefix_counts: Dict[str, Dict[str, int]] = {}
+    ordered = prefix_order(table)
     for key, t in tensors.items():
-        name, prefix = split_key(key, table)
+        name, prefix = split_key_ordered(key, ordered)
         if name == "other":
             name = bare_component
         comp = comps.get(name)
@@ -23,8 +25,9 @@ def split_components(tensors: Mapping[str, LazyTensor], table: Dict[str, list], 
         counts = prefix_counts.setdefault(name, {})
         counts[prefix] = counts.get(prefix, 0) + 1
         comp.keys.append(key)
-        comp.parameters += t.numel
-        comp.bytes += t.nbytes
+        n = t.numel
+        comp.parameters += n
+        comp.bytes += n * t.dtype.itemsize
         comp.dtypes[t.dtype.short] = comp.dtypes.get(t.dtype.short, 0) + 1
     for name, counts in prefix_counts.items():  # the prefix most of its keys carry
         comps[name].prefix = max(counts.items(), key=lambda kv: (kv[1], len(kv[0])))[0]

@@ -14,9 +14,11 @@ from sdtk.formats import Catalogue, open_model
 from sdtk.identify import adapters, checks
 from sdtk.identify.advice import choose_advice
 from sdtk.identify.components import split_components
-from sdtk.identify.detect import ADAPTER_KINDS, BARE, PREFIXED_DIFFUSION, component_model, match_adjacent, match_diffusion, strip
+from sdtk.identify.detect import (ADAPTER_KINDS, BARE, PREFIXED_DIFFUSION, AdjacentMatch, DiffusionMatch, component_model,
+                                  match_adjacent, match_diffusion, strip)
 from sdtk.identify.metadata import summarise_metadata
-from sdtk.identify.model import Component, Identity
+from sdtk.identify.model import Component, Identity, Problem
+from sdtk.identify.scaled import match_scaled_layout
 from sdtk.identify.prediction import predict
 
 NOT_WEIGHTS = ("ddpm_buffers", "markers", "model_sampling")
@@ -53,6 +55,13 @@ def identify(cat: Catalogue, *, deep: bool = False, config_text: Optional[str] =
             diffusion = match_diffusion(shapes, (BARE,))
             if diffusion is None:
                 adjacent = match_adjacent(shapes, ("vae", "text-encoder"))
+                if adjacent is not None and not _covers_file(adjacent.prefix, shapes):
+                    adjacent = None  # a VAE inside an unidentified model is not a VAE file
+    # a scaled-down copy of a known layout (test/toy files): shapes may fit a family by chance
+    said = diffusion.variant.architecture if diffusion else (adjacent.row.architecture or "?") if adjacent else None
+    scaled = match_scaled_layout(shapes, said)
+    if scaled is not None:  # its shapes are not the real ones: the layout it copies names it
+        diffusion, adjacent = _scaled_match(scaled[1])
 
     if diffusion is not None:
         table = _identify_diffusion(ident, diffusion, tensors, shapes)
@@ -62,6 +71,9 @@ def identify(cat: Catalogue, *, deep: bool = False, config_text: Optional[str] =
         _identify_unknown(ident, tensors)
 
     ident.precision = precision_of(ident.components, tensors)
+    if scaled is not None:
+        ident.problems.append(Problem("scaled_copy", "warning", "problem.scaled_copy",
+                                      {"layout": scaled[0], "scale": scaled[2], "title": ident.title}))
     if ident.kind in ("checkpoint", "diffusion-model"):
         pred = predict(set(shapes), cat.metadata, cat.extras, ident.architecture, ident.family,
                        strip_tensors(tensors, ident.components.get("unet")), config_text, deep)
@@ -72,7 +84,6 @@ def identify(cat: Catalogue, *, deep: bool = False, config_text: Optional[str] =
         _refine_by_prediction(ident)
         checks.check_components(ident, _expected_components(ident))
         checks.check_known_keys(ident, table)
-        checks.check_leftovers(ident, cat.extras)
         checks.check_old_clip_keys(ident, tensors)
         checks.check_sd2_config(ident, has_config)
         checks.check_sdxl_vae_fp16(ident)
@@ -81,6 +92,8 @@ def identify(cat: Catalogue, *, deep: bool = False, config_text: Optional[str] =
         checks.check_known_keys(ident, {first.name: [first.prefix]})
     if ident.kind in ("checkpoint", "text-encoder"):
         checks.check_position_ids(ident, tensors)
+    checks.check_leftovers(ident, cat.extras)
+    checks.check_modelspec(ident, cat.metadata)
     checks.check_unidentified(ident)
     if deep:
         checks.check_non_finite(ident, tensors)
@@ -113,6 +126,23 @@ def identify_path(path: "os.PathLike[str] | str", *, deep: bool = False, vae_ref
 
 
 # ---------------------------------------------------------------------------------------------
+
+
+def _covers_file(prefix: str, shapes, share: float = 0.95) -> bool:
+    inside = sum(1 for k in shapes if k.startswith(prefix))
+    return inside >= share * len(shapes)
+
+
+def _scaled_match(arch_id: str):
+    """The table rows of a layout's architecture, for a scaled-down copy of that layout."""
+    from sdtk.architectures import ADJACENT, FAMILIES, VARIANTS
+
+    for var in VARIANTS:
+        if var.architecture == arch_id:
+            fam = next(f for f in FAMILIES if f.name == var.family and f.implementation == "ldm")
+            return DiffusionMatch(fam, var, "model.diffusion_model.", None), None
+    row = next(r for r in ADJACENT if r.architecture == arch_id)
+    return None, AdjacentMatch(row, "")
 
 
 def _identify_diffusion(ident: Identity, m, tensors, shapes) -> Dict[str, list]:
@@ -239,7 +269,8 @@ def strip_tensors(tensors, comp: Optional[Component]):
 
 
 def precision_of(components: Mapping[str, Component], tensors) -> str:
-    """The float dtype(s) of the weights, by bytes: "fp16", or "mixed fp32/fp16" (largest first)."""
+    """The float dtype(s) of the weights, by bytes: "fp16", or "mixed fp32/fp16" (largest first;
+    dtypes under 1% of the bytes are left out)."""
     by_bytes: Counter = Counter()
     for name, comp in components.items():
         if name in NOT_WEIGHTS:
@@ -250,5 +281,7 @@ def precision_of(components: Mapping[str, Component], tensors) -> str:
                 by_bytes[t.dtype.short] += t.nbytes
     if not by_bytes:
         return "none"
-    names = [d for d, _ in by_bytes.most_common()]
+    total = sum(by_bytes.values())
+    # a dtype holding under 1% of the weight bytes (a stray fp32 position_ids, a norm) does not make a file "mixed"
+    names = [d for d, n in by_bytes.most_common() if n >= 0.01 * total]
     return names[0] if len(names) == 1 else "mixed " + "/".join(names)

@@ -15,8 +15,12 @@ from sdtk.report.messages import text
 SEVERITY_STYLE = {"error": ("✗", "bold red"), "warning": ("!", "yellow"), "info": ("i", "cyan")}
 
 
-def _t(key: str, lang: str, **fields) -> str:
+def _t(key: str, lang: str, /, **fields) -> str:
     return text(key, lang, **fields)
+
+
+def _row(rows: Table, label: str, value: str) -> None:
+    rows.add_row(Text(label, style="bold"), Text(value))  # Text: names like "FLUX.1 [dev]" are not markup
 
 
 def what_it_is(ident: Identity, lang: str) -> str:
@@ -25,7 +29,7 @@ def what_it_is(ident: Identity, lang: str) -> str:
         return _t("what.unknown", lang, tensors=ident.tensor_count, params_h=human_count(ident.parameters))
     if ident.adapter is not None and "/" in ident.architecture:
         base = ident.adapter.get("base_architecture")
-        return _t("what.adapter", lang, kind=kind, base=title_of(base) if base else "?", architecture=ident.architecture)
+        return _t("what.adapter", lang, kind=kind, base=title_of(base) if base else _t("base.unknown", lang), architecture=ident.architecture)
     line = _t("what.model", lang, title=ident.title or ident.architecture, kind=kind, architecture=ident.architecture)
     if ident.variant:
         line += "; " + _t("what.variant", lang, variant=ident.variant)
@@ -41,9 +45,9 @@ def _component_label(name: str, model, lang: str) -> str:
     return label
 
 
-def summary_line(ident: Identity, lang: str = "en") -> str:
+def summary_line(ident: Identity, lang: str = "en", name: str = "") -> str:
     """One line for folder listings: file, what, precision, size, problem count."""
-    name = os.path.basename(ident.path.rstrip("/")) or ident.path
+    name = name or os.path.basename(ident.path.rstrip("/")) or ident.path
     n_problems = sum(1 for p in ident.problems if p.counts)
     mark = "ok" if not n_problems and ident.identified else f"{n_problems}!"
     what = ident.architecture if ident.identified else _t("kind.unknown", lang)
@@ -55,15 +59,15 @@ def render_identity(ident: Identity, lang: str = "en", verbose: bool = False) ->
     parts: List = []
     parts.append(Text(ident.path, style="bold"))
     rows = Table.grid(padding=(0, 2))
-    rows.add_column(style="bold", no_wrap=True)
+    rows.add_column(no_wrap=True)
     rows.add_column()
-    rows.add_row(_t("label.what", lang), what_it_is(ident, lang))
-    rows.add_row(_t("label.file", lang), f"{ident.format}, {human_bytes(ident.file_size)}, {ident.tensor_count:,} {_t('label.tensors', lang)}, "
+    _row(rows, _t("label.what", lang), what_it_is(ident, lang))
+    _row(rows, _t("label.file", lang), f"{ident.format}, {human_bytes(ident.file_size)}, {ident.tensor_count:,} {_t('label.tensors', lang)}, "
                                          f"{human_count(ident.parameters)} {_t('label.params', lang)}")
     if ident.kind != "unknown":
-        rows.add_row(_t("label.precision", lang), ident.precision)
+        _row(rows, _t("label.precision", lang), ident.precision)
     if ident.kind in ("checkpoint", "diffusion-model"):
-        rows.add_row(_t("label.ema", lang), _t("ema.yes" if ident.has_ema else "ema.no", lang))
+        _row(rows, _t("label.ema", lang), _t("ema.yes" if ident.has_ema else "ema.no", lang))
         if ident.prediction_type:
             pred = _t("prediction.line", lang, type=ident.prediction_type, confidence=_t(f"confidence.{ident.prediction_confidence}", lang),
                       source=_t(f"source.{ident.prediction_source}", lang))
@@ -71,19 +75,19 @@ def render_identity(ident: Identity, lang: str = "en", verbose: bool = False) ->
                 pred += ", " + _t("prediction.ztsnr", lang)
         else:
             pred = _t("prediction.unknown", lang)
-        rows.add_row(_t("label.prediction", lang), pred)
+        _row(rows, _t("label.prediction", lang), pred)
     if ident.adapter:
         for line in _adapter_lines(ident, lang):
-            rows.add_row(_t("label.adapter", lang), line)
+            _row(rows, _t("label.adapter", lang), line)
     verdict = ident.safety.get("verdict")
     if verdict in ("safe", "read-safely"):
-        rows.add_row(_t("label.safety", lang), _t(f"safety.{verdict}", lang))
+        _row(rows, _t("label.safety", lang), _t(f"safety.{verdict}", lang))
     if ident.vae_comparison:
         vc = ident.vae_comparison
-        rows.add_row(_t("label.vae_ref", lang), _t(vc.get("message_key", "vae.different"), lang, **prepare(vc)))
+        _row(rows, _t("label.vae_ref", lang), _t(vc.get("message_key", "vae.different"), lang, **prepare(vc, lang)))
     meta = _metadata_line(ident)
     if meta:
-        rows.add_row(_t("label.metadata", lang), meta)
+        _row(rows, _t("label.metadata", lang), meta)
     parts.append(rows)
     if ident.components:
         parts.append(Text(_t("label.components", lang), style="bold"))
@@ -91,11 +95,12 @@ def render_identity(ident: Identity, lang: str = "en", verbose: bool = False) ->
         for _ in range(6):
             table.add_column()
         for name, c in ident.components.items():
-            table.add_row("  " + _component_label(name, c.model, lang), c.prefix or "-", f"{len(c.keys) if c.keys else '':>5}",
-                          human_count(c.parameters), join(sorted(c.dtypes, key=lambda d: -c.dtypes[d])), human_bytes(c.bytes))
+            table.add_row(*map(Text, ("  " + _component_label(name, c.model, lang), c.prefix or "-", f"{len(c.keys) if c.keys else '':>5}",
+                          human_count(c.parameters), join(sorted(c.dtypes, key=lambda d: -c.dtypes[d])), human_bytes(c.bytes))))
         if ident.missing_components:
+            note = _t("label.missing" if ident.kind == "checkpoint" else "label.separate", lang)
             for name in ident.missing_components:
-                table.add_row("  " + _component_label(name, None, lang), f"({_t('label.missing', lang)})", "", "", "", "")
+                table.add_row(Text("  " + _component_label(name, None, lang)), Text(f"({note})"), "", "", "", "")
         parts.append(table)
     if ident.unknown_summary:
         parts.append(Text(_t("label.unknown", lang), style="bold"))
@@ -111,12 +116,12 @@ def render_identity(ident: Identity, lang: str = "en", verbose: bool = False) ->
     for p in shown:
         mark, style = SEVERITY_STYLE.get(p.severity, ("?", ""))
         line = Text(f"  {mark} ", style=style)
-        line.append(_t(p.message_key, lang, **prepare(p.details)))
+        line.append(_t(p.message_key, lang, **prepare(p.details, lang)))
         parts.append(line)
     if ident.advice:
         parts.append(Text(_t("label.advice", lang), style="bold"))
         for a in ident.advice:
-            parts.append(Text("  • " + _t(a.message_key, lang, **prepare(a.details))))
+            parts.append(Text("  • " + _t(a.message_key, lang, **prepare(a.details, lang))))
     if verbose and ident.notes:
         parts.append(Text(_t("label.notes", lang), style="bold"))
         for n in ident.notes:

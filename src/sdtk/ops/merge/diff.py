@@ -8,7 +8,7 @@ from typing import Callable, Dict, List, Optional
 
 import numpy as np
 
-from sdtk.ops.merge.arch import check_compatible, component_of, family_of
+from sdtk.ops.merge.arch import check_compatible, component_of, describe
 from sdtk.ops.merge.blocks import BLOCK_LISTS, block_of
 from sdtk.tensors import numel
 
@@ -63,10 +63,10 @@ class DiffResult:
 
 
 def diff_models(cat_a, cat_b, on_tensor: Optional[Callable[[int], None]] = None) -> DiffResult:
-    fam_a, fam_b = family_of(cat_a), family_of(cat_b)
+    (fam_a, title_a), (fam_b, title_b) = describe(cat_a), describe(cat_b)
     shapes_a = {k: tuple(t.shape) for k, t in cat_a.tensors.items()}
     shapes_b = {k: tuple(t.shape) for k, t in cat_b.tensors.items()}
-    check_compatible([cat_a.path, cat_b.path], [fam_a, fam_b], [shapes_a, shapes_b])
+    check_compatible([cat_a.path, cat_b.path], [fam_a, fam_b], [shapes_a, shapes_b], [title_a, title_b])
     names = BLOCK_LISTS.get(fam_a)
     blocks: Dict[str, Accumulator] = {n: Accumulator() for n in names} if names else {}
     comps: Dict[str, Accumulator] = {}

@@ -10,6 +10,7 @@ tensor), except for the few keys that need a whole tensor (inpainting first conv
 from __future__ import annotations
 
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -17,24 +18,28 @@ import numpy as np
 
 from sdtk.errors import SdtkError, UsageError
 from sdtk.ops.merge import methods as M
-from sdtk.ops.merge.arch import FIRST_CONV, component_of, is_channel_extension, LATENT_CHANNELS
+from sdtk.ops.merge.arch import LATENT_CHANNELS, component_of, family_label, is_channel_extension
 from sdtk.ops.merge.blocks import block_of, resolve_blocks
 from sdtk.tensors import DType, FileSpan, LazyTensor, dtype as dtype_named, numel
 
-CHUNK = 1 << 22  # elements per computed chunk (16 MiB of float32)
+CHUNK = 1 << 20  # elements per computed chunk (4 MiB of float32); chunks of one tensor run on `workers` threads
 
 
 class FileSource:
     """An input model file (an open Catalogue) seen as a source of tensors."""
 
-    def __init__(self, label: str, cat, family: Optional[str]):
+    def __init__(self, label: str, cat, family: Optional[str], title: Optional[str] = None):
         self.label = label
         self.cat = cat
         self.family = family
+        self.title = title or family_label(family)
         self.entries: Dict[str, Tuple[Tuple[int, ...], DType]] = {k: (tuple(t.shape), t.dtype) for k, t in cat.tensors.items()}
 
     def computed(self, key: str) -> bool:
         return False
+
+    def prepare(self, key: str) -> None:
+        pass
 
     def read_full(self, key: str) -> np.ndarray:
         return self.cat.tensors[key].read()
@@ -84,7 +89,7 @@ def _protected_reason(key: str, shape, dt: DType) -> Optional[str]:
     comp = component_of(key)
     if comp == "ema":
         return "model_ema"
-    if comp == "top":
+    if comp == "buffers":
         return "schedule buffer or marker"
     return None
 
@@ -103,6 +108,7 @@ class StepSource:
         self.label = name
         primary = self.inputs[0]
         self.family = primary.family
+        self.title = primary.title
         self.entries = dict(primary.entries)
         self.report = StepReport(name, method)
         block_weights = resolve_blocks(blocks, self.family, alpha) if blocks is not None else None
@@ -153,6 +159,17 @@ class StepSource:
         raise SdtkError(self.inputs[1].label, f"tensor {key!r} has shape {list(others[0])}, {list(shape)} in {self.inputs[0].label}")
 
     # -- the source interface -------------------------------------------------------------
+    def prepare(self, key: str) -> None:
+        """Compute what needs a whole tensor (per-tensor scalars, sliced first conv) before the
+        chunks of `key` are computed, possibly on several threads; forgets the previous key's."""
+        for src in self.inputs:
+            src.prepare(key)
+        d = self.decisions[key]
+        if d.action == "merge" and self.method in ("slerp", "cosine", "ties"):
+            self._stats_for(key, d.alpha, self.compute_dtype(key))
+        elif d.action == "slice" and self._full_cache[0] != key:
+            self._full_cache = (key, self._sliced(key, d))
+
     def computed(self, key: str) -> bool:
         d = self.decisions[key]
         return d.action != "copy" or self.inputs[d.source].computed(key)
@@ -184,12 +201,10 @@ class StepSource:
         if d.action == "copy":
             return self.inputs[d.source].read_chunk(key, lo, hi, ctype)
         if d.action == "slice":
-            cached_key, cached = self._full_cache
-            if cached_key != key:
-                cached = self._sliced(key, d)
-                self._full_cache = (key, cached)
-            return cached.reshape(-1)[lo:hi].astype(ctype)
-        arrays = [s.read_chunk(key, lo, hi, ctype) for s in self.inputs]
+            if self._full_cache[0] != key:
+                self.prepare(key)
+            return self._full_cache[1].reshape(-1)[lo:hi].astype(ctype)
+        arrays = [s.read_chunk(key, lo, hi, ctype) for s in self.inputs]  # fresh copies: ours to overwrite
         return self._apply(key, arrays, d.alpha, lo, ctype)
 
     # -- computing ------------------------------------------------------------------------
@@ -203,7 +218,7 @@ class StepSource:
         if m == "dare":
             keep = M.dare_keep_mask(self.seed, key, lo, arrays[0].size, self.beta)
             return M.dare(arrays[0], arrays[1], arrays[2] if len(arrays) > 2 else None, alpha, self.beta, keep)
-        return M.elementwise(m, arrays, alpha, self.beta)
+        return M.elementwise(m, arrays, alpha, self.beta, owned=True)
 
     def _stats_for(self, key: str, alpha: float, ctype):
         """Per-tensor scalars that need a pass over the whole tensor (slerp/cosine: norms and
@@ -284,7 +299,7 @@ def output_dtype(stored: DType, requested: Optional[DType]) -> DType:
     return stored
 
 
-def output_plan(final, requested: Optional[str] = None, bake_vae=None) -> List[LazyTensor]:
+def output_plan(final, requested: Optional[str] = None, bake_vae=None, workers: int = 1) -> List[LazyTensor]:
     """The write plan of the final step: one LazyTensor per key of the primary model, in its order.
 
     `bake_vae`: a FileSource whose tensors replace the VAE's (names mapped by `vae_key_map`)."""
@@ -292,29 +307,39 @@ def output_plan(final, requested: Optional[str] = None, bake_vae=None) -> List[L
     if want is not None and not want.is_float:
         raise UsageError(None, f"--dtype {requested}: the output dtype must be a float type (fp32, fp16, bf16, fp8-e4m3fn...)")
     baked = vae_key_map(final.entries, bake_vae) if bake_vae is not None else {}
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sdtk-merge") if workers > 1 else None
     plan = []
     for key, (shape, stored) in final.entries.items():
         out = output_dtype(stored, want)
         if key in baked:
             plan.append(_file_tensor(bake_vae, baked[key], key, out))
         else:
-            plan.append(LazyTensor(key, out, tuple(shape), loader=_loader(final, key, out),
+            plan.append(LazyTensor(key, out, tuple(shape), loader=_loader(final, key, out, pool),
                                    span=final.span(key) if (out == stored and not final.computed(key)) else None))
     return plan
 
 
-def _loader(src, key: str, out: DType):
+def _loader(src, key: str, out: DType, pool: Optional[ThreadPoolExecutor]):
     def load() -> np.ndarray:
         shape = src.entries[key][0]
         if not src.computed(key):
             arr = src.read_full(key)
             return arr if arr.dtype == out.numpy else arr.astype(out.numpy)
+        src.prepare(key)
         ctype = src.compute_dtype(key) if hasattr(src, "compute_dtype") else np.float32
         n = numel(shape)
         result = np.empty(n, dtype=out.numpy)
-        for lo in range(0, n, CHUNK):
+
+        def fill(lo: int) -> None:
             hi = min(n, lo + CHUNK)
             result[lo:hi] = src.read_chunk(key, lo, hi, ctype)  # the one cast
+
+        if pool is None or n <= CHUNK:
+            for lo in range(0, n, CHUNK):
+                fill(lo)
+        else:
+            for _ in pool.map(fill, range(0, n, CHUNK)):
+                pass
         return result.reshape(shape)
 
     return load

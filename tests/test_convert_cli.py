@@ -123,6 +123,23 @@ def test_full_size_generation_output_is_reidentified(tmp_path):
             p.unlink()
 
 
+def test_full_size_extracted_parts_are_reidentified(tmp_path):
+    """Parts extracted from a full-size SD1 file are recognised by `identify` as what they are."""
+    from sdtk.identify import identify_path
+
+    src = tmp_path / "sd15-fp16.safetensors"
+    write_sparse_safetensors(src, load_layout("sd15-emaonly").with_dtype("float16"))
+    try:
+        conv, _ = convert_file(src, resolve_options(ConvertOptions(extract=["vae", "text-encoders"], source_hashes=False)))
+        kinds = {o.part: identify_path(o.dest) for o in conv.outputs}
+        assert (kinds["vae"].kind, kinds["vae"].architecture) == ("vae", "sd-vae-kl-f8")
+        assert (kinds["clip-l"].kind, kinds["clip-l"].architecture) == ("text-encoder", "clip-l")
+        assert metadata_of(conv.outputs[0].dest)["modelspec.architecture"] == "stable-diffusion-v1/vae"
+    finally:
+        for p in tmp_path.iterdir():
+            p.unlink()
+
+
 def test_container_only_is_bit_identical_and_keeps_metadata(tmp_path):
     src = write_layout(tmp_path / "in.safetensors", "sd15-emaonly", scale=16,
                        metadata={"ss_sd_model_name": "base", "modelspec.title": "Mine"})

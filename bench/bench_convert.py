@@ -157,7 +157,8 @@ def run(src: Path, work: Path, repeat: int, with_torch: bool) -> Dict[str, objec
             results[name].append(m)
             dst.unlink(missing_ok=True)
     kept_sdtk.unlink(missing_ok=True)
-    return {"results": results, "checks": checks, "torch_check": torch_check, "out_size": out_size}
+    load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
+    return {"results": results, "checks": checks, "torch_check": torch_check, "out_size": out_size, "load": load}
 
 
 def best(ms: List[Measurement]) -> Measurement:
@@ -177,15 +178,15 @@ def report(data, facts, size: int, build_s: float, repeat: int) -> str:
         f"UNet weights, pruned, CLIP fixed, {data['out_size']:,} bytes. Warm page cache before every run; "
         f"best of {repeat} runs (torch: one run).",
         "",
-        "| command | wall (s) | vs cp-like | peak anon RSS | peak file RSS | VmHWM | runs (s) |",
-        "|---|---:|---:|---:|---:|---:|---|",
+        "| command | wall (s) | vs cp-like | CPU user+sys (s) | peak anon RSS | peak file RSS | VmHWM | runs (s) |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for name in names:
         ms = results[name]
         if not ms:
             continue
         b = best(ms)
-        lines.append(f"| {name} | {b.wall_s:.2f} | {b.wall_s / cp.wall_s:.2f}x | {b.peak_rss_anon / MB:.0f} MB | "
+        lines.append(f"| {name} | {b.wall_s:.2f} | {b.wall_s / cp.wall_s:.2f}x | {b.user_s + b.sys_s:.1f} | {b.peak_rss_anon / MB:.0f} MB | "
                      f"{b.peak_rss_file / MB:.0f} MB | {b.vm_hwm / MB:.0f} MB | "
                      f"{', '.join(f'{m.wall_s:.2f}' for m in ms)}{'' if b.ok else ' (failed)'} |")
     ratio = sdtk.wall_s / cp.wall_s
@@ -204,6 +205,7 @@ def report(data, facts, size: int, build_s: float, repeat: int) -> str:
     lines += [f"- {k}: {v}" for k, v in data["checks"].items()]
     lines.append(f"- torch way's output vs sdtk's: {data['torch_check']}")
     lines += ["", "## Machine", ""] + [f"- {k}: {v}" for k, v in facts.items()]
+    lines.append(f"- load average during the run (other jobs shared the machine): {data.get('load', '?')}")
     lines += ["", "Reproduce: `python bench/bench_convert.py` (about 20 GB of free disk, a few minutes)."]
     return "\n".join(lines) + "\n"
 

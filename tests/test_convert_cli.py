@@ -87,7 +87,7 @@ def test_written_size_is_the_planned_size_and_readable(tmp_path):
     library reads it, and it is re-identified (no EMA, fp16, SD1)."""
     from safetensors import safe_open
 
-    src = write_layout(tmp_path / "v1-5-pruned.safetensors", "sd15-full-ema", scale=8)
+    src = write_layout(tmp_path / "v1-5-pruned.safetensors", "sd15-full-ema", scale=16)
     for preset, count in (("generation", 1143), ("training", 1831)):
         _, size = plan_only(src, with_hashes=False, preset=preset)
         r = run_cli("convert", src, "--for", preset, "--json", "--no-source-hash")
@@ -118,6 +118,23 @@ def test_full_size_generation_output_is_reidentified(tmp_path):
             "checkpoint", "stable-diffusion-v1", False, "fp16")
         assert ident.tensor_count == 1143
         assert abs(out.stat().st_size - PUBLISHED_FP16_EMAONLY_BYTES) / PUBLISHED_FP16_EMAONLY_BYTES < 0.001
+    finally:
+        for p in tmp_path.iterdir():
+            p.unlink()
+
+
+def test_full_size_extracted_parts_are_reidentified(tmp_path):
+    """Parts extracted from a full-size SD1 file are recognised by `identify` as what they are."""
+    from sdtk.identify import identify_path
+
+    src = tmp_path / "sd15-fp16.safetensors"
+    write_sparse_safetensors(src, load_layout("sd15-emaonly").with_dtype("float16"))
+    try:
+        conv, _ = convert_file(src, resolve_options(ConvertOptions(extract=["vae", "text-encoders"], source_hashes=False)))
+        kinds = {o.part: identify_path(o.dest) for o in conv.outputs}
+        assert (kinds["vae"].kind, kinds["vae"].architecture) == ("vae", "sd-vae-kl-f8")
+        assert (kinds["clip-l"].kind, kinds["clip-l"].architecture) == ("text-encoder", "clip-l")
+        assert metadata_of(conv.outputs[0].dest)["modelspec.architecture"] == "stable-diffusion-v1/vae"
     finally:
         for p in tmp_path.iterdir():
             p.unlink()

@@ -343,6 +343,22 @@ def test_bake_vae_into_flux_all_in_one_goes_under_vae_prefix(tmp_path):
             assert out["vae." + name].tobytes() == t.read().tobytes()
 
 
+def test_bake_vae_into_sd3_all_in_one_replaces_its_vae_where_it_is(tmp_path):
+    """ComfyUI's SD3 all-in-one file keeps its 16-channel VAE under first_stage_model.: the baked
+    VAE replaces it there; a 4-channel SD VAE is refused."""
+    sd3 = write_layout(tmp_path / "sd3.safetensors", "sd3-medium-incl-clips", scale=64)
+    vae_layout = load_layout("sd3-medium-incl-clips").without(lambda k: not k.startswith("first_stage_model.")).rename(
+        lambda k: k[len("first_stage_model."):])
+    vae = write_layout(tmp_path / "sd3-vae.safetensors", vae_layout, scale=64, seed=9)
+    _, summary = convert(sd3, tmp_path, bake_vae=str(vae))
+    out = read_all(Path(summary["outputs"][0]["path"]))
+    with open_model(vae) as v:
+        assert all(out["first_stage_model." + n].tobytes() == t.read().tobytes() for n, t in v.tensors.items())
+    sd_vae = write_layout(tmp_path / "sd-vae.safetensors", "vae-sd-kl-f8", scale=64)
+    with pytest.raises(SdtkError, match="latent channels|does not match"):
+        convert(sd3, tmp_path, bake_vae=str(sd_vae))
+
+
 def test_bake_vae_of_wrong_architecture_refused(tmp_path):
     model = write_layout(tmp_path / "sd15.safetensors", "sd15-emaonly", scale=16)
     vae_layout = load_layout("flux1-dev-aio").without(lambda k: not k.startswith("vae.")).rename(lambda k: k[len("vae."):])

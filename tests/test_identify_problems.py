@@ -197,3 +197,11 @@ def test_vae_reference_same_after_rounding_and_different(tmp):
     assert diff["verdict"] == "different" and diff["different"] > 200
     exact = identify_path(tmp / "vae.safetensors", vae_ref=str(tmp / "vae.safetensors")).vae_comparison
     assert exact["verdict"] == "identical"
+
+
+def test_modelspec_naming_another_family(tmp):
+    ident = identify_path(H.write_sparse(tmp / "m.safetensors", H.layout("sd15-emaonly"), {"modelspec.architecture": "stable-diffusion-xl-v1-base"}))
+    p = ident.problem("modelspec_mismatch")
+    assert p.details == {"claimed": "stable-diffusion-xl-v1-base", "detected": "stable-diffusion-v1"}
+    same = identify_path(H.write_sparse(tmp / "s.safetensors", H.layout("sd15-inpainting"), {"modelspec.architecture": "stable-diffusion-v1"}))
+    assert same.problem("modelspec_mismatch") is None  # same family, variant spelled differently: fine

@@ -3,7 +3,6 @@
 sdtk/data/layouts/SOURCE.md), split with the family's prefix table, prefixes removed."""
 from __future__ import annotations
 
-import re
 from functools import lru_cache
 from typing import Dict, FrozenSet, Optional, Tuple
 
@@ -13,22 +12,18 @@ from sdtk.architectures.registry import ARCHITECTURES
 # Keys a healthy file may lack (not reported as missing). Sources: architectures reference
 # "Text encoder and VAE tells" (position_ids often absent; SDXL files omit CLIP-L layer 11 since
 # SDXL uses the penultimate layer); transformers CLIPTextModel (position_ids is a non-persistent
-# buffer in transformers >= 4.31); ComfyUI saves logit_scale/text_projection only sometimes.
-OPTIONAL_KEY_PATTERNS: Tuple[re.Pattern, ...] = tuple(re.compile(p) for p in (
-    r"(^|\.)position_ids$",
-    r"^text_model\.encoder\.layers\.11\.",  # SDXL CLIP-L penultimate-layer use
-    r"(^|\.)logit_scale$",
-    r"(^|\.)text_projection(\.weight)?$",
-    r"^model_ema\.(decay|num_updates)$",
-    r"(^|\.)pos_embed$",  # SD3 buffer some savers drop
-))
+# buffer in transformers >= 4.31); ComfyUI saves logit_scale/text_projection only sometimes;
+# ldm LitEma (decay/num_updates); SD3 pos_embed is a buffer some savers drop.
+OPTIONAL_SUFFIXES = ("position_ids", "logit_scale", "text_projection", "text_projection.weight", "pos_embed")
+OPTIONAL_PREFIXES = ("text_model.encoder.layers.11.", "model_ema.decay", "model_ema.num_updates")
+
 
 # Keys of the stand-alone layouts, by the architecture id the adjacent table gives them.
 STANDALONE_LAYOUTS = {"sd-vae-kl-f8": ("vae-sd-kl-f8", ""), "clip-l": ("clip-l-hf", "")}
 
 
 def is_optional(stripped_key: str) -> bool:
-    return any(p.search(stripped_key) for p in OPTIONAL_KEY_PATTERNS)
+    return stripped_key.endswith(OPTIONAL_SUFFIXES) or stripped_key.startswith(OPTIONAL_PREFIXES)
 
 
 def split_key(key: str, prefixes: Dict[str, list]) -> Tuple[str, str]:
@@ -64,10 +59,10 @@ def _ordered(table) -> Tuple[Tuple[str, str], ...]:
 def _layout_components(layout_name: str, family_arch: str) -> Dict[str, FrozenSet[str]]:
     from sdtk.samples import load_layout  # data only; no file is opened but the packaged layout
 
-    table = component_prefixes(family_arch)
+    ordered = prefix_order(component_prefixes(family_arch))
     found: Dict[str, set] = {}
     for key, _, _ in load_layout(layout_name).tensors:
-        comp, prefix = split_key(key, table)
+        comp, prefix = split_key_ordered(key, ordered)
         found.setdefault(comp, set()).add(key[len(prefix):])
     return {c: frozenset(k) for c, k in found.items()}
 

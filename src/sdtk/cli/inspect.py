@@ -76,8 +76,10 @@ def run_inspect(paths: List[Path], json_out: bool, lang: str, deep: bool, vae_re
         if os.path.isdir(p) and not os.path.exists(os.path.join(p, "model_index.json")):
             listing = True
             targets = list(iter_model_files(p))
+            base = p
         else:
             targets = [p]
+            base = os.path.dirname(p)
         for target in targets:
             ident, bad = inspect_one(target, deep, os.fspath(vae_ref) if vae_ref else None)
             if ident is not None:
@@ -86,11 +88,12 @@ def run_inspect(paths: List[Path], json_out: bool, lang: str, deep: bool, vae_re
                     console.print(render_identity(ident, lang, verbose=verbose))
                     console.print()
                 elif not json_out:
-                    console.print(summary_line(ident, lang), markup=False, highlight=False)
+                    console.print(summary_line(ident, lang, os.path.relpath(target, base) if base else target), markup=False, highlight=False)
             else:
                 unreadable.append(bad)
                 if not json_out:
-                    line = f"  ✗  {bad['path']}: {text('label.unreadable', lang)}: {bad['problem']}"
+                    shown = os.path.relpath(bad["path"], base) if listing and base else bad["path"]
+                    line = f"  ✗  {shown}: {text('label.unreadable', lang)}: {bad['problem']}"
                     (console if listing else err_console).print(line, markup=False, highlight=False, style="red")
     code = exit_code_for(identities, unreadable)
     if json_out:

@@ -192,5 +192,5 @@ def summarise_ss_metadata(metadata: Mapping[str, str]) -> Dict[str, Any]:
             out["top_tags"] = [t for t, _ in freq.most_common(10)]
         except (ValueError, AttributeError, TypeError):
             out["top_tags"] = None
-    out["other_ss_keys"] = sum(1 for k in metadata if k.startswith("ss_") and k not in out)
+    out["other_ss_keys"] = sum(1 for k in metadata if k.startswith("ss_") and k not in out and k != "ss_tag_frequency")
     return out

@@ -52,14 +52,15 @@ def choose_advice(ident: Identity) -> None:
             _add(ident, "ready_for_generation", precision=ident.precision, folder="checkpoints" if kind == "checkpoint" else "diffusion_models")
         if ident.variant in ("inpainting", "instruct-pix2pix", "depth", "x4-upscaler", "unclip", "refiner"):
             _add(ident, f"variant_{ident.variant.replace('-', '_')}")
-    elif kind == "lora":
-        _add(ident, "lora", base=(ident.adapter or {}).get("base_architecture"))
-    elif kind == "embedding":
-        _add(ident, "embedding", base=(ident.adapter or {}).get("base_architecture"))
+    elif kind in ("lora", "embedding", "controlnet", "t2i-adapter"):
+        code = "controlnet" if kind == "t2i-adapter" else kind
+        base = (ident.adapter or {}).get("base_architecture")
+        if base:
+            _add(ident, code, base=base)
+        else:
+            _add(ident, f"{code}_unknown_base")
     elif kind == "hypernetwork":
         _add(ident, "hypernetwork")
-    elif kind in ("controlnet", "t2i-adapter"):
-        _add(ident, "controlnet", base=(ident.adapter or {}).get("base_architecture"))
     elif kind == "vae":
         _add(ident, "vae", channels=16 if ident.architecture == "vae-kl-f8-16ch" else 4)
     elif kind == "text-encoder":

@@ -145,3 +145,16 @@ def check_non_finite(ident: Identity, tensors: Mapping[str, LazyTensor], chunk_e
     if bad:
         _add(ident, "non_finite_values", "error", tensors=len(bad), values=sum(bad.values()),
              examples=sorted(bad, key=bad.get, reverse=True)[:5])
+
+
+def check_modelspec(ident: Identity, metadata: Mapping[str, str]) -> None:
+    """`modelspec.architecture` naming another family than the tensors show (metadata copied
+    from another model). Only families are compared: ModelSpec spellings of variants differ."""
+    from sdtk.architectures import family_of
+
+    claimed = (metadata.get("modelspec.architecture") or "").strip()
+    if not claimed or ident.kind == "unknown" or ident.family is None:
+        return
+    claimed_family = family_of(claimed)
+    if claimed_family != "unknown" and claimed_family != ident.family:
+        _add(ident, "modelspec_mismatch", "warning", claimed=claimed, detected=ident.architecture)

@@ -49,12 +49,37 @@ def _scale_range(real: Shape, seen: Shape, lo: int, hi: int) -> Optional[Tuple[i
     return lo, hi
 
 
-def match_scaled_layout(shapes: Mapping[str, Shape]) -> Optional[Tuple[str, str, int]]:
-    """(layout name, architecture, scale factor) or None."""
-    keys = {k for k in shapes if not is_optional(k)}
+@lru_cache(maxsize=None)
+def _largest_key(name: str) -> str:
+    import math
+
+    return max(_layout_shapes(name).items(), key=lambda kv: math.prod(kv[1]))[0]
+
+
+@lru_cache(maxsize=None)
+def _required_keys(name: str) -> frozenset:
+    return frozenset(k for k in _layout_shapes(name) if not is_optional(k))
+
+
+def match_scaled_layout(shapes: Mapping[str, Shape], architecture: Optional[str] = None) -> Optional[Tuple[str, str, int]]:
+    """(layout name, architecture, scale factor) or None. With `architecture` (what the shapes
+    already said), only that architecture's layouts are tried (no other layout is loaded)."""
+    from sdtk.architectures import family_of
+
+    wanted = family_of(architecture) if architecture else None
+    keys = None
     for name, arch in LAYOUT_ARCHITECTURE.items():
+        if architecture is not None and arch != architecture and (wanted == "unknown" or family_of(arch) != wanted):
+            continue
         real = _layout_shapes(name)
-        if keys != {k for k in real if not is_optional(k)}:
+        if abs(len(shapes) - len(real)) > 8:  # optional keys are few: the key sets cannot be equal
+            continue
+        probe = _largest_key(name)
+        if probe not in shapes or tuple(shapes[probe]) == real[probe]:
+            continue  # full size (the largest tensor has its real shape), or another key set
+        if keys is None:
+            keys = {k for k in shapes if not is_optional(k)}
+        if len(keys) != len(_required_keys(name)) or keys != _required_keys(name):
             continue
         lo, hi = 2, 1 << 20
         for k in keys:

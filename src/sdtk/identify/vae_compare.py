@@ -22,6 +22,20 @@ def _vae_view(tensors: Mapping[str, LazyTensor]) -> Dict[str, LazyTensor]:
     return {}
 
 
+def _diffusers_vae_as_ldm(tensors: Mapping[str, LazyTensor], path: str) -> Dict[str, LazyTensor]:
+    """A diffusers-layout VAE file under LDM names (the mapping `sdtk convert --bake-vae` uses)."""
+    from sdtk.errors import SdtkError
+
+    try:
+        from sdtk.ops.vae import vae_tensors
+    except ImportError:  # the mapping lives with the VAE operations; without it, no mapping
+        return {}
+    try:
+        return dict(vae_tensors(tensors, path).tensors)
+    except SdtkError:
+        return {}
+
+
 def _to_f32(a: np.ndarray) -> np.ndarray:
     return np.asarray(a).astype(np.float32)
 
@@ -34,6 +48,8 @@ def compare_vae(tensors: Mapping[str, LazyTensor], baked: Optional[Component], r
     mine = {k[len(baked.prefix):]: tensors[k] for k in baked.keys}
     with open_model(ref_path) as ref_cat:
         ref = _vae_view(ref_cat.tensors)
+        if not ref or any(k.startswith("decoder.up_blocks.") for k in ref):
+            ref = _diffusers_vae_as_ldm(ref_cat.tensors, ref_path) or ref
         if not ref:
             result.update(verdict="not-a-vae", message_key="vae.ref_not_vae")
             return result

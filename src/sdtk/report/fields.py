@@ -39,11 +39,30 @@ def title_of(arch: Any) -> str:
     return a.title if a else str(arch)
 
 
-def prepare(details: Dict[str, Any]) -> Dict[str, Any]:
+COMPONENT_FIELDS = ("component", "components", "missing")
+
+
+def localise(details: Dict[str, Any], lang: str) -> Dict[str, Any]:
+    """Component names in details shown as the language's labels ("text_encoder" -> "Text encoder 1")."""
+    from sdtk.report.messages import has, text
+
+    def label(name):
+        return text(f"component.{name}", lang) if isinstance(name, str) and has(f"component.{name}", lang) else name
+
+    out = dict(details)
+    for key in COMPONENT_FIELDS:
+        if key in out:
+            value = out[key]
+            out[key] = [label(v) for v in value] if isinstance(value, (list, tuple)) else label(value)
+    return out
+
+
+def prepare(details: Dict[str, Any], lang: str = "en") -> Dict[str, Any]:
+    details = localise(details, lang)
     out: Dict[str, Any] = {}
     for key, value in details.items():
         if isinstance(value, (list, tuple, set)):
-            out[key] = join(sorted(value) if isinstance(value, set) else value)
+            out[key] = join(sorted(value) if isinstance(value, set) else value) or "-"
         elif isinstance(value, dict):
             out[key] = join(f"{k}: {v}" for k, v in value.items())
         elif value is None:
@@ -55,7 +74,7 @@ def prepare(details: Dict[str, Any]) -> Dict[str, Any]:
     if "damaged_positions" in details:
         out["positions"] = join(details["damaged_positions"], 12) or "-"
     if "base" in details:
-        out["base_title"] = title_of(details["base"]) if details["base"] else "an unknown base model"
+        out["base_title"] = title_of(details["base"])
     if "ztsnr" in details:
         out["ztsnr_hint"] = " + zsnr" if details["ztsnr"] else ""
     if isinstance(details.get("max_abs_difference"), float):

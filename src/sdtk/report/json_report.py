@@ -12,12 +12,12 @@ from sdtk.report.messages import text
 def identity_json(ident: Identity, lang: str = "en") -> Dict[str, Any]:
     data = ident.to_json()
     for p in data["problems"]:
-        p["message"] = text(p["message_key"], lang, **prepare(p["details"]))
+        p["message"] = text(p["message_key"], lang, **prepare(p["details"], lang))
     for a in data["advice"]:
-        a["message"] = text(a["message_key"], lang, **prepare(a["details"]))
+        a["message"] = text(a["message_key"], lang, **prepare(a["details"], lang))
     if data.get("vae_comparison"):
         vc = data["vae_comparison"]
-        vc["message"] = text(vc.get("message_key", ""), lang, **prepare(vc))
+        vc["message"] = text(vc.get("message_key", ""), lang, **prepare(vc, lang))
     return data
 
 

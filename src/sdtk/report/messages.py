@@ -26,7 +26,7 @@ class _Lenient(dict):
         return "?"
 
 
-def text(key: str, lang: str = DEFAULT, **fields: Any) -> str:
+def text(key: str, lang: str = DEFAULT, /, **fields: Any) -> str:
     """The message `key` in `lang` (English when that language lacks it), fields filled in."""
     template = catalogue(lang).get(key) or catalogue(DEFAULT).get(key) or key
     try:

@@ -15,7 +15,7 @@ from sdtk.report.messages import text
 SEVERITY_STYLE = {"error": ("✗", "bold red"), "warning": ("!", "yellow"), "info": ("i", "cyan")}
 
 
-def _t(key: str, lang: str, **fields) -> str:
+def _t(key: str, lang: str, /, **fields) -> str:
     return text(key, lang, **fields)
 
 
@@ -29,7 +29,7 @@ def what_it_is(ident: Identity, lang: str) -> str:
         return _t("what.unknown", lang, tensors=ident.tensor_count, params_h=human_count(ident.parameters))
     if ident.adapter is not None and "/" in ident.architecture:
         base = ident.adapter.get("base_architecture")
-        return _t("what.adapter", lang, kind=kind, base=title_of(base) if base else "?", architecture=ident.architecture)
+        return _t("what.adapter", lang, kind=kind, base=title_of(base) if base else _t("base.unknown", lang), architecture=ident.architecture)
     line = _t("what.model", lang, title=ident.title or ident.architecture, kind=kind, architecture=ident.architecture)
     if ident.variant:
         line += "; " + _t("what.variant", lang, variant=ident.variant)
@@ -45,14 +45,14 @@ def _component_label(name: str, model, lang: str) -> str:
     return label
 
 
-def summary_line(ident: Identity, lang: str = "en") -> str:
+def summary_line(ident: Identity, lang: str = "en", name: str = "") -> str:
     """One line for folder listings: file, what, precision, size, problem count."""
-    name = os.path.basename(ident.path.rstrip("/")) or ident.path
+    name = name or os.path.basename(ident.path.rstrip("/")) or ident.path
     n_problems = sum(1 for p in ident.problems if p.counts)
     mark = "ok" if not n_problems and ident.identified else f"{n_problems}!"
-    what = ident.architecture if ident.identified else _t("kind.unknown", lang)
     kind = _t(f"kind.{ident.kind}", lang)
-    return f"{mark:>3}  {name}  {what}  [{kind}]  {ident.precision}  {human_bytes(ident.file_size)}"
+    what = f"{ident.architecture}  [{kind}]" if ident.identified else f"[{kind}]"
+    return f"{mark:>3}  {name}  {what}  {ident.precision}  {human_bytes(ident.file_size)}"
 
 
 def render_identity(ident: Identity, lang: str = "en", verbose: bool = False) -> Group:
@@ -84,7 +84,7 @@ def render_identity(ident: Identity, lang: str = "en", verbose: bool = False) ->
         _row(rows, _t("label.safety", lang), _t(f"safety.{verdict}", lang))
     if ident.vae_comparison:
         vc = ident.vae_comparison
-        _row(rows, _t("label.vae_ref", lang), _t(vc.get("message_key", "vae.different"), lang, **prepare(vc)))
+        _row(rows, _t("label.vae_ref", lang), _t(vc.get("message_key", "vae.different"), lang, **prepare(vc, lang)))
     meta = _metadata_line(ident)
     if meta:
         _row(rows, _t("label.metadata", lang), meta)
@@ -98,8 +98,9 @@ def render_identity(ident: Identity, lang: str = "en", verbose: bool = False) ->
             table.add_row(*map(Text, ("  " + _component_label(name, c.model, lang), c.prefix or "-", f"{len(c.keys) if c.keys else '':>5}",
                           human_count(c.parameters), join(sorted(c.dtypes, key=lambda d: -c.dtypes[d])), human_bytes(c.bytes))))
         if ident.missing_components:
+            note = _t("label.missing" if ident.kind == "checkpoint" else "label.separate", lang)
             for name in ident.missing_components:
-                table.add_row(Text("  " + _component_label(name, None, lang)), Text(f"({_t('label.missing', lang)})"), "", "", "", "")
+                table.add_row(Text("  " + _component_label(name, None, lang)), Text(f"({note})"), "", "", "", "")
         parts.append(table)
     if ident.unknown_summary:
         parts.append(Text(_t("label.unknown", lang), style="bold"))
@@ -115,12 +116,12 @@ def render_identity(ident: Identity, lang: str = "en", verbose: bool = False) ->
     for p in shown:
         mark, style = SEVERITY_STYLE.get(p.severity, ("?", ""))
         line = Text(f"  {mark} ", style=style)
-        line.append(_t(p.message_key, lang, **prepare(p.details)))
+        line.append(_t(p.message_key, lang, **prepare(p.details, lang)))
         parts.append(line)
     if ident.advice:
         parts.append(Text(_t("label.advice", lang), style="bold"))
         for a in ident.advice:
-            parts.append(Text("  • " + _t(a.message_key, lang, **prepare(a.details))))
+            parts.append(Text("  • " + _t(a.message_key, lang, **prepare(a.details, lang))))
     if verbose and ident.notes:
         parts.append(Text(_t("label.notes", lang), style="bold"))
         for n in ident.notes:

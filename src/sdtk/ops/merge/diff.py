@@ -33,12 +33,6 @@ class Accumulator:
         self.bb += bb
         self.dd += dd
 
-
-def _sums(a: np.ndarray, b: np.ndarray):
-    """<A,B>, |A|^2, |B|^2, |A-B|^2 of one chunk (float64), and whether A == B."""
-    d = a - b
-    return (float(a @ b), float(a @ a), float(b @ b), float(d @ d)), not d.any()
-
     def as_dict(self) -> dict:
         na, nb = self.aa ** 0.5, self.bb ** 0.5
         if na == 0 or nb == 0:
@@ -48,6 +42,12 @@ def _sums(a: np.ndarray, b: np.ndarray):
         rel = (self.dd ** 0.5) / na if na else (0.0 if self.dd == 0 else float("inf"))
         return {"keys": self.keys, "parameters": self.params, "identical_keys": self.identical,
                 "cosine": round(cos, 8), "relative_l2": round(rel, 8)}
+
+
+def _sums(a: np.ndarray, b: np.ndarray):
+    """<A,B>, |A|^2, |B|^2, |A-B|^2 of one chunk (float64), and whether A == B."""
+    d = a - b
+    return (float(a @ b), float(a @ a), float(b @ b), float(d @ d)), not d.any()
 
 
 @dataclass

@@ -14,7 +14,7 @@ import yaml
 
 from conftest import run_cli
 from helpers_convert import files_in, metadata_of, read_all, sha256_of, write_layout
-from sdtk.errors import OutputError, SdtkError
+from sdtk.errors import OutputError
 from sdtk.formats import open_model
 from sdtk.ops.convert import ConvertOptions, convert_file, resolve_options
 from sdtk.ops.model_facts import model_facts

@@ -17,7 +17,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from sdtk.errors import OutputError, SdtkError, UsageError
-from sdtk.fileio import AtomicOutput, check_output_path, same_file
+from sdtk.fileio import AtomicOutput, same_file
 from sdtk.formats import open_model
 from sdtk.formats.catalogue import Catalogue
 from sdtk.formats.safetensors import write_safetensors

@@ -28,6 +28,20 @@ sys.path[:0] = [str(HERE), str(SRC)]
 from _measure import MB, machine_facts, measure  # noqa: E402
 
 
+def tiny_lora_bytes(rng) -> bytes:
+    """A tiny but real kohya LoRA (one module: down, up, alpha; fp16), distinct per call."""
+    module = "lora_unet_down_blocks_0_attentions_0_proj_in"
+    down = rng.standard_normal((4, 32)).astype("<f2").tobytes()
+    up = rng.standard_normal((32, 4)).astype("<f2").tobytes()
+    header = {"__metadata__": {"ss_base_model_version": "sdxl_base_v1-0", "ss_network_module": "networks.lora"},
+              f"{module}.lora_down.weight": {"dtype": "F16", "shape": [4, 32], "data_offsets": [0, 256]},
+              f"{module}.lora_up.weight": {"dtype": "F16", "shape": [32, 4], "data_offsets": [256, 512]},
+              f"{module}.alpha": {"dtype": "F32", "shape": [], "data_offsets": [512, 516]}}
+    raw = json.dumps(header).encode()
+    raw += b" " * ((-len(raw)) % 8)
+    return struct.pack("<Q", len(raw)) + raw + down + up + struct.pack("<f", 4.0)
+
+
 def make_tree(root: Path, count: int) -> list:
     import numpy as np
 
@@ -38,12 +52,8 @@ def make_tree(root: Path, count: int) -> list:
     for i in range(count):
         folder = root / "models" / folders[i % len(folders)] / f"group{i // 100}"
         folder.mkdir(parents=True, exist_ok=True)
-        arr = rng.standard_normal(256, dtype=np.float32)
-        header = json.dumps({"__metadata__": {"ss_base_model_version": "sdxl_base_v1-0"},
-                             "w": {"dtype": "F32", "shape": [256], "data_offsets": [0, 1024]}}).encode()
-        header += b" " * ((-len(header)) % 8)
         p = folder / f"model_{i:05d}.safetensors"
-        p.write_bytes(struct.pack("<Q", len(header)) + header + arr.tobytes())
+        p.write_bytes(tiny_lora_bytes(rng))
         if i % 10 == 0:
             (folder / f"model_{i:05d}.civitai.info").write_text(json.dumps(
                 {"id": i, "modelId": i, "baseModel": "SDXL 1.0", "trainedWords": [f"word{i}"], "model": {"name": f"m{i}", "type": "LORA"}}))
@@ -88,7 +98,7 @@ def main(argv=None) -> int:
         lines = [
             "# `sdtk library scan`: first scan and rescans",
             "",
-            f"{args.files:,} small safetensors files in a ComfyUI-style tree (10 folders), a Civitai sidecar and a preview",
+            f"{args.files:,} tiny LoRA safetensors files (kohya keys, fp16) in a ComfyUI-style tree (10 folders), a Civitai sidecar and a preview",
             "beside every tenth. Each scan is the real command `sdtk library scan ROOT --db DB --json --quiet`",
             "in a fresh interpreter; 'scan' is the scan's own time from its report, 'command' the whole process",
             f"(interpreter start-up and imports included). Rescans: best of {args.repeat}.",

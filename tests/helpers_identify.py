@@ -346,15 +346,31 @@ def hypernetwork_rows() -> List[Row]:
     return rows
 
 
-def diffusers_unet_sd1() -> List[Row]:
-    """Rule (diffusers UNet2DConditionModel, SD1 config): conv_in, time_embedding, down_blocks..."""
-    sd = [("conv_in.weight", (320, 4, 3, 3), "float16"), ("conv_in.bias", (320,), "float16"),
+def diffusers_unet_sd1(context: int = 768, in_channels: int = 4, sdxl: bool = False) -> List[Row]:
+    """Rule (diffusers UNet2DConditionModel configs): conv_in, time_embedding, down_blocks with
+    cross_attention_dim 768 (SD1) / 1024 (SD2) / 2048 (SDXL, plus add_embedding 2816)."""
+    proj = lambda ch: (ch, ch) if context != 768 else (ch, ch, 1, 1)  # SD2/SDXL use linear proj_in
+    sd = [("conv_in.weight", (320, in_channels, 3, 3), "float16"), ("conv_in.bias", (320,), "float16"),
           ("time_embedding.linear_1.weight", (1280, 320), "float16")]
+    if sdxl:
+        sd += [("add_embedding.linear_1.weight", (1280, 2816), "float16"), ("add_embedding.linear_2.weight", (1280, 1280), "float16")]
     for i, ch in enumerate((320, 640, 1280)):
-        sd += [(f"down_blocks.{i}.attentions.0.transformer_blocks.0.attn2.to_k.weight", (ch, 768), "float16"),
-               (f"down_blocks.{i}.attentions.0.proj_in.weight", (ch, ch, 1, 1), "float16"),
+        sd += [(f"down_blocks.{i}.attentions.0.transformer_blocks.0.attn2.to_k.weight", (ch, context), "float16"),
+               (f"down_blocks.{i}.attentions.0.proj_in.weight", proj(ch), "float16"),
                (f"down_blocks.{i}.resnets.0.conv1.weight", (ch, ch, 3, 3), "float16")]
     return sd
+
+
+def diffusers_flux(guidance: bool = True) -> List[Row]:
+    """Rule (diffusers FluxTransformer2DModel): x_embedder [3072, 64], transformer_blocks with
+    norm_added_k, single_transformer_blocks; guidance_embedder only in [dev]."""
+    rows: List[Row] = [("x_embedder.weight", (3072, 64), "bfloat16"), ("context_embedder.weight", (3072, 4096), "bfloat16"),
+                       ("time_text_embed.timestep_embedder.linear_1.weight", (3072, 256), "bfloat16")]
+    if guidance:
+        rows.append(("time_text_embed.guidance_embedder.linear_1.weight", (3072, 256), "bfloat16"))
+    rows += _blocks("transformer_blocks.", 19, [("attn.norm_added_k.weight", (128,)), ("attn.to_q.weight", (3072, 3072))])
+    rows += _blocks("single_transformer_blocks.", 38, [("attn.norm_k.weight", (128,)), ("proj_mlp.weight", (12288, 3072))])
+    return rows
 
 
 def write_diffusers_folder(root: Path, pipeline: str = "StableDiffusionPipeline") -> Path:

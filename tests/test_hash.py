@@ -236,3 +236,17 @@ def test_content_hash_is_the_same_in_a_ckpt_and_a_safetensors(tmp):
         from_ckpt = content_hash(cat)
     assert from_ckpt == hash_model_file(st).content == hash_model_file(ck).content
     assert hash_file(st).sha256 != hash_file(ck).sha256
+
+
+def test_plain_entry_points_for_other_commands(tmp):
+    from sdtk.hashing import file_hashes, sha256_file
+
+    data = random_bytes(3 * MiB, seed=11)
+    p = tmp / "f.bin"
+    p.write_bytes(data)
+    want = independent(data)
+    assert sha256_file(p) == want["sha256"]
+    got = file_hashes(p, ["sha256", "autov3"])
+    assert got == {"sha256": want["sha256"], "autov3": want["autov3"]}
+    every = file_hashes(p)
+    assert every["crc32"] == want["crc32"] and every["blake3"] == want["blake3"] and every["autov2"] == want["sha256"][:10]

@@ -87,3 +87,22 @@ def test_header_only_no_tensor_bytes_read(tmp, monkeypatch):
     read.clear()
     identify_path(write_sparse(tmp / "flux.safetensors", layout("flux1-dev")))
     assert read == []
+
+
+def test_no_tensor_read_for_checkpoints_but_position_ids(tmp):
+    """Whatever the container (.ckpt here), identify reads only the 77 position_ids values."""
+    from sdtk.formats import open_model
+    from sdtk.formats.torchzip_write import write_torch_zip
+    from sdtk.identify import identify
+    from sdtk.samples import layout_plan
+
+    path = tmp / "sd15.ckpt"
+    write_torch_zip(path, layout_plan(layout("sd15-full-ema")), wrap="state_dict", sparse_zeros=True)
+    read = []
+    with open_model(path) as cat:
+        for t in cat.tensors.values():
+            inner = t.loader
+            t.loader = (lambda name, f: (lambda: (read.append(name), f())[1]))(t.name, inner)
+        ident = identify(cat)
+    assert ident.architecture == "stable-diffusion-v1"
+    assert read == ["cond_stage_model.transformer.text_model.embeddings.position_ids"]

@@ -53,6 +53,11 @@ DIFFUSION_CASES = {
     "cascade-c": (lambda: H.dit("stable-cascade-stage-c"), "diffusion-model", "stable-cascade-stage-c", None),
     "cascade-b": (lambda: H.dit("stable-cascade-stage-b"), "diffusion-model", "stable-cascade-stage-b", None),
     "diffusers-unet-sd1": (H.diffusers_unet_sd1, "diffusion-model", "stable-diffusion-v1", None),
+    "diffusers-unet-sd1-inpainting": (lambda: H.diffusers_unet_sd1(in_channels=9), "diffusion-model", "stable-diffusion-v1-inpainting", "inpainting"),
+    "diffusers-unet-sd2": (lambda: H.diffusers_unet_sd1(context=1024), "diffusion-model", "stable-diffusion-v2", None),
+    "diffusers-unet-sdxl": (lambda: H.diffusers_unet_sd1(context=2048, sdxl=True), "diffusion-model", "stable-diffusion-xl-v1-base", None),
+    "diffusers-flux-dev": (H.diffusers_flux, "diffusion-model", "flux-1-dev", None),
+    "diffusers-flux-schnell": (lambda: H.diffusers_flux(guidance=False), "diffusion-model", "flux-1-schnell", None),
 }
 
 
@@ -62,6 +67,18 @@ def test_diffusion_row(tmp, case):
     ident = identify_path(H.write_sparse(tmp / f"{case}.safetensors", builder()))
     assert (ident.kind, ident.architecture, ident.variant) == (kind, arch, variant)
     assert "unet" in ident.components
+
+
+def test_every_family_row_has_a_case(tmp):
+    """Each FAMILIES row (family, key naming) is what identifies at least one case."""
+    from sdtk.architectures import FAMILIES
+
+    hit = set()
+    for case, (builder, _, _, _) in DIFFUSION_CASES.items():
+        ident = identify_path(H.write_sparse(tmp / f"{case}.safetensors", builder()))
+        hit.add((ident.family, ident.implementation))
+    rows = {(f.name, f.implementation) for f in FAMILIES}
+    assert rows <= hit, f"family rows without a test: {sorted(rows - hit)}"
 
 
 def test_every_variant_row_has_a_case():

@@ -36,6 +36,8 @@ def assert_refused(result, out, *words):
     (["-m", "frobnicate"], ["unknown method"]),
     (["--te", "C"], ["merge, A or B"]),
     (["--dtype", "int8"], ["float type"]),
+    (["--exclude", "model_ema["], ["not a valid regular expression"]),
+    (["--blocks", ",".join(["0.5"] * 25 + ["1.5"])], ["block OUT11 weight 1.5", "[0, 1]"]),
 ])
 def test_bad_options_exit_2_nothing_written(cli, models, args, words):
     d, m = models

@@ -218,3 +218,19 @@ def test_sd2_family_and_block_list(tmp_path):
     assert O[k].tobytes() == ws(A[k], B[k], 1.0).astype(O[k].dtype).tobytes()  # GRAD_A: M00 = 1
     k = "cond_stage_model.model.ln_final.weight"
     assert O[k].tobytes() == A[k].tobytes()  # BASE = 0 in the preset
+
+
+def test_ckpt_input_merges_like_its_safetensors_twin(tmp_path):
+    from conftest import torch_or_skip
+
+    torch = torch_or_skip()
+    a = make_model(tmp_path, "a", seed=1, scale=64)
+    b = make_model(tmp_path, "b", seed=2, scale=64)
+    A = tensors(a)
+    torch.save({"state_dict": {k: torch.from_numpy(v) for k, v in A.items()}, "global_step": 1}, tmp_path / "a.ckpt")
+    merge([a, b], tmp_path / "st.safetensors", alpha=0.4)
+    merge([tmp_path / "a.ckpt", b], tmp_path / "ck.safetensors", alpha=0.4)
+    ST, CK = tensors(tmp_path / "st.safetensors"), tensors(tmp_path / "ck.safetensors")
+    assert list(ST) == list(CK)
+    for k in ST:
+        assert ST[k].tobytes() == CK[k].tobytes(), k

@@ -185,7 +185,7 @@ def test_payloads_never_run_through_the_cli(tmp, cli):
     report = json.loads(proc.stdout)
     assert {f["verdict"] for f in report["files"]} == {"unsafe"}
     assert len(report["files"]) == len(PAYLOAD_NAMES)
-    for name in PAYLOAD_NAMES:
+    for name in ("zip_payload.ckpt", "legacy_stacked.pt", "frame_trick.pkl"):  # one per reader
         proc = cli("convert", tmp / name, tmp / (name + ".safetensors"))
         assert proc.returncode == 2 and proc.stderr.count("\n") == 1
     assert not marker.exists()

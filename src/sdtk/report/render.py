@@ -50,9 +50,9 @@ def summary_line(ident: Identity, lang: str = "en", name: str = "") -> str:
     name = name or os.path.basename(ident.path.rstrip("/")) or ident.path
     n_problems = sum(1 for p in ident.problems if p.counts)
     mark = "ok" if not n_problems and ident.identified else f"{n_problems}!"
-    what = ident.architecture if ident.identified else _t("kind.unknown", lang)
     kind = _t(f"kind.{ident.kind}", lang)
-    return f"{mark:>3}  {name}  {what}  [{kind}]  {ident.precision}  {human_bytes(ident.file_size)}"
+    what = f"{ident.architecture}  [{kind}]" if ident.identified else f"[{kind}]"
+    return f"{mark:>3}  {name}  {what}  {ident.precision}  {human_bytes(ident.file_size)}"
 
 
 def render_identity(ident: Identity, lang: str = "en", verbose: bool = False) -> Group:

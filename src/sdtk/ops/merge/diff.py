@@ -27,12 +27,17 @@ class Accumulator:
     dd: float = 0.0
     identical: int = 0
 
-    def add(self, a: np.ndarray, b: np.ndarray) -> None:
-        d = a - b
-        self.dot += float(a @ b)
-        self.aa += float(a @ a)
-        self.bb += float(b @ b)
-        self.dd += float(d @ d)
+    def add(self, dot: float, aa: float, bb: float, dd: float) -> None:
+        self.dot += dot
+        self.aa += aa
+        self.bb += bb
+        self.dd += dd
+
+
+def _sums(a: np.ndarray, b: np.ndarray):
+    """<A,B>, |A|^2, |B|^2, |A-B|^2 of one chunk (float64), and whether A == B."""
+    d = a - b
+    return (float(a @ b), float(a @ a), float(b @ b), float(d @ d)), not d.any()
 
     def as_dict(self) -> dict:
         na, nb = self.aa ** 0.5, self.bb ** 0.5
@@ -91,11 +96,10 @@ def diff_models(cat_a, cat_b, on_tensor: Optional[Callable[[int], None]] = None)
         fa, fb = ta.read().reshape(-1), tb.read().reshape(-1)
         same = True
         for lo in range(0, n, CHUNK):
-            a = fa[lo:lo + CHUNK].astype(np.float64)
-            b = fb[lo:lo + CHUNK].astype(np.float64)
-            same = same and bool(np.array_equal(a, b))
+            sums, equal = _sums(fa[lo:lo + CHUNK].astype(np.float64), fb[lo:lo + CHUNK].astype(np.float64))
+            same = same and equal
             for g in groups:
-                g.add(a, b)
+                g.add(*sums)
         for g in groups:
             g.keys += 1
             g.params += n

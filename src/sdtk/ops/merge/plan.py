@@ -112,13 +112,17 @@ class StepSource:
         self.entries = dict(primary.entries)
         self.report = StepReport(name, method)
         block_weights = resolve_blocks(blocks, self.family, alpha) if blocks is not None else None
+        for block, weight in (block_weights or {}).items():
+            M.check_scalars(method, weight, None, what=f"block {block} weight")
         exclude_re = re.compile(exclude) if exclude else None
         self.decisions: Dict[str, Decision] = {}
         for key, (shape, dt) in primary.entries.items():
             self.decisions[key] = self._decide(key, shape, dt, block_weights, exclude_re, te, vae)
+        seen = set()
         for src in self.inputs[1:]:
             for key in src.entries:
-                if key not in primary.entries and key not in self.report.not_in_primary:
+                if key not in primary.entries and key not in seen:
+                    seen.add(key)
                     self.report.not_in_primary.append(key)
         self._stats: Dict[str, tuple] = {}
         self._full_cache: Tuple[Optional[str], Optional[np.ndarray]] = (None, None)

@@ -234,6 +234,17 @@ def test_sdxl_vpred_needs_no_yaml_and_keeps_markers(tmp_path):
     assert metadata_of(out)["modelspec.prediction_type"] == "v"
 
 
+def test_sdxl_stated_v_prediction_adds_the_marker(tmp_path):
+    src = write_layout(tmp_path / "vpred-no-marker.safetensors", "sdxl-base", scale=16)
+    conv, summary = convert_file(src, resolve_options(ConvertOptions(prediction_type="v", source_hashes=False)))
+    out = conv.outputs[0].dest
+    with open_model(out) as cat:
+        assert "v_pred" in cat and cat["v_pred"].shape == (0,) and len(cat) == 2516
+        assert model_facts(cat).prediction_type == "v"
+    assert metadata_of(out)["modelspec.prediction_type"] == "v"
+    assert summary["outputs"][0]["sidecar"] is None and "v_pred marker" in summary["sidecar"]
+
+
 def test_replace_input_after_verification(tmp_path):
     src = write_layout(tmp_path / "old.safetensors", "sd15-emaonly", scale=16)
     want = {k: v.astype(np.float16) if v.dtype == np.float32 else v for k, v in read_all(src).items()}
@@ -347,6 +358,22 @@ def test_batch_folder_converts_each_file_and_reports_failures(tmp_path):
     assert files_in(out) == ["a-fp16.safetensors", "b-fp16.safetensors"]
     for p in out.iterdir():
         read_all(p)
+
+
+def test_progress_bars_follow_the_bytes_written(tmp_path):
+    """The progress display (shown on a terminal) is driven with every byte count, per file and batch."""
+    from sdtk.cli.convert import _ProgressDisplay
+
+    src = write_layout(tmp_path / "m.safetensors", "sd15-emaonly", scale=16)
+    seen = []
+    with _ProgressDisplay(True, batch_total=1) as progress:
+        real_advance = progress.advance
+        progress.advance = lambda done: (seen.append(done), real_advance(done))
+        conv, _ = convert_file(src, resolve_options(ConvertOptions(dtype="fp16", source_hashes=False)), progress=progress)
+        progress.next_file()
+        assert progress.bars.tasks[0].completed == 1  # the batch bar
+    assert len(seen) == 1143 and seen == sorted(seen)
+    assert seen[-1] == conv.outputs[0].bytes_written == conv.outputs[0].dest.stat().st_size
 
 
 def test_conflicting_options_exit_2(tmp_path):

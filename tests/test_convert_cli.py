@@ -270,6 +270,40 @@ def test_replace_input_keeps_input_when_verification_fails(tmp_path, monkeypatch
     assert files_in(tmp_path) == ["old.safetensors"] and sha256_of(src) == before
 
 
+@pytest.mark.torch
+def test_torch_saved_ckpt_converts_bit_identical_and_with_casts(tmp_path):
+    """A checkpoint written by torch.save: container-only output equals torch's tensors bit for bit;
+    --dtype bf16 equals torch's own cast; training state is left out and reported."""
+    from conftest import torch_or_skip
+
+    torch = torch_or_skip()
+    g = torch.Generator().manual_seed(0)
+    sd = {
+        "model.diffusion_model.input_blocks.0.0.weight": torch.randn(8, 4, 3, 3, generator=g),
+        "model.diffusion_model.out.2.bias": torch.randn(4, generator=g).half(),
+        "first_stage_model.decoder.conv_in.weight": torch.randn(16, 4, 3, 3, generator=g).bfloat16(),
+        "cond_stage_model.transformer.text_model.embeddings.position_ids": torch.arange(77).unsqueeze(0),
+        "model.diffusion_model.transposed": torch.randn(6, 5, generator=g).t(),  # non-contiguous storage view
+    }
+    src = tmp_path / "model.ckpt"
+    torch.save({"state_dict": sd, "global_step": 1000, "epoch": 3}, src)
+    r = run_cli("convert", src, tmp_path / "same.safetensors", "--json", "--no-source-hash")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["dropped_training_state"] == ["epoch", "global_step"]
+    from safetensors.torch import load_file
+
+    same = load_file(str(tmp_path / "same.safetensors"))
+    assert set(same) == set(sd)
+    for k, v in sd.items():
+        assert same[k].dtype == v.dtype and torch.equal(same[k], v.contiguous()), k
+    r = run_cli("convert", src, "-o", tmp_path / "bf16.safetensors", "--dtype", "bf16", "--no-source-hash")
+    assert r.returncode == 0, r.stderr
+    cast = load_file(str(tmp_path / "bf16.safetensors"))
+    for k, v in sd.items():
+        want = v.to(torch.bfloat16) if v.is_floating_point() else v
+        assert cast[k].dtype == want.dtype and torch.equal(cast[k], want.contiguous()), k
+
+
 def test_ckpt_replace_input_removes_ckpt_only_after_success(tmp_path):
     torch = pytest.importorskip("torch")
     src = tmp_path / "model.ckpt"

@@ -86,7 +86,7 @@ def diff_models(cat_a, cat_b, on_tensor: Optional[Callable[[int], None]] = None)
             result.shape_mismatch.append(key)
             continue
         if not (ta.dtype.is_float and tb.dtype.is_float):
-            if not np.array_equal(ta.read(), tb.read()):
+            if ta.dtype != tb.dtype or not np.array_equal(ta.read(), tb.read()):  # e.g. float-corrupted position_ids
                 result.non_float_differs.append(key)
             continue
         groups = [total, comps.setdefault(component_of(key), Accumulator())]

@@ -14,7 +14,7 @@ import yaml
 
 from conftest import run_cli
 from helpers_convert import files_in, metadata_of, read_all, sha256_of, write_layout
-from sdtk.errors import OutputError, SdtkError
+from sdtk.errors import OutputError
 from sdtk.formats import open_model
 from sdtk.ops.convert import ConvertOptions, convert_file, resolve_options
 from sdtk.ops.model_facts import model_facts
@@ -234,6 +234,17 @@ def test_sdxl_vpred_needs_no_yaml_and_keeps_markers(tmp_path):
     assert metadata_of(out)["modelspec.prediction_type"] == "v"
 
 
+def test_sdxl_stated_v_prediction_adds_the_marker(tmp_path):
+    src = write_layout(tmp_path / "vpred-no-marker.safetensors", "sdxl-base", scale=16)
+    conv, summary = convert_file(src, resolve_options(ConvertOptions(prediction_type="v", source_hashes=False)))
+    out = conv.outputs[0].dest
+    with open_model(out) as cat:
+        assert "v_pred" in cat and cat["v_pred"].shape == (0,) and len(cat) == 2516
+        assert model_facts(cat).prediction_type == "v"
+    assert metadata_of(out)["modelspec.prediction_type"] == "v"
+    assert summary["outputs"][0]["sidecar"] is None and "v_pred marker" in summary["sidecar"]
+
+
 def test_replace_input_after_verification(tmp_path):
     src = write_layout(tmp_path / "old.safetensors", "sd15-emaonly", scale=16)
     want = {k: v.astype(np.float16) if v.dtype == np.float32 else v for k, v in read_all(src).items()}
@@ -257,6 +268,40 @@ def test_replace_input_keeps_input_when_verification_fails(tmp_path, monkeypatch
     with pytest.raises(OutputError):
         convert_file(src, resolve_options(ConvertOptions(dtype="fp16", replace_input=True)))
     assert files_in(tmp_path) == ["old.safetensors"] and sha256_of(src) == before
+
+
+@pytest.mark.torch
+def test_torch_saved_ckpt_converts_bit_identical_and_with_casts(tmp_path):
+    """A checkpoint written by torch.save: container-only output equals torch's tensors bit for bit;
+    --dtype bf16 equals torch's own cast; training state is left out and reported."""
+    from conftest import torch_or_skip
+
+    torch = torch_or_skip()
+    g = torch.Generator().manual_seed(0)
+    sd = {
+        "model.diffusion_model.input_blocks.0.0.weight": torch.randn(8, 4, 3, 3, generator=g),
+        "model.diffusion_model.out.2.bias": torch.randn(4, generator=g).half(),
+        "first_stage_model.decoder.conv_in.weight": torch.randn(16, 4, 3, 3, generator=g).bfloat16(),
+        "cond_stage_model.transformer.text_model.embeddings.position_ids": torch.arange(77).unsqueeze(0),
+        "model.diffusion_model.transposed": torch.randn(6, 5, generator=g).t(),  # non-contiguous storage view
+    }
+    src = tmp_path / "model.ckpt"
+    torch.save({"state_dict": sd, "global_step": 1000, "epoch": 3}, src)
+    r = run_cli("convert", src, tmp_path / "same.safetensors", "--json", "--no-source-hash")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["dropped_training_state"] == ["epoch", "global_step"]
+    from safetensors.torch import load_file
+
+    same = load_file(str(tmp_path / "same.safetensors"))
+    assert set(same) == set(sd)
+    for k, v in sd.items():
+        assert same[k].dtype == v.dtype and torch.equal(same[k], v.contiguous()), k
+    r = run_cli("convert", src, "-o", tmp_path / "bf16.safetensors", "--dtype", "bf16", "--no-source-hash")
+    assert r.returncode == 0, r.stderr
+    cast = load_file(str(tmp_path / "bf16.safetensors"))
+    for k, v in sd.items():
+        want = v.to(torch.bfloat16) if v.is_floating_point() else v
+        assert cast[k].dtype == want.dtype and torch.equal(cast[k], want.contiguous()), k
 
 
 def test_ckpt_replace_input_removes_ckpt_only_after_success(tmp_path):
@@ -347,6 +392,22 @@ def test_batch_folder_converts_each_file_and_reports_failures(tmp_path):
     assert files_in(out) == ["a-fp16.safetensors", "b-fp16.safetensors"]
     for p in out.iterdir():
         read_all(p)
+
+
+def test_progress_bars_follow_the_bytes_written(tmp_path):
+    """The progress display (shown on a terminal) is driven with every byte count, per file and batch."""
+    from sdtk.cli.convert import _ProgressDisplay
+
+    src = write_layout(tmp_path / "m.safetensors", "sd15-emaonly", scale=16)
+    seen = []
+    with _ProgressDisplay(True, batch_total=1) as progress:
+        real_advance = progress.advance
+        progress.advance = lambda done: (seen.append(done), real_advance(done))
+        conv, _ = convert_file(src, resolve_options(ConvertOptions(dtype="fp16", source_hashes=False)), progress=progress)
+        progress.next_file()
+        assert progress.bars.tasks[0].completed == 1  # the batch bar
+    assert len(seen) == 1143 and seen == sorted(seen)
+    assert seen[-1] == conv.outputs[0].bytes_written == conv.outputs[0].dest.stat().st_size
 
 
 def test_conflicting_options_exit_2(tmp_path):

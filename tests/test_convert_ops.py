@@ -1,7 +1,6 @@
 """convert's building blocks on scaled-down, random-valued files built from the real layouts."""
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import ml_dtypes
@@ -16,7 +15,7 @@ from sdtk.ops.cast import cast_array
 from sdtk.ops.clip_fix import fix_clip
 from sdtk.ops.convert import ConvertOptions, convert_file, resolve_options
 from sdtk.ops.ema import ema_key_for
-from sdtk.ops.vae import diffusers_to_ldm_key, vae_tensors
+from sdtk.ops.vae import diffusers_to_ldm_key
 from sdtk.samples import layout_plan, load_layout
 from sdtk.tensors import dtype, from_array
 

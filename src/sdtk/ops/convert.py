@@ -17,7 +17,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from sdtk.errors import OutputError, SdtkError, UsageError
-from sdtk.fileio import AtomicOutput, check_output_path, same_file
+from sdtk.fileio import AtomicOutput, same_file
 from sdtk.formats import open_model
 from sdtk.formats.catalogue import Catalogue
 from sdtk.formats.safetensors import write_safetensors
@@ -147,6 +147,13 @@ class Conversion:
     prediction_type: Optional[str] = None
 
 
+def v_pred_marker() -> LazyTensor:
+    """The empty fp16 `v_pred` tensor SDXL v-prediction files carry (ComfyUI model_detection.py)."""
+    from sdtk.tensors import DTYPES
+
+    return LazyTensor("v_pred", DTYPES["F16"], (0,), lambda: np.zeros((0,), dtype=np.float16))
+
+
 def _target_dtype_rule(opts: ConvertOptions) -> Callable[[LazyTensor], Optional[DType]]:
     by_component = {"unet": opts.unet_dtype, "ema": opts.unet_dtype, "vae": opts.vae_dtype}
     for te in TEXT_ENCODERS:
@@ -266,6 +273,11 @@ def plan_conversion(cat: Catalogue, opts: ConvertOptions, stack: contextlib.Exit
     if opts.prediction_type and facts.family == "sd2":
         facts.architecture = "stable-diffusion-v2-768-v" if prediction == "v" else "stable-diffusion-v2-512"
     names = {t.name for t in plan}
+    if opts.prediction_type == "v" and facts.family == "sdxl" and "v_pred" not in names and not opts.extract:
+        plan.append(v_pred_marker())  # what ComfyUI, Forge and A1111 read to select v-prediction
+        names.add("v_pred")
+        conv.operations.append("add v_pred marker (--prediction-type v)")
+        conv.notes.append("added the empty v_pred marker tensor, which ComfyUI, Forge and A1111 read to use v-prediction")
 
     if opts.extract:
         for part, part_plan in extract_plans(plan, opts.extract, path).items():

@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
-from sdtk.architectures.prefixes import MARKER_KEYS
 from sdtk.formats.catalogue import Catalogue
 from sdtk.ops.ema import has_ema
 from sdtk.tensors import LazyTensor
@@ -86,6 +85,3 @@ def _facts_from_key_names(tensors: Mapping[str, LazyTensor], metadata: Mapping[s
         arch = "stable-diffusion-v2-768-v"
     return ModelFacts(arch, prediction, source, has, "key names")
 
-
-def is_marker(key: str) -> bool:
-    return key in MARKER_KEYS

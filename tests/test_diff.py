@@ -47,3 +47,13 @@ def test_diff_of_a_model_with_itself(pair, cli):
     assert data["total"]["identical_keys"] == data["total"]["keys"] > 1000
     r = cli("diff", a, pair[1])
     assert r.returncode == 0 and "OUT11" in r.stdout and "te" in r.stdout and "cosine" in r.stdout
+
+
+def test_diff_flags_float_position_ids(tmp_path):
+    pos = "cond_stage_model.transformer.text_model.embeddings.position_ids"
+    a = make_model(tmp_path, "a", seed=1, scale=32)
+    bad = make_model(tmp_path, "bad", seed=1, scale=32,
+                     transform=lambda l: l.without(lambda k: k == pos).plus([(pos, (1, 77), "float32")]))
+    with open_model(a) as ca, open_model(bad) as cb:
+        res = diff_models(ca, cb)
+    assert res.non_float_differs == [pos]

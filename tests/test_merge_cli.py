@@ -193,3 +193,19 @@ def test_bad_recipes(cli, models, tmp_path, text, words):
     recipe.write_text(text)
     out = str(tmp_path / "o.safetensors")
     assert_refused(cli("merge", "--recipe", recipe, "-o", out), out, *words)
+
+
+def test_recipe_from_with_baked_vae_and_no_hash(cli, models, tmp_path):
+    d, m = models
+    vae = make_model(d, "vae", "vae-sd-kl-f8", seed=9, scale=32)
+    out = tmp_path / "o.safetensors"
+    r = cli("merge", m["a"], m["b"], "-m", "slerp", "-a", "0.3", "--bake-vae", vae, "--no-hash", "-o", out)
+    assert r.returncode == 0, r.stderr
+    recipe = json.loads(metadata(out)["sdtk.merge_recipe"])
+    assert recipe["bake_vae"]["file"] == "vae.safetensors" and "header_sha256" in recipe["models"]["A"]
+    again = tmp_path / "again.safetensors"
+    r = cli("merge", "--recipe-from", out, "-o", again, "--models-dir", d)
+    assert r.returncode == 2 and "--no-hash" in r.stderr  # made without hashes: say how to reproduce
+    r = cli("merge", "--recipe-from", out, "-o", again, "--models-dir", d, "--no-hash")
+    assert r.returncode == 0, r.stderr
+    assert again.read_bytes() == out.read_bytes()

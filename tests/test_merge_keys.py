@@ -234,3 +234,14 @@ def test_ckpt_input_merges_like_its_safetensors_twin(tmp_path):
     assert list(ST) == list(CK)
     for k in ST:
         assert ST[k].tobytes() == CK[k].tobytes(), k
+
+
+def test_instruct_pix2pix_primary_keeps_its_extra_channels(tmp_path):
+    ip2p = make_model(tmp_path, "ip2p", "sd15-emaonly", seed=1, scale=32, channels=8)
+    b = make_model(tmp_path, "b", "sd15-emaonly", seed=2, scale=32)
+    res = merge([ip2p, b], tmp_path / "o.safetensors", alpha=0.5, dtype="fp32")
+    I, B, O = tensors(ip2p), tensors(b), tensors(tmp_path / "o.safetensors")
+    assert res.steps[0]["sliced"] == [FIRST_CONV]
+    assert O[FIRST_CONV][:, :4].tobytes() == ws(I[FIRST_CONV][:, :4], B[FIRST_CONV], 0.5).tobytes()
+    assert O[FIRST_CONV][:, 4:].tobytes() == I[FIRST_CONV][:, 4:].tobytes()
+    assert json.loads(metadata(tmp_path / "o.safetensors")["sd_merge_recipe"])["is_instruct_pix2pix"] is True

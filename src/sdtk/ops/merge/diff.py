@@ -33,12 +33,6 @@ class Accumulator:
         self.bb += bb
         self.dd += dd
 
-
-def _sums(a: np.ndarray, b: np.ndarray):
-    """<A,B>, |A|^2, |B|^2, |A-B|^2 of one chunk (float64), and whether A == B."""
-    d = a - b
-    return (float(a @ b), float(a @ a), float(b @ b), float(d @ d)), not d.any()
-
     def as_dict(self) -> dict:
         na, nb = self.aa ** 0.5, self.bb ** 0.5
         if na == 0 or nb == 0:
@@ -48,6 +42,12 @@ def _sums(a: np.ndarray, b: np.ndarray):
         rel = (self.dd ** 0.5) / na if na else (0.0 if self.dd == 0 else float("inf"))
         return {"keys": self.keys, "parameters": self.params, "identical_keys": self.identical,
                 "cosine": round(cos, 8), "relative_l2": round(rel, 8)}
+
+
+def _sums(a: np.ndarray, b: np.ndarray):
+    """<A,B>, |A|^2, |B|^2, |A-B|^2 of one chunk (float64), and whether A == B."""
+    d = a - b
+    return (float(a @ b), float(a @ a), float(b @ b), float(d @ d)), not d.any()
 
 
 @dataclass
@@ -86,7 +86,7 @@ def diff_models(cat_a, cat_b, on_tensor: Optional[Callable[[int], None]] = None)
             result.shape_mismatch.append(key)
             continue
         if not (ta.dtype.is_float and tb.dtype.is_float):
-            if not np.array_equal(ta.read(), tb.read()):
+            if ta.dtype != tb.dtype or not np.array_equal(ta.read(), tb.read()):  # e.g. float-corrupted position_ids
                 result.non_float_differs.append(key)
             continue
         groups = [total, comps.setdefault(component_of(key), Accumulator())]

@@ -218,3 +218,20 @@ def test_copied_spans_are_verified_before_commit(tmp):
         write_safetensors(tmp / "ok.safetensors", plan)
     with open_model(tmp / "ok.safetensors") as out:
         assert out["w"].read().tobytes() == big.tobytes()
+
+
+def test_corrupt_ckpt_storage_is_caught_by_container_convert(tmp, cli):
+    """A big storage is copied file to file (no read()); its zip CRC must still be checked."""
+    from sdtk.formats.torchzip_write import write_torch_zip
+
+    big = np.arange(1 << 19, dtype=np.float32)  # 2 MiB, above the file-to-file threshold
+    ckpt = tmp / "model.ckpt"
+    write_torch_zip(ckpt, [from_array("w", big), from_array("b", np.ones(3, np.float32))])
+    raw = bytearray(ckpt.read_bytes())
+    at = raw.find(big[1000:1004].tobytes())
+    raw[at] ^= 0x01  # one flipped bit inside the storage
+    ckpt.write_bytes(bytes(raw))
+    r = cli("convert", ckpt, tmp / "out.safetensors", "--no-source-hash")
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "CRC mismatch" in r.stderr and "model.ckpt" in r.stderr
+    assert sorted(os.listdir(tmp)) == ["model.ckpt"]

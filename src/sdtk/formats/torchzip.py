@@ -194,7 +194,7 @@ def lazy_tensor(name: str, t: TensorRef, buf, data_offset: int, path: str, big_e
         return arr
 
     span = FileSpan(path, start, count * itemsize) if contiguous and not swap and count else None
-    return LazyTensor(name, dt, tuple(shape), loader=load, span=span)
+    return LazyTensor(name, dt, tuple(shape), loader=load, span=span, verify=verify)
 
 
 def _verifier(archive: ZipArchive, entry: ZipEntry) -> Callable[[], None]:

@@ -99,21 +99,26 @@ def measure(argv: Sequence[str], label: Optional[str] = None, *, env: Optional[D
         proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err, env=env, cwd=cwd)
         peak_anon = peak_file = hwm = samples = 0
         status = None
-        while True:
-            pid_done, status, _ = os.wait4(proc.pid, os.WNOHANG)
-            if pid_done:
-                break
-            anon = file_ = 0
-            for p in _tree(proc.pid):
-                s = _status(p)
-                anon += s.get("RssAnon", 0)
-                file_ += s.get("RssFile", 0)
-                hwm = max(hwm, s.get("VmHWM", 0))
-            peak_anon, peak_file = max(peak_anon, anon), max(peak_file, file_)
-            samples += 1
-            if timeout is not None and time.perf_counter() - start > timeout:
-                proc.kill()
-            time.sleep(interval)
+        try:
+            while True:
+                pid_done, status, _ = os.wait4(proc.pid, os.WNOHANG)
+                if pid_done:
+                    break
+                anon = file_ = 0
+                for p in _tree(proc.pid):
+                    s = _status(p)
+                    anon += s.get("RssAnon", 0)
+                    file_ += s.get("RssFile", 0)
+                    hwm = max(hwm, s.get("VmHWM", 0))
+                peak_anon, peak_file = max(peak_anon, anon), max(peak_file, file_)
+                samples += 1
+                if timeout is not None and time.perf_counter() - start > timeout:
+                    proc.kill()
+                time.sleep(interval)
+        except BaseException:  # the benchmark was interrupted: do not leave the command running
+            proc.terminate()
+            proc.wait()
+            raise
         wall = time.perf_counter() - start
         proc.returncode = os.waitstatus_to_exitcode(status)
         err.seek(0)
@@ -151,6 +156,7 @@ def machine_facts(folder: str = ".") -> Dict[str, str]:
     except (OSError, StopIteration):
         pass
     facts["kernel"] = platform.release()
+    facts["load average (1/5/15 min) at start"] = "%.1f / %.1f / %.1f" % os.getloadavg()
     facts["python"] = platform.python_version()
     try:
         fs = subprocess.run(["stat", "-f", "-c", "%T", folder], capture_output=True, text=True).stdout.strip()

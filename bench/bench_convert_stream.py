@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -56,6 +57,7 @@ BLOCK_BYTES = 64 << 20
 SEED = 1234
 TARGET_ANON_MB = 500
 TARGET_RATIO = 1.5
+ANALYSIS_MARK = "## Analysis"  # a hand-written section of the results file, kept across runs
 
 
 # --- the input file ---------------------------------------------------------------------------
@@ -205,15 +207,17 @@ def report(results, facts, size: int, build_s: float, repeat: int) -> str:
         "Peak anon = peak RssAnon (anonymous memory) of the process tree, sampled every 2 ms; peak file =",
         "peak RssFile (mmap'd/cached file pages, reclaimable); VmHWM = kernel peak RSS (anon + file).",
         "",
-        "| command | wall s | / cp | / cp+sync | peak anon MB | peak file MB | VmHWM MB | all runs (s) | output |",
-        "|---|---:|---:|---:|---:|---:|---:|---|---|",
+        "CPU s = user + system CPU time of the best run (independent of the machine's load, unlike wall time).",
+        "",
+        "| command | wall s | / cp | / cp+sync | CPU s | peak anon MB | peak file MB | VmHWM MB | all runs (s) | output |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for name, ms in results.items():
         if not ms:
             continue
         m = best(ms)
         runs = ", ".join(f"{x.wall_s:.2f}" + ("" if x.ok else f" (exit {x.returncode})") for x in ms)
-        lines.append(f"| {name} | {m.wall_s:.2f} | {m.wall_s / cp.wall_s:.2f} | {m.wall_s / cp_sync.wall_s:.2f} | "
+        lines.append(f"| {name} | {m.wall_s:.2f} | {m.wall_s / cp.wall_s:.2f} | {m.wall_s / cp_sync.wall_s:.2f} | {m.user_s + m.sys_s:.1f} | "
                      f"{m.peak_rss_anon / MB:.0f} | {m.peak_rss_file / MB:.0f} | {m.vm_hwm / MB:.0f} | {runs} | "
                      f"{checks.get(name, 'copy') if m.ok else 'FAILED'} |")
     lines += ["", "## Targets", ""]
@@ -242,6 +246,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(BENCH / "results" / "convert_stream.md"))
     ap.add_argument("--scale", type=int, default=None, help="divide every dimension (smoke test only)")
     args = ap.parse_args(argv)
+    # `kill` (SIGTERM) must still delete the multi-GB files: turn it into an exception
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     work = Path(tempfile.mkdtemp(prefix="sdtk-bench-convert-", dir=args.dir))
     try:
         facts = machine_facts(str(work))
@@ -252,9 +258,13 @@ def main(argv=None) -> int:
         print(f"  {size:,} bytes in {build_s:.1f} s", flush=True)
         plan = bench_plan(value_block(), args.scale)
         results = run_candidates(src, work, args.repeat, not args.no_torch, plan)
+        facts["load average (1/5/15 min) at end"] = "%.1f / %.1f / %.1f" % os.getloadavg()
         text = report(results, facts, size, build_s, args.repeat)
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if out.exists() and ANALYSIS_MARK in out.read_text():  # keep the hand-written analysis
+            text += "\n" + out.read_text()[out.read_text().index(ANALYSIS_MARK):]
+        out.write_text(text)
         print(text)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -117,15 +117,18 @@ NAIVE = textwrap.dedent('''
     from safetensors.torch import load_file, save_file
     method, out, alpha, *ins = sys.argv[1:]
     alpha = float(alpha)
-    sds = [load_file(p) for p in ins]
-    res = {}
-    for k, a in sds[0].items():
+    sds = [load_file(p) for p in ins]  # all inputs in RAM
+    res = sds[0]  # results replace A's tensors as they are computed (the kindest naive variant)
+    for k in list(res):
+        a = res[k]
         if not a.is_floating_point():
-            res[k] = a
             continue
         x = [sd[k].float() for sd in sds]
         r = (1 - alpha) * x[0] + alpha * x[1] if method == "ws" else x[0] + alpha * (x[1] - x[2])
         res[k] = r.half()
+        for sd in sds[1:]:
+            del sd[k]
+        del x, r
     save_file(res, out)
 ''')
 
@@ -153,7 +156,16 @@ def tensors_equal(p1, p2, keys=40):
     return {"checked": len(names), "differ": diff[:5], "n_differ": len(diff), "key_set_difference": missing}
 
 
-def scenario(folder: Path, name: str, inputs, method: str, alpha: float, mecha_python: str, results: list):
+def mem_available_mb() -> int:
+    with open("/proc/meminfo") as fh:
+        for line in fh:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) // 1024
+    return 0
+
+
+def scenario(folder: Path, name: str, inputs, method: str, alpha: float, mecha_python: str, results: list,
+             cache: dict, rerun: list):
     title, name = name, re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
     out = folder / f"{name}-out.safetensors"
     sdtk_env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
@@ -178,10 +190,23 @@ def scenario(folder: Path, name: str, inputs, method: str, alpha: float, mecha_p
         ("sd-mecha 1.1.8", [mecha_python, "-c", MECHA, method, str(folder / f"{name}-mecha.safetensors"), str(alpha), *map(str, inputs)], None, None),
         ("naive (safetensors.torch load both, merge, save)", [sys.executable, "-c", NAIVE, method, str(ref_out), str(alpha), *map(str, inputs)], None, ref_out),
     ]:
+        cached = cache.get(title, {}).get(label)
+        if cached and not any(x in label for x in rerun) and (keep_as is None or keep_as.exists()):
+            print(f"  {name}: {label}: cached {cached['seconds']} s, {cached['rss_anon_mb']} MB", flush=True)
+            runs.append(cached)
+            continue
+        need = sum(p.stat().st_size for p in inputs) // 2**20
+        if label.startswith("naive") and mem_available_mb() < need * 1.25:
+            print(f"  {name}: {label}: skipped, needs ~{need} MB, {mem_available_mb()} MB available", flush=True)
+            runs.append({"label": label, "seconds": None, "rss_anon_mb": None, "rss_file_mb": None, "ok": False,
+                         "skipped": f"needs about {need} MB of RAM, {mem_available_mb()} MB available"})
+            continue
         warm(inputs)
         print(f"  {name}: {label} ...", flush=True)
         r = run_measured(cmd, env)
         r["label"] = label
+        cache.setdefault(title, {})[label] = r
+        (folder / "cache.json").write_text(json.dumps(cache, indent=2))
         print(f"    {r['seconds']} s, peak RssAnon {r['rss_anon_mb']} MB, RssFile {r['rss_file_mb']} MB", flush=True)
         runs.append(r)
         mecha_out = folder / f"{name}-mecha.safetensors"
@@ -194,23 +219,47 @@ def scenario(folder: Path, name: str, inputs, method: str, alpha: float, mecha_p
     results.append({"scenario": title, "inputs": [f"{p.name} ({p.stat().st_size / 1e9:.2f} GB)" for p in inputs], "runs": runs, "sdtk_vs_naive": check})
 
 
-def write_report(results, path: Path):
+def write_report(results, path: Path, facts=None, loads=None):
     lines = ["# Merge benchmark (bench/bench_merge.py)", "",
-             f"Machine: {os.cpu_count()} cores, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM; "
-             "inputs warm in the page cache before every run; one process per run, sampled every 10 ms.",
-             "Peak RssAnon = anonymous memory (what the merge allocates); RssFile = mmap'd file pages "
-             "(page cache, reclaimable, shared with the OS cache).", ""]
+             "Each contender runs in its own process on the same inputs, one after the other, inputs read once "
+             "before each run (warm page cache). Peak RssAnon = anonymous memory, what the merge allocates; "
+             "RssFile = mmap'd file pages (page cache, reclaimable). Sampled from /proc/PID/status every 10 ms.",
+             "sd-mecha 1.1.8 runs in its own venv (torch 2.13.0 CPU) with `merge_dtype=float32, output_dtype=float16` "
+             "and its default threads; naive = `safetensors.torch.load_file` of every input, merge in float32, "
+             "`save_file` (results replace A's tensors as they are computed, the kindest naive variant).", ""]
+    if facts:
+        lines += ["Machine: " + "; ".join(f"{k}: {v}" for k, v in facts.items()), ""]
+    if loads:
+        lines += [loads, ""]
     for sc in results:
         lines += [f"## {sc['scenario']}", "", "Inputs: " + ", ".join(sc["inputs"]), "",
                   "| tool | wall s | peak RssAnon MB | peak RssFile MB | ok |", "|---|---:|---:|---:|---|"]
         for r in sc["runs"]:
-            lines.append(f"| {r['label']} | {r['seconds']} | {r['rss_anon_mb']} | {r['rss_file_mb']} | {'yes' if r['ok'] else 'FAILED'} |")
+            status = "yes" if r["ok"] else ("skipped: " + r["skipped"] if r.get("skipped") else "FAILED")
+            lines.append(f"| {r['label']} | {r['seconds']} | {r['rss_anon_mb']} | {r['rss_file_mb']} | {status} |")
+        runs = {r["label"]: r for r in sc["runs"] if r.get("ok")}
+        mecha = runs.get("sd-mecha 1.1.8")
+        for r in sc["runs"]:
+            if r.get("ok") and r["label"].startswith("sdtk") and mecha:
+                lines.append("")
+                lines.append(f"{r['label']}: {r['rss_anon_mb'] / mecha['rss_anon_mb'] * 100:.1f} % of sd-mecha's peak anonymous memory, "
+                             f"{mecha['seconds'] / r['seconds']:.2f}x its speed.")
         if sc["sdtk_vs_naive"]:
             c = sc["sdtk_vs_naive"]
-            lines += ["", f"sdtk output vs naive torch fp32 reference: {c['checked']} tensors compared bit for bit, {c['n_differ']} differ {c['differ']}; "
-                      f"key-set difference {c['key_set_difference']}."]
+            lines += ["", f"sdtk output vs the naive torch float32 result: {c['checked']} tensors compared bit for bit "
+                      f"(the first 40 and every position_ids), {c['n_differ']} differ {c['differ']}; key-set difference {c['key_set_difference']}."]
         lines.append("")
     path.write_text("\n".join(lines))
+
+
+def _facts(folder):
+    try:
+        sys.path.insert(0, str(ROOT / "bench"))
+        from _measure import machine_facts
+
+        return machine_facts(str(folder))
+    except Exception:
+        return None
 
 
 def main():
@@ -219,30 +268,32 @@ def main():
     ap.add_argument("--mecha-python", default="/work/bench-venv/bin/python")
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--only", choices=["sdxl", "sd15"], default=None)
+    ap.add_argument("--rerun", action="append", default=[], help="re-measure contenders whose label contains this (others come from DIR/cache.json)")
     args = ap.parse_args()
     folder = Path(args.dir)
     folder.mkdir(parents=True, exist_ok=True)
     results = []
+    cache_path = folder / "cache.json"
+    cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
     try:
         if args.only in (None, "sdxl"):
             print("SDXL fp16 x2", flush=True)
             ins = make_inputs(folder, "sdxl-base", "float16", 2, "sdxl")
-            scenario(folder, "SDXL fp16 weighted sum (alpha 0.5)", ins, "ws", 0.5, args.mecha_python, results)
+            scenario(folder, "SDXL fp16 weighted sum (alpha 0.5)", ins, "ws", 0.5, args.mecha_python, results, cache, args.rerun)
             if not args.keep:
                 for p in ins:
                     p.unlink()
         if args.only in (None, "sd15"):
             print("SD1.5 fp32 x3", flush=True)
             ins = make_inputs(folder, "sd15-emaonly", "float32", 3, "sd15")
-            scenario(folder, "SD1.5 fp32 add difference recipe (3 models, alpha 1.0)", ins, "ad", 1.0, args.mecha_python, results)
+            scenario(folder, "SD1.5 fp32 add difference recipe (3 models, alpha 1.0)", ins, "ad", 1.0, args.mecha_python, results, cache, args.rerun)
             if not args.keep:
                 for p in ins:
                     p.unlink()
     finally:
         out = ROOT / "bench" / "results" / "merge.md"
         if results:
-            prev = out.read_text() if out.exists() and args.only else ""
-            write_report(results, out)
+            write_report(results, out, _facts(folder))
             print(out.read_text())
             (folder / "results.json").write_text(json.dumps(results, indent=2))
 

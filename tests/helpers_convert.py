@@ -8,8 +8,8 @@ from typing import Dict, Optional
 import numpy as np
 
 from sdtk.formats.safetensors import write_safetensors
-from sdtk.samples import Layout, layout_plan, load_layout
-from sdtk.tensors import LazyTensor, from_array
+from sdtk.samples import layout_plan, load_layout
+from sdtk.tensors import from_array
 
 
 def write_layout(path: Path, layout, scale: int = 8, seed: int = 0, metadata: Optional[Dict[str, str]] = None,

@@ -21,18 +21,30 @@ def write_model(path, layout="vae-sd-kl-f8", scale=16, seed=0, metadata=None, fl
     return path
 
 
+def tiny_lora_bytes(rng, metadata=None) -> bytes:
+    """A tiny but real kohya LoRA (one module: down, up, alpha; fp16), distinct per call."""
+    module = "lora_unet_down_blocks_0_attentions_0_proj_in"
+    down = rng.standard_normal((4, 32)).astype("<f2").tobytes()
+    up = rng.standard_normal((32, 4)).astype("<f2").tobytes()
+    alpha = struct.pack("<f", 4.0)
+    header = {"__metadata__": metadata or {"ss_base_model_version": "sdxl_base_v1-0", "ss_network_module": "networks.lora"},
+              f"{module}.lora_down.weight": {"dtype": "F16", "shape": [4, 32], "data_offsets": [0, 256]},
+              f"{module}.lora_up.weight": {"dtype": "F16", "shape": [32, 4], "data_offsets": [256, 512]},
+              f"{module}.alpha": {"dtype": "F32", "shape": [], "data_offsets": [512, 516]}}
+    raw = json.dumps(header).encode()
+    raw += b" " * ((-len(raw)) % 8)
+    return struct.pack("<Q", len(raw)) + raw + down + up + alpha
+
+
 def write_tiny_models(folder, count, seed=0):
-    """`count` distinct tiny safetensors files (one small tensor each), written directly (fast)."""
+    """`count` distinct tiny LoRA safetensors files, written directly (fast)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     paths = []
     for i in range(count):
-        arr = rng.standard_normal(16, dtype=np.float32)
-        header = json.dumps({"w": {"dtype": "F32", "shape": [16], "data_offsets": [0, 64]}}).encode()
-        header += b" " * ((-len(header)) % 8)
         p = folder / f"lora_{i:04d}.safetensors"
-        p.write_bytes(struct.pack("<Q", len(header)) + header + arr.tobytes())
+        p.write_bytes(tiny_lora_bytes(rng))
         paths.append(p)
     return paths
 
@@ -44,8 +56,12 @@ def comfy_and_a1111_tree(base):
     ckpt = write_model(comfy / "models" / "checkpoints" / "sd15.safetensors", "sd15-emaonly", scale=32, seed=1,
                        metadata={"modelspec.title": "My SD", "ss_base_model_version": "sd_v1"})
     lora_dir = comfy / "models" / "loras"
-    lora = write_model(lora_dir / "style.safetensors", "clip-l-hf", scale=32, seed=2,
-                       metadata={"modelspec.trigger_phrase": "inkwash style"})
+    lora_dir.mkdir(parents=True)
+    lora = lora_dir / "style.safetensors"
+    lora.write_bytes(tiny_lora_bytes(np.random.default_rng(2), {"modelspec.trigger_phrase": "inkwash style"}))
+    mystery = lora_dir / "mystery.safetensors"  # nothing identify knows: only its folder says LoRA
+    header = json.dumps({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}).encode()
+    mystery.write_bytes(struct.pack("<Q", len(header)) + header + bytes(16))
     (lora_dir / "style.civitai.info").write_text(json.dumps({
         "id": 222, "modelId": 111, "name": "v1", "baseModel": "SDXL 1.0", "trainedWords": ["ink wash", "sumi-e"],
         "model": {"name": "Ink Wash", "type": "LORA", "nsfw": False},
@@ -67,4 +83,4 @@ def comfy_and_a1111_tree(base):
         "    loras: |\n"
         "         models/Lora\n"
         "         models/LyCORIS\n")
-    return {"comfy": comfy, "a1111": a1111, "ckpt": ckpt, "lora": lora, "vae": vae, "v2": v, "v2vae": sd / "v2.vae.safetensors"}
+    return {"comfy": comfy, "a1111": a1111, "ckpt": ckpt, "lora": lora, "mystery": mystery, "vae": vae, "v2": v, "v2vae": sd / "v2.vae.safetensors"}

@@ -1,7 +1,6 @@
 """convert's building blocks on scaled-down, random-valued files built from the real layouts."""
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import ml_dtypes
@@ -16,7 +15,7 @@ from sdtk.ops.cast import cast_array
 from sdtk.ops.clip_fix import fix_clip
 from sdtk.ops.convert import ConvertOptions, convert_file, resolve_options
 from sdtk.ops.ema import ema_key_for
-from sdtk.ops.vae import diffusers_to_ldm_key, vae_tensors
+from sdtk.ops.vae import diffusers_to_ldm_key
 from sdtk.samples import layout_plan, load_layout
 from sdtk.tensors import dtype, from_array
 
@@ -91,6 +90,22 @@ def test_fp16_overflow_is_counted():
     out_e4m3, overflow_e4m3 = cast_array(arr, dtype("fp8-e4m3fn"))
     assert overflow_e4m3 == 2  # e4m3fn has no inf: clipped to +-448 (as torch does), counted too
     assert out_e4m3.astype(np.float32)[[1, 2, 3]].tolist() == [448.0, -448.0, 448.0]
+
+
+@pytest.mark.parametrize("target,expected", [("fp16", 4), ("bf16", 0), ("fp8-e5m2", 4), ("fp8-e4m3fn", 5)])
+def test_overflow_counted_across_chunks(target, expected):
+    """A tensor larger than one cast chunk (cast by several threads): every overflow is counted
+    and the values equal one whole-array cast."""
+    from sdtk.ops.cast import CHUNK_ELEMENTS
+
+    values = np.random.default_rng(3).standard_normal(3 * CHUNK_ELEMENTS + 17).astype(np.float32)
+    values[[5, CHUNK_ELEMENTS + 1, 2 * CHUNK_ELEMENTS + 2, 3 * CHUNK_ELEMENTS + 16]] = [7e4, -1e5, 3e38, -9e4]
+    values[CHUNK_ELEMENTS * 2 + 9] = 500.0  # beyond e4m3fn's 448 only
+    out, overflow = cast_array(values, dtype(target))
+    assert overflow == expected
+    want = np.clip(values, -448, 448) if target == "fp8-e4m3fn" else values
+    with np.errstate(over="ignore"):
+        assert out.tobytes() == want.astype(NUMPY_TARGETS[target]).tobytes()
 
 
 def test_fp16_overflow_refused_then_allowed(tmp_path):
@@ -190,10 +205,19 @@ def test_prune_keeps_markers_and_reports_dropped(sdxl_vpred, tmp_path):
 
 def test_prune_drops_ema_unless_kept(sd15_full, tmp_path):
     _, summary = convert(sd15_full, tmp_path, prune=True)
-    assert summary["weight_set"] == "both"  # --prune alone keeps the EMA copy (--ema keep is the default)
-    assert len(read_all(Path(summary["outputs"][0]["path"]))) == 1831
-    _, dropped = convert(sd15_full, tmp_path, prune=True, ema="drop")
-    assert len(read_all(Path(dropped["outputs"][0]["path"]))) == 1143
+    assert summary["weight_set"] == "non-ema"  # --prune drops the EMA copy unless it is kept
+    assert len(read_all(Path(summary["outputs"][0]["path"]))) == 1143
+    _, kept = convert(sd15_full, tmp_path, prune=True, ema="keep")
+    assert kept["weight_set"] == "both" and len(read_all(Path(kept["outputs"][0]["path"]))) == 1831
+
+
+def test_prune_drops_stray_ema_bookkeeping(tmp_path):
+    """A single-weight file that still carries model_ema.decay/num_updates: pruned away."""
+    layout = load_layout("sd15-emaonly").plus([("model_ema.decay", (), "float32"), ("model_ema.num_updates", (), "int32")])
+    src = write_layout(tmp_path / "m.safetensors", layout, scale=16)
+    _, summary = convert(src, tmp_path, prune=True)
+    assert {d["key"] for d in summary["dropped"]} == {"model_ema.decay", "model_ema.num_updates"}
+    assert summary["weight_set"] is None
 
 
 # --- CLIP fixes ----------------------------------------------------------------------------------
@@ -318,6 +342,22 @@ def test_bake_vae_into_flux_all_in_one_goes_under_vae_prefix(tmp_path):
             assert out["vae." + name].tobytes() == t.read().tobytes()
 
 
+def test_bake_vae_into_sd3_all_in_one_replaces_its_vae_where_it_is(tmp_path):
+    """ComfyUI's SD3 all-in-one file keeps its 16-channel VAE under first_stage_model.: the baked
+    VAE replaces it there; a 4-channel SD VAE is refused."""
+    sd3 = write_layout(tmp_path / "sd3.safetensors", "sd3-medium-incl-clips", scale=64)
+    vae_layout = load_layout("sd3-medium-incl-clips").without(lambda k: not k.startswith("first_stage_model.")).rename(
+        lambda k: k[len("first_stage_model."):])
+    vae = write_layout(tmp_path / "sd3-vae.safetensors", vae_layout, scale=64, seed=9)
+    _, summary = convert(sd3, tmp_path, bake_vae=str(vae))
+    out = read_all(Path(summary["outputs"][0]["path"]))
+    with open_model(vae) as v:
+        assert all(out["first_stage_model." + n].tobytes() == t.read().tobytes() for n, t in v.tensors.items())
+    sd_vae = write_layout(tmp_path / "sd-vae.safetensors", "vae-sd-kl-f8", scale=64)
+    with pytest.raises(SdtkError, match="latent channels|does not match"):
+        convert(sd3, tmp_path, bake_vae=str(sd_vae))
+
+
 def test_bake_vae_of_wrong_architecture_refused(tmp_path):
     model = write_layout(tmp_path / "sd15.safetensors", "sd15-emaonly", scale=16)
     vae_layout = load_layout("flux1-dev-aio").without(lambda k: not k.startswith("vae.")).rename(lambda k: k[len("vae."):])
@@ -333,15 +373,20 @@ def test_bake_vae_of_wrong_architecture_refused(tmp_path):
 
 
 def test_bake_full_size_vae_checked_against_reference_when_model_has_none(tmp_path):
-    """A UNet+CLIP file without a VAE: the VAE is checked against the real kl-f8 layout."""
+    """A UNet+CLIP file without a VAE: the (full-size) VAE is checked against the real kl-f8 layout;
+    a VAE with one tensor of the wrong shape is refused."""
     from sdtk.samples import write_sparse_safetensors
 
     layout = load_layout("sd15-emaonly").without(lambda k: k.startswith("first_stage_model."))
-    model = tmp_path / "novae.safetensors"
-    write_sparse_safetensors(model, layout)
+    model = write_layout(tmp_path / "novae.safetensors", layout, scale=16)
+    bad = tmp_path / "bad-vae.safetensors"
+    write_sparse_safetensors(bad, load_layout("vae-sd-kl-f8").rename(lambda k: k).without(
+        lambda k: k == "decoder.conv_out.bias").plus([("decoder.conv_out.bias", (4,), "float32")]))
+    with pytest.raises(SdtkError, match="decoder.conv_out.bias"):
+        convert(model, tmp_path, bake_vae=str(bad))
     vae = tmp_path / "vae.safetensors"
     write_sparse_safetensors(vae, load_layout("vae-sd-kl-f8"))
-    _, summary = convert(model, tmp_path, bake_vae=str(vae), dtype="fp16")
+    _, summary = convert(model, tmp_path, bake_vae=str(vae))
     with open_model(summary["outputs"][0]["path"]) as cat:
         assert sum(1 for k in cat.tensors if k.startswith("first_stage_model.")) == 248
     Path(summary["outputs"][0]["path"]).unlink()

@@ -277,3 +277,51 @@ def test_open_input_permission_denied(tmp, monkeypatch):
         assert e.value.path == str(path)
     finally:
         path.chmod(0o644)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_kill_while_writing_leaves_nothing(tmp, sig):
+    """`kill` (SIGTERM) or a closed terminal (SIGHUP) unwinds like Ctrl-C: no partial file.
+    (By default Python dies on the spot and would leave the temporary file behind.)"""
+    script = (
+        "import sys, time\n"
+        "from sdtk.fileio import AtomicOutput\n"
+        "with AtomicOutput(sys.argv[1]) as f:\n"
+        "    f.write(b'x' * 1000); f.flush()\n"
+        "    print('writing', flush=True)\n"
+        "    time.sleep(30)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=SRC)
+    proc = subprocess.Popen([sys.executable, "-c", script, str(tmp / "out.bin")], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env, text=True)
+    assert proc.stdout.readline().strip() == "writing"
+    assert any(n.endswith(TEMP_SUFFIX) for n in listing(tmp))
+    proc.send_signal(sig)
+    proc.communicate(timeout=30)
+    assert proc.returncode != 0
+    assert listing(tmp) == []
+
+
+def test_cli_killed_during_convert_exits_130_and_leaves_nothing(tmp):
+    src = tmp / "vae.safetensors"
+    write_safetensors(src, layout_plan(load_layout("vae-sd-kl-f8"), values="random", scale=2))
+    dest = tmp / "out.safetensors"
+    # a convert that blocks inside the write: the plan's loader waits until it is killed
+    code = (
+        "import sys, time, runpy\n"
+        "import sdtk.formats.safetensors as st\n"
+        "real = st._as_le_bytes\n"
+        "def slow(t, arr):\n"
+        "    print('writing', flush=True); time.sleep(30); return real(t, arr)\n"
+        "st._as_le_bytes = slow\n"
+        f"sys.argv = ['sdtk', 'convert', '--no-source-hash', {str(src)!r}, {str(dest)!r}]\n"
+        "runpy.run_module('sdtk', run_name='__main__')\n"
+    )
+    env = dict(os.environ, PYTHONPATH=SRC, COLUMNS="200")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+    assert proc.stdout.readline().strip() == "writing"
+    proc.terminate()
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    assert listing(tmp) == ["vae.safetensors"]

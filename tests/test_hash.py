@@ -12,6 +12,7 @@ from sdtk.errors import SdtkError
 from sdtk.formats.safetensors import write_safetensors
 from sdtk.hashing import HashOptions, hash_bytes, hash_file
 from sdtk.samples import layout_plan, load_layout
+from sdtk.tensors import DTYPES
 
 MiB = 1024 * 1024
 # Small buffers and threads for every size: the threaded path crosses many buffer boundaries.
@@ -173,3 +174,79 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp, cli):
     r = cli("hash", p, "--content", "--json")
     assert r.returncode == 2 and json.loads(r.stdout)[0]["Content"] is None
     assert "not a model file" in r.stderr
+
+
+def test_content_hash_follows_its_documented_definition(tmp):
+    import numpy as np
+
+    from sdtk.formats import open_model
+    from sdtk.hashing import content_hash
+    from sdtk.tensors import from_array
+
+    b = np.arange(6, dtype=np.float16).reshape(2, 3)
+    a = np.array([1.5, -2.0], dtype=np.float32)
+    s = np.array(7, dtype=np.int64)
+    p = tmp / "tiny.safetensors"
+    write_safetensors(p, [from_array("b.weight", b), from_array("a.bias", a), from_array("step", s)], {"title": "x"})
+    stream = b"sdtk-content-v1\n"
+    for name, dt, dims, arr in sorted([("a.bias", "F32", "2", a), ("b.weight", "F16", "2,3", b), ("step", "I64", "", s)]):
+        stream += f"{name}\0{dt}\0{dims}\0{hashlib.sha256(arr.astype(arr.dtype.newbyteorder('<')).tobytes()).hexdigest()}\n".encode()
+    with open_model(p) as cat:
+        assert content_hash(cat) == hashlib.sha256(stream).hexdigest()
+
+
+def test_content_hash_ignores_metadata_and_order_but_not_names_dtypes_values(tmp):
+    from sdtk.formats import open_model
+    from sdtk.hashing import content_hash
+    from sdtk.tensors import LazyTensor
+
+    plan = layout_plan(load_layout("vae-sd-kl-f8"), values="random", scale=16)
+
+    def chash(name, tensors, metadata=None):
+        p = tmp / name
+        write_safetensors(p, tensors, metadata)
+        with open_model(p) as cat:
+            return content_hash(cat)
+
+    base = chash("a.safetensors", plan, {"a": "1"})
+    assert chash("b.safetensors", list(reversed(plan)), {"b": "2", "modelspec.title": "renamed"}) == base
+    renamed = [LazyTensor("x." + t.name, t.dtype, t.shape, t.loader) if i == 0 else t for i, t in enumerate(plan)]
+    assert chash("c.safetensors", renamed) != base
+    t0 = plan[0]
+    nudged = [LazyTensor(t0.name, t0.dtype, t0.shape, lambda: t0.read() + 1)] + plan[1:]
+    assert chash("d.safetensors", nudged) != base
+    as_fp16 = [LazyTensor(t.name, DTYPES["F16"], t.shape, (lambda t=t: t.read().astype("<f2"))) if t.dtype.is_float else t for t in plan]
+    assert chash("e.safetensors", as_fp16) != base
+
+
+def test_content_hash_is_the_same_in_a_ckpt_and_a_safetensors(tmp):
+    from sdtk.formats import open_model
+    from sdtk.formats.torchzip_write import write_torch_zip
+    from sdtk.hashing import content_hash
+    from sdtk.hashing.model import hash_model_file
+
+    plan = layout_plan(load_layout("sd15-emaonly"), values="random", scale=32)
+    st = tmp / "m.safetensors"
+    write_safetensors(st, plan, {"modelspec.title": "m"})
+    ck = tmp / "m.ckpt"
+    write_torch_zip(ck, layout_plan(load_layout("sd15-emaonly"), values="random", scale=32), wrap="state_dict",
+                    extras={"global_step": 1000})
+    with open_model(ck) as cat:
+        assert cat.format == "torch-zip"
+        from_ckpt = content_hash(cat)
+    assert from_ckpt == hash_model_file(st).content == hash_model_file(ck).content
+    assert hash_file(st).sha256 != hash_file(ck).sha256
+
+
+def test_plain_entry_points_for_other_commands(tmp):
+    from sdtk.hashing import file_hashes, sha256_file
+
+    data = random_bytes(3 * MiB, seed=11)
+    p = tmp / "f.bin"
+    p.write_bytes(data)
+    want = independent(data)
+    assert sha256_file(p) == want["sha256"]
+    got = file_hashes(p, ["sha256", "autov3"])
+    assert got == {"sha256": want["sha256"], "autov3": want["autov3"]}
+    every = file_hashes(p)
+    assert every["crc32"] == want["crc32"] and every["blake3"] == want["blake3"] and every["autov2"] == want["sha256"][:10]

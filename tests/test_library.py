@@ -32,7 +32,8 @@ def test_scan_follows_comfyui_a1111_and_extra_model_paths(tmp, tree):
     report = scan_library(conn, [tree["comfy"]])
     assert report.problems == []
     rows = rows_by_name(conn)
-    assert set(rows) == {"sd15.safetensors", "style.safetensors", "kl-f8.safetensors", "v2.safetensors", "v2.vae.safetensors"}
+    assert set(rows) == {"sd15.safetensors", "style.safetensors", "mystery.safetensors", "kl-f8.safetensors",
+                         "v2.safetensors", "v2.vae.safetensors"}
     assert rows["sd15.safetensors"]["folder_kind"] == "checkpoint"
     assert rows["style.safetensors"]["folder_kind"] == "lora"
     assert rows["kl-f8.safetensors"]["folder_kind"] == "vae"
@@ -118,14 +119,15 @@ def test_vanished_files_and_offline_folders_are_marked_missing_never_wiped(tmp, 
     offline = tmp / "unplugged"
     shutil.move(tree["a1111"], offline)
     r = scan_library(conn, [tree["comfy"]])
-    assert len(r.offline) == 4 and r.missing == 3  # VAE, Stable-diffusion + Lora, LyCORIS (never there)
+    assert len(r.offline) == 2 and r.missing == 3  # models/VAE and models/Stable-diffusion
+    assert [os.path.basename(p) for p in r.absent] == ["Lora", "LyCORIS"]  # named by the yaml, never there
     rows = rows_by_name(conn)
     assert rows["v2.safetensors"]["status"] == "missing" and rows["v2.safetensors"]["base_model"] == "SD 2.1 768"
     # everything comes back, unchanged: present again without reading a byte
     shutil.move(offline, tree["a1111"])
     shutil.move(moved, tree["ckpt"])
     r = scan_library(conn, [tree["comfy"]])
-    assert r.returned == 4 and r.hashed == 0 and [os.path.basename(p) for p in r.offline] == ["Lora", "LyCORIS"]  # never there
+    assert r.returned == 4 and r.hashed == 0 and r.offline == []
     assert {row["status"] for row in rows_by_name(conn).values()} == {"present"}
 
 
@@ -176,7 +178,7 @@ def test_damaged_database_names_the_rebuild_command(tmp, tree):
     r = run_cli("library", "rebuild", tree["comfy"], "--db", db, "--json", "--no-content")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
-    assert out["new"] == 5 and os.path.exists(out["kept"])  # the damaged file is kept, renamed
+    assert out["new"] == 6 and os.path.exists(out["kept"])  # the damaged file is kept, renamed
     assert json.loads(run_cli("library", "info", "--db", db, "--json").stdout)["integrity"] == "ok"
 
 
@@ -269,10 +271,13 @@ def test_list_filters(tmp, tree):
     def names(**kw):
         return sorted(os.path.basename(r["path"]) for r in list_files(conn, Filters(**kw)))
 
-    assert names(kind="lora") == ["style.safetensors"]
-    assert names(base_model="sdxl") == ["style.safetensors"]
+    assert names(kind="lora") == ["mystery.safetensors", "style.safetensors"]
+    kinds = {r["name"]: (r["kind"], r["folder_kind"]) for r in map(record_json, list_files(conn, Filters(kind="lora")))}
+    assert kinds["style.safetensors"][0] == "lora"  # identified
+    assert kinds["mystery.safetensors"] == ("lora", "lora")  # identify: unknown; the folder: loras
+    assert names(base_model="sdxl") == ["style.safetensors"]  # the Civitai record's word
     assert names(trained_word="SUMI") == ["style.safetensors"]
-    assert names(precision="fp16") == ["v2.safetensors"]
+    assert names(precision="fp16") == ["style.safetensors", "v2.safetensors"]
     assert names(name="kl-f8") == ["kl-f8.safetensors"]
     assert names(name="my sd") == ["sd15.safetensors"]  # title
     sizes = sorted(os.path.getsize(p) for p in (tree["ckpt"], tree["lora"]))
@@ -281,10 +286,11 @@ def test_list_filters(tmp, tree):
     every = names()
     arch = rows_by_name(conn)["sd15.safetensors"]["architecture"]
     assert "sd15.safetensors" in names(architecture=arch) and len(names(architecture=arch)) < len(every)
-    assert names(ema=True) + names(ema=False) == sorted(names(ema=True) + names(ema=False)) or True
-    assert set(names(ema=True)) | set(names(ema=False)) <= set(every)
+    assert names(ema=True) == []  # no file of the tree carries EMA weights
+    conn.execute("UPDATE files SET ema = 1 WHERE path = ?", (str(tree["ckpt"]),))  # as identify says of a full-EMA file
+    assert names(ema=True) == ["sd15.safetensors"] and "sd15.safetensors" not in names(ema=False)
     r = run_cli("library", "list", "--db", tmp / "lib.db", "--kind", "lora", "--json")
-    assert r.returncode == 0 and [x["name"] for x in json.loads(r.stdout)] == ["style.safetensors"]
+    assert r.returncode == 0 and [x["name"] for x in json.loads(r.stdout)] == ["mystery.safetensors", "style.safetensors"]
     r = run_cli("library", "list", "--db", tmp / "lib.db", "--min-size", "lots")
     assert r.returncode == 2 and "not a size" in r.stderr
 
@@ -293,6 +299,6 @@ def test_library_db_location_from_env(tmp, tree):
     db = tmp / "envlib" / "library.sqlite3"
     r = run_cli("library", "scan", tree["comfy"] / "models" / "loras", "--quiet", env={"SDTK_LIBRARY_DB": str(db)})
     assert r.returncode == 0, r.stderr
-    assert db.exists() and "1 model files" in r.stdout
+    assert db.exists() and "2 model files" in r.stdout  # style + mystery
     r = run_cli("library", "scan", env={"SDTK_LIBRARY_DB": str(db)})  # no folders: the ones scanned before
-    assert r.returncode == 0 and "unchanged 1" in r.stdout
+    assert r.returncode == 0 and "unchanged 2" in r.stdout

@@ -36,6 +36,8 @@ def assert_refused(result, out, *words):
     (["-m", "frobnicate"], ["unknown method"]),
     (["--te", "C"], ["merge, A or B"]),
     (["--dtype", "int8"], ["float type"]),
+    (["--exclude", "model_ema["], ["not a valid regular expression"]),
+    (["--blocks", ",".join(["0.5"] * 25 + ["1.5"])], ["block OUT11 weight 1.5", "[0, 1]"]),
 ])
 def test_bad_options_exit_2_nothing_written(cli, models, args, words):
     d, m = models
@@ -61,7 +63,7 @@ def test_different_architectures_refused_on_full_size_sparse_files(cli, tmp_path
     out = str(tmp_path / "o.safetensors")
     t = time.time()
     r = cli("merge", xl, sd1, "-o", out)
-    assert_refused(r, out, "SD1", "SDXL", "different architectures")
+    assert_refused(r, out, "Stable Diffusion 1.x", "Stable Diffusion XL", "different architectures")
     assert time.time() - t < 30
     r = cli("diff", sd1, xl)
     assert r.returncode == 2 and "different architectures" in r.stderr
@@ -123,11 +125,18 @@ def test_metadata_a1111_fields_and_sha256(cli, models):
     assert rec["primary_model_hash"] == sha["a"] and rec["secondary_model_hash"] == sha["b"]
     assert rec["interp_method"] == "Weighted sum" and rec["multiplier"] == 0.25 and rec["save_as_half"] is True
     models_md = json.loads(md["sd_merge_models"])
-    assert set(models_md) == {sha["a"], sha["b"]} and models_md[sha["a"]]["name"] == "a"
+    assert set(models_md) == {sha["a"], sha["b"]} and models_md[sha["a"]]["name"] == "a.safetensors"
     full = json.loads(md["sdtk.merge_recipe"])
     assert full["models"]["A"] == {"file": "a.safetensors", "size": m["a"].stat().st_size, "sha256": sha["a"]}
     assert full["steps"][0]["method"] == "weighted-sum" and full["steps"][0]["alpha"] == 0.25
     assert summary["models"]["B"]["sha256"] == sha["b"]
+    # a merge of a merge keeps the lineage (A1111: the inputs' own sd_merge_models are carried)
+    out2 = d / "meta2.safetensors"
+    assert cli("merge", out, m["c"], "-o", out2).returncode == 0
+    lineage = json.loads(metadata(out2)["sd_merge_models"])
+    sha_out = hashlib.sha256(out.read_bytes()).hexdigest()
+    assert {sha["a"], sha["b"], sha_out} <= set(lineage)
+    assert lineage[sha_out]["sd_merge_recipe"]["multiplier"] == 0.25
 
 
 def test_recipe_two_steps_equals_two_merges_and_recipe_from_reproduces_bytes(cli, models, tmp_path):
@@ -184,3 +193,19 @@ def test_bad_recipes(cli, models, tmp_path, text, words):
     recipe.write_text(text)
     out = str(tmp_path / "o.safetensors")
     assert_refused(cli("merge", "--recipe", recipe, "-o", out), out, *words)
+
+
+def test_recipe_from_with_baked_vae_and_no_hash(cli, models, tmp_path):
+    d, m = models
+    vae = make_model(d, "vae", "vae-sd-kl-f8", seed=9, scale=32)
+    out = tmp_path / "o.safetensors"
+    r = cli("merge", m["a"], m["b"], "-m", "slerp", "-a", "0.3", "--bake-vae", vae, "--no-hash", "-o", out)
+    assert r.returncode == 0, r.stderr
+    recipe = json.loads(metadata(out)["sdtk.merge_recipe"])
+    assert recipe["bake_vae"]["file"] == "vae.safetensors" and "header_sha256" in recipe["models"]["A"]
+    again = tmp_path / "again.safetensors"
+    r = cli("merge", "--recipe-from", out, "-o", again, "--models-dir", d)
+    assert r.returncode == 2 and "--no-hash" in r.stderr  # made without hashes: say how to reproduce
+    r = cli("merge", "--recipe-from", out, "-o", again, "--models-dir", d, "--no-hash")
+    assert r.returncode == 0, r.stderr
+    assert again.read_bytes() == out.read_bytes()

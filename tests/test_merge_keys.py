@@ -190,3 +190,58 @@ def test_block_weighted_merge_uses_each_blocks_alpha(tmp_path):
         assert O[k].tobytes() == ws(A[k], B[k], w).tobytes(), k
         checked.add(block_of(k, "sd1"))
     assert checked == set(BLOCK_LISTS["sd1"])
+
+
+def test_flux_double_and_single_block_weights(tmp_path):
+    a = make_model(tmp_path, "a", "flux1-dev", seed=1, scale=64)
+    b = make_model(tmp_path, "b", "flux1-dev", seed=2, scale=64)
+    weights = [round(i / 57, 4) for i in range(58)]
+    res = merge([a, b], tmp_path / "o.safetensors", blocks=weights, dtype="fp32")
+    assert res.family == "flux"
+    A, B, O = tensors(a), tensors(b), tensors(tmp_path / "o.safetensors")
+    by_name = dict(zip(BLOCK_LISTS["flux"], weights))
+    for k in ("model.diffusion_model.double_blocks.5.img_attn.qkv.weight",
+              "model.diffusion_model.single_blocks.30.linear1.weight", "model.diffusion_model.img_in.weight"):
+        w = by_name[block_of(k, "flux")]
+        assert O[k].tobytes() == ws(A[k].astype(F32), B[k].astype(F32), w).tobytes(), k
+    with pytest.raises(UsageError, match="58 or 57"):
+        merge([a, b], tmp_path / "x.safetensors", blocks=[0.5] * 26)
+
+
+def test_sd2_family_and_block_list(tmp_path):
+    a = make_model(tmp_path, "a", "sd21-768-v", seed=1, scale=32)
+    b = make_model(tmp_path, "b", "sd21-768-v", seed=2, scale=32)
+    res = merge([a, b], tmp_path / "o.safetensors", blocks="GRAD_A")
+    assert res.family == "sd2"
+    A, B, O = tensors(a), tensors(b), tensors(tmp_path / "o.safetensors")
+    k = "model.diffusion_model.middle_block.1.proj_in.weight"
+    assert O[k].tobytes() == ws(A[k], B[k], 1.0).astype(O[k].dtype).tobytes()  # GRAD_A: M00 = 1
+    k = "cond_stage_model.model.ln_final.weight"
+    assert O[k].tobytes() == A[k].tobytes()  # BASE = 0 in the preset
+
+
+def test_ckpt_input_merges_like_its_safetensors_twin(tmp_path):
+    from conftest import torch_or_skip
+
+    torch = torch_or_skip()
+    a = make_model(tmp_path, "a", seed=1, scale=64)
+    b = make_model(tmp_path, "b", seed=2, scale=64)
+    A = tensors(a)
+    torch.save({"state_dict": {k: torch.from_numpy(v) for k, v in A.items()}, "global_step": 1}, tmp_path / "a.ckpt")
+    merge([a, b], tmp_path / "st.safetensors", alpha=0.4)
+    merge([tmp_path / "a.ckpt", b], tmp_path / "ck.safetensors", alpha=0.4)
+    ST, CK = tensors(tmp_path / "st.safetensors"), tensors(tmp_path / "ck.safetensors")
+    assert list(ST) == list(CK)
+    for k in ST:
+        assert ST[k].tobytes() == CK[k].tobytes(), k
+
+
+def test_instruct_pix2pix_primary_keeps_its_extra_channels(tmp_path):
+    ip2p = make_model(tmp_path, "ip2p", "sd15-emaonly", seed=1, scale=32, channels=8)
+    b = make_model(tmp_path, "b", "sd15-emaonly", seed=2, scale=32)
+    res = merge([ip2p, b], tmp_path / "o.safetensors", alpha=0.5, dtype="fp32")
+    I, B, O = tensors(ip2p), tensors(b), tensors(tmp_path / "o.safetensors")
+    assert res.steps[0]["sliced"] == [FIRST_CONV]
+    assert O[FIRST_CONV][:, :4].tobytes() == ws(I[FIRST_CONV][:, :4], B[FIRST_CONV], 0.5).tobytes()
+    assert O[FIRST_CONV][:, 4:].tobytes() == I[FIRST_CONV][:, 4:].tobytes()
+    assert json.loads(metadata(tmp_path / "o.safetensors")["sd_merge_recipe"])["is_instruct_pix2pix"] is True

@@ -16,7 +16,7 @@ F32 = np.float32
 @pytest.fixture(scope="module")
 def sd15_fp32(tmp_path_factory):
     d = tmp_path_factory.mktemp("m")
-    return [make_model(d, n, seed=s, scale=16) for n, s in (("a", 1), ("b", 2), ("c", 3))], d
+    return [make_model(d, n, seed=s, scale=32) for n, s in (("a", 1), ("b", 2), ("c", 3))], d
 
 
 def merge(paths, out, method, alpha=None, beta=None, dtype="fp16", **kw):
@@ -55,7 +55,7 @@ def test_weighted_sum_and_add_difference_match_torch_a1111_code(sd15_fp32, tmp_p
     merge([a, b, c], tmp_path / "ad.safetensors", "add-difference", 0.6)
     A, B, C = tensors(a), tensors(b), tensors(c)
     WS, AD = tensors(tmp_path / "ws.safetensors"), tensors(tmp_path / "ad.safetensors")
-    for k in float_keys(A)[:200]:
+    for k in float_keys(A)[::10]:
         t0, t1, t2 = (torch.from_numpy(x[k]) for x in (A, B, C))
         ws = (((1 - 0.45) * t0) + (0.45 * t1)).half()  # A1111 modules/extras.py weighted_sum
         ad = (t0 + (0.6 * (t1 - t2))).half()  # A1111 get_difference + add_difference
@@ -65,9 +65,9 @@ def test_weighted_sum_and_add_difference_match_torch_a1111_code(sd15_fp32, tmp_p
 
 def test_position_ids_stay_int64_and_identical_sd1_and_sdxl(tmp_path):
     for layout in ("sd15-emaonly", "sdxl-base"):
-        a = make_model(tmp_path, f"{layout}-a", layout, seed=1, scale=32)
-        b = make_model(tmp_path, f"{layout}-b", layout, seed=2, scale=32)
-        c = make_model(tmp_path, f"{layout}-c", layout, seed=3, scale=32)
+        a = make_model(tmp_path, f"{layout}-a", layout, seed=1, scale=64)
+        b = make_model(tmp_path, f"{layout}-b", layout, seed=2, scale=64)
+        c = make_model(tmp_path, f"{layout}-c", layout, seed=3, scale=64)
         out = tmp_path / f"{layout}-o.safetensors"
         merge([a, b, c], out, "add-difference", 1.0)
         A, O = tensors(a), tensors(out)
@@ -148,11 +148,11 @@ def test_each_method_matches_numpy_reference(sd15_fp32, tmp_path, method, alpha,
     assert checked > 50
 
 
-def test_chunking_and_threads_do_not_change_bytes(sd15_fp32, tmp_path, monkeypatch):
-    (a, b, c), _ = sd15_fp32
+def test_chunking_and_threads_do_not_change_bytes(tmp_path, monkeypatch):
+    a, b, c = (make_model(tmp_path, n, seed=s, scale=32) for n, s in (("a", 1), ("b", 2), ("c", 3)))
     for method, paths, beta in (("dare", [a, b, c], 0.5), ("slerp", [a, b], None), ("ties", [a, b, c], 0.2), ("weighted-sum", [a, b], None)):
         merge(paths, tmp_path / "big.safetensors", method, beta=beta, seed=3, workers=1)
-        monkeypatch.setattr(P, "CHUNK", 1000)
+        monkeypatch.setattr(P, "CHUNK", 3000)
         merge(paths, tmp_path / "small.safetensors", method, beta=beta, seed=3, workers=3)
         monkeypatch.undo()
         big, small = tensors(tmp_path / "big.safetensors"), tensors(tmp_path / "small.safetensors")

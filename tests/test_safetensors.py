@@ -190,3 +190,31 @@ def test_cli_convert_and_errors(tmp, cli):
     r = cli("convert", tmp / "missing.ckpt", tmp / "o2.safetensors")
     assert r.returncode == 2 and "missing.ckpt: no such file" in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_copied_spans_are_verified_before_commit(tmp):
+    """A file-to-file copy skips read(); the writer must still run the source's integrity check."""
+    from dataclasses import replace
+
+    from sdtk.errors import FormatError
+
+    src = tmp / "big.safetensors"
+    big = np.arange(1 << 19, dtype=np.float32)  # 2 MiB: copied file to file
+    write_safetensors(src, [from_array("w", big)])
+    calls = []
+
+    def corrupt():
+        calls.append(1)
+        raise FormatError(src, "CRC mismatch in zip record 'archive/data/0'")
+
+    with open_model(src) as cat:
+        plan = [replace(cat["w"], verify=corrupt)]
+        with pytest.raises(FormatError, match="CRC mismatch"):
+            write_safetensors(tmp / "out.safetensors", plan)
+        assert calls == [1]
+        assert not (tmp / "out.safetensors").exists()
+        assert sorted(os.listdir(tmp)) == ["big.safetensors"]
+        plan = [replace(cat["w"], verify=lambda: None)]
+        write_safetensors(tmp / "ok.safetensors", plan)
+    with open_model(tmp / "ok.safetensors") as out:
+        assert out["w"].read().tobytes() == big.tobytes()

@@ -104,16 +104,26 @@ def test_complex_tensors_are_refused_clearly(tmp):
         open_model(tmp / "complex.pt")
 
 
-@pytest.mark.parametrize("name", ["legacy_stacked.pt", "tar_format.pt", "zip_payload.ckpt", "duplicate_data_pkl.ckpt",
-                                  "cd_name_swap.ckpt"])
-def test_container_payloads_are_real_under_torch_load(tmp, name):
+CONTAINER_PAYLOADS = ["legacy_stacked.pt", "tar_format.pt", "zip_payload.ckpt", "duplicate_data_pkl.ckpt", "cd_name_swap.ckpt"]
+
+
+def test_container_payloads_are_real_under_torch_load(tmp):
     """Control for test_scan.test_payloads_never_run: torch.load(weights_only=False) does run
-    these (so sdtk refusing them, with no marker, is meaningful)."""
+    these (so sdtk refusing them, with no marker, is meaningful). One interpreter, one marker each."""
     torch_or_skip()
     from test_scan import _write_payloads
 
-    marker = tmp / "MARKER"
-    path = _write_payloads(tmp, marker)[name]
-    code = "import sys, torch\ntry:\n    torch.load(sys.argv[1], weights_only=False)\nexcept Exception:\n    pass\n"
-    subprocess.run([sys.executable, "-c", code, str(path)], cwd=tmp, timeout=120, capture_output=True)
-    assert marker.exists()
+    paths, markers = [], []
+    for name in CONTAINER_PAYLOADS:
+        folder = tmp / name.replace(".", "_")
+        folder.mkdir()
+        markers.append(folder / "MARKER")
+        paths.append(str(_write_payloads(folder, markers[-1])[name]))
+    code = ("import sys, torch\n"
+            "for p in sys.argv[1:]:\n"
+            "    try:\n"
+            "        torch.load(p, weights_only=False)\n"
+            "    except Exception:\n"
+            "        pass\n")
+    subprocess.run([sys.executable, "-c", code, *paths], cwd=tmp, timeout=300, capture_output=True)
+    assert [m.exists() for m in markers] == [True] * len(markers)

@@ -222,3 +222,27 @@ def test_opening_a_big_checkpoint_reads_only_the_pickle_and_directory(tmp):
         assert elapsed < 1.0
     finally:
         path.unlink()
+
+
+def test_reading_never_imports_torch_or_unpickles():
+    """In a fresh interpreter: open + read a Lightning checkpoint and a legacy file, then check
+    torch was never imported and pickle.Unpickler never instantiated."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, pickle\n"
+        "class Trap(pickle.Unpickler):\n"
+        "    def __init__(self, *a, **k): raise SystemExit('Unpickler used')\n"
+        "pickle.Unpickler = Trap\n"
+        "pickle.load = pickle.loads = lambda *a, **k: sys.exit('pickle.load used')\n"
+        "from sdtk.formats import open_model\n"
+        f"for p in [{str(TORCH_DATA / 'lightning.ckpt')!r}, {str(TORCH_DATA / 'legacy_embedding.pt')!r}]:\n"
+        "    with open_model(p) as cat:\n"
+        "        [t.read() for t in cat]\n"
+        "print('torch' in sys.modules)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(TORCH_DATA.parents[2] / "src"))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "False"

@@ -270,3 +270,28 @@ def test_sdtk_reader_opens_the_full_size_sparse_file_lazily(tmp):
     with open_model(out) as cat:
         assert [(n, t.shape, t.dtype.torch_name) for n, t in cat.tensors.items()] == list(layout.tensors)
         assert cat.parameter_count == layout.parameter_count
+
+
+def test_zip64_file_over_4_gb(tmp):
+    """A 4.3 GB storage (ZIP64 sizes) followed by records beyond 4 GB (ZIP64 offsets), as a
+    sparse file; zipfile, torch and sdtk's reader all find the tensor after the big one.
+    (Checked once by hand to be byte-identical to torch.save of the same state dict.)"""
+    from sdtk.formats import open_model
+
+    big = LazyTensor("big", DTYPES["U8"], (4_300_000_000,), loader=lambda: np.zeros(4_300_000_000, np.uint8))
+    after = from_array("after", np.arange(5, dtype=np.float32))
+    out = tmp / "big.ckpt"
+    size = write_torch_zip(out, [from_array("small", np.ones(3, np.float32)), big, after], top="big", sparse_zeros=True)
+    assert size > 2**32 and out.stat().st_blocks * 512 < 1 << 20
+    with zipfile.ZipFile(out) as z:
+        info = {i.filename: i for i in z.infolist()}
+        assert info["big/data/1"].file_size == 4_300_000_000
+        assert info["big/data/2"].header_offset > 2**32
+        assert z.read("big/data/2") == np.arange(5, dtype=np.float32).tobytes()
+        assert z.read("big/.data/serialization_id").isdigit()
+    with open_model(out) as cat:
+        assert cat.tensors["big"].shape == (4_300_000_000,)
+        assert cat.tensors["after"].read().tolist() == [0, 1, 2, 3, 4]
+    torch = torch_or_skip()
+    loaded = torch.load(out, weights_only=True, mmap=True)
+    assert loaded["after"].tolist() == [0, 1, 2, 3, 4] and loaded["big"].shape == (4_300_000_000,)

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import tempfile
+import threading
 from pathlib import Path
 from typing import BinaryIO, Iterable, Optional
 
@@ -49,14 +51,22 @@ class AtomicOutput:
 
     def __enter__(self) -> BinaryIO:
         parent = str(self.dest.parent) or "."
+        self._saved_handlers = _interrupt_on_termination()
         try:
             fd, self.temp_path = tempfile.mkstemp(prefix="." + self.dest.name + ".", suffix=TEMP_SUFFIX, dir=parent)
         except OSError as e:
+            _restore_handlers(self._saved_handlers)
             raise OutputError(self.dest, f"cannot create a file in {parent}: {e.strerror}") from None
         self.file = os.fdopen(fd, "wb")
         return self.file
 
     def __exit__(self, exc_type, exc, tb) -> bool:
+        try:
+            return self._finish(exc_type, exc)
+        finally:
+            _restore_handlers(getattr(self, "_saved_handlers", {}))
+
+    def _finish(self, exc_type, exc) -> bool:
         assert self.file is not None and self.temp_path is not None
         if exc_type is None:
             try:
@@ -87,6 +97,29 @@ class AtomicOutput:
             pass
         if self.temp_path and os.path.exists(self.temp_path):
             os.unlink(self.temp_path)
+
+
+def _terminated(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _interrupt_on_termination() -> dict:
+    """While an output is being written, SIGTERM and SIGHUP (`kill`, a closed terminal) unwind
+    like Ctrl-C, so the temporary file is removed; by default they end Python on the spot and
+    would leave a partial file behind. Only default handlers are replaced, only in the main thread."""
+    saved = {}
+    if threading.current_thread() is not threading.main_thread():
+        return saved
+    for name in ("SIGTERM", "SIGHUP"):
+        sig = getattr(signal, name, None)
+        if sig is not None and signal.getsignal(sig) == signal.SIG_DFL:
+            saved[sig] = signal.signal(sig, _terminated)
+    return saved
+
+
+def _restore_handlers(saved: dict) -> None:
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
 
 
 def os_error_to_output_error(dest, e: OSError) -> OutputError:

@@ -76,6 +76,8 @@ class _Scan:
             # scanning only: accept torch storage ids; the real reader checks them against records
             if isinstance(pid, tuple) and len(pid) in (5, 6) and pid[0] == "storage" and isinstance(pid[1], StorageType):
                 return StorageRef(str(pid[2]), pid[1], str(pid[3]), 0, 1 << 62)
+            if isinstance(pid, tuple) and len(pid) == 4 and pid[0] == "module":  # legacy nn.Module class id
+                return pid[1]
             raise FormatError(self.path, f"{what}: unexpected persistent id")
 
         return PickleVM(data, path=self.path, what=what, persistent_load=any_storage if storages else None)

@@ -118,6 +118,9 @@ class LazyTensor:
     shape: Tuple[int, ...]
     loader: Callable[[], np.ndarray] = field(repr=False)
     span: Optional[FileSpan] = field(default=None, repr=False)
+    # Raises an SdtkError if the bytes behind `span` are corrupt (e.g. a zip record's CRC).
+    # `read()` checks by itself; writers that copy `span` file to file call this instead.
+    verify: Optional[Callable[[], None]] = field(default=None, repr=False)
 
     @property
     def numel(self) -> int:

@@ -10,8 +10,7 @@ import typer
 
 from sdtk.cli.common import console, err_console, error_line, print_json
 from sdtk.errors import EXIT_BAD_INPUT, EXIT_OK, SdtkError, UsageError
-from sdtk.hashing import HASH_KEYS, STYLES, hash_file
-from sdtk.hashing.model import hash_model_file
+from sdtk.hashing.styles import HASH_KEYS, STYLES
 
 NO_VALUE = {"AutoV1": "-  (file under 2 MiB: Civitai computes no AutoV1)", "Content": "-  (not a model file)"}
 PROGRESS_FROM_BYTES = 256 * 1024 * 1024  # a progress bar for files from this size, on a terminal
@@ -37,6 +36,9 @@ def hash_one(path: Path, style: str, content: bool, show_progress: bool) -> tupl
 
     A file that is not a model still gets its six hashes; its Content is null and the problem
     (the reader's one-line message) is returned."""
+    from sdtk.hashing import hash_file
+    from sdtk.hashing.model import hash_model_file
+
     size = os.stat(path).st_size if os.path.isfile(path) else 0
     problem, content_value, catalogue = None, None, None
     if content:

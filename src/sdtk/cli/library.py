@@ -13,7 +13,6 @@ from sdtk.cli.common import console, err_console, error_line, print_json
 from sdtk.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_PROBLEMS, SdtkError
 from sdtk.library import db as dbmod
 from sdtk.library.query import Filters, find_dupes, find_hash, list_files, parse_size, record_json, show_file
-from sdtk.library.scan import scan_library
 
 DB_HELP = "Library database file (default: SDTK_LIBRARY_DB, else the per-user data folder)."
 
@@ -54,6 +53,8 @@ def _print_scan(report, db: Path) -> None:
                   f"back {r.returned}, newly missing {r.missing}; hashed {r.hashed} files ({_human(r.hashed_bytes)})")
     for root in r.offline:
         console.print(f"  [yellow]offline:[/] {root} (its records are kept, marked missing)")
+    for root in r.absent:
+        console.print(f"  [dim]not there:[/] {root}")
     for path, problem in r.problems:
         console.print(f"  [red]problem:[/] {path}: {problem}")
 
@@ -61,11 +62,12 @@ def _print_scan(report, db: Path) -> None:
 def _table(rows) -> None:
     from rich.table import Table
 
+    recs = [record_json(row) for row in rows]
     t = Table(box=None, pad_edge=False, show_edge=False)
+    widest = {"name": max(len(r["name"]) for r in recs), "architecture": max(len(r["architecture"] or "-") for r in recs)}
     for col in ("name", "kind", "architecture", "precision", "EMA", "size", "AutoV2", "base model", "status"):
-        t.add_column(col, no_wrap=col in ("AutoV2", "size"))
-    for row in rows:
-        rec = record_json(row)
+        t.add_column(col, no_wrap=col in ("AutoV2", "size", "EMA"), overflow="fold", min_width=min(widest.get(col, 0), 48) or None)
+    for rec in recs:
         ema = "-" if rec["ema"] is None else ("yes" if rec["ema"] else "no")
         t.add_row(rec["name"], rec["kind"] or "-", rec["architecture"] or "-", rec["precision"] or "-", ema,
                   _human(rec["size"]), (rec["hashes"] or {}).get("AutoV2") or "-", rec["base_model"] or "-",
@@ -243,7 +245,7 @@ def register(app: typer.Typer) -> None:
             if not roots:
                 console.print(f"new empty library {path}; scan your folders: sdtk library scan DIR...")
                 return EXIT_OK
-            report = scan_library(conn, roots, content=not no_content)
+            report = _scan_with_progress(conn, roots, not no_content, None, False)
         if json_out:
             print_json({"db": str(path), "kept": str(kept) if kept else None, **report.to_json()})
         else:
@@ -274,6 +276,8 @@ def register(app: typer.Typer) -> None:
 
 
 def _scan_with_progress(conn, roots, content: bool, on_event, show: bool):
+    from sdtk.library.scan import scan_library
+
     if not show:
         return scan_library(conn, roots, content=content, on_event=on_event)
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn

@@ -124,6 +124,8 @@ def register(app: typer.Typer) -> None:
                 recipe.models[name] = path
             if out_dtype:
                 recipe.dtype = out_dtype
+            if bake_vae:
+                recipe.bake_vae = str(bake_vae)
         else:
             if len(models) < 2:
                 raise UsageError(None, f"merge needs 2 or 3 models (got {len(models)})")

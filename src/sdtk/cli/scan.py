@@ -45,6 +45,8 @@ def register(app: typer.Typer) -> None:
             for r in results:
                 table.add_row(f"[{_STYLE[r.verdict]}]{r.verdict}[/]", r.path, r.format, r.reason)
             console.print(table)
+            counts = {v: sum(r.verdict == v for r in results) for v in (SAFE, UNSAFE, "unreadable")}
+            console.print(f"{len(results)} file(s): {counts[SAFE]} safe, {counts[UNSAFE]} unsafe, {counts['unreadable']} unreadable")
         if not results:
             console.print("no model files found", markup=False)
         return exit_code(results)

@@ -15,6 +15,7 @@ C unpickler, `_compat_pickle` names), `torch/_utils.py` (rebuild functions and t
 """
 from __future__ import annotations
 
+import codecs
 import math
 import re
 import struct
@@ -437,11 +438,13 @@ class PickleVM:
         self.what = what
         self.persistent_load = persistent_load
         self.base_offset = base_offset  # offset of `data` in the file, for messages
+        self.size = len(data)
         self.pos = 0
         self.op_pos = 0
         self.proto = 0
         self.stack: List[Any] = []
         self.marks: List[int] = []
+        self.fence = 0
         self.memo: Dict[int, Any] = {}
         self.current_callee: Any = None
         self.globals_seen: List[str] = []
@@ -479,12 +482,13 @@ class PickleVM:
 
     # -- reading ------------------------------------------------------------------------------
     def read(self, n: int) -> bytes:
-        end = self.pos + n
-        if n < 0 or end > len(self.data):
+        pos = self.pos
+        end = pos + n
+        if n < 0 or end > self.size:
             raise self.bad("pickle data was truncated")
-        chunk = bytes(self.data[self.pos:end])
         self.pos = end
-        return chunk
+        chunk = self.data[pos:end]
+        return chunk if type(chunk) is bytes else bytes(chunk)
 
     def readline(self) -> bytes:
         data = self.data
@@ -498,9 +502,7 @@ class PickleVM:
         return line
 
     # -- stack (C unpickler semantics: pops never cross the last MARK) ------------------------
-    @property
-    def fence(self) -> int:
-        return self.marks[-1] if self.marks else 0
+    # self.fence: index of the last MARK (0 without marks), kept up to date by mark/pop_mark
 
     def push(self, value: Any) -> None:
         self.stack.append(value)
@@ -519,6 +521,7 @@ class PickleVM:
         if not self.marks:
             raise self.bad("could not find MARK")
         start = self.marks.pop()
+        self.fence = self.marks[-1] if self.marks else 0
         items = self.stack[start:]
         del self.stack[start:]
         return items
@@ -528,12 +531,12 @@ class PickleVM:
         shown = f"{module}.{name}"
         self.globals_seen.append(shown)
         if "." in name:
-            raise self.unsafe(f"dotted global name {module!r} {name!r} (attribute lookup trick); refused")
+            raise self.unsafe(f"global {shown} uses a dotted name (attribute-lookup trick); refused, nothing was executed")
         if self.proto < 3 and module in _COMPAT_MODULES:
             module = _COMPAT_MODULES[module]
         entry = ALLOWLIST.get((module, name))
         if entry is None:
-            raise self.unsafe(f"global {shown} is not allowed in a model file (it could run code); nothing was executed")
+            raise self.unsafe(f"global {shown} is not allowed in a model file (it could run code); refused, nothing was executed")
         return entry.value(module, name)
 
     def call(self, func: Any, args: Any, how: str) -> Any:
@@ -633,7 +636,8 @@ class PickleVM:
 
     # -- opcode handlers ----------------------------------------------------------------------
     def op_mark(self):
-        self.marks.append(len(self.stack))
+        self.fence = len(self.stack)
+        self.marks.append(self.fence)
 
     def op_stop(self):
         return _STOP
@@ -641,6 +645,7 @@ class PickleVM:
     def op_pop(self):
         if self.marks and self.marks[-1] == len(self.stack):
             self.marks.pop()  # C unpickler: POP right after MARK discards the mark
+            self.fence = self.marks[-1] if self.marks else 0
         else:
             self.pop()
 
@@ -694,7 +699,11 @@ class PickleVM:
         self.push(struct.unpack("<i", self.read(4))[0])
 
     def op_binint1(self):
-        self.push(self.read(1)[0])
+        pos = self.pos
+        if pos >= self.size:
+            raise self.bad("pickle data was truncated")
+        self.pos = pos + 1
+        self.stack.append(self.data[pos])
 
     def op_binint2(self):
         self.push(struct.unpack("<H", self.read(2))[0])
@@ -734,8 +743,6 @@ class PickleVM:
         line = self.readline()
         if len(line) < 2 or line[0] != line[-1] or line[:1] not in (b"'", b'"'):
             raise self.bad("the STRING opcode argument must be quoted")
-        import codecs
-
         try:
             raw = codecs.escape_decode(line[1:-1])[0]
         except ValueError:
@@ -888,7 +895,11 @@ class PickleVM:
         self._get(self._memo_index(self.readline(), "GET"))
 
     def op_binget(self):
-        self._get(self.read(1)[0])
+        pos = self.pos
+        if pos >= self.size:
+            raise self.bad("pickle data was truncated")
+        self.pos = pos + 1
+        self._get(self.data[pos])
 
     def op_long_binget(self):
         self._get(struct.unpack("<I", self.read(4))[0])
@@ -902,10 +913,19 @@ class PickleVM:
         self._put(self._memo_index(self.readline(), "PUT"))
 
     def op_binput(self):
-        self._put(self.read(1)[0])
+        pos = self.pos
+        if pos >= self.size:
+            raise self.bad("pickle data was truncated")
+        self.pos = pos + 1
+        if len(self.stack) <= self.fence:
+            raise self.bad("unpickling stack underflow")
+        self.memo[self.data[pos]] = self.stack[-1]
 
     def op_long_binput(self):
-        self._put(struct.unpack("<I", self.read(4))[0])
+        idx = struct.unpack("<I", self.read(4))[0]
+        if len(self.stack) <= self.fence:
+            raise self.bad("unpickling stack underflow")
+        self.memo[idx] = self.stack[-1]
 
     def op_memoize(self):
         self.memo[len(self.memo)] = self.top()

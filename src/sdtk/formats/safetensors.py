@@ -8,6 +8,7 @@ leading whitespace before `{`, NUL in names), so what we accept every other read
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 import mmap
 import os
 import struct
@@ -245,10 +246,13 @@ def write_safetensors(
     except ValueError as e:
         raise OutputError(dest, str(e)) from None
     total = len(header)
-    with AtomicOutput(dest, inputs=inputs, overwrite=overwrite) as out:
+    checks = []  # integrity checks of file-to-file copies, run on the other core meanwhile
+    with AtomicOutput(dest, inputs=inputs, overwrite=overwrite) as out, ThreadPoolExecutor(max_workers=1) as checker:
         out.write(header)
         for t in plan:
             if t.span is not None and t.span.length == t.nbytes and t.nbytes >= (1 << 20):
+                if t.verify is not None:
+                    checks.append(checker.submit(t.verify))
                 _copy_span(t.span, out, t.nbytes)
             elif t.nbytes:
                 try:
@@ -260,6 +264,8 @@ def write_safetensors(
             total += t.nbytes
             if on_tensor is not None:
                 on_tensor(t, total)
+        for check in checks:
+            check.result()  # a corrupt source raises here, before the output is committed
         if final_metadata is not None:
             _rewrite_header(out, plan, final_metadata(), len(header), dest)
     return total

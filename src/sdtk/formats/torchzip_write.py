@@ -330,6 +330,9 @@ def checkpoint_pickle(plan: Sequence[LazyTensor], wrap: Optional[str] = None,
 
 
 class _ZipWriter:
+    """Sequential STORED records laid out as miniz does for torch: `begin` (local header),
+    the caller writes or skips the data, `end` (data descriptor), then `finish` (directory)."""
+
     def __init__(self, out: BinaryIO):
         self.out = out
         self.pos = out.tell()

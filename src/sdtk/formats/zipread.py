@@ -12,6 +12,7 @@ central-directory name), CPython Lib/zipfile.py (name decoding: UTF-8 with flag 
 """
 from __future__ import annotations
 
+import mmap
 import struct
 import zlib
 from dataclasses import dataclass, field
@@ -123,6 +124,9 @@ class ZipArchive:
         crc, view = 0, self.raw(entry)
         for start in range(0, len(view), CRC_CHUNK):
             crc = zlib.crc32(view[start:start + CRC_CHUNK], crc)
+            if len(view) >= 1 << 20:  # big records: do not keep their pages mapped (RSS)
+                _release(self.buf, entry.data_offset + start, min(CRC_CHUNK, len(view) - start))
+        del view
         entry.crc_ok = (crc & 0xFFFFFFFF) == entry.crc
         return entry.crc_ok
 
@@ -202,27 +206,73 @@ def read_zip(path: str, buf, size: int) -> ZipArchive:
 
     off = cd_offset
     cd_end = cd_offset + cd_size
+    _prefetch(buf, [(cd_offset, cd_size)])
+    entries_raw = []
+    cd = bytes(buf[cd_offset:cd_end])  # one copy of the directory, parsed in memory
+    central = struct.Struct("<4s4xHHHHIIIHHHHHII")
+    pos = 0
     for i in range(n_total):
-        if off + 46 > cd_end or bytes(buf[off:off + 4]) != CENTRAL_SIG:
+        if pos + 46 > len(cd):
             raise FormatError(path, f"zip central directory entry {i} is corrupt")
-        (flags, method, _t, _d, crc, csize, usize, nlen, elen, clen, disk_start) = struct.unpack_from("<8xHHHHIIIHHHH", buf, off)
-        local = _u32(buf, off + 42)
-        if off + 46 + nlen + elen + clen > cd_end:
+        (sig, flags, method, _t, _d, crc, csize, usize, nlen, elen, clen, _disk_start, _ia, _ea, local) = central.unpack_from(cd, pos)
+        if sig != CENTRAL_SIG:
+            raise FormatError(path, f"zip central directory entry {i} is corrupt")
+        if pos + 46 + nlen + elen + clen > len(cd):
             raise FormatError(path, f"zip central directory entry {i} runs past the directory")
-        raw_name = bytes(buf[off + 46:off + 46 + nlen])
-        extra = bytes(buf[off + 46 + nlen:off + 46 + nlen + elen])
+        raw_name = cd[pos + 46:pos + 46 + nlen]
         name = _decode_name(raw_name, flags, path)
-        values = {"size": usize, "csize": csize, "offset": local}
-        need = [k for k, v in (("size", usize), ("csize", csize), ("offset", local)) if v == 0xFFFFFFFF]
-        _zip64_extra(extra, need, values, path, name)
-        entry = ZipEntry(name, method, flags, crc, values["csize"], values["size"], values["offset"])
-        archive.entries.append(entry)
+        if 0xFFFFFFFF in (usize, csize, local):
+            values = {"size": usize, "csize": csize, "offset": local}
+            need = [k for k, v in (("size", usize), ("csize", csize), ("offset", local)) if v == 0xFFFFFFFF]
+            _zip64_extra(cd[pos + 46 + nlen:pos + 46 + nlen + elen], need, values, path, name)
+            usize, csize, local = values["size"], values["csize"], values["offset"]
+        archive.entries.append(ZipEntry(name, method, flags, crc, csize, usize, local))
+        entries_raw.append(raw_name)
+        pos += 46 + nlen + elen + clen
+    off = cd_offset + pos
+    # Local headers and data descriptors are scattered over the file: ask the kernel for all of
+    # them at once (parallel reads) instead of faulting them in one by one.
+    _prefetch(buf, [(e.header_offset, 30 + 2 * len(r) + 128) for e, r in zip(archive.entries, entries_raw)] +
+              [(e.header_offset + 30 + len(r) + e.compressed_size, 256) for e, r in zip(archive.entries, entries_raw)])
+    for entry, raw_name in zip(archive.entries, entries_raw):
         _check_local(archive, entry, raw_name)
-        off += 46 + nlen + elen + clen
     if off != cd_end:
         issues.append(ZipIssue("corrupt", "zip central directory size does not match its entries"))
     _check_layout(archive, cd_offset)
     return archive
+
+
+def _prefetch(buf, ranges) -> None:
+    """MADV_WILLNEED on the pages of `ranges` (offset, length) when `buf` is an mmap."""
+    madvise = getattr(buf, "madvise", None)
+    advice = getattr(mmap, "MADV_WILLNEED", None)
+    if madvise is None or advice is None:
+        return
+    size = len(buf)
+    for offset, length in ranges:
+        start = max(0, offset) // mmap.PAGESIZE * mmap.PAGESIZE
+        end = min(size, offset + length)
+        if end > start:
+            try:
+                madvise(advice, start, end - start)
+            except (OSError, ValueError):
+                return
+
+
+def _release(buf, offset: int, length: int) -> None:
+    """MADV_DONTNEED: drop pages we are done with from this process's mapping (the data stays
+    in the page cache); only whole pages inside the range."""
+    madvise = getattr(buf, "madvise", None)
+    advice = getattr(mmap, "MADV_DONTNEED", None)
+    if madvise is None or advice is None:
+        return
+    start = -(-offset // mmap.PAGESIZE) * mmap.PAGESIZE
+    end = (offset + length) // mmap.PAGESIZE * mmap.PAGESIZE
+    if end > start:
+        try:
+            madvise(advice, start, end - start)
+        except (OSError, ValueError):
+            pass
 
 
 def _decode_name(raw: bytes, flags: int, path: str) -> str:

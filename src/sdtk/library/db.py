@@ -139,7 +139,13 @@ def schema_version(conn: sqlite3.Connection) -> int:
 def migrate(conn: sqlite3.Connection, db: Path, upto: Optional[int] = None) -> int:
     """Apply the migrations this database lacks, each in its own transaction. Returns the version."""
     target = SCHEMA_VERSION if upto is None else upto
-    conn.execute("BEGIN IMMEDIATE")  # one migrator at a time (two first scans at once)
+    current = schema_version(conn)
+    if current == target:
+        return current  # up to date: no write lock taken (readers of a read-only library work too)
+    if current > SCHEMA_VERSION:
+        raise SdtkError(db, f"the library database has schema version {current}, newer than this sdtk knows "
+                            f"({SCHEMA_VERSION}); upgrade sdtk (the database was not changed)")
+    conn.execute("BEGIN IMMEDIATE")  # one migrator at a time (two first scans at once); re-read inside
     try:
         conn.execute("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at REAL NOT NULL)")
         current = schema_version(conn)

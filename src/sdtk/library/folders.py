@@ -110,7 +110,7 @@ def expand_roots(paths: Iterable["os.PathLike[str] | str"]) -> List[Tuple[str, O
             out.append((p, kind))
 
     for raw in paths:
-        p = os.fspath(raw)
+        p = os.path.expanduser(os.fspath(raw))
         if p.endswith((".yaml", ".yml")) and os.path.isfile(p):
             for folder, kind in read_extra_model_paths(p):
                 add(folder, kind)

@@ -62,7 +62,8 @@ def record_json(row: sqlite3.Row) -> Dict[str, Any]:
     info = json.loads(d.get("info") or "{}")
     return {
         "path": d["path"], "name": os.path.basename(d["path"]), "status": d["status"], "size": size,
-        "folder_kind": d.get("folder_kind"), "format": d.get("format"), "kind": d.get("kind") or d.get("folder_kind"),
+        "folder_kind": d.get("folder_kind"), "format": d.get("format"),
+        "kind": d.get("kind") if d.get("kind") not in (None, "unknown") else (d.get("folder_kind") or d.get("kind")),
         "architecture": d.get("architecture"), "precision": d.get("precision"),
         "ema": None if d.get("ema") is None else bool(d["ema"]), "base_model": d.get("base_model"), "title": d.get("title"),
         "tensor_count": d.get("tensor_count"), "parameters": d.get("parameters"),

@@ -42,7 +42,8 @@ MAX_CONFIG_BYTES = 1 << 20
 @dataclass
 class ScanReport:
     roots: List[str] = field(default_factory=list)
-    offline: List[str] = field(default_factory=list)
+    offline: List[str] = field(default_factory=list)  # folders not there whose files the library knows
+    absent: List[str] = field(default_factory=list)  # folders not there that never held a known file
     seen: int = 0
     new: int = 0
     changed: int = 0
@@ -262,6 +263,10 @@ class Scanner:
         rep = self.report
         lo, hi = _under(root)
         if not os.path.isdir(root):
+            known = self.conn.execute("SELECT 1 FROM files WHERE path >= ? AND path < ? LIMIT 1", (lo, hi)).fetchone()
+            if not known:
+                rep.absent.append(root)
+                return
             rep.offline.append(root)
             self._write("UPDATE files SET status='missing' WHERE path >= ? AND path < ? AND status='present'", [(lo, hi)])
             rep.missing += self.conn.execute("SELECT changes()").fetchone()[0]

@@ -1,13 +1,17 @@
-"""Where each component of a single-file checkpoint lives (key prefixes), as plain tables.
+"""The parts a user names on the command line (`--extract clip-g`, `--replace unet=...`,
+`--te-dtype`) and the key prefixes they live under in single-file checkpoints.
 
-A minimal local table for `sdtk convert` until `sdtk.architectures` (the identify work) is
-available; `component_prefixes_in` and `component_of` are the only two entry points, so switching
-to the shared tables is one change here. Source of every row: shared reference
-"architectures.md" (ComfyUI `model_detection.py`/`supported_models.py`, A1111 `sd_models.py`).
+`sdtk.architectures.prefixes` names components by diffusers role per family (text_encoder,
+text_encoder_2, ...), which mean different encoders in different families; users name the
+encoder itself (clip-l, clip-g, t5xxl), so this table maps prefixes to those names across
+families. Source of every row: shared reference "architectures.md" (ComfyUI
+`model_detection.py`/`supported_models.py`, sgm configs, A1111 `sd_models.py`).
 """
 from __future__ import annotations
 
 from typing import Dict, Iterable, List, Optional, Tuple
+
+from sdtk.architectures.prefixes import COMMON_PREFIXES, DDPM_BUFFERS, MARKER_KEYS
 
 # (component, prefix). Longest prefix wins when several match.
 COMPONENT_PREFIXES: Tuple[Tuple[str, str], ...] = (
@@ -28,25 +32,16 @@ COMPONENT_PREFIXES: Tuple[Tuple[str, str], ...] = (
 
 TEXT_ENCODERS = ("clip-l", "clip-g", "open-clip-h", "t5xxl")
 
-# Bare keys a checkpoint may hold beside its components.
-SCHEDULE_BUFFERS = frozenset({  # ldm DDPM.register_schedule (SD1/SD2 checkpoints), 1000 values each
-    "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
-    "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
-    "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
-    "posterior_mean_coef1", "posterior_mean_coef2",
-})
-MARKERS = frozenset({  # prediction-type markers read by ComfyUI (model_detection) and Forge
-    "v_pred", "ztsnr", "edm_vpred.sigma_max", "edm_vpred.sigma_min", "edm_mean", "edm_std",
-})
-# Training leftovers no inference program loads (architectures.md "training junk").
-JUNK_PREFIXES: Tuple[Tuple[str, str], ...] = (
-    ("embedding_manager.", "textual-inversion training state"),  # ldm textual_inversion fork
-    ("lora_te_", "LoRA training leftover"),  # kohya sd-scripts
-    ("lora_unet_", "LoRA training leftover"),  # kohya sd-scripts
-    ("control_model.", "ControlNet training leftover"),  # ControlNet training repo
+# Bare keys a checkpoint may hold beside its components, and training leftovers: the shared
+# architecture tables (sdtk.architectures.prefixes: ldm register_schedule buffers, ComfyUI markers,
+# A1111 model-toolkit junk list).
+SCHEDULE_BUFFERS = frozenset(DDPM_BUFFERS)
+MARKERS = frozenset(MARKER_KEYS)
+JUNK_PREFIXES: Tuple[Tuple[str, str], ...] = tuple(
+    (prefix, "training leftover") for prefix in COMMON_PREFIXES["leftovers"]
+) + (
     ("optimizer", "optimizer state"),  # Lightning checkpoints
     ("loss.", "training loss network (discriminator/LPIPS)"),  # ldm autoencoder training files
-    ("model_ema.", "EMA copy of the UNet"),
 )
 
 

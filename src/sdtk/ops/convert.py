@@ -17,7 +17,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from sdtk.errors import OutputError, SdtkError, UsageError
-from sdtk.fileio import AtomicOutput, check_output_path, same_file
+from sdtk.fileio import AtomicOutput, same_file
 from sdtk.formats import open_model
 from sdtk.formats.catalogue import Catalogue
 from sdtk.formats.safetensors import write_safetensors
@@ -29,6 +29,7 @@ from sdtk.ops.ema import EMA_MODES, apply_ema, has_ema
 from sdtk.ops.extract import expand_parts, extract_plans
 from sdtk.ops.model_facts import ModelFacts, model_facts
 from sdtk.ops.naming import default_output
+from sdtk.ops.prefetch import Prefetcher
 from sdtk.ops.prune import dropped_extras, prune_plan, summarize_dropped
 from sdtk.ops.replace import parse_replace, replace_component
 from sdtk.ops.sidecar import config_text, sidecar_for, sidecar_path
@@ -146,6 +147,13 @@ class Conversion:
     prediction_type: Optional[str] = None
 
 
+def v_pred_marker() -> LazyTensor:
+    """The empty fp16 `v_pred` tensor SDXL v-prediction files carry (ComfyUI model_detection.py)."""
+    from sdtk.tensors import DTYPES
+
+    return LazyTensor("v_pred", DTYPES["F16"], (0,), lambda: np.zeros((0,), dtype=np.float16))
+
+
 def _target_dtype_rule(opts: ConvertOptions) -> Callable[[LazyTensor], Optional[DType]]:
     by_component = {"unet": opts.unet_dtype, "ema": opts.unet_dtype, "vae": opts.vae_dtype}
     for te in TEXT_ENCODERS:
@@ -167,7 +175,7 @@ def _dtype_tags(opts: ConvertOptions) -> List[str]:
 def plan_conversion(cat: Catalogue, opts: ConvertOptions, stack: contextlib.ExitStack) -> Conversion:
     """Plan every output of converting `cat` (files named by options are opened into `stack`)."""
     path = cat.path
-    facts = model_facts(cat.tensors, cat.metadata)
+    facts = model_facts(cat)
     conv = Conversion(Path(path), facts, [], [], [])
     plan: List[LazyTensor] = list(cat.tensors.values())
     tags: List[str] = []
@@ -196,8 +204,9 @@ def plan_conversion(cat: Catalogue, opts: ConvertOptions, stack: contextlib.Exit
         tags.append("vae")
 
     ema_mode = opts.ema
-    if ema_mode is None:
-        ema_mode = "use" if (opts.preset == "generation" and facts.has_ema) else "keep"
+    if ema_mode is None:  # generation: the EMA weights (as official releases); --prune: the normal ones
+        ema_mode = "use" if (opts.preset == "generation" and facts.has_ema) else (
+            "drop" if (opts.prune and facts.has_ema) else "keep")
     if facts.has_ema or ema_mode == "use":
         result = apply_ema(plan, ema_mode, path)
         plan = result.plan
@@ -215,7 +224,8 @@ def plan_conversion(cat: Catalogue, opts: ConvertOptions, stack: contextlib.Exit
             conv.weight_set = "non-ema"
             conv.operations.append(f"ema drop ({len(result.dropped)} model_ema.* tensors)")
             conv.notes.append("weights: kept the non-EMA weights (model.diffusion_model.*), dropped the EMA copy "
-                              "(the weights A1111 loads from a file holding both)")
+                              "(the weights A1111 loads from a file holding both" +
+                              ("; --prune drops the EMA copy unless --ema keep or --ema use)" if opts.ema is None else ")"))
             tags.append("noema")
         else:
             conv.weight_set = "both"
@@ -226,22 +236,23 @@ def plan_conversion(cat: Catalogue, opts: ConvertOptions, stack: contextlib.Exit
         plan = fixed.plan
         detail = []
         if fixed.reset:
-            detail.append(f"position_ids reset ({len(fixed.were_broken)} were damaged)")
+            detail.append(f"{len(fixed.reset)} position_ids written as 0..n-1 int64, {len(fixed.were_broken)} had been damaged")
         if fixed.renamed:
             detail.append(f"{len(fixed.renamed)} NovelAI-style CLIP keys renamed")
-        conv.operations.append("fix-clip" + (f" ({'; '.join(detail)})" if detail else ""))
+        conv.operations.append("fix-clip" + (f" ({'; '.join(detail)})" if detail else " (nothing to fix)"))
         if fixed.were_broken:
             conv.notes.append(f"CLIP position_ids were damaged and are now 0..76 int64: {', '.join(fixed.were_broken)}")
         if fixed.renamed:
             conv.notes.append(f"renamed {len(fixed.renamed)} NovelAI-era CLIP keys to the text_model.* names")
 
     if opts.prune:
-        pruned = prune_plan(plan, keep_ema=(ema_mode == "keep"), keep_unknown=opts.keep_unknown)
+        keep_ema = opts.ema == "keep" or (ema_mode == "keep" and facts.has_ema)
+        pruned = prune_plan(plan, keep_ema=keep_ema, keep_unknown=opts.keep_unknown)
         plan = pruned.plan
         conv.dropped = pruned.dropped
         conv.dropped_extras = dropped_extras(cat.extras)
         counts = summarize_dropped(pruned.dropped)
-        conv.operations.append("prune" + (f" (dropped {len(pruned.dropped)} tensors)" if pruned.dropped else ""))
+        conv.operations.append("prune" + (f" (dropped {len(pruned.dropped)} tensors)" if pruned.dropped else " (nothing else to drop)"))
         if counts:
             conv.notes.append("pruned: " + ", ".join(f"{n} {reason}" for reason, n in counts.items()))
         if pruned.kept_unknown:
@@ -259,9 +270,14 @@ def plan_conversion(cat: Catalogue, opts: ConvertOptions, stack: contextlib.Exit
 
     prediction = opts.prediction_type or facts.prediction_type
     conv.prediction_type = prediction
-    if opts.prediction_type and facts.architecture == "stable-diffusion-v2-512" and opts.prediction_type == "v":
-        facts.architecture = "stable-diffusion-v2-768-v"
+    if opts.prediction_type and facts.family == "sd2":
+        facts.architecture = "stable-diffusion-v2-768-v" if prediction == "v" else "stable-diffusion-v2-512"
     names = {t.name for t in plan}
+    if opts.prediction_type == "v" and facts.family == "sdxl" and "v_pred" not in names and not opts.extract:
+        plan.append(v_pred_marker())  # what ComfyUI, Forge and A1111 read to select v-prediction
+        names.add("v_pred")
+        conv.operations.append("add v_pred marker (--prediction-type v)")
+        conv.notes.append("added the empty v_pred marker tensor, which ComfyUI, Forge and A1111 read to use v-prediction")
 
     if opts.extract:
         for part, part_plan in extract_plans(plan, opts.extract, path).items():
@@ -291,6 +307,7 @@ def _metadata_for(cat: Catalogue, conv: Conversion, out: OutputPlan, opts: Conve
         base = {k: v for k, v in base.items() if not k.startswith("modelspec.")}
         arch = f"{arch}/vae" if (arch and out.part == "vae") else None
     prediction = conv.prediction_type if out.part in ("model", "unet") else None
+    prediction = prediction if prediction in ("epsilon", "v") else None  # ModelSpec values
     modelspec = lin.modelspec_additions(base, arch, title, prediction, bool(opts.prediction_type))
     step = lin.Lineage(conv.source.name, cat.file_size or lin.file_size(cat.path), list(conv.operations), hashes)
     return lin.output_metadata(base, modelspec, step)
@@ -331,7 +348,7 @@ def write_outputs(cat: Catalogue, conv: Conversion, opts: ConvertOptions, progre
     hasher = lin.BackgroundHashes(cat.path) if opts.source_hashes else None
     inputs = [cat.path, *conv.extra_inputs]
     for out in conv.outputs:
-        placeholder = {"sha256": lin.HASH_PLACEHOLDER, "autov3": lin.HASH_PLACEHOLDER} if hasher else {}
+        placeholder = {name: lin.HASH_PLACEHOLDER for name in lin.HASH_NAMES} if hasher else {}
         metadata = _metadata_for(cat, conv, out, opts, placeholder)
         total = sum(t.nbytes for t in out.plan)
         progress.start(out.dest, total)
@@ -347,11 +364,13 @@ def write_outputs(cat: Catalogue, conv: Conversion, opts: ConvertOptions, progre
         def final_metadata(out=out) -> Dict[str, str]:
             return _metadata_for(cat, conv, out, opts, hasher.result())
 
+        prefetch = Prefetcher(out.plan)
         try:
-            out.bytes_written = write_safetensors(out.dest, out.plan, metadata, inputs=inputs,
+            out.bytes_written = write_safetensors(out.dest, prefetch.plan, metadata, inputs=inputs,
                                                   overwrite=opts.overwrite, on_tensor=on_tensor,
                                                   final_metadata=final_metadata if hasher else None)
         finally:
+            prefetch.close()
             progress.done()
         if out.part == "model" and conv.sidecar_config:
             out.sidecar = sidecar_path(out.dest)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Sequence
 
+from sdtk.architectures.prefixes import ema_key_for
 from sdtk.errors import SdtkError
 from sdtk.tensors import LazyTensor
 
@@ -19,11 +20,6 @@ UNET_PREFIX = "model.diffusion_model."
 EMA_BOOKKEEPING = ("model_ema.decay", "model_ema.num_updates")
 MIN_EMA_KEYS = 100  # "EMA present = more than ~100 model_ema.* keys" (architectures.md)
 EMA_MODES = ("keep", "drop", "use")
-
-
-def ema_key_for(unet_key: str) -> str:
-    """The LitEma name of a UNet key."""
-    return EMA_PREFIX + unet_key[len("model."):].replace(".", "")
 
 
 def is_ema_key(key: str) -> bool:

@@ -13,7 +13,7 @@
 """
 from __future__ import annotations
 
-from typing import Dict, List, Mapping, Sequence
+from typing import Dict, List, Sequence
 
 from sdtk.errors import UsageError
 from sdtk.ops.components import TEXT_ENCODERS, component_of, component_prefixes_in

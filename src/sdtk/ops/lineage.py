@@ -6,15 +6,15 @@ ModelSpec keys (Stability AI ModelSpec 1.0.0, see ecosystem.md): `modelspec.sai_
 `modelspec.prediction_type`. Values already in the input win, except prediction_type when the
 user states it.
 
-Source hashes are computed in a background thread while the output is written (the input is
-read once more, but concurrently), and patched into the header before the output is committed.
+Source hashes (SHA256, AutoV3: what Civitai finds the source by; sdtk's content hash: the same
+weights in any container) are computed by `sdtk.hashing` in a background thread while the output
+is written (the input is read once more, concurrently), then patched into the header before the
+output is committed.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import struct
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,42 +24,22 @@ from sdtk import __version__
 
 LINEAGE_KEY = "sdtk.lineage"
 MODELSPEC_VERSION = "1.0.0"
-HASH_PLACEHOLDER = "0" * 64
-READ_CHUNK = 16 << 20
-AUTOV3_HEADER_LIMIT = 16 << 20  # AutoV3: skip 8+N bytes when N < 16 MiB (hashes.md)
+HASH_PLACEHOLDER = "0" * 64  # every recorded hash is 64 hex digits
+HASH_NAMES = ("sha256", "autov3", "content")
 
 
 def source_hashes(path: str) -> Dict[str, str]:
-    """SHA256 and AutoV3 (full 64 hex, lower case) of a file, in one read."""
-    try:
-        from sdtk.hashing import file_hashes  # the shared hashing module, when present
-    except ImportError:
-        file_hashes = None
-    if file_hashes is not None:  # pragma: no cover - depends on the hashing work landing
-        try:
-            got = file_hashes(path, ["sha256", "autov3"])
-            return {"sha256": str(got["sha256"]).lower(), "autov3": str(got["autov3"]).lower()}
-        except Exception:
-            pass
-    whole, tail = hashlib.sha256(), hashlib.sha256()
-    with open(path, "rb") as f:
-        head = f.read(8)
-        skip = 8
-        if len(head) == 8:
-            (n,) = struct.unpack("<Q", head)
-            if n < AUTOV3_HEADER_LIMIT:
-                skip = 8 + n
-        whole.update(head)
-        pos = len(head)
-        while True:
-            buf = f.read(READ_CHUNK)
-            if not buf:
-                break
-            whole.update(buf)
-            if pos + len(buf) > skip:
-                tail.update(memoryview(buf)[max(0, skip - pos):])
-            pos += len(buf)
-    return {"sha256": whole.hexdigest(), "autov3": tail.hexdigest()}
+    """SHA256, AutoV3 (64 hex, lower case) and sdtk's content hash of a model file, in one read
+    when its tensors lie as raw bytes in the file (safetensors; most checkpoints)."""
+    from sdtk.formats import open_model
+    from sdtk.hashing import content_hash, hash_file
+    from sdtk.hashing.content import raw_tensor_spans
+
+    with open_model(path) as cat:
+        spans = raw_tensor_spans(cat)
+        hashes = hash_file(path, tensor_spans=spans)
+        content = content_hash(cat, digests=hashes.tensor_digests or {})
+    return {"sha256": hashes.sha256, "autov3": hashes.autov3, "content": content}
 
 
 class BackgroundHashes:
@@ -90,11 +70,11 @@ class Lineage:
     source: str  # file name
     source_size: int
     operations: List[str]
-    hashes: Dict[str, str] = field(default_factory=dict)  # sha256, autov3 (placeholders until known)
+    hashes: Dict[str, str] = field(default_factory=dict)  # sha256, autov3, content (placeholders until known)
 
     def as_dict(self) -> dict:
         record = {"tool": f"sdtk {__version__}", "source": self.source, "source_size": self.source_size}
-        for name in ("sha256", "autov3"):
+        for name in HASH_NAMES:
             if name in self.hashes:
                 record[f"source_{name}"] = self.hashes[name]
         record["operations"] = self.operations

@@ -34,6 +34,9 @@ def sidecar_for(architecture: Optional[str], prediction_type: Optional[str], has
         return SidecarDecision(None, "not needed: the v_pred marker tensor tells A1111, Forge and ComfyUI")
     if prediction_type == "v":
         return SidecarDecision(None, f"no A1111 config is known for v-prediction {architecture or 'models of this kind'}; none written")
+    if prediction_type is None and (architecture or "").startswith("stable-diffusion-v2"):
+        return SidecarDecision(None, "not written: the prediction type of this SD2 model is unknown; if it is a "
+                                     "768-v model, convert with --prediction-type v to get the .yaml A1111 needs")
     return SidecarDecision(None, "not needed")
 
 

@@ -40,7 +40,7 @@ def component_of(key: str) -> str:
     for prefix, comp in COMPONENT_PREFIXES:
         if key.startswith(prefix):
             return comp
-    return "other" if "." in key else "top"
+    return "other" if "." in key else "buffers"
 
 
 def detect_family(shapes: Dict[str, Tuple[int, ...]]) -> Optional[str]:
@@ -63,22 +63,33 @@ def detect_family(shapes: Dict[str, Tuple[int, ...]]) -> Optional[str]:
     return None
 
 
-def family_of(cat) -> Optional[str]:
-    """The family of an open Catalogue (identify's architecture when available)."""
-    try:  # the identify helper's API, when it has landed
-        from sdtk.identify import identify  # type: ignore
+# identify's family names -> ours (sdtk.architectures.registry families).
+_IDENTIFY_FAMILIES = {"sd1": "sd1", "sd2": "sd2", "sdxl": "sdxl", "flux1": "flux", "sd3": "sd3"}
 
-        arch = str(getattr(identify(cat), "architecture", "") or "").lower()
-        for fam in ("sdxl", "sd1", "sd2", "flux", "sd3"):
-            if arch.startswith(fam) or arch.replace(".", "").replace("-", "").startswith(fam):
-                return fam
-    except Exception:
+
+def describe(cat) -> Tuple[Optional[str], str]:
+    """(family, human title) of an open Catalogue: `sdtk.identify` when it recognises a model
+    (its title names the variant, e.g. "Stable Diffusion 1.x Inpainting"), else the fallback
+    table above (scaled-down test models, partial files)."""
+    try:
+        from sdtk.identify import identify
+
+        ident = identify(cat)
+        if ident.family and ident.kind in ("checkpoint", "diffusion-model"):
+            fam = _IDENTIFY_FAMILIES.get(ident.family, ident.family)
+            return fam, ident.title or family_label(fam)
+    except Exception:  # identify is best effort here; the shape check below is what protects
         pass
-    return detect_family({k: tuple(t.shape) for k, t in cat.tensors.items()})
+    fam = detect_family({k: tuple(t.shape) for k, t in cat.tensors.items()})
+    return fam, family_label(fam)
+
+
+def family_of(cat) -> Optional[str]:
+    return describe(cat)[0]
 
 
 def family_label(family: Optional[str]) -> str:
-    return FAMILY_NAMES.get(family or "", "an unrecognised model")
+    return FAMILY_NAMES.get(family or "", family.upper() if family else "an unrecognised model")
 
 
 def is_channel_extension(key: str, primary_shape, other_shape) -> bool:
@@ -89,15 +100,17 @@ def is_channel_extension(key: str, primary_shape, other_shape) -> bool:
             and other_shape[1] == LATENT_CHANNELS and primary_shape[1] > LATENT_CHANNELS)
 
 
-def check_compatible(labels: List[str], families: List[Optional[str]], shapes: List[Dict[str, Tuple[int, ...]]]) -> None:
+def check_compatible(labels: List[str], families: List[Optional[str]], shapes: List[Dict[str, Tuple[int, ...]]],
+                     titles: Optional[List[str]] = None) -> None:
     """Refuse inputs that are not the same architecture, before reading any tensor.
 
     Three checks: the detected families agree; the inputs share most keys; no common key has
     different shapes (except the inpainting/ip2p first conv of the primary)."""
+    titles = titles or [family_label(f) for f in families]
     primary_label, primary_family, primary = labels[0], families[0], shapes[0]
-    for label, fam, other in zip(labels[1:], families[1:], shapes[1:]):
+    for label, fam, other, title in zip(labels[1:], families[1:], shapes[1:], titles[1:]):
         if fam != primary_family:
-            raise SdtkError(label, f"is {family_label(fam)} but {primary_label} is {family_label(primary_family)}: "
+            raise SdtkError(label, f"is {title} but {primary_label} is {titles[0]}: "
                                    "different architectures cannot be merged")
         common = primary.keys() & other.keys()
         smaller = min(len(primary), len(other)) or 1

@@ -8,7 +8,7 @@ from typing import Callable, Dict, List, Optional
 
 import numpy as np
 
-from sdtk.ops.merge.arch import check_compatible, component_of, family_of
+from sdtk.ops.merge.arch import check_compatible, component_of, describe
 from sdtk.ops.merge.blocks import BLOCK_LISTS, block_of
 from sdtk.tensors import numel
 
@@ -27,12 +27,11 @@ class Accumulator:
     dd: float = 0.0
     identical: int = 0
 
-    def add(self, a: np.ndarray, b: np.ndarray) -> None:
-        d = a - b
-        self.dot += float(a @ b)
-        self.aa += float(a @ a)
-        self.bb += float(b @ b)
-        self.dd += float(d @ d)
+    def add(self, dot: float, aa: float, bb: float, dd: float) -> None:
+        self.dot += dot
+        self.aa += aa
+        self.bb += bb
+        self.dd += dd
 
     def as_dict(self) -> dict:
         na, nb = self.aa ** 0.5, self.bb ** 0.5
@@ -43,6 +42,12 @@ class Accumulator:
         rel = (self.dd ** 0.5) / na if na else (0.0 if self.dd == 0 else float("inf"))
         return {"keys": self.keys, "parameters": self.params, "identical_keys": self.identical,
                 "cosine": round(cos, 8), "relative_l2": round(rel, 8)}
+
+
+def _sums(a: np.ndarray, b: np.ndarray):
+    """<A,B>, |A|^2, |B|^2, |A-B|^2 of one chunk (float64), and whether A == B."""
+    d = a - b
+    return (float(a @ b), float(a @ a), float(b @ b), float(d @ d)), not d.any()
 
 
 @dataclass
@@ -63,10 +68,10 @@ class DiffResult:
 
 
 def diff_models(cat_a, cat_b, on_tensor: Optional[Callable[[int], None]] = None) -> DiffResult:
-    fam_a, fam_b = family_of(cat_a), family_of(cat_b)
+    (fam_a, title_a), (fam_b, title_b) = describe(cat_a), describe(cat_b)
     shapes_a = {k: tuple(t.shape) for k, t in cat_a.tensors.items()}
     shapes_b = {k: tuple(t.shape) for k, t in cat_b.tensors.items()}
-    check_compatible([cat_a.path, cat_b.path], [fam_a, fam_b], [shapes_a, shapes_b])
+    check_compatible([cat_a.path, cat_b.path], [fam_a, fam_b], [shapes_a, shapes_b], [title_a, title_b])
     names = BLOCK_LISTS.get(fam_a)
     blocks: Dict[str, Accumulator] = {n: Accumulator() for n in names} if names else {}
     comps: Dict[str, Accumulator] = {}
@@ -81,7 +86,7 @@ def diff_models(cat_a, cat_b, on_tensor: Optional[Callable[[int], None]] = None)
             result.shape_mismatch.append(key)
             continue
         if not (ta.dtype.is_float and tb.dtype.is_float):
-            if not np.array_equal(ta.read(), tb.read()):
+            if ta.dtype != tb.dtype or not np.array_equal(ta.read(), tb.read()):  # e.g. float-corrupted position_ids
                 result.non_float_differs.append(key)
             continue
         groups = [total, comps.setdefault(component_of(key), Accumulator())]
@@ -91,11 +96,10 @@ def diff_models(cat_a, cat_b, on_tensor: Optional[Callable[[int], None]] = None)
         fa, fb = ta.read().reshape(-1), tb.read().reshape(-1)
         same = True
         for lo in range(0, n, CHUNK):
-            a = fa[lo:lo + CHUNK].astype(np.float64)
-            b = fb[lo:lo + CHUNK].astype(np.float64)
-            same = same and bool(np.array_equal(a, b))
+            sums, equal = _sums(fa[lo:lo + CHUNK].astype(np.float64), fb[lo:lo + CHUNK].astype(np.float64))
+            same = same and equal
             for g in groups:
-                g.add(a, b)
+                g.add(*sums)
         for g in groups:
             g.keys += 1
             g.params += n

@@ -180,8 +180,28 @@ def cosine(a: np.ndarray, b: np.ndarray, alpha: float) -> np.ndarray:
     return combine(a, b, *cosine_coefficients(float(a64 @ b64), float(np.linalg.norm(a64)), float(np.linalg.norm(b64)), alpha))
 
 
-def elementwise(method: str, arrays, alpha: float, beta: Optional[float]) -> np.ndarray:
-    """The purely elementwise methods, on (chunks of) float arrays A, B[, C]."""
+def weighted_sum_into(a: np.ndarray, b: np.ndarray, alpha: float) -> np.ndarray:
+    """`weighted_sum` computed in the buffers of A and B (same operations, same rounding, no
+    temporaries); for the chunk arrays the plan owns."""
+    np.multiply(a, 1 - alpha, out=a)
+    np.multiply(b, alpha, out=b)
+    return np.add(a, b, out=a)
+
+
+def add_difference_into(a: np.ndarray, b: np.ndarray, c: np.ndarray, alpha: float) -> np.ndarray:
+    """`add_difference` computed in the buffers of A and B (same operations, same rounding)."""
+    np.subtract(b, c, out=b)
+    np.multiply(b, alpha, out=b)
+    return np.add(a, b, out=a)
+
+
+def elementwise(method: str, arrays, alpha: float, beta: Optional[float], owned: bool = False) -> np.ndarray:
+    """The purely elementwise methods, on (chunks of) float arrays A, B[, C]. `owned`: the arrays
+    are scratch copies that may be overwritten (the two hot paths then avoid temporaries)."""
+    if owned and method == "weighted-sum":
+        return weighted_sum_into(arrays[0], arrays[1], alpha)
+    if owned and method == "add-difference":
+        return add_difference_into(arrays[0], arrays[1], arrays[2], alpha)
     if method == "weighted-sum":
         return weighted_sum(arrays[0], arrays[1], alpha)
     if method == "add-difference":

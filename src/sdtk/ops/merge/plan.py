@@ -18,7 +18,7 @@ import numpy as np
 
 from sdtk.errors import SdtkError, UsageError
 from sdtk.ops.merge import methods as M
-from sdtk.ops.merge.arch import FIRST_CONV, component_of, is_channel_extension, LATENT_CHANNELS
+from sdtk.ops.merge.arch import LATENT_CHANNELS, component_of, family_label, is_channel_extension
 from sdtk.ops.merge.blocks import block_of, resolve_blocks
 from sdtk.tensors import DType, FileSpan, LazyTensor, dtype as dtype_named, numel
 
@@ -28,10 +28,11 @@ CHUNK = 1 << 20  # elements per computed chunk (4 MiB of float32); chunks of one
 class FileSource:
     """An input model file (an open Catalogue) seen as a source of tensors."""
 
-    def __init__(self, label: str, cat, family: Optional[str]):
+    def __init__(self, label: str, cat, family: Optional[str], title: Optional[str] = None):
         self.label = label
         self.cat = cat
         self.family = family
+        self.title = title or family_label(family)
         self.entries: Dict[str, Tuple[Tuple[int, ...], DType]] = {k: (tuple(t.shape), t.dtype) for k, t in cat.tensors.items()}
 
     def computed(self, key: str) -> bool:
@@ -88,7 +89,7 @@ def _protected_reason(key: str, shape, dt: DType) -> Optional[str]:
     comp = component_of(key)
     if comp == "ema":
         return "model_ema"
-    if comp == "top":
+    if comp == "buffers":
         return "schedule buffer or marker"
     return None
 
@@ -107,16 +108,21 @@ class StepSource:
         self.label = name
         primary = self.inputs[0]
         self.family = primary.family
+        self.title = primary.title
         self.entries = dict(primary.entries)
         self.report = StepReport(name, method)
         block_weights = resolve_blocks(blocks, self.family, alpha) if blocks is not None else None
+        for block, weight in (block_weights or {}).items():
+            M.check_scalars(method, weight, None, what=f"block {block} weight")
         exclude_re = re.compile(exclude) if exclude else None
         self.decisions: Dict[str, Decision] = {}
         for key, (shape, dt) in primary.entries.items():
             self.decisions[key] = self._decide(key, shape, dt, block_weights, exclude_re, te, vae)
+        seen = set()
         for src in self.inputs[1:]:
             for key in src.entries:
-                if key not in primary.entries and key not in self.report.not_in_primary:
+                if key not in primary.entries and key not in seen:
+                    seen.add(key)
                     self.report.not_in_primary.append(key)
         self._stats: Dict[str, tuple] = {}
         self._full_cache: Tuple[Optional[str], Optional[np.ndarray]] = (None, None)
@@ -202,7 +208,7 @@ class StepSource:
             if self._full_cache[0] != key:
                 self.prepare(key)
             return self._full_cache[1].reshape(-1)[lo:hi].astype(ctype)
-        arrays = [s.read_chunk(key, lo, hi, ctype) for s in self.inputs]
+        arrays = [s.read_chunk(key, lo, hi, ctype) for s in self.inputs]  # fresh copies: ours to overwrite
         return self._apply(key, arrays, d.alpha, lo, ctype)
 
     # -- computing ------------------------------------------------------------------------
@@ -216,7 +222,7 @@ class StepSource:
         if m == "dare":
             keep = M.dare_keep_mask(self.seed, key, lo, arrays[0].size, self.beta)
             return M.dare(arrays[0], arrays[1], arrays[2] if len(arrays) > 2 else None, alpha, self.beta, keep)
-        return M.elementwise(m, arrays, alpha, self.beta)
+        return M.elementwise(m, arrays, alpha, self.beta, owned=True)
 
     def _stats_for(self, key: str, alpha: float, ctype):
         """Per-tensor scalars that need a pass over the whole tensor (slerp/cosine: norms and

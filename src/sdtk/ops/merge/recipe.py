@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional, Union
 
@@ -94,6 +95,11 @@ class Recipe:
             M.check_scalars(step.method, step.alpha, step.beta)
             if isinstance(step.blocks, str):
                 step.blocks = parse_block_spec(step.blocks)
+            if step.exclude is not None:
+                try:
+                    re.compile(step.exclude)
+                except re.error as e:
+                    raise UsageError(None, f"{where}: --exclude {step.exclude!r} is not a valid regular expression ({e})") from None
             if step.name:
                 if step.name in known:
                     raise UsageError(None, f"{where}: name {step.name!r} is already used")
@@ -110,7 +116,7 @@ class Recipe:
         if self.dtype:
             out["dtype"] = self.dtype
         if self.bake_vae:
-            out["bake_vae"] = identities["__bake_vae__"]
+            out["bake_vae"] = identities["__bake_vae__"]  # run.BAKE
         return out
 
 

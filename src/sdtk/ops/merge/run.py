@@ -16,7 +16,7 @@ from sdtk.errors import SdtkError, UsageError
 from sdtk.fileio import check_output_path
 from sdtk.formats import open_model
 from sdtk.formats.safetensors import write_safetensors
-from sdtk.ops.merge.arch import FIRST_CONV, check_compatible, family_of
+from sdtk.ops.merge.arch import FIRST_CONV, check_compatible, describe
 from sdtk.ops.merge.plan import FileSource, StepSource, output_plan
 from sdtk.ops.merge.recipe import Recipe, dumps_canonical
 
@@ -26,24 +26,20 @@ HASH_CHUNK = 16 << 20
 A1111_METHOD_NAMES = {"weighted-sum": "Weighted sum", "add-difference": "Add difference"}
 
 
-def sha256_file(path: str) -> str:
-    """SHA256 of the whole file (A1111 / Civitai), read in 16 MiB blocks."""
-    try:
-        from sdtk.hashing import sha256_file as shared  # the hashing helper's, when it has landed
-
-        return shared(path)
-    except Exception:
-        pass
+def sha256_file(path: str, cancelled: Callable[[], bool] = lambda: False) -> Optional[str]:
+    """SHA256 of the whole file (A1111 / Civitai), read in 16 MiB blocks; None if cancelled.
+    (sdtk.hashing.hash_file computes all six published hashes in one read, 2.6x the CPU of
+    sha256 alone; a merge needs only the one A1111 keys its merge metadata by.)"""
     h = hashlib.sha256()
     with open(path, "rb", buffering=0) as f:
         buf = bytearray(HASH_CHUNK)
         view = memoryview(buf)
-        while True:
+        while not cancelled():
             n = f.readinto(buf)
             if not n:
-                break
+                return h.hexdigest()
             h.update(view[:n])
-    return h.hexdigest()
+    return None
 
 
 def legacy_hash(path: str) -> str:
@@ -95,16 +91,23 @@ def _find_model(name: str, path: str, identity: dict, search_dirs: List[str]) ->
 
 
 class _Hasher(threading.Thread):
+    """Hashes the inputs in the background while the merge is written (hashlib releases the GIL)."""
+
     def __init__(self, paths: List[str]):
-        super().__init__(daemon=True)
+        super().__init__(daemon=True, name="sdtk-merge-hash")
         self.paths, self.results, self.error = paths, {}, None
+        self._cancelled = threading.Event()
 
     def run(self):
         try:
             for p in self.paths:
-                self.results[p] = sha256_file(p)
+                if p not in self.results:
+                    self.results[p] = sha256_file(p, self._cancelled.is_set)
         except BaseException as e:  # reported by the caller
             self.error = e
+
+    def cancel(self):
+        self._cancelled.set()
 
 
 def run_recipe(recipe: Recipe, dest: str, overwrite: bool = False, hash_inputs: bool = True,
@@ -114,92 +117,94 @@ def run_recipe(recipe: Recipe, dest: str, overwrite: bool = False, hash_inputs: 
     recipe.validate()
     search_dirs = search_dirs or []
     paths = {n: _find_model(n, p, recipe.identities.get(n, {}), search_dirs) for n, p in recipe.models.items()}
-    bake_path = None
     if recipe.bake_vae:
-        bake_path = _find_model("bake_vae", recipe.bake_vae, recipe.identities.get("__bake_vae__", {}), search_dirs)
-    all_inputs = list(paths.values()) + ([bake_path] if bake_path else [])
-    check_output_path(dest, all_inputs, overwrite)
+        paths[BAKE] = _find_model("bake_vae", recipe.bake_vae, recipe.identities.get(BAKE, {}), search_dirs)
+    check_output_path(dest, paths.values(), overwrite)
     stored_hashes = any("sha256" in recipe.identities.get(n, {}) for n in recipe.models)
     if recipe.identities and stored_hashes != hash_inputs:
         raise UsageError(None, "the stored recipe was made " + ("with" if stored_hashes else "without")
                          + " input hashes; " + ("drop --no-hash" if stored_hashes else "pass --no-hash") + " to reproduce it")
-
-    cats = {}
+    cats: Dict[str, object] = {}
+    hasher = _Hasher(list(paths.values())) if hash_inputs else None
     try:
         sources: Dict[str, object] = {}
         for name, path in paths.items():
             cats[name] = cat = open_model(path)
-            sources[name] = FileSource(path, cat, family_of(cat))
-        bake = None
-        if bake_path:
-            cats["__bake_vae__"] = bcat = open_model(bake_path)
-            bake = FileSource(bake_path, bcat, None)
-        # identities: quick ones now (and checked against a stored recipe), sha256 while writing
-        identities: Dict[str, dict] = {}
-        id_paths = dict(paths, **({"__bake_vae__": bake_path} if bake_path else {}))
-        for i, (name, path) in enumerate(id_paths.items()):
-            ident = {"file": os.path.basename(path), "size": os.path.getsize(path)}
-            if hash_inputs:
-                ident["sha256"] = _placeholder(i)
-            else:
-                ident["header_sha256"] = header_sha256(path)
-            stored = recipe.identities.get(name)
-            if stored:
-                for k in ("size", "header_sha256"):
-                    if k in stored and stored[k] != ident.get(k):
-                        raise SdtkError(path, f"is not the file the recipe was made from ({k} differs)")
-            identities[name] = ident
-
-        steps: List[StepSource] = []
-        for i, step in enumerate(recipe.steps):
-            inputs = [sources[n] for n in step.inputs]
-            check_compatible([getattr(s, "label") for s in inputs], [s.family for s in inputs],
-                             [{k: v[0] for k, v in s.entries.items()} for s in inputs])
-            name = step.name or f"step{i + 1}"
-            steps.append(StepSource(name, step.method, inputs, step.alpha, step.beta, step.seed,
-                                    blocks=step.blocks, te=step.te, vae=step.vae, exclude=step.exclude))
-            if step.name:
-                sources[step.name] = steps[-1]
+            sources[name] = FileSource(path, cat, *describe(cat)) if name != BAKE else FileSource(path, cat, None)
+        identities = _quick_identities(paths, recipe.identities, hash_inputs)
+        steps = _build_steps(recipe, sources)
         final = steps[-1]
-        plan = output_plan(final, recipe.dtype, bake, workers=workers or default_workers())
-
-        hasher = _Hasher(list(id_paths.values())) if hash_inputs else None
-        canonical = recipe.canonical(identities)
-        metadata = _metadata(recipe, canonical, cats, identities, paths, final)
+        plan = output_plan(final, recipe.dtype, sources.get(BAKE), workers=workers or default_workers())
+        metadata = _metadata(recipe, recipe.canonical(identities), cats, identities, paths, final)
         if on_start is not None:
             on_start(plan)
+        written = {}
+
+        def final_metadata() -> Dict[str, str]:
+            written["metadata"] = _with_hashes(metadata, hasher, paths, identities, recipe.identities) if hasher else metadata
+            return written["metadata"]
+
         if hasher is not None:
             hasher.start()
-
-        def finalize() -> Dict[str, str]:
-            if hasher is None:
-                return metadata
-            hasher.join()
-            if hasher.error is not None:
-                raise SdtkError(None, f"hashing the inputs failed: {hasher.error}")
-            text = dict(metadata)
-            for i, (name, path) in enumerate(id_paths.items()):
-                real = hasher.results[path]
-                stored = recipe.identities.get(name, {}).get("sha256")
-                if stored and stored != real:
-                    raise SdtkError(path, f"is not the file the recipe was made from (sha256 {real[:12]} != {stored[:12]})")
-                identities[name]["sha256"] = real
-                text = {k: v.replace(_placeholder(i), real) for k, v in text.items()}
-            return text
-
-        holder = {}
-
-        def final_metadata():
-            holder["metadata"] = finalize()
-            return holder["metadata"]
-
-        n = write_safetensors(dest, plan, metadata, inputs=all_inputs, overwrite=overwrite,
+        n = write_safetensors(dest, plan, metadata, inputs=list(paths.values()), overwrite=overwrite,
                               on_tensor=on_tensor, final_metadata=final_metadata)
-        reports = [s.report.as_dict() for s in steps]
-        return MergeResult(os.fspath(dest), n, len(plan), reports, identities, final.family, holder.get("metadata", metadata))
+        return MergeResult(os.fspath(dest), n, len(plan), [s.report.as_dict() for s in steps], identities,
+                           final.family, written.get("metadata", metadata))
     finally:
+        if hasher is not None:
+            hasher.cancel()
         for cat in cats.values():
             cat.close()
+
+
+BAKE = "__bake_vae__"  # the name of the --bake-vae file among the recipe's inputs
+
+
+def _quick_identities(paths: Dict[str, str], stored: Dict[str, dict], hash_inputs: bool) -> Dict[str, dict]:
+    """{file, size, sha256 placeholder | header_sha256} per input; a stored recipe's size and
+    header hash are checked now (its sha256 when the hashes are known, at the end)."""
+    identities = {}
+    for i, (name, path) in enumerate(paths.items()):
+        ident = {"file": os.path.basename(path), "size": os.path.getsize(path)}
+        if hash_inputs:
+            ident["sha256"] = _placeholder(i)
+        else:
+            ident["header_sha256"] = header_sha256(path)
+        for k in ("size", "header_sha256"):
+            if k in stored.get(name, {}) and stored[name][k] != ident.get(k):
+                raise SdtkError(path, f"is not the file the recipe was made from ({k} differs)")
+        identities[name] = ident
+    return identities
+
+
+def _build_steps(recipe: Recipe, sources: Dict[str, object]) -> List[StepSource]:
+    """One StepSource per step; each step's inputs are checked for compatibility first."""
+    steps: List[StepSource] = []
+    for i, step in enumerate(recipe.steps):
+        inputs = [sources[n] for n in step.inputs]
+        check_compatible([s.label for s in inputs], [s.family for s in inputs],
+                         [{k: v[0] for k, v in s.entries.items()} for s in inputs], [s.title for s in inputs])
+        steps.append(StepSource(step.name or f"step{i + 1}", step.method, inputs, step.alpha, step.beta, step.seed,
+                                blocks=step.blocks, te=step.te, vae=step.vae, exclude=step.exclude))
+        if step.name:
+            sources[step.name] = steps[-1]
+    return steps
+
+
+def _with_hashes(metadata: Dict[str, str], hasher: _Hasher, paths: Dict[str, str], identities, stored) -> Dict[str, str]:
+    """The metadata with the real sha256s in place of the placeholders (same length)."""
+    hasher.join()
+    if hasher.error is not None:
+        raise SdtkError(None, f"hashing the inputs failed: {hasher.error}")
+    text = dict(metadata)
+    for i, (name, path) in enumerate(paths.items()):
+        real = hasher.results[path]
+        want = stored.get(name, {}).get("sha256")
+        if want and want != real:
+            raise SdtkError(path, f"is not the file the recipe was made from (sha256 {real[:12]} != {want[:12]})")
+        identities[name]["sha256"] = real
+        text = {k: v.replace(_placeholder(i), real) for k, v in text.items()}
+    return text
 
 
 def _metadata(recipe: Recipe, canonical: dict, cats, identities, paths, final) -> Dict[str, str]:
@@ -224,24 +229,19 @@ def _metadata(recipe: Recipe, canonical: dict, cats, identities, paths, final) -
         "save_as_half": dtype_name in ("fp16", "float16", "half"),
         "custom_name": "",
         "config_source": 0,
-        "bake_in_vae": identities["__bake_vae__"]["file"] if "__bake_vae__" in identities else "None",
+        "bake_in_vae": identities[BAKE]["file"] if BAKE in identities else "None",
         "discard_weights": last.exclude or "",
         "is_inpainting": channels == 9,
         "is_instruct_pix2pix": channels == 8,
     }
     models: Dict[str, dict] = {}
-    for name in recipe.models:
+    for name in recipe.models:  # A1111 run_modelmerger add_model_metadata: the entry, then its own sd_merge_models
         meta = cats[name].metadata
-        key = hash_of(name)
-        try:
-            nested = json.loads(meta["sd_merge_models"]) if "sd_merge_models" in meta else {}
-            if isinstance(nested, dict):
-                models.update(nested)
-        except ValueError:
-            pass
-        models[key] = {"name": os.path.splitext(identities[name]["file"])[0],
-                       "legacy_hash": legacy_hash(paths[name]),
-                       "sd_merge_recipe": json.loads(meta["sd_merge_recipe"]) if _is_json(meta.get("sd_merge_recipe")) else None}
+        models[hash_of(name)] = {"name": identities[name]["file"], "legacy_hash": legacy_hash(paths[name]),
+                                 "sd_merge_recipe": json.loads(meta["sd_merge_recipe"]) if _is_json(meta.get("sd_merge_recipe")) else None}
+        nested = json.loads(meta["sd_merge_models"]) if _is_json(meta.get("sd_merge_models")) else None
+        if isinstance(nested, dict):
+            models.update(nested)
     return {
         "format": "pt",
         "sd_merge_recipe": json.dumps(sd_merge_recipe, ensure_ascii=False),

@@ -1,0 +1,3 @@
+from sdtk.cli.main import main
+
+main()

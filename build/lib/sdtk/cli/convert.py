@@ -1,0 +1,149 @@
+"""`sdtk convert`: thin CLI over sdtk.ops.convert (options, progress bars, words, JSON)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.progress import BarColumn, DownloadColumn, Progress as RichProgress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+from sdtk.cli.common import console, err_console, error_line, print_json
+from sdtk.errors import EXIT_BAD_INPUT, EXIT_OK, SdtkError, UsageError
+from sdtk.ops.convert import ConvertOptions, Progress, convert_file, model_files_in, resolve_options
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("convert")
+    def convert_cmd(
+        source: Path = typer.Argument(..., help="Model file (.ckpt/.pt/.pth/.bin/.safetensors), or a folder of them."),
+        output_arg: Optional[Path] = typer.Argument(None, metavar="[OUT]", help="Output .safetensors file (same as -o)."),
+        output: Optional[Path] = typer.Option(None, "-o", "--output", help="Output file, or folder (batch, --extract). Default: beside the input, named after what was done."),
+        dtype: Optional[str] = typer.Option(None, "--dtype", help="fp32|fp16|bf16|fp8-e4m3fn|fp8-e5m2 for floating tensors (integers, position ids and markers are never cast)."),
+        unet_dtype: Optional[str] = typer.Option(None, "--unet-dtype", help="Precision of the UNet/DiT (overrides --dtype)."),
+        vae_dtype: Optional[str] = typer.Option(None, "--vae-dtype", help="Precision of the VAE (overrides --dtype)."),
+        te_dtype: Optional[str] = typer.Option(None, "--te-dtype", help="Precision of the text encoders (overrides --dtype)."),
+        allow_overflow: bool = typer.Option(False, "--allow-overflow", help="Write even if values overflow to inf/NaN in the cast."),
+        ema: Optional[str] = typer.Option(None, "--ema", help="keep|drop|use: what to do with an EMA copy (use: EMA weights become the model weights)."),
+        prune: bool = typer.Option(False, "--prune", help="Drop training state, the EMA copy (unless --ema keep) and unknown keys; markers are kept."),
+        keep_unknown: bool = typer.Option(False, "--keep-unknown", help="With --prune: keep keys the architecture tables do not know."),
+        fix_clip: bool = typer.Option(False, "--fix-clip", help="Reset CLIP position_ids to 0..76 int64; rename NovelAI-style CLIP keys."),
+        bake_vae: Optional[Path] = typer.Option(None, "--bake-vae", help="Bake this VAE file (LDM or diffusers layout) into the model."),
+        extract: List[str] = typer.Option([], "--extract", help="Write parts as stand-alone files: vae, unet, clip-l, clip-g, open-clip-h, t5xxl, text-encoders (repeat or comma-separate)."),
+        replace_parts: List[str] = typer.Option([], "--replace", help="COMPONENT=FILE: take a component (vae, unet, clip-l, ...) from another file."),
+        preset: Optional[str] = typer.Option(None, "--for", help="generation (fp16, pruned, one weight set, CLIP fixed) or training (fp32, EMA kept)."),
+        prediction_type: Optional[str] = typer.Option(None, "--prediction-type", help="State the prediction type (epsilon|v): recorded in ModelSpec, decides the A1111 .yaml."),
+        no_sidecar: bool = typer.Option(False, "--no-sidecar", help="Do not write the <name>.yaml config A1111 needs for SD2 768-v models."),
+        no_source_hash: bool = typer.Option(False, "--no-source-hash", help="Do not hash the input for the lineage metadata (saves one read of the input)."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
+        replace_input: bool = typer.Option(False, "--replace-input", help="After re-reading and verifying every tensor of the output, replace the input by it (<name>.safetensors)."),
+        json_out: bool = typer.Option(False, "--json", help="Print a JSON summary."),
+    ) -> int:
+        """Convert model files to safetensors: precision, EMA, pruning, CLIP fixes, VAE baking, extraction.
+
+        Streams tensor by tensor (memory ~ one tensor), never executes a pickle, writes atomically,
+        keeps the input's metadata and adds ModelSpec + lineage."""
+        if output_arg is not None and output is not None:
+            raise UsageError(None, "give the output either as OUT or with -o, not both")
+        output = output or output_arg
+        if replace_input and output is not None:
+            raise UsageError(None, "--replace-input names the output itself (<input>.safetensors); drop -o")
+        opts = resolve_options(ConvertOptions(
+            dtype=dtype, unet_dtype=unet_dtype, vae_dtype=vae_dtype, te_dtype=te_dtype, allow_overflow=allow_overflow,
+            ema=ema, prune=prune, keep_unknown=keep_unknown, fix_clip=fix_clip,
+            bake_vae=str(bake_vae) if bake_vae else None, extract=list(extract), replace=list(replace_parts),
+            preset=preset, prediction_type=prediction_type, sidecar=not no_sidecar,
+            source_hashes=not no_source_hash, replace_input=replace_input, overwrite=overwrite,
+        ))
+        show_progress = not json_out and err_console.is_terminal
+        if source.is_dir():
+            return _convert_folder(source, output, opts, json_out, show_progress)
+        if not source.exists():
+            raise SdtkError(source, "no such file")
+        with _progress_display(show_progress) as progress:
+            _, summary = convert_file(source, opts, output=output, progress=progress)
+        if json_out:
+            print_json(summary)
+        else:
+            _print_summary(summary)
+        return EXIT_OK
+
+
+def _convert_folder(folder: Path, output: Optional[Path], opts: ConvertOptions, json_out: bool, show_progress: bool) -> int:
+    if output is not None and not output.is_dir():
+        raise UsageError(output, "with a folder as input, -o must be an existing folder")
+    files = model_files_in(folder)
+    if not files:
+        raise SdtkError(folder, "holds no model files (.safetensors .ckpt .pt .pth .bin)")
+    results, failures = [], []
+    with _progress_display(show_progress, batch_total=len(files)) as progress:
+        for path in files:
+            try:
+                _, summary = convert_file(path, opts, out_folder=output, progress=progress)
+                results.append(summary)
+                if not json_out:
+                    _print_summary(summary)
+            except SdtkError as e:
+                failures.append({"input": str(path), "error": str(e)})
+                if not json_out:
+                    error_line(str(e))
+            progress.next_file()
+    if json_out:
+        print_json({"converted": results, "failed": failures})
+    else:
+        console.print(f"{len(results)} of {len(files)} files converted" + (f", {len(failures)} refused" if failures else ""))
+    return EXIT_BAD_INPUT if failures else EXIT_OK
+
+
+def _print_summary(summary: dict) -> None:
+    for out in summary["outputs"]:
+        console.print(f"wrote {out['path']} ({out['tensors']} tensors, {out['bytes']:,} bytes)")
+        if out["sidecar"]:
+            console.print(f"wrote {out['sidecar']} (A1111 config)")
+    arch = summary["architecture"] or "unknown architecture"
+    pred = f", {summary['prediction_type']}-prediction" if summary["prediction_type"] else ""
+    console.print(f"  model: {arch}{pred}")
+    for op in summary["operations"]:
+        console.print(f"  done: {op}")
+    for note in summary["notes"]:
+        console.print(f"  {note}")
+    if summary["sidecar"] and summary["sidecar"] != "not needed":
+        console.print(f"  config .yaml: {summary['sidecar']}")
+
+
+class _ProgressDisplay(Progress):
+    """Per-file byte progress (and a batch bar) on stderr; nothing when not a terminal."""
+
+    def __init__(self, enabled: bool, batch_total: Optional[int] = None):
+        self.enabled = enabled
+        self.bars = RichProgress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                                 TimeRemainingColumn(), console=err_console, transient=True, disable=not enabled)
+        self.batch = self.bars.add_task("batch", total=batch_total) if (batch_total and enabled) else None
+        self.task = None
+        super().__init__(start=self._start, advance=self._advance, done=self._done)
+
+    def _start(self, dest, total):
+        self.task = self.bars.add_task(Path(dest).name, total=total)
+
+    def _advance(self, done):
+        if self.task is not None:
+            self.bars.update(self.task, completed=done)
+
+    def _done(self):
+        if self.task is not None:
+            self.bars.remove_task(self.task)
+            self.task = None
+
+    def next_file(self):
+        if self.batch is not None:
+            self.bars.advance(self.batch)
+
+    def __enter__(self):
+        self.bars.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.bars.__exit__(*exc)
+
+
+def _progress_display(enabled: bool, batch_total: Optional[int] = None) -> _ProgressDisplay:
+    return _ProgressDisplay(enabled, batch_total)

@@ -1,0 +1,105 @@
+"""`sdtk hash FILE...`: SHA256, AutoV1, AutoV2, AutoV3, CRC32, BLAKE3 (and the content hash) in one read."""
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import List
+
+import typer
+
+from sdtk.cli.common import console, err_console, error_line, print_json
+from sdtk.errors import EXIT_BAD_INPUT, EXIT_OK, SdtkError, UsageError
+from sdtk.hashing import HASH_KEYS, STYLES, hash_file
+from sdtk.hashing.model import hash_model_file
+
+NO_VALUE = {"AutoV1": "-  (file under 2 MiB: Civitai computes no AutoV1)", "Content": "-  (not a model file)"}
+PROGRESS_FROM_BYTES = 256 * 1024 * 1024  # a progress bar for files from this size, on a terminal
+
+
+@contextmanager
+def progress_for(path: Path, size: int, enabled: bool):
+    """A rich progress bar (bytes, bytes/s, ETA) on stderr; yields the callback (or None)."""
+    if not enabled or size < PROGRESS_FROM_BYTES or not err_console.is_terminal:
+        yield None
+        return
+    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                               TransferSpeedColumn)
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                  TimeRemainingColumn(), console=err_console, transient=True) as bar:
+        task = bar.add_task(f"hashing {path.name}", total=size)
+        yield lambda done, total: bar.update(task, completed=done)
+
+
+def hash_one(path: Path, style: str, content: bool, show_progress: bool) -> tuple:
+    """({file, size, SHA256..BLAKE3 [, Content]}, content problem or None) for one file, in `style`.
+
+    A file that is not a model still gets its six hashes; its Content is null and the problem
+    (the reader's one-line message) is returned."""
+    size = os.stat(path).st_size if os.path.isfile(path) else 0
+    problem, content_value, catalogue = None, None, None
+    if content:
+        from sdtk.formats import open_model
+
+        try:
+            catalogue = open_model(path)
+        except SdtkError as e:
+            if not os.path.isfile(path):
+                raise
+            problem = e
+    try:
+        with progress_for(path, size, show_progress) as on_progress:
+            if catalogue is not None:
+                mh = hash_model_file(path, catalogue, on_progress=on_progress)
+                fh, content_value = mh.file, mh.content
+            else:
+                fh = hash_file(path, on_progress=on_progress)
+    finally:
+        if catalogue is not None:
+            catalogue.close()
+    row = {"file": str(path), "size": fh.size, **fh.formatted(style)}
+    if content:
+        row["Content"] = None if content_value is None else (content_value if style == "a1111" else content_value.upper())
+    return row, problem
+
+
+def print_row(row: dict) -> None:
+    console.print(f"[bold]{row['file']}[/]  ({row['size']:,} bytes)")
+    for key in HASH_KEYS + ("Content",):
+        if key in row:
+            value = row[key]
+            console.print(f"  {key:<7} {value if value is not None else NO_VALUE[key]}")
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("hash")
+    def hash_cmd(
+        files: List[Path] = typer.Argument(..., help="Files to hash (any file; model files for --content)."),
+        style: str = typer.Option("civitai", "--style", help="civitai: upper case, as Civitai shows them (AutoV3 12 digits, "
+                                  "AutoV1 null under 2 MiB); a1111: lower case, as A1111 prints them (AutoV3 64 digits)."),
+        content: bool = typer.Option(False, "--content", help="Also the content hash of the tensors (same weights in any "
+                                     "container or after a metadata edit give the same value)."),
+        json_out: bool = typer.Option(False, "--json", help="Print a JSON list, one object per file."),
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    ) -> int:
+        """All six hashes Civitai and A1111 use (SHA256, AutoV1, AutoV2, AutoV3, CRC32, BLAKE3) in one read."""
+        if style not in STYLES:
+            raise UsageError(None, f"--style must be one of {', '.join(STYLES)} (got {style!r})")
+        rows, code = [], EXIT_OK
+        for path in files:
+            try:
+                row, problem = hash_one(path, style, content, show_progress=not quiet and not json_out)
+            except SdtkError as e:
+                error_line(str(e))
+                code = e.exit_code if code == EXIT_OK else code
+                continue
+            if problem is not None:
+                error_line(f"{problem} (no content hash)")
+                code = problem.exit_code if code == EXIT_OK else code
+            rows.append(row)
+            if not json_out:
+                print_row(row)
+        if json_out:
+            print_json(rows)
+        return code if rows or code else EXIT_BAD_INPUT

@@ -1,0 +1,117 @@
+"""`sdtk inspect FILE_OR_FOLDER...`: what a model file is, what is wrong with it, what to do.
+
+Exit codes: 0 every file identified and no problems; 1 problems found (or a file not
+identified); 2 a file was unreadable, hostile or missing (the worst case wins)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+import typer
+
+from sdtk.cli.common import console, err_console, print_json
+from sdtk.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_PROBLEMS, SdtkError, UsageError
+from sdtk.identify import Identity, identify_path
+from sdtk.report import LANGUAGES, json_report, render_identity, summary_line, text
+from sdtk.report.fields import human_bytes
+
+# Extensions of model files in a folder (A1111/ComfyUI model folders). Source: ComfyUI
+# folder_paths.py supported_pt_extensions (.ckpt .pt .pt2 .bin .pth .safetensors .pkl .sft).
+MODEL_EXTENSIONS = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin", ".pkl")
+
+
+def iter_model_files(folder: str) -> Iterator[str]:
+    """Model files under `folder`, sorted, recursively; a diffusers folder counts as one model."""
+    for root, dirs, files in os.walk(folder):
+        dirs.sort()
+        if "model_index.json" in files and root != folder:
+            dirs[:] = []
+            yield root
+            continue
+        if "model_index.json" in files and root == folder:
+            dirs[:] = []
+            yield root
+            continue
+        for name in sorted(files):
+            if name.lower().endswith(MODEL_EXTENSIONS) and not name.startswith("."):
+                yield os.path.join(root, name)
+
+
+def inspect_one(path: str, deep: bool, vae_ref: Optional[str]) -> Tuple[Optional[Identity], Optional[Dict[str, Any]]]:
+    """(identity, None) or (None, unreadable record); never raises for a bad file."""
+    try:
+        return identify_path(path, deep=deep, vae_ref=vae_ref), None
+    except SdtkError as e:
+        return None, {"path": path, "problem": e.problem, "error": type(e).__name__, "file_size": _size(path)}
+    except (OSError, ValueError, KeyError, IndexError, TypeError, MemoryError, RecursionError) as e:  # hostile input the readers did not anticipate
+        return None, {"path": path, "problem": f"could not be read ({type(e).__name__}: {e})", "error": "FormatError", "file_size": _size(path)}
+
+
+def _size(path: str) -> int:
+    try:
+        return os.path.getsize(path) if os.path.isfile(path) else 0
+    except OSError:
+        return 0
+
+
+def exit_code_for(identities: List[Identity], unreadable: List[Dict[str, Any]]) -> int:
+    if unreadable:
+        return EXIT_BAD_INPUT
+    if any(i.has_problems or not i.identified for i in identities):
+        return EXIT_PROBLEMS
+    return EXIT_OK
+
+
+def run_inspect(paths: List[Path], json_out: bool, lang: str, deep: bool, vae_ref: Optional[Path], verbose: bool) -> int:
+    if lang not in LANGUAGES:
+        raise UsageError(None, f"--lang must be one of {', '.join(LANGUAGES)} (got {lang!r})")
+    if vae_ref is not None and not os.path.isfile(vae_ref):
+        raise UsageError(vae_ref, "--vae-ref: no such file")
+    identities: List[Identity] = []
+    unreadable: List[Dict[str, Any]] = []
+    listing = False
+    for p in paths:
+        p = os.fspath(p)
+        if os.path.isdir(p) and not os.path.exists(os.path.join(p, "model_index.json")):
+            listing = True
+            targets = list(iter_model_files(p))
+        else:
+            targets = [p]
+        for target in targets:
+            ident, bad = inspect_one(target, deep, os.fspath(vae_ref) if vae_ref else None)
+            if ident is not None:
+                identities.append(ident)
+                if not json_out and not listing:
+                    console.print(render_identity(ident, lang, verbose=verbose))
+                    console.print()
+                elif not json_out:
+                    console.print(summary_line(ident, lang), markup=False, highlight=False)
+            else:
+                unreadable.append(bad)
+                if not json_out:
+                    line = f"  ✗  {bad['path']}: {text('label.unreadable', lang)}: {bad['problem']}"
+                    (console if listing else err_console).print(line, markup=False, highlight=False, style="red")
+    code = exit_code_for(identities, unreadable)
+    if json_out:
+        print_json(json_report(identities, unreadable, lang, code))
+    elif listing or len(identities) + len(unreadable) > 1:
+        tot = json_report(identities, unreadable, lang, code)["totals"]
+        console.print(text("totals.line", lang, **{**tot, "size_h": human_bytes(tot["bytes"])}), markup=False, highlight=False)
+    return code
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("inspect")
+    def inspect_cmd(
+        paths: List[Path] = typer.Argument(..., help="Model files, or folders (every model file inside is listed)."),
+        json_out: bool = typer.Option(False, "--json", help="Print JSON (schema sdtk.inspect/1, see docs/inspect.md)."),
+        lang: str = typer.Option("en", "--lang", help="Language of the report: en, ja, zh, ru."),
+        deep: bool = typer.Option(False, "--deep", help="Also read every tensor: inf/NaN check, SD2 prediction heuristic."),
+        vae_ref: Optional[Path] = typer.Option(None, "--vae-ref", help="A VAE file: is the VAE baked into the model the same?"),
+        verbose: bool = typer.Option(False, "--verbose", "-v", help="Show every finding and note."),
+    ) -> int:
+        """Say what a model file is, what is inside, what is wrong with it, and what to do.
+
+        Exit codes: 0 all identified, no problems; 1 problems found; 2 a file was unreadable."""
+        return run_inspect(paths, json_out, lang, deep, vae_ref, verbose)

@@ -1,0 +1,133 @@
+"""Never lose a user's file: outputs go to a temporary file beside the destination, are fsynced
+and renamed into place; on any error (disk full, Ctrl-C, a bad tensor) the temporary file is
+removed and the destination is untouched. Inputs are never written."""
+from __future__ import annotations
+
+import errno
+import os
+import tempfile
+from pathlib import Path
+from typing import BinaryIO, Iterable, Optional
+
+from sdtk.errors import OutputError
+
+TEMP_SUFFIX = ".sdtk-partial"
+
+
+def same_file(a: "os.PathLike[str] | str", b: "os.PathLike[str] | str") -> bool:
+    """True when two paths name the same file (hard links and symlinks included)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.abspath(a) == os.path.abspath(b)
+
+
+def check_output_path(dest: "os.PathLike[str] | str", inputs: Iterable = (), overwrite: bool = False) -> Path:
+    """Refuse an output that is one of the inputs, or exists (unless overwrite), or has no folder."""
+    dest = Path(dest)
+    for src in inputs:
+        if src is not None and same_file(dest, src):
+            raise OutputError(dest, "is one of the inputs; sdtk never writes over an input (choose another output name)")
+    if dest.is_dir():
+        raise OutputError(dest, "is a folder; give a file name for the output")
+    if dest.exists() and not overwrite:
+        raise OutputError(dest, "already exists; pass --overwrite to replace it")
+    parent = dest.parent if str(dest.parent) else Path(".")
+    if not parent.is_dir():
+        raise OutputError(dest, f"folder {parent} does not exist")
+    return dest
+
+
+class AtomicOutput:
+    """`with AtomicOutput(dest, inputs=[...]) as f: f.write(...)`: all or nothing."""
+
+    def __init__(self, dest, inputs: Iterable = (), overwrite: bool = False):
+        self.dest = check_output_path(dest, inputs, overwrite)
+        self.overwrite = overwrite
+        self.file: Optional[BinaryIO] = None
+        self.temp_path: Optional[str] = None
+
+    def __enter__(self) -> BinaryIO:
+        parent = str(self.dest.parent) or "."
+        try:
+            fd, self.temp_path = tempfile.mkstemp(prefix="." + self.dest.name + ".", suffix=TEMP_SUFFIX, dir=parent)
+        except OSError as e:
+            raise OutputError(self.dest, f"cannot create a file in {parent}: {e.strerror}") from None
+        self.file = os.fdopen(fd, "wb")
+        return self.file
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        assert self.file is not None and self.temp_path is not None
+        if exc_type is None:
+            try:
+                self.file.flush()
+                os.fsync(self.file.fileno())
+                self.file.close()
+                os.chmod(self.temp_path, 0o644 & ~_umask())
+                if self.dest.exists() and not self.overwrite:  # appeared while we were writing
+                    raise OutputError(self.dest, "appeared while writing; pass --overwrite to replace it")
+                os.replace(self.temp_path, self.dest)
+                _fsync_dir(self.dest.parent)
+                return False
+            except BaseException as e:
+                self._discard()
+                if isinstance(e, OSError):
+                    raise os_error_to_output_error(self.dest, e) from None
+                raise
+        self._discard()
+        if isinstance(exc, OSError):
+            raise os_error_to_output_error(self.dest, exc) from None
+        return False
+
+    def _discard(self) -> None:
+        try:
+            if self.file is not None and not self.file.closed:
+                self.file.close()
+        except OSError:
+            pass
+        if self.temp_path and os.path.exists(self.temp_path):
+            os.unlink(self.temp_path)
+
+
+def os_error_to_output_error(dest, e: OSError) -> OutputError:
+    if e.errno == errno.ENOSPC:
+        return OutputError(dest, "disk full while writing; nothing was written (free some space and retry)")
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return OutputError(dest, "permission denied while writing; nothing was written")
+    return OutputError(dest, f"write failed ({e.strerror or e}); nothing was written")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(str(folder) or ".", os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def open_input(path: "os.PathLike[str] | str"):
+    """Open a model file for reading, turning OS errors into one-line SdtkErrors."""
+    from sdtk.errors import FormatError, SdtkError
+
+    p = os.fspath(path)
+    if os.path.isdir(p):
+        raise FormatError(p, "is a folder, not a model file")
+    try:
+        return open(p, "rb")
+    except FileNotFoundError:
+        raise SdtkError(p, "no such file") from None
+    except PermissionError:
+        raise SdtkError(p, "permission denied") from None
+    except OSError as e:
+        raise SdtkError(p, f"cannot open: {e.strerror or e}") from None

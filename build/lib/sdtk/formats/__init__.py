@@ -1,0 +1,76 @@
+"""Readers for every model file format; the format is detected from the content, never the name."""
+from __future__ import annotations
+
+import os
+
+from sdtk.errors import FormatError, UnsupportedFormatError
+from sdtk.fileio import open_input
+from sdtk.formats.catalogue import Catalogue
+
+# Magic numbers. Sources: PKWARE APPNOTE (zip local header), torch/serialization.py
+# (legacy MAGIC_NUMBER 0x1950a86a20f9469cfc6c as a pickled long), POSIX tar (`ustar` at 257),
+# GGUF spec ("GGUF").
+ZIP_MAGIC = b"PK\x03\x04"
+ZIP_EMPTY_MAGIC = b"PK\x05\x06"
+LEGACY_TORCH_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
+GGUF_MAGIC = b"GGUF"
+
+
+def detect_format(path: "os.PathLike[str] | str") -> str:
+    """One of: safetensors, torch-zip, torch-legacy, pickle, torch-tar, gguf, numpy, unknown."""
+    from sdtk.formats.safetensors import looks_like_safetensors
+
+    with open_input(path) as f:
+        head = f.read(512)
+    if not head:
+        raise FormatError(path, "empty file")
+    if head.startswith(ZIP_MAGIC) or head.startswith(ZIP_EMPTY_MAGIC):
+        return "torch-zip"
+    if head.startswith(LEGACY_TORCH_MAGIC):
+        return "torch-legacy"
+    if len(head) >= 262 and head[257:262] == b"ustar":
+        return "torch-tar"
+    if head.startswith(GGUF_MAGIC):
+        return "gguf"
+    if head.startswith(b"\x93NUMPY"):
+        return "numpy"
+    if looks_like_safetensors(head):
+        return "safetensors"
+    if head[:1] == b"\x80" or head[:1] in (b"(", b"}", b"]", b"c"):
+        return "pickle"
+    return "unknown"
+
+
+def open_model(path: "os.PathLike[str] | str") -> Catalogue:
+    """Open any supported model file as a lazy Catalogue (nothing is executed, nothing loaded)."""
+    path = os.fspath(path)
+    kind = detect_format(path)
+    if kind == "safetensors":
+        from sdtk.formats.safetensors import read_safetensors
+
+        return read_safetensors(path)
+    if kind == "torch-zip":
+        from sdtk.formats.torchzip import read_torchzip
+
+        return read_torchzip(path)
+    if kind == "torch-legacy":
+        from sdtk.formats.torchlegacy import read_torch_legacy
+
+        return read_torch_legacy(path)
+    if kind == "pickle":
+        from sdtk.formats.torchlegacy import read_plain_pickle
+
+        return read_plain_pickle(path)
+    if kind == "torch-tar":
+        raise UnsupportedFormatError(path, "torch tar format (pre-2018); refused: it cannot be read safely")
+    if kind == "gguf":
+        raise UnsupportedFormatError(path, "GGUF file; sdtk reads safetensors and PyTorch checkpoints")
+    if kind == "numpy":
+        raise UnsupportedFormatError(path, "a numpy .npy file, not a model checkpoint")
+    from sdtk.formats.torchlegacy import refuse_hidden_pickle_payload
+
+    refuse_hidden_pickle_payload(path)  # a protocol-0 pickle can start with almost any byte
+    raise FormatError(path, "not a model file sdtk knows (not safetensors, not a PyTorch checkpoint)")
+
+
+__all__ = ["Catalogue", "detect_format", "open_model"]

@@ -1,0 +1,70 @@
+"""What to do: plain-language advice chosen from the identity (texts live in the report's
+message catalogues, keys `advice.<code>`). Source of the advice itself: the seeds' guides, see
+the architectures reference "What the seeds tell users to pick"."""
+from __future__ import annotations
+
+from sdtk.identify.model import Advice, Identity
+
+# Header bytes per tensor in a safetensors file (architectures reference: ~150-200 bytes per key).
+HEADER_BYTES_PER_KEY = 160
+GENERATION_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "text_encoder_3", "markers")
+
+
+def _add(ident: Identity, code: str, **details) -> None:
+    ident.advice.append(Advice(code, f"advice.{code}", details))
+
+
+def generation_size(ident: Identity) -> int:
+    """Bytes of the `--for generation` output: one weight set in fp16, no training state."""
+    params = sum(c.parameters for n, c in ident.components.items() if n in GENERATION_COMPONENTS)
+    keys = sum(len(c.keys) for n, c in ident.components.items() if n in GENERATION_COMPONENTS)
+    return params * 2 + keys * HEADER_BYTES_PER_KEY
+
+
+def choose_advice(ident: Identity) -> None:
+    kind = ident.kind
+    codes = {p.code for p in ident.problems}
+    if "clip_position_ids_float" in codes or "clip_position_ids_shifted" in codes or "clip_old_key_names" in codes:
+        _add(ident, "fix_clip")
+    if "non_finite_values" in codes:
+        _add(ident, "non_finite")
+    if kind in ("checkpoint", "diffusion-model"):
+        heavy = ident.has_ema or ident.precision.startswith(("fp32", "mixed")) or ident.training_state or "training_leftovers" in codes
+        if ident.has_ema:
+            _add(ident, "training_checkpoint", precision=ident.precision, size=ident.file_size, target_size=generation_size(ident))
+        elif heavy:
+            _add(ident, "shrink_for_generation", precision=ident.precision, size=ident.file_size, target_size=generation_size(ident))
+        if ident.format != "safetensors":
+            _add(ident, "convert_to_safetensors")
+        if kind == "diffusion-model":
+            _add(ident, "diffusion_model_only", network=ident.family)
+        elif ident.partial:
+            _add(ident, "partial_checkpoint", missing=ident.missing_components)
+        if "needs_config_yaml" in codes:
+            _add(ident, "needs_config_yaml", prediction=ident.prediction_type)
+        if ident.prediction_type == "v":
+            _add(ident, "vpred_settings", ztsnr=ident.zero_terminal_snr)
+        if "markers" in ident.components:
+            _add(ident, "keep_markers")
+        if "sdxl_vae_fp16" in codes:
+            _add(ident, "sdxl_vae_fp16")
+        if not ident.partial and not heavy and ident.format == "safetensors" and not (codes & {"clip_position_ids_float", "clip_position_ids_shifted", "non_finite_values", "missing_keys"}):
+            _add(ident, "ready_for_generation", precision=ident.precision, folder="checkpoints" if kind == "checkpoint" else "diffusion_models")
+        if ident.variant in ("inpainting", "instruct-pix2pix", "depth", "x4-upscaler", "unclip", "refiner"):
+            _add(ident, f"variant_{ident.variant.replace('-', '_')}")
+    elif kind == "lora":
+        _add(ident, "lora", base=(ident.adapter or {}).get("base_architecture"))
+    elif kind == "embedding":
+        _add(ident, "embedding", base=(ident.adapter or {}).get("base_architecture"))
+    elif kind == "hypernetwork":
+        _add(ident, "hypernetwork")
+    elif kind in ("controlnet", "t2i-adapter"):
+        _add(ident, "controlnet", base=(ident.adapter or {}).get("base_architecture"))
+    elif kind == "vae":
+        _add(ident, "vae", channels=16 if ident.architecture == "vae-kl-f8-16ch" else 4)
+    elif kind == "text-encoder":
+        _add(ident, "text_encoder", model=ident.architecture)
+    elif kind == "unknown":
+        _add(ident, "unknown")
+    if kind in ("lora", "embedding", "hypernetwork", "controlnet", "t2i-adapter", "vae", "text-encoder") and ident.format != "safetensors":
+        _add(ident, "convert_to_safetensors")

@@ -1,0 +1,147 @@
+"""What is wrong with a file: each check is a small pure function adding Problems.
+
+Only names, shapes and dtypes are used, plus the 77 values of CLIP position_ids (a tiny tensor)."""
+from __future__ import annotations
+
+from typing import Dict, List, Mapping, Optional
+
+import numpy as np
+
+from sdtk.architectures import known_keys
+from sdtk.architectures.layouts import is_optional
+from sdtk.identify.model import Identity, Problem
+from sdtk.tensors import LazyTensor
+
+POSITION_IDS_SUFFIX = "text_model.embeddings.position_ids"
+# NovelAI-era SD1 files: CLIP keys without `text_model.` (transformers < 4.x naming).
+# Source: A1111 modules/sd_hijack_clip / sd_models.py (transformers key fix-up); ComfyUI
+# comfy/utils.py clip_text_transformers_convert.
+OLD_CLIP_PREFIXES = ("cond_stage_model.transformer.embeddings.", "cond_stage_model.transformer.encoder.",
+                     "cond_stage_model.transformer.final_layer_norm.")
+TRAINING_STATE_KEYS = ("optimizer_states", "lr_schedulers", "callbacks", "epoch", "global_step", "pytorch-lightning_version",
+                       "loops", "hparams_name", "hyper_parameters", "state_dict_ema")
+MAX_LISTED = 50
+
+
+def _add(ident: Identity, code: str, severity: str, **details) -> None:
+    ident.problems.append(Problem(code, severity, f"problem.{code}", details))
+
+
+def check_position_ids(ident: Identity, tensors: Mapping[str, LazyTensor]) -> None:
+    for key, t in tensors.items():
+        if not key.endswith(POSITION_IDS_SUFFIX) or t.numel == 0 or t.numel > 4096:
+            continue
+        try:
+            values = np.asarray(t.read()).reshape(-1)
+        except Exception as e:  # a damaged tensor is itself a finding, not a crash
+            _add(ident, "clip_position_ids_unreadable", "warning", key=key, error=str(e))
+            continue
+        expected = np.arange(values.size)
+        if t.dtype.is_float:
+            as_f = values.astype(np.float64)
+            damaged = [int(i) for i in np.nonzero(np.floor(as_f) != expected)[0]]
+            _add(ident, "clip_position_ids_float", "error" if damaged else "warning", key=key, dtype=t.dtype.short,
+                 damaged_positions=damaged, examples={str(i): float(as_f[i]) for i in damaged[:5]})
+        elif not np.array_equal(values.astype(np.int64), expected):
+            damaged = [int(i) for i in np.nonzero(values.astype(np.int64) != expected)[0]]
+            _add(ident, "clip_position_ids_shifted", "error", key=key, dtype=t.dtype.short, damaged_positions=damaged,
+                 examples={str(i): int(values[i]) for i in damaged[:5]})
+
+
+def check_old_clip_keys(ident: Identity, keys) -> None:
+    old = [k for k in keys if k.startswith(OLD_CLIP_PREFIXES)]
+    if old:
+        _add(ident, "clip_old_key_names", "warning", count=len(old), example=old[0])
+
+
+def check_components(ident: Identity, expected: List[str]) -> None:
+    missing = [c for c in expected if c not in ident.components]
+    ident.missing_components = missing
+    if missing and ident.kind == "checkpoint":
+        ident.partial = True
+        _add(ident, "missing_components", "warning", components=missing)
+
+
+def check_known_keys(ident: Identity, table: Dict[str, list]) -> None:
+    """Missing keys of each present component against the known layout; unknown extra keys."""
+    from sdtk.architectures.layouts import prefix_order, split_key_ordered
+
+    ordered = prefix_order(table)
+    for name, comp in ident.components.items():
+        if name in ("markers", "leftovers", "other", "model_sampling"):
+            continue
+        known = known_keys(ident.architecture, name)
+        if known is None:
+            continue
+        have = set()
+        for key in comp.keys:
+            _, prefix = split_key_ordered(key, ordered)
+            if name == "unet" and not prefix and comp.prefix:
+                prefix = comp.prefix
+            have.add(key[len(prefix):])
+        missing = sorted(k for k in known - have if not is_optional(k))
+        extra = sorted(have - known)
+        if name == "ddpm_buffers":
+            missing = []  # savers keep any subset of the schedule buffers
+        if missing:
+            ident.missing_keys[name] = missing[:MAX_LISTED]
+            _add(ident, "missing_keys", "warning", component=name, count=len(missing), examples=missing[:5])
+        if extra:
+            ident.extra_keys[name] = extra[:MAX_LISTED]
+            _add(ident, "extra_keys", "info", component=name, count=len(extra), examples=extra[:5])
+    other = ident.components.get("other")
+    if other is not None:
+        ident.extra_keys["other"] = other.keys[:MAX_LISTED]
+        _add(ident, "unknown_keys", "info", count=len(other.keys), examples=other.keys[:5], bytes=other.bytes)
+
+
+def check_leftovers(ident: Identity, extras: Mapping) -> None:
+    left = ident.components.get("leftovers")
+    if left is not None:
+        prefixes = sorted({k.split(".", 1)[0] if "." in k else k for k in left.keys})
+        _add(ident, "training_leftovers", "warning", count=len(left.keys), bytes=left.bytes, prefixes=prefixes[:10])
+    state = sorted({k.split(".", 1)[0] for k in extras} & set(TRAINING_STATE_KEYS))
+    ident.training_state = state
+    if state:
+        _add(ident, "training_state", "info", keys=state)
+
+
+def check_sd2_config(ident: Identity, has_yaml: Optional[bool]) -> None:
+    """SD 2.x 768-v (or undetermined) and v-prediction models without markers need a <model>.yaml in A1111."""
+    if has_yaml is None or has_yaml or ident.kind not in ("checkpoint", "diffusion-model"):
+        return
+    needs = (ident.family == "sd2" and ident.prediction_type in ("v", None)) or (
+        ident.family in ("sd1", "sdxl") and ident.prediction_type == "v" and ident.prediction_source not in ("marker",))
+    if needs:
+        _add(ident, "needs_config_yaml", "warning", title=ident.title, prediction=ident.prediction_type or "unknown")
+
+
+def check_sdxl_vae_fp16(ident: Identity) -> None:
+    vae = ident.components.get("vae")
+    if ident.family in ("sdxl", "sdxl-refiner") and vae is not None and set(vae.dtypes) == {"fp16"}:
+        _add(ident, "sdxl_vae_fp16", "info")
+
+
+def check_unidentified(ident: Identity) -> None:
+    if ident.kind == "unknown":
+        _add(ident, "unidentified", "warning", tensors=ident.tensor_count, parameters=ident.parameters)
+
+
+def check_non_finite(ident: Identity, tensors: Mapping[str, LazyTensor], chunk_elems: int = 1 << 24) -> None:
+    """--deep: every float tensor scanned for inf/NaN, in chunks (peak memory ~ one chunk)."""
+    bad: Dict[str, int] = {}
+    for key, t in tensors.items():
+        if not t.dtype.is_float or t.numel == 0:
+            continue
+        flat = np.asarray(t.read()).reshape(-1)
+        count = 0
+        for start in range(0, flat.size, chunk_elems):
+            part = flat[start:start + chunk_elems]
+            if part.dtype.kind != "f":  # bf16 / fp8 (ml_dtypes): compare in fp32
+                part = part.astype(np.float32)
+            count += int(part.size - np.count_nonzero(np.isfinite(part)))
+        if count:
+            bad[key] = count
+    if bad:
+        _add(ident, "non_finite_values", "error", tensors=len(bad), values=sum(bad.values()),
+             examples=sorted(bad, key=bad.get, reverse=True)[:5])

@@ -1,0 +1,1 @@
+"""What can be done to models: each operation turns input catalogues into a write plan."""

@@ -1,0 +1,118 @@
+"""Change the precision of floating-point tensors, counting values that do not fit.
+
+Casts round to nearest, ties to even (numpy for fp16, ml_dtypes for bf16/fp8: the same results
+as torch's `.to()`). A finite value too large for the target becomes inf (fp16, bf16, e5m2) or NaN
+(e5m2) or is clipped to +-448 (e4m3fn has no inf; torch saturates): we count those per tensor, so `convert` can refuse a lossy fp16 cast and
+suggest bf16. Integer and bool tensors, position ids and marker tensors are never cast.
+Large tensors are cast in chunks into one output array: memory is the output tensor plus a chunk.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence
+
+import ml_dtypes
+import numpy as np
+
+from sdtk.ops.components import is_marker
+from sdtk.tensors import DType, LazyTensor
+
+CHUNK_ELEMENTS = 1 << 22  # 4 Mi values: 16 MB of fp32 per step
+# Targets without inf whose out-of-range values are clipped to +-max, as torch does
+# (torch 2.x `.to(torch.float8_e4m3fn)` saturates; ml_dtypes would give NaN).
+SATURATING = frozenset({"F8_E4M3"})
+
+
+def never_cast(t: LazyTensor) -> bool:
+    """Tensors whose dtype carries meaning: integers, bools, position ids, markers."""
+    return not t.dtype.is_float or t.name.endswith("position_ids") or is_marker(t.name)
+
+
+def _may_overflow(src: DType, dst: DType) -> bool:
+    """True when a finite `src` value can become non-finite in `dst` (narrower range)."""
+    if not (src.is_float and dst.is_float) or src == dst:
+        return False
+    return float(ml_dtypes.finfo(dst.numpy).max) < float(ml_dtypes.finfo(src.numpy).max)
+
+
+def cast_array(arr: np.ndarray, dst: DType) -> tuple[np.ndarray, int]:
+    """`arr` cast to `dst` (round to nearest even) and how many finite values did not fit
+    (became inf, or were clipped for saturating targets)."""
+    src_dtype = arr.dtype
+    out = np.empty(arr.shape, dtype=dst.numpy)
+    if arr.size == 0:
+        return out, 0
+    check = _may_overflow(_dt(src_dtype), dst)
+    limit = float(ml_dtypes.finfo(dst.numpy).max) if dst.name in SATURATING else None
+    flat_in = arr.reshape(-1)
+    flat_out = out.reshape(-1)
+    overflow = 0
+    for start in range(0, flat_in.size, CHUNK_ELEMENTS):
+        stop = min(start + CHUNK_ELEMENTS, flat_in.size)
+        piece = flat_in[start:stop]
+        target = flat_out[start:stop]
+        if limit is not None:
+            if check:
+                overflow += int(np.count_nonzero(np.abs(piece) > limit) - np.count_nonzero(np.isinf(piece)))
+            target[...] = np.clip(piece, -limit, limit).astype(dst.numpy)
+            continue
+        with np.errstate(over="ignore", invalid="ignore"):
+            target[...] = piece.astype(dst.numpy)
+        if check:
+            bad = ~np.isfinite(target)
+            if bad.any():
+                overflow += int(np.count_nonzero(bad & np.isfinite(piece)))
+    return out, overflow
+
+
+def _dt(np_dtype) -> DType:
+    from sdtk.tensors import dtype_of_numpy
+
+    return dtype_of_numpy(np_dtype)
+
+
+@dataclass
+class OverflowCount:
+    """Values that became inf/NaN in the cast, per tensor (filled in while writing)."""
+
+    by_tensor: Dict[str, int] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, name: str, n: int) -> None:
+        if n:
+            with self._lock:
+                self.by_tensor[name] = self.by_tensor.get(name, 0) + n
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_tensor.values())
+
+
+def cast_plan(
+    plan: Sequence[LazyTensor],
+    target_for: Callable[[LazyTensor], Optional[DType]],
+    overflow: Optional[OverflowCount] = None,
+) -> tuple[List[LazyTensor], int]:
+    """Each float tensor cast to `target_for(t)` (None: unchanged). Returns (plan, tensors cast).
+    Casting happens when the writer reads each tensor; overflows are added to `overflow`."""
+    out: List[LazyTensor] = []
+    changed = 0
+    for t in plan:
+        dst = None if never_cast(t) else target_for(t)
+        if dst is None or dst == t.dtype:
+            out.append(t)
+            continue
+        out.append(LazyTensor(t.name, dst, tuple(t.shape), _cast_loader(t, dst, overflow)))
+        changed += 1
+    return out, changed
+
+
+def _cast_loader(t: LazyTensor, dst: DType, overflow: Optional[OverflowCount]):
+    def load() -> np.ndarray:
+        arr, n = cast_array(t.read(), dst)
+        if overflow is not None:
+            overflow.add(t.name, n)
+        return arr
+
+    return load

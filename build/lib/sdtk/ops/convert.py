@@ -1,0 +1,450 @@
+"""`convert`: the options, their presets and conflicts, and the pipeline that turns one input
+file into output plans (each op in its own module transforms the plan; nothing is read until the
+writer asks for a tensor), then writes, checks and (on request) replaces the input.
+
+Order of the steps: replace components -> bake VAE -> EMA (keep/drop/use) -> CLIP fixes ->
+prune -> cast -> (extract). Casting comes last so baked and swapped-in tensors get the same
+precision rules as the rest.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from sdtk.errors import OutputError, SdtkError, UsageError
+from sdtk.fileio import AtomicOutput, check_output_path, same_file
+from sdtk.formats import open_model
+from sdtk.formats.catalogue import Catalogue
+from sdtk.formats.safetensors import write_safetensors
+from sdtk.ops import lineage as lin
+from sdtk.ops.cast import OverflowCount, cast_plan
+from sdtk.ops.clip_fix import fix_clip
+from sdtk.ops.components import TEXT_ENCODERS, component_of
+from sdtk.ops.ema import EMA_MODES, apply_ema, has_ema
+from sdtk.ops.extract import expand_parts, extract_plans
+from sdtk.ops.model_facts import ModelFacts, model_facts
+from sdtk.ops.naming import default_output
+from sdtk.ops.prune import dropped_extras, prune_plan, summarize_dropped
+from sdtk.ops.replace import parse_replace, replace_component
+from sdtk.ops.sidecar import config_text, sidecar_for, sidecar_path
+from sdtk.ops.vae import bake_vae, vae_tensors
+from sdtk.tensors import DType, LazyTensor, dtype
+
+DTYPE_CHOICES = ("fp32", "fp16", "bf16", "fp8-e4m3fn", "fp8-e5m2")
+PRESETS = ("generation", "training")
+MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+
+
+class OverflowRefused(SdtkError):
+    """A cast would turn finite values into inf/NaN and the user did not allow it."""
+
+
+@dataclass
+class ConvertOptions:
+    dtype: Optional[str] = None
+    unet_dtype: Optional[str] = None
+    vae_dtype: Optional[str] = None
+    te_dtype: Optional[str] = None
+    allow_overflow: bool = False
+    ema: Optional[str] = None  # keep | drop | use; None: keep (generation: use when present)
+    prune: bool = False
+    keep_unknown: bool = False
+    fix_clip: bool = False
+    bake_vae: Optional[str] = None
+    extract: List[str] = field(default_factory=list)
+    replace: List[str] = field(default_factory=list)  # COMPONENT=FILE
+    preset: Optional[str] = None  # generation | training
+    prediction_type: Optional[str] = None  # stated by the user: epsilon | v
+    sidecar: bool = True
+    source_hashes: bool = True
+    replace_input: bool = False
+    overwrite: bool = False
+
+    @property
+    def does_anything(self) -> bool:
+        return any([self.dtype, self.unet_dtype, self.vae_dtype, self.te_dtype, self.ema not in (None, "keep"),
+                    self.prune, self.fix_clip, self.bake_vae, self.extract, self.replace, self.preset])
+
+
+def resolve_options(opts: ConvertOptions) -> ConvertOptions:
+    """Apply a preset's defaults and refuse conflicting or invalid options (UsageError)."""
+    for name in ("dtype", "unet_dtype", "vae_dtype", "te_dtype"):
+        value = getattr(opts, name)
+        if value is not None:
+            try:
+                canonical = dtype(value).short
+            except KeyError:
+                canonical = None
+            if canonical not in DTYPE_CHOICES:
+                flag = "--" + name.replace("_", "-")
+                raise UsageError(None, f"{flag} {value}: choose one of {', '.join(DTYPE_CHOICES)}")
+            opts = replace(opts, **{name: canonical})
+    if opts.ema is not None and opts.ema not in EMA_MODES:
+        raise UsageError(None, f"--ema {opts.ema}: choose keep, drop or use")
+    if opts.preset is not None and opts.preset not in PRESETS:
+        raise UsageError(None, f"--for {opts.preset}: choose generation or training")
+    if opts.prediction_type is not None and opts.prediction_type not in ("epsilon", "v"):
+        raise UsageError(None, f"--prediction-type {opts.prediction_type}: choose epsilon or v")
+    if opts.preset == "generation":
+        if opts.ema == "keep":
+            raise UsageError(None, "--for generation writes one weight set; it conflicts with --ema keep")
+        opts = replace(opts, dtype=opts.dtype or "fp16", prune=True, fix_clip=True)
+    elif opts.preset == "training":
+        if opts.ema in ("drop", "use"):
+            raise UsageError(None, f"--for training keeps the EMA weights; it conflicts with --ema {opts.ema}")
+        if opts.prune:
+            raise UsageError(None, "--for training keeps every tensor; it conflicts with --prune")
+        opts = replace(opts, dtype=opts.dtype or "fp32", ema="keep")
+    if opts.keep_unknown and not opts.prune:
+        raise UsageError(None, "--keep-unknown only makes sense with --prune (or --for generation)")
+    if opts.bake_vae and any(r.split("=", 1)[0].strip().lower() == "vae" for r in opts.replace):
+        raise UsageError(None, "--bake-vae and --replace vae=... both replace the VAE; give one")
+    if opts.replace_input and opts.extract:
+        raise UsageError(None, "--replace-input cannot be combined with --extract (the input is not replaced by parts)")
+    parts = [p for r in opts.replace for p in [parse_replace(r)[0]]]
+    if len(parts) != len(set(parts)):
+        raise UsageError(None, "--replace names the same component twice")
+    if opts.extract:
+        opts = replace(opts, extract=expand_parts(opts.extract))
+    return opts
+
+
+# ---------------------------------------------------------------------------------------------
+# Planning
+
+
+@dataclass
+class OutputPlan:
+    part: str  # "model" or an extracted part ("vae", "unet", "clip-l", ...)
+    plan: List[LazyTensor]
+    tags: List[str]
+    metadata: Dict[str, str] = field(default_factory=dict)
+    dest: Optional[Path] = None
+    bytes_written: int = 0
+    sidecar: Optional[Path] = None
+
+
+@dataclass
+class Conversion:
+    source: Path
+    facts: ModelFacts
+    outputs: List[OutputPlan]
+    operations: List[str]  # for lineage, in order
+    notes: List[str]  # for people: what was chosen and why
+    dropped: List[Tuple[str, str]] = field(default_factory=list)
+    dropped_extras: List[str] = field(default_factory=list)
+    weight_set: Optional[str] = None
+    sidecar_reason: Optional[str] = None
+    sidecar_config: Optional[str] = None
+    overflow: OverflowCount = field(default_factory=OverflowCount)
+    extra_inputs: List[str] = field(default_factory=list)
+    prediction_type: Optional[str] = None
+
+
+def _target_dtype_rule(opts: ConvertOptions) -> Callable[[LazyTensor], Optional[DType]]:
+    by_component = {"unet": opts.unet_dtype, "ema": opts.unet_dtype, "vae": opts.vae_dtype}
+    for te in TEXT_ENCODERS:
+        by_component[te] = opts.te_dtype
+
+    def target(t: LazyTensor) -> Optional[DType]:
+        name = by_component.get(component_of(t.name) or "") or opts.dtype
+        return dtype(name) if name else None
+
+    return target
+
+
+def _dtype_tags(opts: ConvertOptions) -> List[str]:
+    if opts.dtype:
+        return [opts.dtype]
+    return [f"{part}-{d}" for part, d in (("unet", opts.unet_dtype), ("vae", opts.vae_dtype), ("te", opts.te_dtype)) if d]
+
+
+def plan_conversion(cat: Catalogue, opts: ConvertOptions, stack: contextlib.ExitStack) -> Conversion:
+    """Plan every output of converting `cat` (files named by options are opened into `stack`)."""
+    path = cat.path
+    facts = model_facts(cat.tensors, cat.metadata)
+    conv = Conversion(Path(path), facts, [], [], [])
+    plan: List[LazyTensor] = list(cat.tensors.values())
+    tags: List[str] = []
+
+    for spec in opts.replace:
+        component, donor_path = parse_replace(spec)
+        donor = stack.enter_context(open_model(donor_path))
+        if component == "vae":
+            result = bake_vae(plan, vae_tensors(donor.tensors, donor_path), facts.family, donor_path)
+            plan = result.plan
+        else:
+            plan = replace_component(plan, component, donor.tensors, donor_path, path).plan
+        conv.extra_inputs.append(donor_path)
+        conv.operations.append(f"replace {component} from {Path(donor_path).name}")
+        tags.append(f"new-{component}")
+
+    if opts.bake_vae:
+        vae_cat = stack.enter_context(open_model(opts.bake_vae))
+        vae = vae_tensors(vae_cat.tensors, opts.bake_vae)
+        baked = bake_vae(plan, vae, facts.family, opts.bake_vae)
+        plan = baked.plan
+        conv.extra_inputs.append(opts.bake_vae)
+        conv.operations.append(f"bake-vae {Path(opts.bake_vae).name} ({vae.layout} layout) under {baked.prefix}*")
+        conv.notes.append(f"VAE {Path(opts.bake_vae).name} baked in under {baked.prefix}* "
+                          f"({baked.added} tensors{', mapped from diffusers names' if vae.layout == 'diffusers' else ''})")
+        tags.append("vae")
+
+    ema_mode = opts.ema
+    if ema_mode is None:
+        ema_mode = "use" if (opts.preset == "generation" and facts.has_ema) else "keep"
+    if facts.has_ema or ema_mode == "use":
+        result = apply_ema(plan, ema_mode, path)
+        plan = result.plan
+        if ema_mode == "use":
+            conv.weight_set = "ema"
+            conv.operations.append(f"ema use ({result.replaced} UNet tensors from model_ema.*)")
+            why = (" (--for generation default: official base releases publish the EMA weights for inference; "
+                   "A1111 would load the non-EMA weights of this file; pass --ema drop to keep those)"
+                   if opts.ema is None else "")
+            conv.notes.append(f"weights: took the EMA weights (model_ema.*) as the UNet weights{why}")
+            if result.missing:
+                conv.notes.append(f"{len(result.missing)} UNet tensors have no EMA copy; their normal weights were kept")
+            tags.append("emaonly")
+        elif ema_mode == "drop":
+            conv.weight_set = "non-ema"
+            conv.operations.append(f"ema drop ({len(result.dropped)} model_ema.* tensors)")
+            conv.notes.append("weights: kept the non-EMA weights (model.diffusion_model.*), dropped the EMA copy "
+                              "(the weights A1111 loads from a file holding both)")
+            tags.append("noema")
+        else:
+            conv.weight_set = "both"
+            conv.notes.append("weights: kept both the model weights and the EMA copy (model_ema.*)")
+
+    if opts.fix_clip:
+        fixed = fix_clip(plan)
+        plan = fixed.plan
+        detail = []
+        if fixed.reset:
+            detail.append(f"position_ids reset ({len(fixed.were_broken)} were damaged)")
+        if fixed.renamed:
+            detail.append(f"{len(fixed.renamed)} NovelAI-style CLIP keys renamed")
+        conv.operations.append("fix-clip" + (f" ({'; '.join(detail)})" if detail else ""))
+        if fixed.were_broken:
+            conv.notes.append(f"CLIP position_ids were damaged and are now 0..76 int64: {', '.join(fixed.were_broken)}")
+        if fixed.renamed:
+            conv.notes.append(f"renamed {len(fixed.renamed)} NovelAI-era CLIP keys to the text_model.* names")
+
+    if opts.prune:
+        pruned = prune_plan(plan, keep_ema=(ema_mode == "keep"), keep_unknown=opts.keep_unknown)
+        plan = pruned.plan
+        conv.dropped = pruned.dropped
+        conv.dropped_extras = dropped_extras(cat.extras)
+        counts = summarize_dropped(pruned.dropped)
+        conv.operations.append("prune" + (f" (dropped {len(pruned.dropped)} tensors)" if pruned.dropped else ""))
+        if counts:
+            conv.notes.append("pruned: " + ", ".join(f"{n} {reason}" for reason, n in counts.items()))
+        if pruned.kept_unknown:
+            conv.notes.append(f"kept {len(pruned.kept_unknown)} unknown keys (--keep-unknown)")
+        tags.append("pruned")
+    elif cat.extras:
+        conv.dropped_extras = dropped_extras(cat.extras)
+    if conv.dropped_extras:
+        conv.notes.append("left out non-tensor training state of the checkpoint: " + ", ".join(conv.dropped_extras))
+
+    plan, n_cast = cast_plan(plan, _target_dtype_rule(opts), conv.overflow)
+    if n_cast:
+        conv.operations.append(f"cast {', '.join(_dtype_tags(opts))} ({n_cast} tensors)")
+    tags = _dtype_tags(opts) + tags
+
+    prediction = opts.prediction_type or facts.prediction_type
+    conv.prediction_type = prediction
+    if opts.prediction_type and facts.architecture == "stable-diffusion-v2-512" and opts.prediction_type == "v":
+        facts.architecture = "stable-diffusion-v2-768-v"
+    names = {t.name for t in plan}
+
+    if opts.extract:
+        for part, part_plan in extract_plans(plan, opts.extract, path).items():
+            conv.outputs.append(OutputPlan(part, part_plan, tags + [part]))
+        conv.operations.append(f"extract {', '.join(o.part for o in conv.outputs)}")
+    else:
+        conv.outputs.append(OutputPlan("model", plan, tags))
+        decision = sidecar_for(facts.architecture, prediction, "v_pred" in names)
+        conv.sidecar_reason = decision.reason
+        conv.sidecar_config = decision.config if opts.sidecar else None
+        if decision.config and not opts.sidecar:
+            conv.sidecar_reason = f"not written (--no-sidecar); {decision.reason}"
+    return conv
+
+
+# ---------------------------------------------------------------------------------------------
+# Metadata
+
+
+def _metadata_for(cat: Catalogue, conv: Conversion, out: OutputPlan, opts: ConvertOptions,
+                  hashes: Dict[str, str]) -> Dict[str, str]:
+    assert out.dest is not None
+    title = lin.title_of(out.dest)
+    base = dict(cat.metadata)
+    arch = conv.facts.architecture
+    if out.part != "model":
+        base = {k: v for k, v in base.items() if not k.startswith("modelspec.")}
+        arch = f"{arch}/vae" if (arch and out.part == "vae") else None
+    prediction = conv.prediction_type if out.part in ("model", "unet") else None
+    modelspec = lin.modelspec_additions(base, arch, title, prediction, bool(opts.prediction_type))
+    step = lin.Lineage(conv.source.name, cat.file_size or lin.file_size(cat.path), list(conv.operations), hashes)
+    return lin.output_metadata(base, modelspec, step)
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+@dataclass
+class Progress:
+    """Callbacks for a progress display: start(output, total_bytes), advance(bytes_done), done()."""
+
+    start: Callable[[Path, int], None] = lambda dest, total: None
+    advance: Callable[[int], None] = lambda done: None
+    done: Callable[[], None] = lambda: None
+
+
+def choose_destinations(conv: Conversion, output: Optional[Path], out_folder: Optional[Path],
+                        opts: ConvertOptions) -> None:
+    taken: List[Path] = []
+    single = len(conv.outputs) == 1
+    for out in conv.outputs:
+        if output is not None and single and not output.is_dir():
+            out.dest = output
+        else:
+            folder = output if (output is not None and output.is_dir()) else out_folder
+            if output is not None and not single and not output.is_dir():
+                raise UsageError(output, "several outputs (--extract): give a folder with -o, or no -o")
+            out.dest = default_output(conv.source, out.tags, folder, overwrite=opts.overwrite, taken=taken)
+        if out.dest.suffix.lower() != ".safetensors":
+            raise UsageError(out.dest, "sdtk writes .safetensors files only; name the output *.safetensors")
+        taken.append(out.dest)
+
+
+def write_outputs(cat: Catalogue, conv: Conversion, opts: ConvertOptions, progress: Progress = Progress()) -> None:
+    """Write every planned output atomically (nothing is left behind on any error)."""
+    hasher = lin.BackgroundHashes(cat.path) if opts.source_hashes else None
+    inputs = [cat.path, *conv.extra_inputs]
+    for out in conv.outputs:
+        placeholder = {"sha256": lin.HASH_PLACEHOLDER, "autov3": lin.HASH_PLACEHOLDER} if hasher else {}
+        metadata = _metadata_for(cat, conv, out, opts, placeholder)
+        total = sum(t.nbytes for t in out.plan)
+        progress.start(out.dest, total)
+
+        def on_tensor(t: LazyTensor, done: int) -> None:
+            if conv.overflow.total and not opts.allow_overflow:
+                name, n = next(iter(conv.overflow.by_tensor.items()))
+                raise OverflowRefused(cat.path, f"casting would overflow: {n} values of {name} exceed the range of "
+                                                f"{t.dtype.short} and would become inf/NaN; use --dtype bf16 (same size, "
+                                                "fp32's range) or pass --allow-overflow")
+            progress.advance(done)
+
+        def final_metadata(out=out) -> Dict[str, str]:
+            return _metadata_for(cat, conv, out, opts, hasher.result())
+
+        try:
+            out.bytes_written = write_safetensors(out.dest, out.plan, metadata, inputs=inputs,
+                                                  overwrite=opts.overwrite, on_tensor=on_tensor,
+                                                  final_metadata=final_metadata if hasher else None)
+        finally:
+            progress.done()
+        if out.part == "model" and conv.sidecar_config:
+            out.sidecar = sidecar_path(out.dest)
+            with AtomicOutput(out.sidecar, inputs=inputs, overwrite=opts.overwrite) as f:
+                f.write(config_text(conv.sidecar_config).encode("utf-8"))
+
+
+def verify_output(dest: Path, plan: Sequence[LazyTensor]) -> None:
+    """Re-read `dest` and compare every tensor with the plan, byte for byte (raises OutputError)."""
+    with open_model(dest) as written:
+        names = list(written.tensors)
+        if names != [t.name for t in plan]:
+            raise OutputError(dest, "verification failed: the written tensor names differ from the plan")
+        for t in plan:
+            got = written.tensors[t.name]
+            if got.dtype != t.dtype or tuple(got.shape) != tuple(t.shape):
+                raise OutputError(dest, f"verification failed: {t.name} was written as {got.dtype}{list(got.shape)}")
+            a, b = np.ascontiguousarray(got.read()), np.ascontiguousarray(t.read())
+            if a.tobytes() != b.tobytes():
+                raise OutputError(dest, f"verification failed: {t.name} differs from its planned values")
+
+
+def convert_file(source: Path, opts: ConvertOptions, output: Optional[Path] = None, out_folder: Optional[Path] = None,
+                 progress: Progress = Progress()) -> Tuple[Conversion, dict]:
+    """Convert one file; returns the conversion and its JSON summary."""
+    replacing = opts.replace_input
+    with contextlib.ExitStack() as stack:
+        cat = stack.enter_context(open_model(source))  # hostile or broken files are refused here
+        conv = plan_conversion(cat, opts, stack)
+        final_dest: Optional[Path] = None
+        if replacing:
+            final_dest = source.with_suffix(".safetensors")
+            if final_dest.exists() and not same_file(final_dest, source) and not opts.overwrite:
+                raise OutputError(final_dest, "already exists; pass --overwrite to replace it with the converted input")
+            conv.outputs[0].dest = default_output(source, ["sdtk-new"], source.parent, taken=[final_dest])
+        else:
+            choose_destinations(conv, output, out_folder, opts)
+        write_outputs(cat, conv, opts, progress)
+        if replacing:
+            out = conv.outputs[0]
+            try:
+                verify_output(out.dest, out.plan)
+            except BaseException:
+                _remove_quietly(out.dest)
+                if out.sidecar:
+                    _remove_quietly(out.sidecar)
+                raise
+    if replacing:
+        _replace_input(source, conv, final_dest)
+    return conv, summary_of(conv, opts)
+
+
+def _remove_quietly(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+
+
+def _replace_input(source: Path, conv: Conversion, final_dest: Path) -> None:
+    """The verified output takes the input's place (same name with .safetensors); the input goes."""
+    out = conv.outputs[0]
+    os.replace(out.dest, final_dest)
+    if out.sidecar:
+        yaml = sidecar_path(final_dest)
+        os.replace(out.sidecar, yaml)
+        out.sidecar = yaml
+    if source.exists() and os.path.abspath(source) != os.path.abspath(final_dest):
+        os.unlink(source)
+    out.dest = final_dest
+    conv.notes.append(f"verified every tensor of the output, then replaced {source.name} by {final_dest.name}")
+
+
+def summary_of(conv: Conversion, opts: ConvertOptions) -> dict:
+    return {
+        "input": str(conv.source),
+        "architecture": conv.facts.architecture,
+        "prediction_type": conv.prediction_type,
+        "weight_set": conv.weight_set,
+        "operations": conv.operations,
+        "outputs": [
+            {"part": o.part, "path": str(o.dest), "tensors": len(o.plan), "bytes": o.bytes_written,
+             "sidecar": str(o.sidecar) if o.sidecar else None}
+            for o in conv.outputs
+        ],
+        "dropped": [{"key": k, "reason": r} for k, r in conv.dropped],
+        "dropped_training_state": conv.dropped_extras,
+        "overflow": conv.overflow.by_tensor,
+        "sidecar": conv.sidecar_reason,
+        "notes": conv.notes,
+        "input_replaced": bool(opts.replace_input),
+    }
+
+
+def model_files_in(folder: Path) -> List[Path]:
+    """Model files directly in `folder`, sorted by name (batch conversion)."""
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in MODEL_SUFFIXES
+                  and not p.name.endswith(".sdtk-partial"))

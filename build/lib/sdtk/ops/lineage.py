@@ -1,0 +1,147 @@
+"""What an output says about where it came from: the input's metadata kept, ModelSpec keys
+added when missing, and an `sdtk.lineage` record (source name, size, hashes, operations).
+
+ModelSpec keys (Stability AI ModelSpec 1.0.0, see ecosystem.md): `modelspec.sai_model_spec`,
+`modelspec.architecture`, `modelspec.implementation`, `modelspec.title`,
+`modelspec.prediction_type`. Values already in the input win, except prediction_type when the
+user states it.
+
+Source hashes are computed in a background thread while the output is written (the input is
+read once more, but concurrently), and patched into the header before the output is committed.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from sdtk import __version__
+
+LINEAGE_KEY = "sdtk.lineage"
+MODELSPEC_VERSION = "1.0.0"
+HASH_PLACEHOLDER = "0" * 64
+READ_CHUNK = 16 << 20
+AUTOV3_HEADER_LIMIT = 16 << 20  # AutoV3: skip 8+N bytes when N < 16 MiB (hashes.md)
+
+
+def source_hashes(path: str) -> Dict[str, str]:
+    """SHA256 and AutoV3 (full 64 hex, lower case) of a file, in one read."""
+    try:
+        from sdtk.hashing import file_hashes  # the shared hashing module, when present
+    except ImportError:
+        file_hashes = None
+    if file_hashes is not None:  # pragma: no cover - depends on the hashing work landing
+        try:
+            got = file_hashes(path, ["sha256", "autov3"])
+            return {"sha256": str(got["sha256"]).lower(), "autov3": str(got["autov3"]).lower()}
+        except Exception:
+            pass
+    whole, tail = hashlib.sha256(), hashlib.sha256()
+    with open(path, "rb") as f:
+        head = f.read(8)
+        skip = 8
+        if len(head) == 8:
+            (n,) = struct.unpack("<Q", head)
+            if n < AUTOV3_HEADER_LIMIT:
+                skip = 8 + n
+        whole.update(head)
+        pos = len(head)
+        while True:
+            buf = f.read(READ_CHUNK)
+            if not buf:
+                break
+            whole.update(buf)
+            if pos + len(buf) > skip:
+                tail.update(memoryview(buf)[max(0, skip - pos):])
+            pos += len(buf)
+    return {"sha256": whole.hexdigest(), "autov3": tail.hexdigest()}
+
+
+class BackgroundHashes:
+    """`source_hashes(path)` computed in a thread; `result()` waits for it."""
+
+    def __init__(self, path: str):
+        self._result: Optional[Dict[str, str]] = None
+        self._error: Optional[BaseException] = None
+        self._thread = threading.Thread(target=self._run, args=(path,), daemon=True, name="sdtk-source-hash")
+        self._thread.start()
+
+    def _run(self, path: str) -> None:
+        try:
+            self._result = source_hashes(path)
+        except BaseException as e:  # reported by result()
+            self._error = e
+
+    def result(self) -> Dict[str, str]:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._result is not None
+        return self._result
+
+
+@dataclass
+class Lineage:
+    source: str  # file name
+    source_size: int
+    operations: List[str]
+    hashes: Dict[str, str] = field(default_factory=dict)  # sha256, autov3 (placeholders until known)
+
+    def as_dict(self) -> dict:
+        record = {"tool": f"sdtk {__version__}", "source": self.source, "source_size": self.source_size}
+        for name in ("sha256", "autov3"):
+            if name in self.hashes:
+                record[f"source_{name}"] = self.hashes[name]
+        record["operations"] = self.operations
+        return record
+
+
+def lineage_value(previous: Optional[str], step: Lineage) -> str:
+    """The `sdtk.lineage` metadata value: a JSON list of steps, oldest first (earlier steps kept)."""
+    history: list = []
+    if previous:
+        try:
+            old = json.loads(previous)
+            history = old if isinstance(old, list) else [old]
+        except ValueError:
+            history = [{"unparsed": previous}]
+    return json.dumps(history + [step.as_dict()], separators=(",", ":"), ensure_ascii=False)
+
+
+def modelspec_additions(existing: Dict[str, str], architecture: Optional[str], title: str,
+                        prediction_type: Optional[str], prediction_stated: bool) -> Dict[str, str]:
+    """ModelSpec keys to add (never overwriting the input's, except a stated prediction type)."""
+    add: Dict[str, str] = {}
+    if architecture is None and "modelspec.architecture" not in existing:
+        return add  # ModelSpec requires an architecture; we do not invent one
+    add["modelspec.sai_model_spec"] = MODELSPEC_VERSION
+    if architecture:
+        add["modelspec.architecture"] = architecture
+    add["modelspec.implementation"] = "sgm"
+    add["modelspec.title"] = title
+    if prediction_type:
+        add["modelspec.prediction_type"] = prediction_type
+    out = {k: v for k, v in add.items() if k not in existing}
+    if prediction_stated and prediction_type:
+        out["modelspec.prediction_type"] = prediction_type
+    return out
+
+
+def output_metadata(input_metadata: Dict[str, str], modelspec: Dict[str, str], step: Lineage) -> Dict[str, str]:
+    meta = dict(input_metadata)
+    meta.update(modelspec)
+    meta[LINEAGE_KEY] = lineage_value(input_metadata.get(LINEAGE_KEY), step)
+    return meta
+
+
+def title_of(path: Path) -> str:
+    return path.name.rsplit(".", 1)[0] if "." in path.name else path.name
+
+
+def file_size(path: str) -> int:
+    return os.path.getsize(path)

@@ -1,0 +1,261 @@
+"""Running a recipe: find and open the inputs, refuse incompatible ones before any work, build
+the sources, hash the inputs (in a background thread, while the merge is written), write the
+output atomically with its metadata (A1111's sd_merge_recipe / sd_merge_models and our full
+recipe `sdtk.merge_recipe`)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import threading
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
+
+from sdtk.errors import SdtkError, UsageError
+from sdtk.fileio import check_output_path
+from sdtk.formats import open_model
+from sdtk.formats.safetensors import write_safetensors
+from sdtk.ops.merge.arch import FIRST_CONV, check_compatible, family_of
+from sdtk.ops.merge.plan import FileSource, StepSource, output_plan
+from sdtk.ops.merge.recipe import Recipe, dumps_canonical
+
+RECIPE_KEY = "sdtk.merge_recipe"
+HASH_CHUNK = 16 << 20
+# A1111 interp_method names (modules/extras.py run_modelmerger), ours for the methods it lacks.
+A1111_METHOD_NAMES = {"weighted-sum": "Weighted sum", "add-difference": "Add difference"}
+
+
+def sha256_file(path: str) -> str:
+    """SHA256 of the whole file (A1111 / Civitai), read in 16 MiB blocks."""
+    try:
+        from sdtk.hashing import sha256_file as shared  # the hashing helper's, when it has landed
+
+        return shared(path)
+    except Exception:
+        pass
+    h = hashlib.sha256()
+    with open(path, "rb", buffering=0) as f:
+        buf = bytearray(HASH_CHUNK)
+        view = memoryview(buf)
+        while True:
+            n = f.readinto(buf)
+            if not n:
+                break
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+def legacy_hash(path: str) -> str:
+    """A1111's old model hash (AutoV1): sha256 of 64 KiB at offset 1 MiB, first 8 hex digits."""
+    with open(path, "rb") as f:
+        f.seek(0x100000)
+        return hashlib.sha256(f.read(0x10000)).hexdigest()[:8]
+
+
+def header_sha256(path: str) -> str:
+    """SHA256 of a safetensors header (names, shapes, dtypes, metadata): a quick identity."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+        data = head + (f.read(n) if n < (100 << 20) else b"")
+    return hashlib.sha256(data).hexdigest()
+
+
+def default_workers() -> int:
+    """Threads computing chunks of one tensor (numpy releases the GIL): the cores, at most 4."""
+    return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)))
+
+
+def _placeholder(i: int) -> str:
+    return f"{'sdtk-pending-sha256-' + str(i):-<64}"
+
+
+@dataclass
+class MergeResult:
+    output: str
+    bytes: int
+    tensors: int
+    steps: List[dict]
+    models: Dict[str, dict]
+    family: Optional[str]
+    metadata: Dict[str, str] = field(default_factory=dict)
+
+
+def _find_model(name: str, path: str, identity: dict, search_dirs: List[str]) -> str:
+    if path and os.path.exists(path):
+        return path
+    base = os.path.basename(path) if path else identity.get("file", "")
+    for d in search_dirs:
+        cand = os.path.join(d, base)
+        if base and os.path.exists(cand):
+            return cand
+    where = ", ".join(search_dirs) or "."
+    raise SdtkError(path or base or name, f"model {name!r} not found (looked in {where}; pass --model {name}=PATH)")
+
+
+class _Hasher(threading.Thread):
+    def __init__(self, paths: List[str]):
+        super().__init__(daemon=True)
+        self.paths, self.results, self.error = paths, {}, None
+
+    def run(self):
+        try:
+            for p in self.paths:
+                self.results[p] = sha256_file(p)
+        except BaseException as e:  # reported by the caller
+            self.error = e
+
+
+def run_recipe(recipe: Recipe, dest: str, overwrite: bool = False, hash_inputs: bool = True,
+               search_dirs: Optional[List[str]] = None, on_start: Optional[Callable] = None,
+               on_tensor: Optional[Callable] = None, workers: int = 0) -> MergeResult:
+    """Evaluate `recipe` into `dest`. Everything that can be refused is refused before writing."""
+    recipe.validate()
+    search_dirs = search_dirs or []
+    paths = {n: _find_model(n, p, recipe.identities.get(n, {}), search_dirs) for n, p in recipe.models.items()}
+    bake_path = None
+    if recipe.bake_vae:
+        bake_path = _find_model("bake_vae", recipe.bake_vae, recipe.identities.get("__bake_vae__", {}), search_dirs)
+    all_inputs = list(paths.values()) + ([bake_path] if bake_path else [])
+    check_output_path(dest, all_inputs, overwrite)
+    stored_hashes = any("sha256" in recipe.identities.get(n, {}) for n in recipe.models)
+    if recipe.identities and stored_hashes != hash_inputs:
+        raise UsageError(None, "the stored recipe was made " + ("with" if stored_hashes else "without")
+                         + " input hashes; " + ("drop --no-hash" if stored_hashes else "pass --no-hash") + " to reproduce it")
+
+    cats = {}
+    try:
+        sources: Dict[str, object] = {}
+        for name, path in paths.items():
+            cats[name] = cat = open_model(path)
+            sources[name] = FileSource(path, cat, family_of(cat))
+        bake = None
+        if bake_path:
+            cats["__bake_vae__"] = bcat = open_model(bake_path)
+            bake = FileSource(bake_path, bcat, None)
+        # identities: quick ones now (and checked against a stored recipe), sha256 while writing
+        identities: Dict[str, dict] = {}
+        id_paths = dict(paths, **({"__bake_vae__": bake_path} if bake_path else {}))
+        for i, (name, path) in enumerate(id_paths.items()):
+            ident = {"file": os.path.basename(path), "size": os.path.getsize(path)}
+            if hash_inputs:
+                ident["sha256"] = _placeholder(i)
+            else:
+                ident["header_sha256"] = header_sha256(path)
+            stored = recipe.identities.get(name)
+            if stored:
+                for k in ("size", "header_sha256"):
+                    if k in stored and stored[k] != ident.get(k):
+                        raise SdtkError(path, f"is not the file the recipe was made from ({k} differs)")
+            identities[name] = ident
+
+        steps: List[StepSource] = []
+        for i, step in enumerate(recipe.steps):
+            inputs = [sources[n] for n in step.inputs]
+            check_compatible([getattr(s, "label") for s in inputs], [s.family for s in inputs],
+                             [{k: v[0] for k, v in s.entries.items()} for s in inputs])
+            name = step.name or f"step{i + 1}"
+            steps.append(StepSource(name, step.method, inputs, step.alpha, step.beta, step.seed,
+                                    blocks=step.blocks, te=step.te, vae=step.vae, exclude=step.exclude))
+            if step.name:
+                sources[step.name] = steps[-1]
+        final = steps[-1]
+        plan = output_plan(final, recipe.dtype, bake, workers=workers or default_workers())
+
+        hasher = _Hasher(list(id_paths.values())) if hash_inputs else None
+        canonical = recipe.canonical(identities)
+        metadata = _metadata(recipe, canonical, cats, identities, paths, final)
+        if on_start is not None:
+            on_start(plan)
+        if hasher is not None:
+            hasher.start()
+
+        def finalize() -> Dict[str, str]:
+            if hasher is None:
+                return metadata
+            hasher.join()
+            if hasher.error is not None:
+                raise SdtkError(None, f"hashing the inputs failed: {hasher.error}")
+            text = dict(metadata)
+            for i, (name, path) in enumerate(id_paths.items()):
+                real = hasher.results[path]
+                stored = recipe.identities.get(name, {}).get("sha256")
+                if stored and stored != real:
+                    raise SdtkError(path, f"is not the file the recipe was made from (sha256 {real[:12]} != {stored[:12]})")
+                identities[name]["sha256"] = real
+                text = {k: v.replace(_placeholder(i), real) for k, v in text.items()}
+            return text
+
+        holder = {}
+
+        def final_metadata():
+            holder["metadata"] = finalize()
+            return holder["metadata"]
+
+        n = write_safetensors(dest, plan, metadata, inputs=all_inputs, overwrite=overwrite,
+                              on_tensor=on_tensor, final_metadata=final_metadata)
+        reports = [s.report.as_dict() for s in steps]
+        return MergeResult(os.fspath(dest), n, len(plan), reports, identities, final.family, holder.get("metadata", metadata))
+    finally:
+        for cat in cats.values():
+            cat.close()
+
+
+def _metadata(recipe: Recipe, canonical: dict, cats, identities, paths, final) -> Dict[str, str]:
+    """A1111-compatible merge metadata plus our full recipe."""
+    last = recipe.steps[-1]
+
+    def hash_of(name):
+        ident = identities.get(name)
+        return (ident.get("sha256") or ident.get("header_sha256")) if ident else None
+
+    a1111_hashes = [hash_of(n) for n in last.inputs] + [None] * (3 - len(last.inputs))
+    primary_shape = final.entries.get(FIRST_CONV, ((0, 0),))[0]
+    channels = primary_shape[1] if len(primary_shape) > 1 else 0
+    dtype_name = (recipe.dtype or "").lower()
+    sd_merge_recipe = {
+        "type": "sdtk",  # A1111 writes "webui"; the fields below are A1111's
+        "primary_model_hash": a1111_hashes[0],
+        "secondary_model_hash": a1111_hashes[1],
+        "tertiary_model_hash": a1111_hashes[2],
+        "interp_method": A1111_METHOD_NAMES.get(last.method, last.method),
+        "multiplier": last.alpha,
+        "save_as_half": dtype_name in ("fp16", "float16", "half"),
+        "custom_name": "",
+        "config_source": 0,
+        "bake_in_vae": identities["__bake_vae__"]["file"] if "__bake_vae__" in identities else "None",
+        "discard_weights": last.exclude or "",
+        "is_inpainting": channels == 9,
+        "is_instruct_pix2pix": channels == 8,
+    }
+    models: Dict[str, dict] = {}
+    for name in recipe.models:
+        meta = cats[name].metadata
+        key = hash_of(name)
+        try:
+            nested = json.loads(meta["sd_merge_models"]) if "sd_merge_models" in meta else {}
+            if isinstance(nested, dict):
+                models.update(nested)
+        except ValueError:
+            pass
+        models[key] = {"name": os.path.splitext(identities[name]["file"])[0],
+                       "legacy_hash": legacy_hash(paths[name]),
+                       "sd_merge_recipe": json.loads(meta["sd_merge_recipe"]) if _is_json(meta.get("sd_merge_recipe")) else None}
+    return {
+        "format": "pt",
+        "sd_merge_recipe": json.dumps(sd_merge_recipe, ensure_ascii=False),
+        "sd_merge_models": json.dumps(models, ensure_ascii=False),
+        RECIPE_KEY: dumps_canonical(canonical),
+    }
+
+
+def _is_json(text) -> bool:
+    if not isinstance(text, str):
+        return False
+    try:
+        json.loads(text)
+        return True
+    except ValueError:
+        return False
+

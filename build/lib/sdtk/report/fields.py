@@ -1,0 +1,63 @@
+"""Turn an Identity's raw details into the strings messages show (sizes, lists, names)."""
+from __future__ import annotations
+
+from typing import Any, Dict, Iterable
+
+from sdtk.architectures import ARCHITECTURES
+
+MAX_ITEMS = 8
+
+
+def human_bytes(n: int) -> str:
+    """Decimal units, as file managers and model sites print them (2.13 GB)."""
+    n = int(n or 0)
+    for unit, size in (("TB", 10**12), ("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}" if n < 100 * size else f"{n / size:.1f} {unit}"
+    return f"{n} B"
+
+
+def human_count(n: int) -> str:
+    n = int(n or 0)
+    for unit, size in (("B", 10**9), ("M", 10**6), ("k", 10**3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(n)
+
+
+def join(items: Iterable[Any], limit: int = MAX_ITEMS) -> str:
+    items = [str(i) for i in items]
+    if len(items) > limit:
+        return ", ".join(items[:limit]) + f", ... (+{len(items) - limit})"
+    return ", ".join(items)
+
+
+def title_of(arch: Any) -> str:
+    if not arch:
+        return "?"
+    a = ARCHITECTURES.get(str(arch).split("/", 1)[0])
+    return a.title if a else str(arch)
+
+
+def prepare(details: Dict[str, Any]) -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for key, value in details.items():
+        if isinstance(value, (list, tuple, set)):
+            out[key] = join(sorted(value) if isinstance(value, set) else value)
+        elif isinstance(value, dict):
+            out[key] = join(f"{k}: {v}" for k, v in value.items())
+        elif value is None:
+            out[key] = "?"
+        else:
+            out[key] = value
+        if (key.endswith("size") or key.endswith("bytes")) and isinstance(value, int):
+            out[f"{key}_h"] = human_bytes(value)
+    if "damaged_positions" in details:
+        out["positions"] = join(details["damaged_positions"], 12) or "-"
+    if "base" in details:
+        out["base_title"] = title_of(details["base"]) if details["base"] else "an unknown base model"
+    if "ztsnr" in details:
+        out["ztsnr_hint"] = " + zsnr" if details["ztsnr"] else ""
+    if isinstance(details.get("max_abs_difference"), float):
+        out["max_abs_difference"] = f"{details['max_abs_difference']:.3g}"
+    return out

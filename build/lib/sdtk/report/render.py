@@ -1,0 +1,166 @@
+"""The human report: rich text in the user's language (message catalogues in messages/)."""
+from __future__ import annotations
+
+import os
+from typing import List
+
+from rich.console import Group
+from rich.table import Table
+from rich.text import Text
+
+from sdtk.identify.model import Identity
+from sdtk.report.fields import human_bytes, human_count, join, prepare, title_of
+from sdtk.report.messages import text
+
+SEVERITY_STYLE = {"error": ("✗", "bold red"), "warning": ("!", "yellow"), "info": ("i", "cyan")}
+
+
+def _t(key: str, lang: str, **fields) -> str:
+    return text(key, lang, **fields)
+
+
+def _row(rows: Table, label: str, value: str) -> None:
+    rows.add_row(Text(label, style="bold"), Text(value))  # Text: names like "FLUX.1 [dev]" are not markup
+
+
+def what_it_is(ident: Identity, lang: str) -> str:
+    kind = _t(f"kind.{ident.kind}", lang)
+    if ident.kind == "unknown":
+        return _t("what.unknown", lang, tensors=ident.tensor_count, params_h=human_count(ident.parameters))
+    if ident.adapter is not None and "/" in ident.architecture:
+        base = ident.adapter.get("base_architecture")
+        return _t("what.adapter", lang, kind=kind, base=title_of(base) if base else "?", architecture=ident.architecture)
+    line = _t("what.model", lang, title=ident.title or ident.architecture, kind=kind, architecture=ident.architecture)
+    if ident.variant:
+        line += "; " + _t("what.variant", lang, variant=ident.variant)
+    return line
+
+
+def _component_label(name: str, model, lang: str) -> str:
+    if name == "unet" and model == "dit":
+        return _t("component.dit", lang)
+    label = _t(f"component.{name}", lang)
+    if model and model not in ("unet", "dit"):
+        label += f" ({model})"
+    return label
+
+
+def summary_line(ident: Identity, lang: str = "en") -> str:
+    """One line for folder listings: file, what, precision, size, problem count."""
+    name = os.path.basename(ident.path.rstrip("/")) or ident.path
+    n_problems = sum(1 for p in ident.problems if p.counts)
+    mark = "ok" if not n_problems and ident.identified else f"{n_problems}!"
+    what = ident.architecture if ident.identified else _t("kind.unknown", lang)
+    kind = _t(f"kind.{ident.kind}", lang)
+    return f"{mark:>3}  {name}  {what}  [{kind}]  {ident.precision}  {human_bytes(ident.file_size)}"
+
+
+def render_identity(ident: Identity, lang: str = "en", verbose: bool = False) -> Group:
+    parts: List = []
+    parts.append(Text(ident.path, style="bold"))
+    rows = Table.grid(padding=(0, 2))
+    rows.add_column(no_wrap=True)
+    rows.add_column()
+    _row(rows, _t("label.what", lang), what_it_is(ident, lang))
+    _row(rows, _t("label.file", lang), f"{ident.format}, {human_bytes(ident.file_size)}, {ident.tensor_count:,} {_t('label.tensors', lang)}, "
+                                         f"{human_count(ident.parameters)} {_t('label.params', lang)}")
+    if ident.kind != "unknown":
+        _row(rows, _t("label.precision", lang), ident.precision)
+    if ident.kind in ("checkpoint", "diffusion-model"):
+        _row(rows, _t("label.ema", lang), _t("ema.yes" if ident.has_ema else "ema.no", lang))
+        if ident.prediction_type:
+            pred = _t("prediction.line", lang, type=ident.prediction_type, confidence=_t(f"confidence.{ident.prediction_confidence}", lang),
+                      source=_t(f"source.{ident.prediction_source}", lang))
+            if ident.zero_terminal_snr:
+                pred += ", " + _t("prediction.ztsnr", lang)
+        else:
+            pred = _t("prediction.unknown", lang)
+        _row(rows, _t("label.prediction", lang), pred)
+    if ident.adapter:
+        for line in _adapter_lines(ident, lang):
+            _row(rows, _t("label.adapter", lang), line)
+    verdict = ident.safety.get("verdict")
+    if verdict in ("safe", "read-safely"):
+        _row(rows, _t("label.safety", lang), _t(f"safety.{verdict}", lang))
+    if ident.vae_comparison:
+        vc = ident.vae_comparison
+        _row(rows, _t("label.vae_ref", lang), _t(vc.get("message_key", "vae.different"), lang, **prepare(vc)))
+    meta = _metadata_line(ident)
+    if meta:
+        _row(rows, _t("label.metadata", lang), meta)
+    parts.append(rows)
+    if ident.components:
+        parts.append(Text(_t("label.components", lang), style="bold"))
+        table = Table(show_header=False, box=None, padding=(0, 2), pad_edge=False)
+        for _ in range(6):
+            table.add_column()
+        for name, c in ident.components.items():
+            table.add_row(*map(Text, ("  " + _component_label(name, c.model, lang), c.prefix or "-", f"{len(c.keys) if c.keys else '':>5}",
+                          human_count(c.parameters), join(sorted(c.dtypes, key=lambda d: -c.dtypes[d])), human_bytes(c.bytes))))
+        if ident.missing_components:
+            for name in ident.missing_components:
+                table.add_row(Text("  " + _component_label(name, None, lang)), Text(f"({_t('label.missing', lang)})"), "", "", "", "")
+        parts.append(table)
+    if ident.unknown_summary:
+        parts.append(Text(_t("label.unknown", lang), style="bold"))
+        for g in ident.unknown_summary["prefixes"]:
+            parts.append(Text("  " + _t("unknown.prefix", lang, prefix=g["prefix"], tensors=g["tensors"], params_h=human_count(g["parameters"]),
+                                         dtypes=join(g["dtypes"]))))
+        for t in ident.unknown_summary["largest_tensors"][:5]:
+            parts.append(Text("  " + _t("unknown.largest", lang, key=t["key"], shape=t["shape"], dtype=t["dtype"])))
+    parts.append(Text(_t("label.problems", lang), style="bold"))
+    shown = [p for p in ident.problems if verbose or p.severity != "info" or p.code in ("training_state", "sdxl_vae_fp16", "extra_keys", "unknown_keys")]
+    if not shown:
+        parts.append(Text("  " + _t("label.no_problems", lang), style="green"))
+    for p in shown:
+        mark, style = SEVERITY_STYLE.get(p.severity, ("?", ""))
+        line = Text(f"  {mark} ", style=style)
+        line.append(_t(p.message_key, lang, **prepare(p.details)))
+        parts.append(line)
+    if ident.advice:
+        parts.append(Text(_t("label.advice", lang), style="bold"))
+        for a in ident.advice:
+            parts.append(Text("  • " + _t(a.message_key, lang, **prepare(a.details))))
+    if verbose and ident.notes:
+        parts.append(Text(_t("label.notes", lang), style="bold"))
+        for n in ident.notes:
+            parts.append(Text("  " + n, style="dim"))
+    return Group(*parts)
+
+
+def _adapter_lines(ident: Identity, lang: str) -> List[str]:
+    a = ident.adapter or {}
+    lines = []
+    if ident.kind == "lora":
+        lines.append(_t("adapter.lora", lang, **prepare({k: a.get(k) for k in ("algorithm", "format", "modules", "ranks", "alphas")})))
+        if a.get("targets"):
+            lines.append(_t("adapter.targets", lang, targets=join(f"{k} ({v})" for k, v in a["targets"].items())))
+    elif ident.kind == "embedding":
+        lines.append(_t("adapter.embedding", lang, vectors=a.get("vectors")) + (f", {a['name']}" if a.get("name") else ""))
+    elif ident.kind == "hypernetwork":
+        lines.append(_t("adapter.hypernetwork", lang, widths=join(a.get("widths", []))))
+    elif ident.kind in ("controlnet", "t2i-adapter"):
+        lines.append(_t("adapter.controlnet", lang, format=a.get("format")))
+    training = ident.metadata.get("training") or {}
+    if training.get("ss_sd_model_name") or training.get("ss_steps"):
+        lines.append(_t("adapter.training", lang, **prepare({k: training.get(k) for k in ("ss_sd_model_name", "ss_steps", "ss_resolution")})))
+    if training.get("top_tags"):
+        lines.append(_t("adapter.tags", lang, tags=join(training["top_tags"])))
+    return lines
+
+
+def _metadata_line(ident: Identity) -> str:
+    m = ident.metadata
+    bits = []
+    spec = m.get("modelspec")
+    if spec:
+        bits.append("ModelSpec " + join(f"{k}={v}" for k, v in spec.items() if k in ("architecture", "title", "prediction_type", "resolution", "author")))
+    if m.get("training") and ident.kind not in ("lora",):
+        bits.append("kohya ss_* " + join(f"{k}={v}" for k, v in m["training"].items() if k in ("ss_base_model_version", "ss_steps")))
+    if m.get("merge"):
+        bits.append("merge recipe: " + join(m["merge"].keys()))
+    if m.get("lineage"):
+        bits.append("lineage: " + join(m["lineage"].keys(), 4))
+    if m.get("other_keys"):
+        bits.append("other: " + join(m["other_keys"], 5))
+    return "; ".join(bits)

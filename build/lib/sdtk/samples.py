@@ -1,0 +1,114 @@
+"""Sample model files built from real layouts (no weights are shipped: names, shapes, dtypes).
+
+Used by `sdtk demo`, the tests and the benchmarks:
+- `write_sparse_safetensors`: a full-size file in a second (header, then the file is extended to
+  its final size: sparse, zero-filled).
+- `layout_plan(..., values="random", scale=...)`: tensors with small random values, optionally
+  scaled down (every dimension divided, keeping names) for exact-value tests.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from dataclasses import dataclass
+from importlib import resources
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from sdtk.fileio import AtomicOutput
+from sdtk.formats.safetensors import build_header
+from sdtk.tensors import LazyTensor, dtype, numel
+
+LAYOUT_NAMES = (
+    "sd15-full-ema", "sd15-emaonly", "sd15-inpainting", "sd21-768-v", "sdxl-base", "sdxl-vpred-ztsnr",
+    "flux1-dev", "flux1-schnell", "flux1-dev-aio", "sd3-medium-incl-clips", "vae-sd-kl-f8", "clip-l-hf",
+)
+
+
+@dataclass(frozen=True)
+class Layout:
+    name: str
+    description: str
+    tensors: Tuple[Tuple[str, Tuple[int, ...], str], ...]  # (key, shape, dtype short/torch name)
+
+    @property
+    def parameter_count(self) -> int:
+        return sum(numel(s) for _, s, _ in self.tensors)
+
+    def with_dtype(self, float_dtype: str) -> "Layout":
+        """The same layout with every float tensor stored as `float_dtype` (e.g. "float16")."""
+        rows = tuple((k, s, float_dtype if dtype(d).is_float else d) for k, s, d in self.tensors)
+        return Layout(self.name, self.description, rows)
+
+    def rename(self, mapping) -> "Layout":
+        return Layout(self.name, self.description, tuple((mapping(k), s, d) for k, s, d in self.tensors))
+
+    def without(self, predicate) -> "Layout":
+        return Layout(self.name, self.description, tuple(r for r in self.tensors if not predicate(r[0])))
+
+    def plus(self, rows: Sequence[Tuple[str, Sequence[int], str]]) -> "Layout":
+        return Layout(self.name, self.description, self.tensors + tuple((k, tuple(s), d) for k, s, d in rows))
+
+
+def load_layout(name: str) -> Layout:
+    """A real model layout by name (see LAYOUT_NAMES)."""
+    ref = resources.files("sdtk.data").joinpath("layouts", f"{name}.json.gz")
+    with ref.open("rb") as fh:
+        data = json.loads(gzip.decompress(fh.read()))
+    rows = tuple((k, tuple(s), d) for k, s, d in data["tensors"])
+    return Layout(data["name"], data["description"], rows)
+
+
+def _scaled(shape: Tuple[int, ...], scale: Optional[int]) -> Tuple[int, ...]:
+    if not scale:
+        return shape
+    return tuple(max(1, d // scale) if d > 8 else d for d in shape)
+
+
+def layout_plan(layout: Layout, values: str = "zeros", seed: int = 0, scale: Optional[int] = None) -> List[LazyTensor]:
+    """A write plan for `layout`: zeros, or small seeded random values ("random"), optionally with
+    every dimension above 8 divided by `scale` (names kept; shapes no longer the real ones).
+    Integer tensors named `*position_ids` get 0..n-1, as in real files."""
+    plan = []
+    for i, (key, shape, dt_name) in enumerate(layout.tensors):
+        dt = dtype(dt_name)
+        shp = _scaled(tuple(shape), scale)
+        plan.append(LazyTensor(key, dt, shp, loader=_value_loader(key, dt, shp, values, seed * 100003 + i)))
+    return plan
+
+
+def _value_loader(key, dt, shape, values, seed):
+    def load():
+        if key.endswith("position_ids") and not dt.is_float:
+            return np.broadcast_to(np.arange(shape[-1], dtype=dt.numpy), shape).copy() if shape else np.zeros(shape, dt.numpy)
+        if values == "zeros" or numel(shape) == 0:
+            return np.zeros(shape, dtype=dt.numpy)
+        rng = np.random.default_rng(seed)
+        if dt.is_float:
+            return (rng.standard_normal(shape, dtype=np.float32) * 0.05).astype(dt.numpy)
+        if dt.kind == "bool":
+            return rng.integers(0, 2, shape).astype(dt.numpy)
+        return rng.integers(0, 1000, shape).astype(dt.numpy)
+
+    return load
+
+
+def write_sparse_safetensors(path, layout: Layout, metadata: Optional[Dict[str, str]] = None, overwrite: bool = True) -> int:
+    """A full-size, zero-filled safetensors file of `layout`, written in milliseconds: the header,
+    then the file extended to its final size (sparse on every common file system).
+    Integer position_ids are real (0..n-1), so the file is healthy, not just zeros."""
+    plan = layout_plan(layout)
+    header = build_header(plan, metadata)
+    total = len(header) + sum(t.nbytes for t in plan)
+    with AtomicOutput(path, overwrite=overwrite) as out:
+        out.write(header)
+        offset = len(header)
+        for t in plan:
+            if t.name.endswith("position_ids") and not t.dtype.is_float and t.nbytes:
+                out.seek(offset)
+                out.write(t.read().tobytes())
+            offset += t.nbytes
+        out.truncate(total)
+    return total

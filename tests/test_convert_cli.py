@@ -361,6 +361,7 @@ def test_ctrl_c_in_cli_exits_130_and_leaves_nothing(tmp_path, sparse_sd15_full):
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
+    assert "interrupted; nothing was written" in err
     assert files_in(tmp_path) == [] and big.stat().st_size == size_before
 
 

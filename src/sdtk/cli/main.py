@@ -60,6 +60,8 @@ def main(argv: Optional[List[str]] = None) -> None:
             e.show()
             sys.exit(EXIT_BAD_INPUT)
         raise
+    if result == EXIT_INTERRUPTED:  # typer turns Ctrl-C into a return value of 130
+        error_line("interrupted; nothing was written")
     sys.exit(result if isinstance(result, int) else 0)
 
 

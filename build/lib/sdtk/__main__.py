@@ -1,3 +1,0 @@
-from sdtk.cli.main import main
-
-main()

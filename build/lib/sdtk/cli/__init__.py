@@ -1,1 +1,0 @@
-"""The command-line interface: thin wrappers that parse arguments, call the library and print."""

@@ -1,1 +1,0 @@
-"""What can be done to models: each operation turns input catalogues into a write plan."""

@@ -8,6 +8,12 @@ import pytest
 
 SRC = str(Path(__file__).resolve().parent.parent / "src")
 
+# Tests never touch the user's hash cache: one fresh cache per test session (children inherit it).
+if "SDTK_HASH_CACHE" not in os.environ:
+    import tempfile
+
+    os.environ["SDTK_HASH_CACHE"] = os.path.join(tempfile.mkdtemp(prefix="sdtk-test-cache-"), "hashes.sqlite3")
+
 
 def run_cli(*args, cwd=None, input=None, env=None):
     """Run `python -m sdtk ARGS` on this checkout's code; returns CompletedProcess (text)."""

@@ -30,16 +30,23 @@ HASH_NAMES = ("sha256", "autov3", "content")
 
 def source_hashes(path: str) -> Dict[str, str]:
     """SHA256, AutoV3 (64 hex, lower case) and sdtk's content hash of a model file, in one read
-    when its tensors lie as raw bytes in the file (safetensors; most checkpoints)."""
+    when its tensors lie as raw bytes in the file (safetensors; most checkpoints). Taken from the
+    hash cache when this exact file was hashed before (see sdtk.hashing.cache)."""
     from sdtk.formats import open_model
     from sdtk.hashing import content_hash, hash_file
+    from sdtk.hashing.cache import cached_hashes, remember_hashes
     from sdtk.hashing.content import raw_tensor_spans
 
+    known = cached_hashes(path)
+    if all(known.get(name) for name in HASH_NAMES):
+        return {name: known[name] for name in HASH_NAMES}
     with open_model(path) as cat:
         spans = raw_tensor_spans(cat)
         hashes = hash_file(path, tensor_spans=spans)
         content = content_hash(cat, digests=hashes.tensor_digests or {})
-    return {"sha256": hashes.sha256, "autov3": hashes.autov3, "content": content}
+    result = {"sha256": hashes.sha256, "autov3": hashes.autov3, "content": content}
+    remember_hashes(path, result)
+    return result
 
 
 class BackgroundHashes:

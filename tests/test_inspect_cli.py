@@ -168,3 +168,14 @@ def test_diffusers_folder_cli(cli, tmp):
     f = json.loads(r.stdout)["files"][0]
     assert f["kind"] == "diffusers-pipeline" and f["architecture"] == "stable-diffusion-v1"
     assert set(f["components"]) == {"unet", "vae", "text_encoder"}
+
+
+def test_folder_line_names_the_variant(cli, tmp):
+    """v-prediction is what users must act on: the one-line listing says it, not only the report."""
+    folder = tmp / "ckpts"
+    folder.mkdir()
+    H.write_sparse(folder / "noob.safetensors", H.layout("sdxl-vpred-ztsnr"))
+    H.write_sparse(folder / "base.safetensors", H.layout("sdxl-base"))
+    r = cli("inspect", folder)
+    assert re.search(r"noob\.safetensors\s+stable-diffusion-xl-v1-base \(v-prediction\)\s+\[checkpoint\]", r.stdout), r.stdout
+    assert re.search(r"base\.safetensors\s+stable-diffusion-xl-v1-base\s+\[checkpoint\]", r.stdout), r.stdout

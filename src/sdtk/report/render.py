@@ -51,7 +51,8 @@ def summary_line(ident: Identity, lang: str = "en", name: str = "") -> str:
     n_problems = sum(1 for p in ident.problems if p.counts)
     mark = "ok" if not n_problems and ident.identified else f"{n_problems}!"
     kind = _t(f"kind.{ident.kind}", lang)
-    what = f"{ident.architecture}  [{kind}]" if ident.identified else f"[{kind}]"
+    arch = f"{ident.architecture} ({ident.variant})" if ident.variant and ident.variant not in ident.architecture else ident.architecture
+    what = f"{arch}  [{kind}]" if ident.identified else f"[{kind}]"
     return f"{mark:>3}  {name}  {what}  {ident.precision}  {human_bytes(ident.file_size)}"
 
 

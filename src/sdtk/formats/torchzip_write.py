@@ -40,6 +40,7 @@ from typing import Any, BinaryIO, Dict, Iterable, List, Optional, Sequence, Tupl
 
 import numpy as np
 
+from sdtk.crc import crc32
 from sdtk.errors import OutputError
 from sdtk.fileio import AtomicOutput
 from sdtk.tensors import LazyTensor
@@ -390,7 +391,7 @@ class _ZipWriter:
     def record(self, name: str, data: bytes) -> None:
         self.begin(name, len(data))
         self.out.write(data)
-        self.end(zlib.crc32(data))
+        self.end(crc32(data))
 
     def finish(self) -> None:
         cd_ofs, cd = self.pos, b"".join(self.central)
@@ -474,7 +475,7 @@ def write_torch_zip(
                     out.seek(size, os.SEEK_CUR)
                 else:
                     out.write(data)
-                crc = zlib.crc32(data)
+                crc = crc32(data)
                 del data
             zw.end(crc)
         zw.record(f"{top}/version", b"3\n")

@@ -18,6 +18,7 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
+from sdtk.crc import crc32
 from sdtk.errors import FormatError, UnsafeFileError, UnsupportedFormatError
 
 EOCD_SIG = b"PK\x05\x06"
@@ -106,7 +107,7 @@ class ZipArchive:
         else:
             raise UnsupportedFormatError(self.path, f"zip record {entry.name!r} uses compression method {entry.method}")
         if verify:
-            entry.crc_ok = (zlib.crc32(data) & 0xFFFFFFFF) == entry.crc
+            entry.crc_ok = (crc32(data) & 0xFFFFFFFF) == entry.crc
             if not entry.crc_ok:
                 raise FormatError(self.path, f"CRC mismatch in zip record {entry.name!r} (the file is corrupt or was tampered with)")
         return data
@@ -123,7 +124,7 @@ class ZipArchive:
             return bool(entry.crc_ok)
         crc, view = 0, self.raw(entry)
         for start in range(0, len(view), CRC_CHUNK):
-            crc = zlib.crc32(view[start:start + CRC_CHUNK], crc)
+            crc = crc32(view[start:start + CRC_CHUNK], crc)
             if len(view) >= 1 << 20:  # big records: do not keep their pages mapped (RSS)
                 _release(self.buf, entry.data_offset + start, min(CRC_CHUNK, len(view) - start))
         del view

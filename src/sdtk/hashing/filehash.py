@@ -38,14 +38,8 @@ import blake3
 from sdtk.errors import FormatError, SdtkError
 from sdtk.fileio import open_input
 
-try:  # ISA-L's CRC32 is ~5x faster than zlib's (same polynomial, same values); optional
-    from isal.isal_zlib import crc32 as _crc32
-
-    CRC32_IMPLEMENTATION = "isal"
-except ImportError:  # pragma: no cover - depends on the environment
-    from zlib import crc32 as _crc32
-
-    CRC32_IMPLEMENTATION = "zlib"
+from sdtk.crc import IMPLEMENTATION as CRC32_IMPLEMENTATION  # isal when installed, else zlib
+from sdtk.crc import crc32 as _crc32
 
 AUTOV1_OFFSET = 0x100000  # 1 MiB (A1111 sd_models.model_hash: file.seek(0x100000))
 AUTOV1_LENGTH = 0x10000  # 64 KiB (A1111: file.read(0x10000))

@@ -1,9 +1,10 @@
 """Change the precision of floating-point tensors, counting values that do not fit.
 
-Casts round to nearest, ties to even (numpy for fp16, ml_dtypes for bf16/fp8: the same results
-as torch's `.to()`). A finite value too large for the target becomes inf (fp16, bf16, e5m2) or NaN
-(e5m2) or is clipped to +-448 (e4m3fn has no inf; torch saturates): we count those per tensor, so `convert` can refuse a lossy fp16 cast and
-suggest bf16. Integer and bool tensors, position ids and marker tensors are never cast.
+Casts round to nearest, ties to even: numpy for fp16 (or `sdtk.fastcast`'s F16C path, which gives
+numpy's bits), ml_dtypes for bf16/fp8; the same results as torch's `.to()`. A finite value too
+large for the target becomes inf (fp16, bf16, e5m2) or NaN (e5m2) or is clipped to +-448 (e4m3fn
+has no inf; torch saturates): we count those per tensor, so `convert` can refuse a lossy fp16
+cast and suggest bf16. Integer and bool tensors, position ids and marker tensors are never cast.
 Large tensors are cast in chunks into one output array: memory is the output tensor plus a chunk.
 """
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import ml_dtypes
 import numpy as np
 
+from sdtk import fastcast
 from sdtk.ops.components import MARKERS
 from sdtk.tensors import DType, LazyTensor
 
@@ -67,6 +69,9 @@ def _cast_chunk(piece: np.ndarray, target: np.ndarray, dst: DType, check: bool, 
             n = int(np.count_nonzero(np.abs(piece) > limit) - np.count_nonzero(np.isinf(piece)))
         target[...] = np.clip(piece, -limit, limit).astype(dst.numpy)
         return n
+    fast = fastcast.cast_into(piece, target)  # F16C path: same bits as numpy, counts overflow itself
+    if fast is not None:
+        return fast if check else 0
     with np.errstate(over="ignore", invalid="ignore"):
         target[...] = piece.astype(dst.numpy)
     if not check or not _any_non_finite(target, dst):

@@ -16,6 +16,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from sdtk import fastcast
 from sdtk.errors import SdtkError, UsageError
 from sdtk.ops.merge import methods as M
 from sdtk.ops.merge.arch import LATENT_CHANNELS, component_of, family_label, is_channel_extension
@@ -46,7 +47,7 @@ class FileSource:
 
     def read_chunk(self, key: str, lo: int, hi: int, ctype) -> np.ndarray:
         flat = self.cat.tensors[key].read().reshape(-1)
-        return flat[lo:hi].astype(ctype)
+        return fastcast.astype(flat[lo:hi], ctype)
 
     def span(self, key: str) -> Optional[FileSpan]:
         return self.cat.tensors[key].span
@@ -207,7 +208,7 @@ class StepSource:
         if d.action == "slice":
             if self._full_cache[0] != key:
                 self.prepare(key)
-            return self._full_cache[1].reshape(-1)[lo:hi].astype(ctype)
+            return fastcast.astype(self._full_cache[1].reshape(-1)[lo:hi], ctype)
         arrays = [s.read_chunk(key, lo, hi, ctype) for s in self.inputs]  # fresh copies: ours to overwrite
         return self._apply(key, arrays, d.alpha, lo, ctype)
 
@@ -328,7 +329,7 @@ def _loader(src, key: str, out: DType, pool: Optional[ThreadPoolExecutor]):
         shape = src.entries[key][0]
         if not src.computed(key):
             arr = src.read_full(key)
-            return arr if arr.dtype == out.numpy else arr.astype(out.numpy)
+            return arr if arr.dtype == out.numpy else fastcast.astype(arr, out.numpy)
         src.prepare(key)
         ctype = src.compute_dtype(key) if hasattr(src, "compute_dtype") else np.float32
         n = numel(shape)
@@ -336,7 +337,7 @@ def _loader(src, key: str, out: DType, pool: Optional[ThreadPoolExecutor]):
 
         def fill(lo: int) -> None:
             hi = min(n, lo + CHUNK)
-            result[lo:hi] = src.read_chunk(key, lo, hi, ctype)  # the one cast
+            fastcast.assign(result[lo:hi], src.read_chunk(key, lo, hi, ctype))  # the one cast
 
         if pool is None or n <= CHUNK:
             for lo in range(0, n, CHUNK):
@@ -354,7 +355,7 @@ def _file_tensor(src: FileSource, src_key: str, key: str, out: DType) -> LazyTen
 
     def load() -> np.ndarray:
         arr = t.read()
-        return arr if arr.dtype == out.numpy else arr.astype(out.numpy)
+        return arr if arr.dtype == out.numpy else fastcast.astype(arr, out.numpy)
 
     return LazyTensor(key, out, tuple(t.shape), loader=load, span=t.span if t.dtype == out else None)
 

@@ -1,0 +1,221 @@
+/*
+ * sdtk._fastcast: vectorised float32 <-> float16 casts, bit-identical to numpy, releasing the
+ * GIL.
+ *
+ * Why: numpy converts float32 to float16 with a scalar software loop (about 0.6 GB/s per core),
+ * which made `sdtk convert --dtype fp16` CPU-bound. x86-64 CPUs since 2012 have the F16C
+ * instructions (VCVTPS2PH / VCVTPH2PS), which convert 8 values per instruction with IEEE 754
+ * round-to-nearest-even, the rounding numpy uses.
+ *
+ * Optional: the package builds and works without this module (sdtk/fastcast.py falls back to
+ * numpy), and the F16C paths are chosen at run time only when the CPU reports F16C and AVX2.
+ *
+ * Exactness against numpy (numpy/_core/src/common/half.hpp, npy_floatbits_to_halfbits):
+ *   - finite values: F16C with imm8 = round-to-nearest-even gives the same bits as numpy,
+ *     including subnormal results (F16C ignores MXCSR.FTZ for this instruction).
+ *   - NaN: numpy keeps the top mantissa bits without setting the quiet bit (a signalling NaN
+ *     stays signalling); F16C quiets it. NaN lanes are rewritten with numpy's bits afterwards.
+ * bfloat16 and fp8 stay with ml_dtypes, whose casts are already vectorised (about 3 GB/s here).
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__x86_64__) || defined(_M_X64) || defined(__i386__)
+#define SDTK_X86 1
+#include <immintrin.h>
+#else
+#define SDTK_X86 0
+#endif
+
+/* ---------- portable scalar pieces (also the reference for the vector loops) ---------- */
+
+static inline uint16_t numpy_nan_half(uint32_t f)
+{
+    /* numpy: h = 0x7c00 + (mantissa >> 13), and 0x7c01 when that would read as inf. */
+    uint16_t sign = (uint16_t)((f >> 16) & 0x8000u);
+    uint16_t m = (uint16_t)((f & 0x007fffffu) >> 13);
+    if (m == 0)
+        m = 1;
+    return (uint16_t)(sign | 0x7c00u | m);
+}
+
+/* After a block was converted: rewrite NaN lanes with numpy's bits and count finite inputs that
+   became inf. `in` and `out` are the same block; branch-light, auto-vectorised by the compiler
+   for the common no-special-value case. */
+static Py_ssize_t f16_fixup(const uint32_t *in, uint16_t *out, Py_ssize_t n)
+{
+    Py_ssize_t overflow = 0;
+    uint32_t any_special = 0;
+    for (Py_ssize_t i = 0; i < n; i++)
+        any_special |= (uint32_t)((out[i] & 0x7c00u) == 0x7c00u);
+    if (!any_special)
+        return 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if ((out[i] & 0x7c00u) != 0x7c00u)
+            continue;
+        uint32_t f = in[i];
+        if ((f & 0x7f800000u) != 0x7f800000u)
+            overflow++; /* finite input, inf output */
+        else if (f & 0x007fffffu)
+            out[i] = numpy_nan_half(f);
+    }
+    return overflow;
+}
+
+#if SDTK_X86
+__attribute__((target("avx2,f16c")))
+static void f32_to_f16_block(const float *in, uint16_t *out, Py_ssize_t n)
+{
+    Py_ssize_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m256 a = _mm256_loadu_ps(in + i);
+        __m256 b = _mm256_loadu_ps(in + i + 8);
+        _mm_storeu_si128((__m128i *)(out + i), _mm256_cvtps_ph(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+        _mm_storeu_si128((__m128i *)(out + i + 8), _mm256_cvtps_ph(b, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    }
+    if (i < n) {
+        float tail_in[16] = {0};
+        uint16_t tail_out[16];
+        memcpy(tail_in, in + i, (size_t)(n - i) * sizeof(float));
+        _mm_storeu_si128((__m128i *)tail_out, _mm256_cvtps_ph(_mm256_loadu_ps(tail_in), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+        _mm_storeu_si128((__m128i *)(tail_out + 8), _mm256_cvtps_ph(_mm256_loadu_ps(tail_in + 8), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+        memcpy(out + i, tail_out, (size_t)(n - i) * sizeof(uint16_t));
+    }
+}
+
+__attribute__((target("avx2,f16c")))
+static void f16_to_f32_block(const uint16_t *in, float *out, Py_ssize_t n)
+{
+    /* VCVTPH2PS is exact for every half value; NaN payloads are kept in the top mantissa bits
+       and quieted, as numpy's npy_halfbits_to_floatbits does not. Fixed up below. */
+    Py_ssize_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(in + i))));
+    if (i < n) {
+        uint16_t tail_in[8] = {0};
+        float tail_out[8];
+        memcpy(tail_in, in + i, (size_t)(n - i) * sizeof(uint16_t));
+        _mm256_storeu_ps(tail_out, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)tail_in)));
+        memcpy(out + i, tail_out, (size_t)(n - i) * sizeof(float));
+    }
+}
+
+static int have_f16c(void)
+{
+    static int cached = -1;
+    if (cached < 0) {
+        __builtin_cpu_init();
+        cached = __builtin_cpu_supports("f16c") && __builtin_cpu_supports("avx2");
+    }
+    return cached;
+}
+#else
+static int have_f16c(void) { return 0; }
+static void f32_to_f16_block(const float *in, uint16_t *out, Py_ssize_t n) { (void)in; (void)out; (void)n; }
+static void f16_to_f32_block(const uint16_t *in, float *out, Py_ssize_t n) { (void)in; (void)out; (void)n; }
+#endif
+
+/* numpy's npy_halfbits_to_floatbits for NaN: the 10 mantissa bits go to the top, no quiet bit
+   is added. VCVTPH2PS sets the quiet bit; rewrite NaN lanes. */
+static void f32_nan_fixup(const uint16_t *in, uint32_t *out, Py_ssize_t n)
+{
+    uint32_t any_nan = 0;
+    for (Py_ssize_t i = 0; i < n; i++)
+        any_nan |= (uint32_t)((in[i] & 0x7c00u) == 0x7c00u && (in[i] & 0x03ffu));
+    if (!any_nan)
+        return;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        uint16_t h = in[i];
+        if ((h & 0x7c00u) == 0x7c00u && (h & 0x03ffu))
+            out[i] = ((uint32_t)(h & 0x8000u) << 16) | 0x7f800000u | ((uint32_t)(h & 0x03ffu) << 13);
+    }
+}
+
+/* ---------- Python bindings: (src buffer, dst buffer) -> overflow count ---------- */
+
+#define BLOCK 4096 /* values per fix-up pass: the block stays in L1/L2 between the two passes */
+
+static int get_buffers(PyObject *args, const char *fmt, Py_buffer *src, Py_buffer *dst,
+                       Py_ssize_t src_item, Py_ssize_t dst_item, Py_ssize_t *n)
+{
+    if (!PyArg_ParseTuple(args, fmt, src, dst))
+        return 0;
+    if (src->len % src_item || dst->len % dst_item || src->len / src_item != dst->len / dst_item) {
+        PyBuffer_Release(src);
+        PyBuffer_Release(dst);
+        PyErr_SetString(PyExc_ValueError, "source and destination hold different numbers of values");
+        return 0;
+    }
+    *n = src->len / src_item;
+    return 1;
+}
+
+static PyObject *py_f32_to_f16(PyObject *self, PyObject *args)
+{
+    Py_buffer src, dst;
+    Py_ssize_t n, overflow = 0;
+    (void)self;
+    if (!have_f16c()) {
+        PyErr_SetString(PyExc_RuntimeError, "this CPU lacks F16C/AVX2");
+        return NULL;
+    }
+    if (!get_buffers(args, "y*w*", &src, &dst, 4, 2, &n))
+        return NULL;
+    const float *in = (const float *)src.buf;
+    uint16_t *out = (uint16_t *)dst.buf;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t at = 0; at < n; at += BLOCK) {
+        Py_ssize_t m = n - at < BLOCK ? n - at : BLOCK;
+        f32_to_f16_block(in + at, out + at, m);
+        overflow += f16_fixup((const uint32_t *)(in + at), out + at, m);
+    }
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&src);
+    PyBuffer_Release(&dst);
+    return PyLong_FromSsize_t(overflow);
+}
+
+static PyObject *py_f16_to_f32(PyObject *self, PyObject *args)
+{
+    Py_buffer src, dst;
+    Py_ssize_t n;
+    (void)self;
+    if (!have_f16c()) {
+        PyErr_SetString(PyExc_RuntimeError, "this CPU lacks F16C/AVX2");
+        return NULL;
+    }
+    if (!get_buffers(args, "y*w*", &src, &dst, 2, 4, &n))
+        return NULL;
+    const uint16_t *in = (const uint16_t *)src.buf;
+    float *out = (float *)dst.buf;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t at = 0; at < n; at += BLOCK) {
+        Py_ssize_t m = n - at < BLOCK ? n - at : BLOCK;
+        f16_to_f32_block(in + at, out + at, m);
+        f32_nan_fixup(in + at, (uint32_t *)(out + at), m);
+    }
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&src);
+    PyBuffer_Release(&dst);
+    return PyLong_FromLong(0);
+}
+
+static PyObject *py_has_f16c(PyObject *self, PyObject *noargs)
+{
+    (void)self;
+    (void)noargs;
+    return PyBool_FromLong(have_f16c());
+}
+
+static PyMethodDef methods[] = {
+    {"f32_to_f16", py_f32_to_f16, METH_VARARGS, "f32_to_f16(src, dst) -> finite values that became inf. Needs F16C."},
+    {"f16_to_f32", py_f16_to_f32, METH_VARARGS, "f16_to_f32(src, dst) -> 0. Needs F16C."},
+    {"has_f16c", py_has_f16c, METH_NOARGS, "True when the CPU has F16C and AVX2 (the fp16 paths)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "sdtk._fastcast", "Vectorised fp32<->fp16 casts.", -1, methods};
+
+PyMODINIT_FUNC PyInit__fastcast(void) { return PyModule_Create(&module); }

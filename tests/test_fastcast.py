@@ -1,0 +1,84 @@
+"""The F16C cast path (sdtk._fastcast via sdtk.fastcast) gives numpy's exact bits and overflow
+counts, and the numpy fallback is taken when it is off or missing."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from sdtk import fastcast
+from sdtk.ops.cast import cast_array
+from sdtk.tensors import dtype as dtype_named
+
+HAVE_FAST = fastcast._ext is not None and fastcast._ext.has_f16c()
+
+
+def test_extension_is_built_where_ci_requires_it():
+    # .ci/run sets SDTK_REQUIRE_FASTCAST=1: there, a failed (optional) build must not go unnoticed.
+    if os.environ.get("SDTK_REQUIRE_FASTCAST") == "1":
+        assert fastcast._ext is not None, "sdtk._fastcast was not built"
+        assert fastcast.status() in ("F16C", "numpy (this CPU has no F16C)")
+
+
+def _edge_float32_bits() -> np.ndarray:
+    """Every sign/exponent/top-7-mantissa-bit prefix combined with the low-bit patterns that
+    decide fp16 rounding (ties, just below, just above), plus random bit patterns: every class
+    of value (zero, fp16 subnormal results, normal, overflow to inf, inf, quiet and signalling
+    NaN with payloads)."""
+    high = np.arange(1 << 16, dtype=np.uint32) << 16
+    low = np.array([0, 1, 0x0FFF, 0x1000, 0x1001, 0x1FFF, 0x2000, 0x3000, 0x7FFF, 0x8000, 0x8001,
+                    0xFFFF, 0x5A5A, 0xE001], dtype=np.uint32)
+    rng = np.random.default_rng(7)
+    return np.concatenate([(high[:, None] | low[None, :]).reshape(-1),
+                           rng.integers(0, 1 << 32, 1 << 20, dtype=np.uint64).astype(np.uint32)])
+
+
+@pytest.mark.skipif(not HAVE_FAST, reason="needs the built extension on an F16C CPU")
+def test_f32_to_f16_equals_numpy_bit_for_bit_with_overflow_count():
+    f = _edge_float32_bits().view(np.float32)
+    with np.errstate(all="ignore"):
+        expected = f.astype(np.float16)
+    out = np.empty_like(expected)
+    overflow = fastcast.cast_into(f, out)
+    assert np.array_equal(out.view(np.uint16), expected.view(np.uint16))
+    assert overflow == int(np.count_nonzero(np.isinf(expected) & np.isfinite(f))) > 0
+
+
+@pytest.mark.skipif(not HAVE_FAST, reason="needs the built extension on an F16C CPU")
+def test_f16_to_f32_every_half_value_equals_numpy():
+    h = np.arange(1 << 16, dtype=np.uint16).view(np.float16)
+    got = fastcast.astype(h, np.float32)
+    assert np.array_equal(got.view(np.uint32), h.astype(np.float32).view(np.uint32))
+
+
+@pytest.mark.parametrize("length", [0, 1, 7, 8, 15, 16, 17, 4095, 4096, 4097, 100_003])
+def test_odd_lengths_and_shapes(length):
+    rng = np.random.default_rng(length)
+    a = (rng.standard_normal(length) * 3e4).astype(np.float32)  # some values overflow fp16
+    with np.errstate(all="ignore"):
+        expected = a.astype(np.float16)
+    assert np.array_equal(fastcast.astype(a, np.float16).view(np.uint16), expected.view(np.uint16))
+    out = np.empty(length, np.float16)
+    fastcast.assign(out, a)
+    assert np.array_equal(out.view(np.uint16), expected.view(np.uint16))
+
+
+def test_non_contiguous_and_big_endian_inputs_fall_back_to_numpy():
+    a = np.random.default_rng(1).standard_normal((64, 64)).astype(np.float32)
+    assert fastcast.cast_into(a[:, ::2], np.empty((64, 32), np.float16)) is None
+    assert np.array_equal(fastcast.astype(a[:, ::2], np.float16), a[:, ::2].astype(np.float16))
+    big = a.astype(">f4")
+    assert fastcast.cast_into(big, np.empty(a.shape, np.float16)) is None
+    assert np.array_equal(fastcast.astype(big, np.float16), a.astype(np.float16))
+
+
+def test_switch_off_gives_numpy_path_and_same_results(monkeypatch):
+    a = (np.random.default_rng(2).standard_normal(3 << 20) * 2e4).astype(np.float32)
+    fast, fast_overflow = cast_array(a, dtype_named("F16"))
+    monkeypatch.setenv("SDTK_FASTCAST", "off")
+    assert fastcast.status().startswith("numpy")
+    assert fastcast.cast_into(a, np.empty(a.shape, np.float16)) is None
+    slow, slow_overflow = cast_array(a, dtype_named("F16"))
+    assert np.array_equal(fast.view(np.uint16), slow.view(np.uint16))
+    assert fast_overflow == slow_overflow > 0

@@ -70,8 +70,11 @@ def test_unchanged_files_are_never_read_again(tmp, monkeypatch):
     first = scan_library(conn, [tmp / "loras"])
     assert first.new == 1000 and first.hashed == 1000
     reads = []
-    monkeypatch.setattr(scanmod, "hash_file", lambda *a, **k: reads.append(a) or pytest.fail("re-read"))
-    monkeypatch.setattr(scanmod, "hash_model_file", lambda *a, **k: reads.append(a) or pytest.fail("re-read"))
+    import sdtk.hashing.model as hashmod
+
+    monkeypatch.setattr(scanmod, "cached_model_hashes", lambda *a, **k: reads.append(a) or pytest.fail("looked up"))
+    monkeypatch.setattr(hashmod, "hash_file", lambda *a, **k: reads.append(a) or pytest.fail("re-read"))
+    monkeypatch.setattr(hashmod, "hash_model_file", lambda *a, **k: reads.append(a) or pytest.fail("re-read"))
     import sdtk.formats
 
     monkeypatch.setattr(sdtk.formats, "open_model", lambda *a, **k: pytest.fail("opened an unchanged file"))

@@ -31,16 +31,16 @@ def progress_for(path: Path, size: int, enabled: bool):
         yield lambda done, total: bar.update(task, completed=done)
 
 
-def hash_one(path: Path, style: str, content: bool, show_progress: bool) -> tuple:
+def hash_one(path: Path, style: str, content: bool, show_progress: bool, use_cache: bool = True) -> tuple:
     """({file, size, SHA256..BLAKE3 [, Content]}, content problem or None) for one file, in `style`.
 
     A file that is not a model still gets its six hashes; its Content is null and the problem
-    (the reader's one-line message) is returned."""
-    from sdtk.hashing import hash_file
-    from sdtk.hashing.model import hash_model_file
+    (the reader's one-line message) is returned. Hashes come from the shared hash cache when this
+    exact file (path, size, mtime, inode) was hashed before by any sdtk command."""
+    from sdtk.hashing.model import cached_model_hashes
 
     size = os.stat(path).st_size if os.path.isfile(path) else 0
-    problem, content_value, catalogue = None, None, None
+    problem, catalogue = None, None
     if content:
         from sdtk.formats import open_model
 
@@ -52,14 +52,12 @@ def hash_one(path: Path, style: str, content: bool, show_progress: bool) -> tupl
             problem = e
     try:
         with progress_for(path, size, show_progress) as on_progress:
-            if catalogue is not None:
-                mh = hash_model_file(path, catalogue, on_progress=on_progress)
-                fh, content_value = mh.file, mh.content
-            else:
-                fh = hash_file(path, on_progress=on_progress)
+            mh = cached_model_hashes(path, catalogue, content=catalogue is not None, on_progress=on_progress,
+                                     use_cache=use_cache)
     finally:
         if catalogue is not None:
             catalogue.close()
+    fh, content_value = mh.file, mh.content
     row = {"file": str(path), "size": fh.size, **fh.formatted(style)}
     if content:
         row["Content"] = None if content_value is None else (content_value if style == "a1111" else content_value.upper())
@@ -84,6 +82,8 @@ def register(app: typer.Typer) -> None:
                                      "container or after a metadata edit give the same value)."),
         json_out: bool = typer.Option(False, "--json", help="Print a JSON list, one object per file."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+        rehash: bool = typer.Option(False, "--rehash", help="Read the file even when the hash cache knows it "
+                                    "(the cache is keyed on path, size, mtime and inode; SDTK_HASH_CACHE=off disables it)."),
     ) -> int:
         """All six hashes Civitai and A1111 use (SHA256, AutoV1, AutoV2, AutoV3, CRC32, BLAKE3) in one read."""
         if style not in STYLES:
@@ -91,7 +91,7 @@ def register(app: typer.Typer) -> None:
         rows, code = [], EXIT_OK
         for path in files:
             try:
-                row, problem = hash_one(path, style, content, show_progress=not quiet and not json_out)
+                row, problem = hash_one(path, style, content, show_progress=not quiet and not json_out, use_cache=not rehash)
             except SdtkError as e:
                 error_line(str(e))
                 code = e.exit_code if code == EXIT_OK else code

@@ -50,7 +50,8 @@ def _print_scan(report, db: Path) -> None:
     r = report
     console.print(f"library {db}: {r.seen} model files in {len(r.roots)} folder(s) in {r.seconds:.2f} s")
     console.print(f"  new {r.new}, changed {r.changed}, unchanged {r.unchanged} (not read again), "
-                  f"back {r.returned}, newly missing {r.missing}; hashed {r.hashed} files ({_human(r.hashed_bytes)})")
+                  f"back {r.returned}, newly missing {r.missing}; hashed {r.hashed} files ({_human(r.hashed_bytes)})"
+                  + (f", {r.hashes_from_cache} from the hash cache" if r.hashes_from_cache else ""))
     for root in r.offline:
         console.print(f"  [yellow]offline:[/] {root} (its records are kept, marked missing)")
     for root in r.absent:

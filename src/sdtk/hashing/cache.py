@@ -1,5 +1,9 @@
 """A small persistent cache of file hashes, so a model file is hashed once in its life.
 
+One cache for every command: `sdtk hash`, `sdtk library scan`, the lineage hashes of `convert`
+and `merge` all read it first and add what they computed, so a file hashed by any of them is
+never read again for its hashes while it is unchanged (`sdtk hash --rehash` reads it anyway).
+
 Keyed on (real path, size, mtime_ns, inode): a file that changed in any of these is hashed again
 (A1111 keys on path and mtime only, and keeps stale hashes when a file is replaced by an older
 one). Values are dicts of hash name -> lower-case hex. The cache lives in the user's cache folder
@@ -11,7 +15,10 @@ import json
 import os
 import sqlite3
 from pathlib import Path
-from typing import Dict, Optional
+from typing import TYPE_CHECKING, Dict, Optional
+
+if TYPE_CHECKING:
+    from sdtk.hashing.filehash import FileHashes
 
 CACHE_ENV = "SDTK_HASH_CACHE"
 _SCHEMA = "CREATE TABLE IF NOT EXISTS hashes (path TEXT, size INTEGER, mtime_ns INTEGER, inode INTEGER, kinds TEXT, PRIMARY KEY (path, size, mtime_ns, inode))"
@@ -74,3 +81,31 @@ def remember_hashes(path: "os.PathLike[str] | str", hashes: Dict[str, str]) -> N
         pass
     finally:
         conn.close()
+
+
+# The FileHashes fields stored under their own names (values: hex strings, or ints for crc32 and
+# autov3_start); "content" is sdtk's content hash.
+FILE_FIELDS = ("sha256", "autov1_window", "autov3", "autov3_start", "crc32", "blake3")
+
+
+def cached_file_hashes(path: "os.PathLike[str] | str", known: Optional[Dict[str, str]] = None) -> "Optional[FileHashes]":
+    """The six file hashes of this exact file from the cache, or None when any is missing."""
+    from sdtk.hashing.filehash import FileHashes
+
+    known = cached_hashes(path) if known is None else known
+    if not all(known.get(name) is not None for name in FILE_FIELDS):
+        return None
+    try:
+        return FileHashes(size=os.stat(path).st_size, sha256=str(known["sha256"]), autov1_window=str(known["autov1_window"]),
+                          autov3=str(known["autov3"]), autov3_start=int(known["autov3_start"]), crc32=int(known["crc32"]),
+                          blake3=str(known["blake3"]))
+    except (OSError, TypeError, ValueError):
+        return None
+
+
+def remember_file_hashes(path: "os.PathLike[str] | str", fh: "FileHashes", content: Optional[str] = None) -> None:
+    """Store all six file hashes (and the content hash when known)."""
+    values = {name: getattr(fh, name) for name in FILE_FIELDS}
+    if content:
+        values["content"] = content
+    remember_hashes(path, values)

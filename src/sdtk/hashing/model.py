@@ -39,3 +39,26 @@ def hash_model_file(path: "os.PathLike[str] | str", catalogue=None, *, on_progre
     finally:
         if own:
             cat.close()
+
+
+def cached_model_hashes(path: "os.PathLike[str] | str", catalogue=None, *, content: bool = True,
+                        on_progress: Optional[ProgressCallback] = None, options: HashOptions = HashOptions(),
+                        use_cache: bool = True) -> ModelHashes:
+    """`hash_model_file` (or `hash_file` alone when `content` is False or `catalogue` is None and
+    the file is not a model), through the shared hash cache (`sdtk.hashing.cache`): a file hashed
+    before while unchanged is not read again (`reads` is 0); what is computed is remembered."""
+    from sdtk.hashing.cache import cached_file_hashes, cached_hashes, remember_file_hashes
+
+    if use_cache:
+        known = cached_hashes(path)
+        fh = cached_file_hashes(path, known)
+        if fh is not None and (not content or known.get("content")):
+            return ModelHashes(fh, known.get("content") if content else None, 0)
+    if content and catalogue is not None:
+        mh = hash_model_file(path, catalogue, on_progress=on_progress, options=options)
+    elif content:
+        mh = hash_model_file(path, on_progress=on_progress, options=options)
+    else:
+        mh = ModelHashes(hash_file(path, on_progress=on_progress, options=options), None, 1)
+    remember_file_hashes(path, mh.file, mh.content)
+    return mh

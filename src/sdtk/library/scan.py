@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from sdtk.errors import SdtkError
-from sdtk.hashing import hash_file
 from sdtk.hashing.content import content_hash
-from sdtk.hashing.model import hash_model_file
+from sdtk.hashing.cache import cached_hashes, remember_hashes
+from sdtk.hashing.model import cached_model_hashes
 from sdtk.hashing.styles import crc32_civitai_hex
 from sdtk.library.describe import DESCRIBE_VERSION, describe_for_library
 from sdtk.library.folders import SKIP_DIRS, expand_roots, folder_kind, is_model_file
@@ -52,6 +52,7 @@ class ScanReport:
     missing: int = 0  # newly marked missing
     hashed: int = 0  # files read and hashed
     hashed_bytes: int = 0
+    hashes_from_cache: int = 0  # new or changed files whose hashes the shared hash cache knew
     redescribed: int = 0  # described again from the header only (no re-hash)
     sidecars_reread: int = 0
     problems: List[Tuple[str, str]] = field(default_factory=list)
@@ -196,20 +197,22 @@ class Scanner:
                 desc_meta = {"base_model": desc.pop("base_model"), "trained_words": desc.pop("trained_words")}
                 info = desc.pop("info")
                 record.update(desc)
-                if self.content:
-                    mh = hash_model_file(path, cat, on_progress=progress)
-                    fh, record["content_hash"] = mh.file, mh.content
-                else:
-                    fh = hash_file(path, on_progress=progress)
-            else:
-                fh = hash_file(path, on_progress=progress)
+            # through the hash cache shared with `sdtk hash`, convert and merge: a file hashed
+            # before by any of them (and unchanged) is not read again
+            mh = cached_model_hashes(path, cat, content=self.content and cat is not None, on_progress=progress)
+            fh = mh.file
+            if cat is not None and self.content:
+                record["content_hash"] = mh.content
         finally:
             if cat is not None:
                 cat.close()
         if fh.size != st.st_size:
             raise SdtkError(path, "the file changed while it was being scanned")
-        self.report.hashed += 1
-        self.report.hashed_bytes += fh.size
+        if mh.reads:
+            self.report.hashed += 1
+            self.report.hashed_bytes += fh.size
+        else:
+            self.report.hashes_from_cache += 1
         side = read_sidecars(folder, sidecars)
         info = {**info, "from_metadata": desc_meta, "sidecars": side}
         record.update({
@@ -239,7 +242,8 @@ class Scanner:
                 with open_model(path) as cat:
                     desc = describe_for_library(cat, config_text, has_config)
                     if need_content:
-                        update["content_hash"] = content_hash(cat)
+                        update["content_hash"] = cached_hashes(path).get("content") or content_hash(cat)
+                        remember_hashes(path, {"content": update["content_hash"]})
             except SdtkError as e:
                 update["problem"] = e.problem
                 desc = None

@@ -32,21 +32,16 @@ def source_hashes(path: str) -> Dict[str, str]:
     """SHA256, AutoV3 (64 hex, lower case) and sdtk's content hash of a model file, in one read
     when its tensors lie as raw bytes in the file (safetensors; most checkpoints). Taken from the
     hash cache when this exact file was hashed before (see sdtk.hashing.cache)."""
-    from sdtk.formats import open_model
-    from sdtk.hashing import content_hash, hash_file
-    from sdtk.hashing.cache import cached_hashes, remember_hashes
-    from sdtk.hashing.content import raw_tensor_spans
+    from sdtk.hashing.cache import cached_hashes
+    from sdtk.hashing.model import cached_model_hashes
 
     known = cached_hashes(path)
     if all(known.get(name) for name in HASH_NAMES):
         return {name: known[name] for name in HASH_NAMES}
-    with open_model(path) as cat:
-        spans = raw_tensor_spans(cat)
-        hashes = hash_file(path, tensor_spans=spans)
-        content = content_hash(cat, digests=hashes.tensor_digests or {})
-    result = {"sha256": hashes.sha256, "autov3": hashes.autov3, "content": content}
-    remember_hashes(path, result)
-    return result
+    # All six file hashes and the content hash in one read, remembered for `sdtk hash` and the
+    # library too (BLAKE3 and CRC32 add about a tenth to the three sha256 passes lineage needs).
+    mh = cached_model_hashes(path, use_cache=False)
+    return {"sha256": mh.file.sha256, "autov3": mh.file.autov3, "content": mh.content}
 
 
 class BackgroundHashes:

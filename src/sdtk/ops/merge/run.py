@@ -100,9 +100,14 @@ class _Hasher(threading.Thread):
 
     def run(self):
         try:
+            from sdtk.hashing.cache import cached_hashes, remember_hashes
+
             for p in self.paths:
                 if p not in self.results:
-                    self.results[p] = sha256_file(p, self._cancelled.is_set)
+                    known = cached_hashes(p).get("sha256")  # hashed before by any sdtk command
+                    self.results[p] = known or sha256_file(p, self._cancelled.is_set)
+                    if self.results[p] and not known:
+                        remember_hashes(p, {"sha256": self.results[p]})
         except BaseException as e:  # reported by the caller
             self.error = e
 

@@ -7,7 +7,9 @@ In one run, side by side, on the same input file:
                 for "read the input, write the output"
   sdtk          `sdtk convert IN --for generation -o OUT --no-source-hash` (the conversion itself)
   sdtk + hashes `sdtk convert IN --for generation -o OUT` (default: also SHA256, AutoV3 and the
-                content hash of the 7.7 GB input for the lineage metadata, in a background thread)
+                content hash of the 7.7 GB input for the lineage metadata, in a background thread),
+                twice: with the hash cache off (the first conversion of a file) and with a cache
+                that knows the input (any later conversion, or after `sdtk hash` / a library scan)
   torch way     `torch.load(IN, weights_only=True)`, a dict comprehension keeping the EMA weights
                 as the UNet weights and casting floats to fp16, `safetensors.torch.save_file`
                 (what conversion scripts do; no fsync)
@@ -125,6 +127,10 @@ def run(src: Path, work: Path, repeat: int, with_torch: bool) -> Dict[str, objec
     checks = check_sdtk_output(out_sdtk, src)
     for k, v in checks.items():
         print(f"    {k}: {v}", flush=True)
+    # a hash cache that knows the input, as after any earlier `sdtk hash`, library scan or convert
+    cache = work / "hash-cache.sqlite3"
+    subprocess.run([sys.executable, "-m", "sdtk", "hash", "--content", "-q", str(src)], env=dict(env, SDTK_HASH_CACHE=str(cache)),
+                   check=True, stdout=subprocess.DEVNULL)
     kept_sdtk = work / "sdtk-kept.safetensors"
     os.replace(out_sdtk, kept_sdtk)
 
@@ -133,7 +139,10 @@ def run(src: Path, work: Path, repeat: int, with_torch: bool) -> Dict[str, objec
          lambda: measure(["sh", "-c", 'cat "$0" > /dev/null && head -c "$2" "$0" > "$1" && sync "$1"', src, out_cp,
                           str(out_size)], "cp-like"), out_cp),
         ("sdtk convert --for generation --no-source-hash", lambda: measure(sdtk_cmd + ["--no-source-hash"], "sdtk", env=env), out_sdtk),
-        ("sdtk convert --for generation (with source hashes)", lambda: measure(sdtk_cmd, "sdtk + hashes", env=env), out_sdtk),
+        ("sdtk convert --for generation (source hashes computed: first conversion of this file)",
+         lambda: measure(sdtk_cmd, "sdtk + hashes", env=dict(env, SDTK_HASH_CACHE="off")), out_sdtk),
+        ("sdtk convert --for generation (source hashes from the hash cache: the file was hashed before)",
+         lambda: measure(sdtk_cmd, "sdtk + cached hashes", env=dict(env, SDTK_HASH_CACHE=str(cache))), out_sdtk),
     ]
     if with_torch:
         candidates.append(("torch.load + comprehension + save_file",
@@ -159,6 +168,12 @@ def run(src: Path, work: Path, repeat: int, with_torch: bool) -> Dict[str, objec
     kept_sdtk.unlink(missing_ok=True)
     load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
     return {"results": results, "checks": checks, "torch_check": torch_check, "out_size": out_size, "load": load}
+
+
+def _cast_path() -> str:
+    from sdtk import fastcast
+
+    return fastcast.status()
 
 
 def best(ms: List[Measurement]) -> Measurement:
@@ -197,15 +212,29 @@ def report(data, facts, size: int, build_s: float, repeat: int) -> str:
         f"**{'met' if sdtk.peak_rss_anon < RSS_LIMIT else 'NOT met'}** ({sdtk.peak_rss_anon / MB:.0f} MB; "
         f"with source hashes {best(results[names[2]]).peak_rss_anon / MB:.0f} MB)",
         f"- wall within {TARGET_RATIO}x of cp-like: **{'met' if ratio <= TARGET_RATIO else 'NOT met'}** ({ratio:.2f}x)",
-        f"- with the source hashes of the 7.7 GB input (three sha256 passes: SHA256, AutoV3, content hash): "
+        f"- default command, first conversion of the file (it also reads the 7.7 GB input for SHA256, AutoV3 and the "
+        f"content hash: three sha256 passes, plus BLAKE3 and CRC32 for the shared hash cache): "
         f"{best(results[names[2]]).wall_s / cp.wall_s:.2f}x of cp-like",
+        f"- default command, source hashes from the hash cache: {best(results[names[3]]).wall_s / cp.wall_s:.2f}x of cp-like",
+        "",
+        "## Reading the figures",
+        "",
+        "- Memory: sdtk streams, with about three tensors in flight (the one being written, the next one being cast,",
+        "  the cast chunks); the input's pages are file-backed mmap pages the kernel can drop at any time (peak file",
+        "  RSS), not anonymous memory. The torch way holds the whole checkpoint and its fp16 copy.",
+        "- Speed: sdtk reads only what the output needs (EMA UNet, VAE, CLIP: 4.2 of the 7.7 GB), checks the CRC32 of",
+        "  every zip record it reads (ISA-L), casts fp32 to fp16 with the CPU's F16C instructions (`sdtk._fastcast`,",
+        f"  here: {_cast_path()}) on both cores, and writes while the next tensors are cast; cp-like reads all 7.7 GB.",
+        "- Source hashes: SHA256 and AutoV3 of a .ckpt are two sha256 passes over the whole file (AutoV3 starts 8 bytes",
+        "  in) and the content hash is a third (one sha256 per tensor); at about 1 GB/s per core for sha256 on this",
+        "  CPU that is most of the first conversion's CPU time. They are computed once per file: the hash cache row.",
         "",
         "## Checks of the outputs",
     ]
     lines += [f"- {k}: {v}" for k, v in data["checks"].items()]
     lines.append(f"- torch way's output vs sdtk's: {data['torch_check']}")
     lines += ["", "## Machine", ""] + [f"- {k}: {v}" for k, v in facts.items()]
-    lines.append(f"- load average during the run (other jobs shared the machine): {data.get('load', '?')}")
+    lines.append(f"- load average at the end of the run: {data.get('load', '?')}")
     lines += ["", "Reproduce: `python bench/bench_convert.py` (about 20 GB of free disk, a few minutes)."]
     return "\n".join(lines) + "\n"
 

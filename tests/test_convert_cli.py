@@ -44,7 +44,8 @@ def planned_size(conv, with_hashes: bool = True) -> int:
     out = conv.outputs[0]
     choose_destinations(conv, None, None, ConvertOptions())  # the name goes into modelspec.title
     meta = _metadata_for(Catalogue_of(conv), conv, out, ConvertOptions(),
-                         {n: "0" * 64 for n in ("sha256", "autov3", "content")} if with_hashes else {})
+                         {n: "0" * 64 for n in ("sha256", "autov3", "content")} if with_hashes else {},
+                         "0" * 64)  # modelspec.hash_sha256 of the output: written unless --no-hash
     return len(build_header(out.plan, meta)) + sum(t.nbytes for t in out.plan)
 
 
@@ -439,3 +440,55 @@ def test_json_summary_schema(tmp_path):
     assert summary["operations"][0].startswith("ema use")
     assert set(summary["outputs"][0]) == {"part", "path", "tensors", "bytes", "sidecar"}
     assert summary["outputs"][0]["bytes"] == Path(summary["outputs"][0]["path"]).stat().st_size
+
+
+def _data_section_sha256(path: Path) -> str:
+    import hashlib
+    import struct
+
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        f.seek(8 + n)
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def test_output_records_its_own_tensor_hash_and_drops_stale_ones(tmp_path):
+    """modelspec.hash_sha256 is "0x" + sha256 of the output's tensor bytes (what `sdtk hash` shows as
+    AutoV3); the input's own hash_sha256 / sshs_model_hash (of the input's bytes) are replaced and
+    kohya's sshs_legacy_hash, which cannot be recomputed, is removed."""
+    stale = {"modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": "stable-diffusion-v1",
+             "modelspec.hash_sha256": "0x" + "ab" * 32, "sshs_model_hash": "cd" * 32, "sshs_legacy_hash": "12345678",
+             "ss_output_name": "kept"}
+    src = write_layout(tmp_path / "m.safetensors", "sd15-full-ema", scale=16, metadata=stale)
+    r = run_cli("convert", src, "--for", "generation", "--json", "--no-source-hash")
+    assert r.returncode == 0, r.stderr
+    out = Path(json.loads(r.stdout)["outputs"][0]["path"])
+    meta = metadata_of(out)
+    data_hash = _data_section_sha256(out)
+    assert meta["modelspec.hash_sha256"] == "0x" + data_hash != stale["modelspec.hash_sha256"]
+    assert meta["sshs_model_hash"] == data_hash
+    assert "sshs_legacy_hash" not in meta and meta["ss_output_name"] == "kept"
+    shown = run_cli("hash", out, "--style", "a1111", "--json")
+    assert json.loads(shown.stdout)[0]["AutoV3"] == data_hash
+
+    # --no-hash: no hash of the output is recorded, and the stale ones are not carried over
+    r = run_cli("convert", src, "--for", "generation", "--json", "--no-hash", "-o", tmp_path / "nohash.safetensors")
+    assert r.returncode == 0, r.stderr
+    meta = metadata_of(tmp_path / "nohash.safetensors")
+    assert not {"modelspec.hash_sha256", "sshs_model_hash", "sshs_legacy_hash"} & set(meta)
+    assert "source_sha256" not in json.loads(meta["sdtk.lineage"])[-1]
+
+
+def test_data_section_hasher_follows_the_writer(tmp_path):
+    """The read-back hasher sees exactly the bytes written, across spans copied file to file and
+    tensors written from memory, for a file without metadata too."""
+    from sdtk.formats.data_hash import DataSectionHasher
+    from sdtk.formats.safetensors import write_safetensors
+    from sdtk.tensors import from_array
+
+    src = write_layout(tmp_path / "a.safetensors", "sd15-full-ema", scale=16)
+    with open_model(src) as cat:
+        plan = list(cat.tensors.values())[:50] + [from_array("extra", np.arange(7, dtype=np.int64))]
+        hasher = DataSectionHasher()
+        write_safetensors(tmp_path / "b.safetensors", plan, {}, data_hasher=hasher)
+    assert hasher.hexdigest == _data_section_sha256(tmp_path / "b.safetensors")

@@ -230,6 +230,7 @@ def write_safetensors(
     overwrite: bool = False,
     on_tensor=None,
     final_metadata=None,
+    data_hasher=None,
 ) -> int:
     """Stream `plan` into a new safetensors file at `dest`, atomically. Returns bytes written.
 
@@ -239,7 +240,9 @@ def write_safetensors(
     called after each tensor (progress bars). `final_metadata()`, if given, is called after the
     last tensor and its metadata replaces `metadata` in the header before the file is committed
     (values known only at the end, e.g. hashes computed meanwhile); the new header must fit in
-    the old one's size (equal-length placeholders), padded with spaces."""
+    the old one's size (equal-length placeholders), padded with spaces. `data_hasher`
+    (formats.data_hash.DataSectionHasher), if given, hashes the data section as it is written;
+    its `hexdigest` is set before `final_metadata()` is called."""
     plan = list(plan)
     try:
         header = build_header(plan, metadata)
@@ -247,27 +250,49 @@ def write_safetensors(
         raise OutputError(dest, str(e)) from None
     total = len(header)
     checks = []  # integrity checks of file-to-file copies, run on the other core meanwhile
-    with AtomicOutput(dest, inputs=inputs, overwrite=overwrite) as out, ThreadPoolExecutor(max_workers=1) as checker:
+    atomic = AtomicOutput(dest, inputs=inputs, overwrite=overwrite)
+    with atomic as out, ThreadPoolExecutor(max_workers=1) as checker:
         out.write(header)
-        for t in plan:
-            if t.span is not None and t.span.length == t.nbytes and t.nbytes >= (1 << 20):
-                if t.verify is not None:
-                    checks.append(checker.submit(t.verify))
-                _copy_span(t.span, out, t.nbytes)
-            elif t.nbytes:
+        if data_hasher is not None:
+            out.flush()
+            data_hasher.start(atomic.temp_path, len(header))
+        try:
+            total = _write_tensors(out, plan, dest, total, checker, checks, on_tensor, data_hasher)
+            for check in checks:
+                check.result()  # a corrupt source raises here, before the output is committed
+            if data_hasher is not None:
+                out.flush()
                 try:
-                    data = _as_le_bytes(t, t.read())
-                except ValueError as e:
-                    raise OutputError(dest, str(e)) from None
-                out.write(data)
-                del data
-            total += t.nbytes
-            if on_tensor is not None:
-                on_tensor(t, total)
-        for check in checks:
-            check.result()  # a corrupt source raises here, before the output is committed
+                    data_hasher.finish(total)
+                except OSError as e:
+                    raise OutputError(dest, f"could not read back the output to hash it: {e}") from None
+        finally:
+            if data_hasher is not None:
+                data_hasher.abort()
         if final_metadata is not None:
             _rewrite_header(out, plan, final_metadata(), len(header), dest)
+    return total
+
+
+def _write_tensors(out, plan, dest, total: int, checker, checks: list, on_tensor, data_hasher) -> int:
+    for t in plan:
+        if t.span is not None and t.span.length == t.nbytes and t.nbytes >= (1 << 20):
+            if t.verify is not None:
+                checks.append(checker.submit(t.verify))
+            _copy_span(t.span, out, t.nbytes)
+        elif t.nbytes:
+            try:
+                data = _as_le_bytes(t, t.read())
+            except ValueError as e:
+                raise OutputError(dest, str(e)) from None
+            out.write(data)
+            del data
+        total += t.nbytes
+        if data_hasher is not None:
+            out.flush()
+            data_hasher.advance(total)
+        if on_tensor is not None:
+            on_tensor(t, total)
     return total
 
 

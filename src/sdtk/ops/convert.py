@@ -20,6 +20,7 @@ from sdtk.errors import OutputError, SdtkError, UsageError
 from sdtk.fileio import AtomicOutput, same_file
 from sdtk.formats import open_model
 from sdtk.formats.catalogue import Catalogue
+from sdtk.formats.data_hash import DataSectionHasher
 from sdtk.formats.safetensors import write_safetensors
 from sdtk.ops import lineage as lin
 from sdtk.ops.cast import OverflowCount, cast_plan
@@ -63,6 +64,7 @@ class ConvertOptions:
     prediction_type: Optional[str] = None  # stated by the user: epsilon | v
     sidecar: bool = True
     source_hashes: bool = True
+    output_hash: bool = True  # modelspec.hash_sha256 (and sshs_model_hash) of the output's tensor bytes
     replace_input: bool = False
     overwrite: bool = False
 
@@ -298,7 +300,7 @@ def plan_conversion(cat: Catalogue, opts: ConvertOptions, stack: contextlib.Exit
 
 
 def _metadata_for(cat: Catalogue, conv: Conversion, out: OutputPlan, opts: ConvertOptions,
-                  hashes: Dict[str, str]) -> Dict[str, str]:
+                  hashes: Dict[str, str], output_hash: Optional[str] = None) -> Dict[str, str]:
     assert out.dest is not None
     title = lin.title_of(out.dest)
     base = dict(cat.metadata)
@@ -310,7 +312,7 @@ def _metadata_for(cat: Catalogue, conv: Conversion, out: OutputPlan, opts: Conve
     prediction = prediction if prediction in ("epsilon", "v") else None  # ModelSpec values
     modelspec = lin.modelspec_additions(base, arch, title, prediction, bool(opts.prediction_type))
     step = lin.Lineage(conv.source.name, cat.file_size or lin.file_size(cat.path), list(conv.operations), hashes)
-    return lin.output_metadata(base, modelspec, step)
+    return lin.with_output_hash(lin.output_metadata(base, modelspec, step), output_hash)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -349,7 +351,9 @@ def write_outputs(cat: Catalogue, conv: Conversion, opts: ConvertOptions, progre
     inputs = [cat.path, *conv.extra_inputs]
     for out in conv.outputs:
         placeholder = {name: lin.HASH_PLACEHOLDER for name in lin.HASH_NAMES} if hasher else {}
-        metadata = _metadata_for(cat, conv, out, opts, placeholder)
+        data_hasher = DataSectionHasher() if opts.output_hash else None
+        pending = lin.OUTPUT_HASH_PLACEHOLDER if data_hasher else None
+        metadata = _metadata_for(cat, conv, out, opts, placeholder, pending)
         total = sum(t.nbytes for t in out.plan)
         progress.start(out.dest, total)
 
@@ -361,14 +365,16 @@ def write_outputs(cat: Catalogue, conv: Conversion, opts: ConvertOptions, progre
                                                 "fp32's range) or pass --allow-overflow")
             progress.advance(done)
 
-        def final_metadata(out=out) -> Dict[str, str]:
-            return _metadata_for(cat, conv, out, opts, hasher.result())
+        def final_metadata(out=out, data_hasher=data_hasher) -> Dict[str, str]:
+            return _metadata_for(cat, conv, out, opts, hasher.result() if hasher else placeholder,
+                                 data_hasher.hexdigest if data_hasher else None)
 
         prefetch = Prefetcher(out.plan)
         try:
             out.bytes_written = write_safetensors(out.dest, prefetch.plan, metadata, inputs=inputs,
                                                   overwrite=opts.overwrite, on_tensor=on_tensor,
-                                                  final_metadata=final_metadata if hasher else None)
+                                                  final_metadata=final_metadata if (hasher or data_hasher) else None,
+                                                  data_hasher=data_hasher)
         finally:
             prefetch.close()
             progress.done()

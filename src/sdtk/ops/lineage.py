@@ -26,6 +26,7 @@ LINEAGE_KEY = "sdtk.lineage"
 MODELSPEC_VERSION = "1.0.0"
 HASH_PLACEHOLDER = "0" * 64  # every recorded hash is 64 hex digits
 HASH_NAMES = ("sha256", "autov3", "content")
+OUTPUT_HASH_PLACEHOLDER = "0" * 64  # the output's data-section sha256, known when the last byte is written
 
 
 def source_hashes(path: str) -> Dict[str, str]:
@@ -118,6 +119,26 @@ def output_metadata(input_metadata: Dict[str, str], modelspec: Dict[str, str], s
     meta = dict(input_metadata)
     meta.update(modelspec)
     meta[LINEAGE_KEY] = lineage_value(input_metadata.get(LINEAGE_KEY), step)
+    return meta
+
+
+def with_output_hash(meta: Dict[str, str], data_sha256: Optional[str]) -> Dict[str, str]:
+    """Hashes of the output's own tensor bytes: `modelspec.hash_sha256` ("0x" + 64 hex, when the
+    file carries ModelSpec keys) and kohya's `sshs_model_hash` (when the input had one). Both are
+    the sha256 of the data section (formats/data_hash.py). An input's values describe the input's
+    bytes, so they are replaced, or removed when the output is not hashed (`data_sha256` None);
+    kohya's `sshs_legacy_hash` depends on kohya's own serialisation and cannot be recomputed: it
+    is removed rather than left wrong."""
+    meta = dict(meta)
+    meta.pop("sshs_legacy_hash", None)
+    if data_sha256 is None:
+        meta.pop("modelspec.hash_sha256", None)
+        meta.pop("sshs_model_hash", None)
+        return meta
+    if "modelspec.sai_model_spec" in meta:
+        meta["modelspec.hash_sha256"] = "0x" + data_sha256
+    if "sshs_model_hash" in meta:
+        meta["sshs_model_hash"] = data_sha256
     return meta
 
 

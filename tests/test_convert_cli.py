@@ -44,8 +44,7 @@ def planned_size(conv, with_hashes: bool = True) -> int:
     out = conv.outputs[0]
     choose_destinations(conv, None, None, ConvertOptions())  # the name goes into modelspec.title
     meta = _metadata_for(Catalogue_of(conv), conv, out, ConvertOptions(),
-                         {n: "0" * 64 for n in ("sha256", "autov3", "content")} if with_hashes else {},
-                         "0" * 64)  # modelspec.hash_sha256 of the output: written unless --no-hash
+                         {n: "0" * 64 for n in ("sha256", "autov3", "content")} if with_hashes else {})
     return len(build_header(out.plan, meta)) + sum(t.nbytes for t in out.plan)
 
 
@@ -453,14 +452,14 @@ def _data_section_sha256(path: Path) -> str:
 
 
 def test_output_records_its_own_tensor_hash_and_drops_stale_ones(tmp_path):
-    """modelspec.hash_sha256 is "0x" + sha256 of the output's tensor bytes (what `sdtk hash` shows as
+    """With --hash-output, modelspec.hash_sha256 is "0x" + sha256 of the output's tensor bytes (what `sdtk hash` shows as
     AutoV3); the input's own hash_sha256 / sshs_model_hash (of the input's bytes) are replaced and
     kohya's sshs_legacy_hash, which cannot be recomputed, is removed."""
     stale = {"modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": "stable-diffusion-v1",
              "modelspec.hash_sha256": "0x" + "ab" * 32, "sshs_model_hash": "cd" * 32, "sshs_legacy_hash": "12345678",
              "ss_output_name": "kept"}
     src = write_layout(tmp_path / "m.safetensors", "sd15-full-ema", scale=16, metadata=stale)
-    r = run_cli("convert", src, "--for", "generation", "--json", "--no-source-hash")
+    r = run_cli("convert", src, "--for", "generation", "--json", "--no-source-hash", "--hash-output")
     assert r.returncode == 0, r.stderr
     out = Path(json.loads(r.stdout)["outputs"][0]["path"])
     meta = metadata_of(out)
@@ -471,8 +470,9 @@ def test_output_records_its_own_tensor_hash_and_drops_stale_ones(tmp_path):
     shown = run_cli("hash", out, "--style", "a1111", "--json")
     assert json.loads(shown.stdout)[0]["AutoV3"] == data_hash
 
-    # --no-hash: no hash of the output is recorded, and the stale ones are not carried over
-    r = run_cli("convert", src, "--for", "generation", "--json", "--no-hash", "-o", tmp_path / "nohash.safetensors")
+    # by default (and with --no-source-hash) no hash of the output is recorded, and the stale ones
+    # are not carried over
+    r = run_cli("convert", src, "--for", "generation", "--json", "--no-source-hash", "-o", tmp_path / "nohash.safetensors")
     assert r.returncode == 0, r.stderr
     meta = metadata_of(tmp_path / "nohash.safetensors")
     assert not {"modelspec.hash_sha256", "sshs_model_hash", "sshs_legacy_hash"} & set(meta)

@@ -34,7 +34,7 @@ def register(app: typer.Typer) -> None:
         prediction_type: Optional[str] = typer.Option(None, "--prediction-type", help="State the prediction type (epsilon|v): recorded in ModelSpec, decides the A1111 .yaml."),
         no_sidecar: bool = typer.Option(False, "--no-sidecar", help="Do not write the <name>.yaml config A1111 needs for SD2 768-v models."),
         no_source_hash: bool = typer.Option(False, "--no-source-hash", help="Do not hash the input for the lineage metadata (saves reading the whole input again)."),
-        no_hash: bool = typer.Option(False, "--no-hash", help="Record no hashes: neither the input's (lineage) nor the output's (modelspec.hash_sha256)."),
+        hash_output: bool = typer.Option(False, "--hash-output", help="Record the output's own hash, modelspec.hash_sha256 (one more sha256 pass, over the output, while it is written)."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
         replace_input: bool = typer.Option(False, "--replace-input", help="After re-reading and verifying every tensor of the output, replace the input by it (<name>.safetensors)."),
         json_out: bool = typer.Option(False, "--json", help="Print a JSON summary."),
@@ -53,7 +53,7 @@ def register(app: typer.Typer) -> None:
             ema=ema, prune=prune, keep_unknown=keep_unknown, fix_clip=fix_clip,
             bake_vae=str(bake_vae) if bake_vae else None, extract=list(extract), replace=list(replace_parts),
             preset=preset, prediction_type=prediction_type, sidecar=not no_sidecar,
-            source_hashes=not (no_source_hash or no_hash), output_hash=not no_hash, replace_input=replace_input, overwrite=overwrite,
+            source_hashes=not no_source_hash, output_hash=hash_output, replace_input=replace_input, overwrite=overwrite,
         ))
         show_progress = not json_out and err_console.is_terminal
         if source.is_dir():

@@ -16,6 +16,7 @@ from sdtk.identify.advice import choose_advice
 from sdtk.identify.components import split_components
 from sdtk.identify.detect import (ADAPTER_KINDS, BARE, PREFIXED_DIFFUSION, AdjacentMatch, DiffusionMatch, component_model,
                                   match_adjacent, match_diffusion, strip)
+from sdtk.identify.diffusers_folder import identify_diffusers_folder
 from sdtk.identify.metadata import summarise_metadata
 from sdtk.identify.model import Component, Identity, Problem
 from sdtk.identify.scaled import match_scaled_layout
@@ -109,9 +110,7 @@ def identify_path(path: "os.PathLike[str] | str", *, deep: bool = False, vae_ref
     """Open a model file (or a diffusers folder) and identify it. Raises SdtkError when unreadable."""
     path = os.fspath(path)
     if os.path.isdir(path) and os.path.exists(os.path.join(path, "model_index.json")):
-        from sdtk.identify.diffusers_folder import identify_diffusers_folder
-
-        return identify_diffusers_folder(path, deep=deep)
+        return identify_diffusers_folder(path, identify_path, deep=deep)
     config_path = os.path.splitext(path)[0] + ".yaml"
     config_text = None
     has_config = os.path.isfile(config_path)

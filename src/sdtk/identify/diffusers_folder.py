@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Optional
+from typing import Callable, Optional
 
 from sdtk.errors import FormatError
 from sdtk.identify.model import Component, Identity, Problem
@@ -43,9 +43,9 @@ def _first_weight_file(folder: str) -> Optional[str]:
     return os.path.join(folder, shards[0]) if shards else None
 
 
-def identify_diffusers_folder(path: str, *, deep: bool = False) -> Identity:
-    from sdtk.identify.core import identify_path
-
+def identify_diffusers_folder(path: str, identify_file: Callable[..., Identity], *, deep: bool = False) -> Identity:
+    """A diffusers pipeline folder as one Identity: `model_index.json` names the pipeline, and
+    `identify_file(weights, deep=deep)` (core.identify_path) identifies each component's weights."""
     try:
         with open(os.path.join(path, "model_index.json"), encoding="utf-8") as fh:
             index = json.load(fh)
@@ -64,7 +64,7 @@ def identify_diffusers_folder(path: str, *, deep: bool = False) -> Identity:
         weights = _first_weight_file(folder)
         if weights is None:
             continue
-        sub = identify_path(weights, deep=deep)
+        sub = identify_file(weights, deep=deep)
         comp = Component(name=name, prefix="", keys=[], parameters=sub.parameters, dtypes=dict(sub.dtypes), bytes=sub.tensor_bytes,
                          model=f"{sub.kind}:{sub.architecture}" if sub.kind != "unknown" else f"{spec[0]}.{spec[1]}")
         ident.components[name] = comp
@@ -79,8 +79,6 @@ def identify_diffusers_folder(path: str, *, deep: bool = False) -> Identity:
                 ident.problems.append(Problem(p.code, p.severity, p.message_key, {**p.details, "component": name}))
     if arch == "unknown":
         ident.problems.append(Problem("unidentified", "warning", "problem.unidentified", {"pipeline": cls}))
-    from sdtk.identify.core import precision_of  # noqa: F401  (dtypes summarised per component above)
-
     floats = [d for d in ("fp32", "fp16", "bf16") if d in ident.dtypes]
     ident.precision = floats[0] if len(floats) == 1 else ("mixed " + "/".join(floats) if floats else "none")
     return ident

@@ -64,7 +64,7 @@ class ConvertOptions:
     prediction_type: Optional[str] = None  # stated by the user: epsilon | v
     sidecar: bool = True
     source_hashes: bool = True
-    output_hash: bool = True  # modelspec.hash_sha256 (and sshs_model_hash) of the output's tensor bytes
+    output_hash: bool = False  # --hash-output: modelspec.hash_sha256 (and sshs_model_hash) of the output's tensor bytes
     replace_input: bool = False
     overwrite: bool = False
 

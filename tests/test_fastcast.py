@@ -82,3 +82,11 @@ def test_switch_off_gives_numpy_path_and_same_results(monkeypatch):
     slow, slow_overflow = cast_array(a, dtype_named("F16"))
     assert np.array_equal(fast.view(np.uint16), slow.view(np.uint16))
     assert fast_overflow == slow_overflow > 0
+
+
+def test_version_reports_the_cast_path():
+    from conftest import run_cli
+
+    r = run_cli("--version")
+    assert r.returncode == 0
+    assert f"fp16 casts: {fastcast.status()}" in r.stdout

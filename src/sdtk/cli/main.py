@@ -22,7 +22,10 @@ app = typer.Typer(
 
 def _version(value: bool):
     if value:
+        from sdtk import crc, fastcast
+
         print(f"sdtk {__version__}")
+        print(f"  fp16 casts: {fastcast.status()}; CRC32: {crc.IMPLEMENTATION}")
         raise typer.Exit(0)
 
 

@@ -1,9 +1,10 @@
-"""The F16C cast path (sdtk._fastcast via sdtk.fastcast) gives numpy's exact bits and overflow
-counts, and the numpy fallback is taken when it is off or missing."""
+"""The C cast paths (sdtk._fastcast via sdtk.fastcast: F16C fp16, fp8, bf16) give numpy's and
+ml_dtypes' exact bits and overflow counts, and the numpy fallback is taken when off or missing."""
 from __future__ import annotations
 
 import os
 
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -11,7 +12,9 @@ from sdtk import fastcast
 from sdtk.ops.cast import cast_array
 from sdtk.tensors import dtype as dtype_named
 
-HAVE_FAST = fastcast._ext is not None and fastcast._ext.has_f16c()
+HAVE_EXT = fastcast._ext is not None
+HAVE_FAST = HAVE_EXT and fastcast._ext.has_f16c()
+FP8 = {"e4m3fn": ml_dtypes.float8_e4m3fn, "e5m2": ml_dtypes.float8_e5m2}
 
 
 def test_extension_is_built_where_ci_requires_it():
@@ -90,3 +93,67 @@ def test_version_reports_the_cast_path():
     r = run_cli("--version")
     assert r.returncode == 0
     assert f"fp16 casts: {fastcast.status()}" in r.stdout
+
+
+def _fp8_edge_bits() -> np.ndarray:
+    """As _edge_float32_bits, with the low-bit patterns that decide fp8 rounding (bit 20/21 ties)."""
+    high = np.arange(1 << 16, dtype=np.uint32) << 16
+    low = np.array([0, 1, 0x3FFF, 0x4000, 0x4001, 0x7FFF, 0x8000, 0x8001, 0xBFFF, 0xC000, 0xFFFF, 0x1FFF,
+                    0x2000, 0x2001, 0xE001], dtype=np.uint32)
+    rng = np.random.default_rng(11)
+    return np.concatenate([(high[:, None] | low[None, :]).reshape(-1),
+                           rng.integers(0, 1 << 32, 1 << 20, dtype=np.uint64).astype(np.uint32)])
+
+
+@pytest.mark.skipif(not HAVE_EXT, reason="needs the built extension")
+@pytest.mark.parametrize("name", sorted(FP8))
+def test_f32_to_fp8_equals_ml_dtypes_bit_for_bit(name):
+    f = _fp8_edge_bits().view(np.float32)
+    with np.errstate(all="ignore"):
+        expected = f.astype(FP8[name])
+    out = np.empty(f.shape, FP8[name])
+    overflow = fastcast.cast_into(f, out)
+    assert np.array_equal(out.view(np.uint8), expected.view(np.uint8))
+    became_non_finite = ~np.isfinite(expected.astype(np.float32)) & np.isfinite(f)
+    assert overflow == int(np.count_nonzero(became_non_finite)) > 0
+
+
+@pytest.mark.skipif(not HAVE_EXT, reason="needs the built extension")
+def test_saturating_e4m3fn_equals_clip_then_cast_as_torch_does():
+    f = _fp8_edge_bits().view(np.float32)
+    with np.errstate(all="ignore"):
+        expected = np.clip(f, -448, 448).astype(ml_dtypes.float8_e4m3fn)
+    out = np.empty(f.shape, ml_dtypes.float8_e4m3fn)
+    clipped = fastcast.cast_into(f, out, saturate=True)
+    assert np.array_equal(out.view(np.uint8), expected.view(np.uint8))
+    assert clipped == int(np.count_nonzero(np.isfinite(f) & (np.abs(f) > 448)))
+
+
+@pytest.mark.skipif(not HAVE_FAST, reason="needs the built extension on an F16C CPU")
+@pytest.mark.parametrize("src", ["bfloat16", "float16"])
+@pytest.mark.parametrize("dst", ["float32", "float16", "bfloat16", "e4m3fn", "e5m2"])
+def test_every_16_bit_value_to_each_target_equals_the_reference(src, dst):
+    """Exhaustive: all 65,536 bit patterns of a 16-bit source (widened exactly, then rounded)."""
+    src_dt = ml_dtypes.bfloat16 if src == "bfloat16" else np.float16
+    dst_dt = FP8.get(dst) or (ml_dtypes.bfloat16 if dst == "bfloat16" else np.dtype(dst))
+    if np.dtype(src_dt) == np.dtype(dst_dt):
+        return
+    a = np.arange(1 << 16, dtype=np.uint16).view(src_dt)
+    with np.errstate(all="ignore"):
+        expected = a.astype(dst_dt)
+    got = fastcast.astype(a, dst_dt)
+    width = np.dtype(dst_dt).itemsize
+    view = {1: np.uint8, 2: np.uint16, 4: np.uint32}[width]
+    if not (np.dtype(dst_dt) == np.float32 or fastcast._kernel(np.dtype(src_dt), np.dtype(dst_dt)) is not None):
+        pytest.fail(f"no fast path for {src} -> {dst}")
+    assert np.array_equal(got.view(view), expected.view(view))
+
+
+@pytest.mark.parametrize("target", ["F8_E4M3", "F8_E5M2", "F16", "BF16"])
+@pytest.mark.parametrize("source", [np.float32, np.float16, ml_dtypes.bfloat16])
+def test_cast_array_fast_and_fallback_agree(monkeypatch, target, source):
+    a = (np.random.default_rng(5).standard_normal(3 << 19) * 600).astype(np.float32).astype(source)
+    fast, fast_n = cast_array(a, dtype_named(target))
+    monkeypatch.setenv("SDTK_FASTCAST", "off")
+    slow, slow_n = cast_array(a, dtype_named(target))
+    assert np.array_equal(fast.view(np.uint8), slow.view(np.uint8)) and fast_n == slow_n

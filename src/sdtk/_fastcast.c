@@ -15,7 +15,8 @@
  *     including subnormal results (F16C ignores MXCSR.FTZ for this instruction).
  *   - NaN: numpy keeps the top mantissa bits without setting the quiet bit (a signalling NaN
  *     stays signalling); F16C quiets it. NaN lanes are rewritten with numpy's bits afterwards.
- * bfloat16 and fp8 stay with ml_dtypes, whose casts are already vectorised (about 3 GB/s here).
+ * float32 -> bfloat16 stays with ml_dtypes (already fast); bfloat16 -> float32 and float32 -> fp8
+ * (ml_dtypes: about 0.1 G values/s, scalar) are here too.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -133,6 +134,73 @@ static void f32_nan_fixup(const uint16_t *in, uint32_t *out, Py_ssize_t n)
     }
 }
 
+
+/* ---------- float32 -> fp8 (OCP FP8: e4m3fn, e5m2), round to nearest even ----------
+ * Bit-identical to ml_dtypes (float8_e4m3fn / float8_e5m2 casts from float32), checked by
+ * tests/test_fastcast.py over every sign/exponent/top-mantissa prefix:
+ *   e4m3fn (bias 7, 3 mantissa bits, max 448 = 0x7e, no inf): NaN, inf and overflow -> 0x7f | sign
+ *   e5m2   (bias 15, 2 mantissa bits, max 57344 = 0x7b): overflow and inf -> 0x7c | sign,
+ *          NaN -> 0x7e | sign
+ * Normal results round the float32 bits directly (a carry moves into the exponent, as it
+ * should); subnormal results use the float adder's own round-to-nearest-even (y + 2^23).
+ * `saturate` (e4m3fn, as torch's cast does): finite values beyond the largest finite become it.
+ * Returns how many finite inputs overflowed (with saturate: how many had |x| > max). Branch-free,
+ * so the compiler vectorises it. */
+/* m ? x : y for m in {0, 1}, without a branch (keeps the loops vectorisable) */
+#define SEL(m, x, y) ((y) ^ (((x) ^ (y)) & (0u - (m))))
+
+static inline float bits_to_f32(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+static inline uint32_t f32_to_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+
+#if SDTK_X86 && defined(__GNUC__) && !defined(__clang__)
+#define SDTK_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define SDTK_CLONES
+#endif
+
+#define FP8_KERNEL(NAME, SATURATE, M, B, MAX_CODE, OVERFLOW_CODE, INF_CODE, NAN_CODE, SUB_SCALE)            \
+SDTK_CLONES static Py_ssize_t NAME(const uint32_t *in, uint8_t *out, Py_ssize_t n)                     \
+{                                                                                                          \
+    const int saturate = (SATURATE);                                                                       \
+    const uint32_t shift = 23 - (M);                                                                       \
+    const uint32_t min_normal = (uint32_t)(127 - (B) + 1) << 23;                                          \
+    const uint32_t max_bits = ((uint32_t)(MAX_CODE) + ((uint32_t)(127 - (B)) << (M))) << shift;           \
+    Py_ssize_t overflow = 0;                                                                               \
+    for (Py_ssize_t i = 0; i < n; i++) {                                                                   \
+        uint32_t f = in[i];                                                                                \
+        uint32_t sign = (f >> 24) & 0x80u;                                                                 \
+        uint32_t a = f & 0x7fffffffu;                                                                      \
+        uint32_t rounded = a + ((1u << (shift - 1)) - 1u) + ((a >> shift) & 1u);                         \
+        uint32_t code_n = (rounded >> shift) - ((uint32_t)(127 - (B)) << (M));                           \
+        uint32_t code_s = f32_to_bits(bits_to_f32(a) * (SUB_SCALE) + 8388608.0f) - 0x4b000000u;          \
+        uint32_t code = SEL((uint32_t)(a < min_normal), code_s, code_n);                                   \
+        uint32_t is_nan = (uint32_t)(a > 0x7f800000u), is_inf = (uint32_t)(a == 0x7f800000u);              \
+        uint32_t finite = (uint32_t)(a < 0x7f800000u);                                                     \
+        uint32_t over = finite & (uint32_t)(code > (MAX_CODE));                                            \
+        uint32_t counted = saturate ? (finite & (uint32_t)(a > max_bits)) : over;                          \
+        uint32_t big = saturate ? (uint32_t)(MAX_CODE) : (uint32_t)(OVERFLOW_CODE);                        \
+        uint32_t inf = saturate ? (uint32_t)(MAX_CODE) : (uint32_t)(INF_CODE);                             \
+        code = SEL(over, big, code);                                                                       \
+        code = SEL(is_inf, inf, code);                                                                     \
+        code = SEL(is_nan, (uint32_t)(NAN_CODE), code);                                                    \
+        out[i] = (uint8_t)(sign | code);                                                                   \
+        overflow += counted;                                                                               \
+    }                                                                                                      \
+    return overflow;                                                                                       \
+}
+
+/* e4m3fn: subnormal quantum 2^-9 -> scale 2^9; e5m2: quantum 2^-16 -> scale 2^16 */
+FP8_KERNEL(f32_to_e4m3fn_block, 0, 3, 7, 0x7eu, 0x7fu, 0x7fu, 0x7fu, 512.0f)
+FP8_KERNEL(f32_to_e4m3fn_sat_block, 1, 3, 7, 0x7eu, 0x7fu, 0x7fu, 0x7fu, 512.0f)
+FP8_KERNEL(f32_to_e5m2_block, 0, 2, 15, 0x7bu, 0x7cu, 0x7cu, 0x7eu, 65536.0f)
+FP8_KERNEL(f32_to_e5m2_sat_block, 1, 2, 15, 0x7bu, 0x7cu, 0x7cu, 0x7eu, 65536.0f)
+
+SDTK_CLONES static void bf16_to_f32_block(const uint16_t *in, uint32_t *out, Py_ssize_t n)
+{
+    for (Py_ssize_t i = 0; i < n; i++)
+        out[i] = (uint32_t)in[i] << 16; /* exact: bfloat16 is the top half of a float32 */
+}
+
 /* ---------- Python bindings: (src buffer, dst buffer) -> overflow count ---------- */
 
 #define BLOCK 4096 /* values per fix-up pass: the block stays in L1/L2 between the two passes */
@@ -202,6 +270,52 @@ static PyObject *py_f16_to_f32(PyObject *self, PyObject *args)
     return PyLong_FromLong(0);
 }
 
+
+static PyObject *py_f32_to_fp8(PyObject *self, PyObject *args)
+{
+    Py_buffer src, dst;
+    int kind, saturate;
+    Py_ssize_t n, overflow = 0;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*w*ip", &src, &dst, &kind, &saturate))
+        return NULL;
+    if (src.len % 4 || src.len / 4 != dst.len || (kind != 0 && kind != 1)) {
+        PyBuffer_Release(&src);
+        PyBuffer_Release(&dst);
+        PyErr_SetString(PyExc_ValueError, "f32_to_fp8(src float32, dst 1-byte, kind 0=e4m3fn 1=e5m2, saturate)");
+        return NULL;
+    }
+    n = src.len / 4;
+    Py_BEGIN_ALLOW_THREADS
+    {
+        const uint32_t *in = (const uint32_t *)src.buf;
+        uint8_t *out = (uint8_t *)dst.buf;
+        if (kind == 0)
+            overflow = saturate ? f32_to_e4m3fn_sat_block(in, out, n) : f32_to_e4m3fn_block(in, out, n);
+        else
+            overflow = saturate ? f32_to_e5m2_sat_block(in, out, n) : f32_to_e5m2_block(in, out, n);
+    }
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&src);
+    PyBuffer_Release(&dst);
+    return PyLong_FromSsize_t(overflow);
+}
+
+static PyObject *py_bf16_to_f32(PyObject *self, PyObject *args)
+{
+    Py_buffer src, dst;
+    Py_ssize_t n;
+    (void)self;
+    if (!get_buffers(args, "y*w*", &src, &dst, 2, 4, &n))
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    bf16_to_f32_block((const uint16_t *)src.buf, (uint32_t *)dst.buf, n);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&src);
+    PyBuffer_Release(&dst);
+    return PyLong_FromLong(0);
+}
+
 static PyObject *py_has_f16c(PyObject *self, PyObject *noargs)
 {
     (void)self;
@@ -212,6 +326,8 @@ static PyObject *py_has_f16c(PyObject *self, PyObject *noargs)
 static PyMethodDef methods[] = {
     {"f32_to_f16", py_f32_to_f16, METH_VARARGS, "f32_to_f16(src, dst) -> finite values that became inf. Needs F16C."},
     {"f16_to_f32", py_f16_to_f32, METH_VARARGS, "f16_to_f32(src, dst) -> 0. Needs F16C."},
+    {"f32_to_fp8", py_f32_to_fp8, METH_VARARGS, "f32_to_fp8(src, dst, kind, saturate) -> overflowed values. kind 0 = e4m3fn, 1 = e5m2."},
+    {"bf16_to_f32", py_bf16_to_f32, METH_VARARGS, "bf16_to_f32(src, dst) -> 0."},
     {"has_f16c", py_has_f16c, METH_NOARGS, "True when the CPU has F16C and AVX2 (the fp16 paths)."},
     {NULL, NULL, 0, NULL},
 };

@@ -99,7 +99,21 @@ class AtomicOutput:
             os.unlink(self.temp_path)
 
 
+# Set once the process was asked to stop (Ctrl-C, SIGTERM, SIGHUP). A KeyboardInterrupt that
+# lands inside a lock operation can surface as another error (CPython: "cannot release
+# un-acquired lock" from a Condition interrupted in wait()); the CLI reads this to report it as
+# the interruption it is.
+interrupted = threading.Event()
+
+
+def note_interrupt(signum, frame):
+    """SIGINT handler for the CLI: Python's default behaviour, remembered."""
+    interrupted.set()
+    raise KeyboardInterrupt
+
+
 def _terminated(signum, frame):
+    interrupted.set()
     raise KeyboardInterrupt(f"signal {signum}")
 
 

@@ -1,12 +1,14 @@
 """`sdtk` entry point: registers each command module and turns errors into one-line messages."""
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 from typing import List, Optional
 
 import typer
 
-from sdtk import __version__
+from sdtk import __version__, fileio
 from sdtk.cli.common import error_line
 from sdtk.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, SdtkError
 
@@ -43,6 +45,8 @@ for _module in (demo, inspect, scan, convert, hash, merge, library):
 
 def main(argv: Optional[List[str]] = None) -> None:
     command = typer.main.get_command(app)
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, fileio.note_interrupt)
     try:
         result = command.main(args=argv, prog_name="sdtk", standalone_mode=False)
     except SdtkError as e:
@@ -62,6 +66,9 @@ def main(argv: Optional[List[str]] = None) -> None:
         if hasattr(e, "show") and hasattr(e, "exit_code"):  # click's UsageError / BadParameter
             e.show()
             sys.exit(EXIT_BAD_INPUT)
+        if fileio.interrupted.is_set():  # an interrupt that surfaced as another error (see fileio)
+            error_line("interrupted; nothing was written")
+            sys.exit(EXIT_INTERRUPTED)
         raise
     if result == EXIT_INTERRUPTED:  # typer turns Ctrl-C into a return value of 130
         error_line("interrupted; nothing was written")

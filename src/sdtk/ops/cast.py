@@ -64,12 +64,15 @@ def cast_array(arr: np.ndarray, dst: DType) -> tuple[np.ndarray, int]:
 
 def _cast_chunk(piece: np.ndarray, target: np.ndarray, dst: DType, check: bool, limit) -> int:
     if limit is not None:
+        fast = fastcast.cast_into(piece, target, saturate=True)  # same bits and count as below
+        if fast is not None:
+            return fast if check else 0
         n = 0
         if check:
             n = int(np.count_nonzero(np.abs(piece) > limit) - np.count_nonzero(np.isinf(piece)))
         target[...] = np.clip(piece, -limit, limit).astype(dst.numpy)
         return n
-    fast = fastcast.cast_into(piece, target)  # F16C path: same bits as numpy, counts overflow itself
+    fast = fastcast.cast_into(piece, target)  # C path: same bits as numpy / ml_dtypes, counts overflow itself
     if fast is not None:
         return fast if check else 0
     with np.errstate(over="ignore", invalid="ignore"):

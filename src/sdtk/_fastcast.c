@@ -316,6 +316,49 @@ static PyObject *py_bf16_to_f32(PyObject *self, PyObject *args)
     return PyLong_FromLong(0);
 }
 
+
+/* 16-bit float -> fp8 through float32 in blocks that stay in L1 (the widening is exact, so the
+   result is the direct round-to-nearest-even cast; fp8 NaNs are canonical either way). */
+static Py_ssize_t half_to_fp8(const uint16_t *in, uint8_t *out, Py_ssize_t n, int is_bf16, int kind, int saturate)
+{
+    uint32_t wide[1024];
+    Py_ssize_t overflow = 0;
+    for (Py_ssize_t at = 0; at < n; at += 1024) {
+        Py_ssize_t m = n - at < 1024 ? n - at : 1024;
+        if (is_bf16)
+            bf16_to_f32_block(in + at, wide, m);
+        else
+            f16_to_f32_block(in + at, (float *)wide, m);
+        if (kind == 0)
+            overflow += saturate ? f32_to_e4m3fn_sat_block(wide, out + at, m) : f32_to_e4m3fn_block(wide, out + at, m);
+        else
+            overflow += saturate ? f32_to_e5m2_sat_block(wide, out + at, m) : f32_to_e5m2_block(wide, out + at, m);
+    }
+    return overflow;
+}
+
+static PyObject *py_half_to_fp8(PyObject *self, PyObject *args)
+{
+    Py_buffer src, dst;
+    int is_bf16, kind, saturate;
+    Py_ssize_t overflow;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*w*pip", &src, &dst, &is_bf16, &kind, &saturate))
+        return NULL;
+    if (src.len % 2 || src.len / 2 != dst.len || (kind != 0 && kind != 1) || (!is_bf16 && !have_f16c())) {
+        PyBuffer_Release(&src);
+        PyBuffer_Release(&dst);
+        PyErr_SetString(PyExc_ValueError, "half_to_fp8(src 2-byte, dst 1-byte, is_bf16, kind, saturate); float16 needs F16C");
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    overflow = half_to_fp8((const uint16_t *)src.buf, (uint8_t *)dst.buf, src.len / 2, is_bf16, kind, saturate);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&src);
+    PyBuffer_Release(&dst);
+    return PyLong_FromSsize_t(overflow);
+}
+
 static PyObject *py_has_f16c(PyObject *self, PyObject *noargs)
 {
     (void)self;
@@ -328,6 +371,7 @@ static PyMethodDef methods[] = {
     {"f16_to_f32", py_f16_to_f32, METH_VARARGS, "f16_to_f32(src, dst) -> 0. Needs F16C."},
     {"f32_to_fp8", py_f32_to_fp8, METH_VARARGS, "f32_to_fp8(src, dst, kind, saturate) -> overflowed values. kind 0 = e4m3fn, 1 = e5m2."},
     {"bf16_to_f32", py_bf16_to_f32, METH_VARARGS, "bf16_to_f32(src, dst) -> 0."},
+    {"half_to_fp8", py_half_to_fp8, METH_VARARGS, "half_to_fp8(src, dst, is_bf16, kind, saturate) -> overflowed values."},
     {"has_f16c", py_has_f16c, METH_NOARGS, "True when the CPU has F16C and AVX2 (the fp16 paths)."},
     {NULL, NULL, 0, NULL},
 };

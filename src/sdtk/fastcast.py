@@ -58,6 +58,9 @@ def _direct(src: np.dtype, dst: np.dtype, saturate: bool):
     if src == _F32 and dst in _FP8_KIND:
         kind = _FP8_KIND[dst]
         return lambda a, b: _ext.f32_to_fp8(a, b, kind, saturate)
+    if src in (_F16, _BF16) and dst in _FP8_KIND and (src == _BF16 or _ext.has_f16c()):
+        kind, is_bf16 = _FP8_KIND[dst], src == _BF16
+        return lambda a, b: _ext.half_to_fp8(a, b, is_bf16, kind, saturate)
     return None
 
 

@@ -15,7 +15,7 @@ from sdtk.ops.cast import cast_array
 from sdtk.ops.clip_fix import fix_clip
 from sdtk.ops.convert import ConvertOptions, convert_file, resolve_options
 from sdtk.ops.ema import ema_key_for
-from sdtk.ops.vae import diffusers_to_ldm_key
+from sdtk.architectures.vae_keys import diffusers_to_ldm_key
 from sdtk.samples import layout_plan, load_layout
 from sdtk.tensors import dtype, from_array
 
@@ -292,7 +292,7 @@ def test_bake_vae_under_first_stage_model(sd15_full, tmp_path):
 
 def test_bake_diffusers_vae(sd15_full, tmp_path):
     """A VAE saved by diffusers (renamed keys, attention as Linear) ends up as the LDM tensors."""
-    from sdtk.ops.vae import is_diffusers_vae
+    from sdtk.architectures.vae_keys import is_diffusers_vae
 
     ldm = {t.name: t.read() for t in layout_plan(load_layout("vae-sd-kl-f8"), values="random", scale=8, seed=3)}
     to_diffusers = _ldm_to_diffusers_names(list(ldm))

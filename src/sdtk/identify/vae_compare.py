@@ -7,6 +7,7 @@ from typing import Any, Dict, Mapping, Optional
 
 import numpy as np
 
+from sdtk.architectures import vae_keys
 from sdtk.formats import open_model
 from sdtk.identify.model import Component
 from sdtk.tensors import LazyTensor
@@ -27,11 +28,7 @@ def _diffusers_vae_as_ldm(tensors: Mapping[str, LazyTensor], path: str) -> Dict[
     from sdtk.errors import SdtkError
 
     try:
-        from sdtk.ops.vae import vae_tensors
-    except ImportError:  # the mapping lives with the VAE operations; without it, no mapping
-        return {}
-    try:
-        return dict(vae_tensors(tensors, path).tensors)
+        return dict(vae_keys.vae_tensors(tensors, path).tensors)
     except SdtkError:
         return {}
 

@@ -16,6 +16,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from sdtk.architectures.vae_keys import vae_tensors
 from sdtk.errors import OutputError, SdtkError, UsageError
 from sdtk.fileio import AtomicOutput, same_file
 from sdtk.formats import open_model
@@ -26,7 +27,7 @@ from sdtk.ops import lineage as lin
 from sdtk.ops.cast import OverflowCount, cast_plan
 from sdtk.ops.clip_fix import fix_clip
 from sdtk.ops.components import TEXT_ENCODERS, component_of
-from sdtk.ops.ema import EMA_MODES, apply_ema, has_ema
+from sdtk.ops.ema import EMA_MODES, apply_ema
 from sdtk.ops.extract import expand_parts, extract_plans
 from sdtk.ops.model_facts import ModelFacts, model_facts
 from sdtk.ops.naming import default_output
@@ -34,7 +35,7 @@ from sdtk.ops.prefetch import Prefetcher
 from sdtk.ops.prune import dropped_extras, prune_plan, summarize_dropped
 from sdtk.ops.replace import parse_replace, replace_component
 from sdtk.ops.sidecar import config_text, sidecar_for, sidecar_path
-from sdtk.ops.vae import bake_vae, vae_tensors
+from sdtk.ops.vae import bake_vae
 from sdtk.tensors import DType, LazyTensor, dtype
 
 DTYPE_CHOICES = ("fp32", "fp16", "bf16", "fp8-e4m3fn", "fp8-e5m2")

@@ -492,3 +492,17 @@ def test_data_section_hasher_follows_the_writer(tmp_path):
         hasher = DataSectionHasher()
         write_safetensors(tmp_path / "b.safetensors", plan, {}, data_hasher=hasher)
     assert hasher.hexdigest == _data_section_sha256(tmp_path / "b.safetensors")
+
+
+def test_summary_says_where_the_source_hashes_came_from(tmp_path):
+    src = write_layout(tmp_path / "m.safetensors", "sd15-emaonly", scale=16)
+    env = {"SDTK_HASH_CACHE": str(tmp_path / "cache.sqlite3")}
+    seen = []
+    for i, extra in enumerate([[], [], ["--no-source-hash"]]):
+        r = run_cli("convert", src, "--dtype", "fp16", "--json", "-o", tmp_path / f"out{i}.safetensors", *extra, env=env)
+        assert r.returncode == 0, r.stderr
+        seen.append(json.loads(r.stdout)["source_hashes"])
+    assert seen == ["computed", "cache", "skipped"]
+    # the two conversions recorded the same source hashes
+    lineages = [json.loads(metadata_of(tmp_path / f"out{i}.safetensors")["sdtk.lineage"])[-1] for i in (0, 1)]
+    assert lineages[0]["source_sha256"] == lineages[1]["source_sha256"] == sha256_of(src)

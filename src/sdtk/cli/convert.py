@@ -107,6 +107,11 @@ def _print_summary(summary: dict) -> None:
         console.print(f"  done: {op}")
     for note in summary["notes"]:
         console.print(f"  {note}")
+    if summary["source_hashes"] == "computed":
+        console.print("  source hashes: computed for the lineage record (SHA256, AutoV3, content; kept in the hash "
+                      "cache, so the next conversion of this file skips them; --no-source-hash skips them now)")
+    elif summary["source_hashes"] == "cache":
+        console.print("  source hashes: from the hash cache (this file was hashed before)")
     if summary["sidecar"] and summary["sidecar"] != "not needed":
         console.print(f"  config .yaml: {summary['sidecar']}")
 

@@ -148,6 +148,7 @@ class Conversion:
     overflow: OverflowCount = field(default_factory=OverflowCount)
     extra_inputs: List[str] = field(default_factory=list)
     prediction_type: Optional[str] = None
+    source_hashes: str = "skipped"  # "computed" (first time: read the input), "cache" (hash cache), "skipped"
 
 
 def v_pred_marker() -> LazyTensor:
@@ -379,6 +380,8 @@ def write_outputs(cat: Catalogue, conv: Conversion, opts: ConvertOptions, progre
         finally:
             prefetch.close()
             progress.done()
+        if hasher is not None:
+            conv.source_hashes = "cache" if hasher.from_cache else "computed"
         if out.part == "model" and conv.sidecar_config:
             out.sidecar = sidecar_path(out.dest)
             with AtomicOutput(out.sidecar, inputs=inputs, overwrite=opts.overwrite) as f:
@@ -466,6 +469,7 @@ def summary_of(conv: Conversion, opts: ConvertOptions) -> dict:
         "overflow": conv.overflow.by_tensor,
         "sidecar": conv.sidecar_reason,
         "notes": conv.notes,
+        "source_hashes": conv.source_hashes,
         "input_replaced": bool(opts.replace_input),
     }
 

@@ -49,6 +49,7 @@ class BackgroundHashes:
     """`source_hashes(path)` computed in a thread; `result()` waits for it."""
 
     def __init__(self, path: str):
+        self.from_cache = False  # set before the hashes are computed: True when the hash cache knew them
         self._result: Optional[Dict[str, str]] = None
         self._error: Optional[BaseException] = None
         self._thread = threading.Thread(target=self._run, args=(path,), daemon=True, name="sdtk-source-hash")
@@ -56,6 +57,10 @@ class BackgroundHashes:
 
     def _run(self, path: str) -> None:
         try:
+            from sdtk.hashing.cache import cached_hashes
+
+            known = cached_hashes(path)
+            self.from_cache = all(known.get(name) for name in HASH_NAMES)
             self._result = source_hashes(path)
         except BaseException as e:  # reported by result()
             self._error = e

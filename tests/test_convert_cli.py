@@ -506,3 +506,20 @@ def test_summary_says_where_the_source_hashes_came_from(tmp_path):
     # the two conversions recorded the same source hashes
     lineages = [json.loads(metadata_of(tmp_path / f"out{i}.safetensors")["sdtk.lineage"])[-1] for i in (0, 1)]
     assert lineages[0]["source_sha256"] == lineages[1]["source_sha256"] == sha256_of(src)
+
+
+def test_source_hashing_reports_progress_to_the_display(tmp_path, monkeypatch):
+    """The first conversion of a file also reads it for the lineage hashes; the display hears of
+    it (a bar on a terminal) up to the last byte, and not at all when the cache knows the file."""
+    from sdtk.ops.convert import Progress
+
+    monkeypatch.setenv("SDTK_HASH_CACHE", str(tmp_path / "cache.sqlite3"))
+    src = write_layout(tmp_path / "m.safetensors", "sd15-emaonly", scale=16)
+    for attempt, expect_calls in ((0, True), (1, False)):
+        calls = []
+        progress = Progress(hashing=lambda source, done, total: calls.append((source, done, total)))
+        convert_file(src, resolve_options(ConvertOptions(dtype="fp16")), output=tmp_path / f"o{attempt}.safetensors",
+                     progress=progress)
+        assert bool(calls) == expect_calls
+        if expect_calls:
+            assert calls[-1] == (src, src.stat().st_size, src.stat().st_size)

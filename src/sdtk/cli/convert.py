@@ -125,7 +125,18 @@ class _ProgressDisplay(Progress):
                                  TimeRemainingColumn(), console=err_console, transient=True, disable=not enabled)
         self.batch = self.bars.add_task("batch", total=batch_total) if (batch_total and enabled) else None
         self.task = None
-        super().__init__(start=self._start, advance=self._advance, done=self._done)
+        self.hash_task = None
+        super().__init__(start=self._start, advance=self._advance, done=self._done, hashing=self._hashing)
+
+    def _hashing(self, source, done, total):
+        # from the source-hash thread (rich's Progress is thread-safe): the first conversion of a
+        # file also reads it for the lineage hashes, which can outlast the write
+        if self.hash_task is None:
+            self.hash_task = self.bars.add_task(f"hashing {Path(source).name} (lineage)", total=total)
+        self.bars.update(self.hash_task, completed=done)
+        if done >= total:
+            self.bars.remove_task(self.hash_task)
+            self.hash_task = None
 
     def _start(self, dest, total):
         self.task = self.bars.add_task(Path(dest).name, total=total)

@@ -323,11 +323,13 @@ def _metadata_for(cat: Catalogue, conv: Conversion, out: OutputPlan, opts: Conve
 
 @dataclass
 class Progress:
-    """Callbacks for a progress display: start(output, total_bytes), advance(bytes_done), done()."""
+    """Callbacks for a progress display: start(output, total_bytes), advance(bytes_done), done(),
+    and hashing(source, bytes_done, total) from the source-hash thread (first conversion of a file)."""
 
     start: Callable[[Path, int], None] = lambda dest, total: None
     advance: Callable[[int], None] = lambda done: None
     done: Callable[[], None] = lambda: None
+    hashing: Callable[[Path, int, int], None] = lambda source, done, total: None
 
 
 def choose_destinations(conv: Conversion, output: Optional[Path], out_folder: Optional[Path],
@@ -349,7 +351,8 @@ def choose_destinations(conv: Conversion, output: Optional[Path], out_folder: Op
 
 def write_outputs(cat: Catalogue, conv: Conversion, opts: ConvertOptions, progress: Progress = Progress()) -> None:
     """Write every planned output atomically (nothing is left behind on any error)."""
-    hasher = lin.BackgroundHashes(cat.path) if opts.source_hashes else None
+    hasher = (lin.BackgroundHashes(cat.path, on_progress=lambda done, total: progress.hashing(conv.source, done, total))
+              if opts.source_hashes else None)
     inputs = [cat.path, *conv.extra_inputs]
     for out in conv.outputs:
         placeholder = {name: lin.HASH_PLACEHOLDER for name in lin.HASH_NAMES} if hasher else {}

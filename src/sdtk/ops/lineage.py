@@ -29,7 +29,7 @@ HASH_NAMES = ("sha256", "autov3", "content")
 OUTPUT_HASH_PLACEHOLDER = "0" * 64  # the output's data-section sha256, known when the last byte is written
 
 
-def source_hashes(path: str) -> Dict[str, str]:
+def source_hashes(path: str, on_progress=None) -> Dict[str, str]:
     """SHA256, AutoV3 (64 hex, lower case) and sdtk's content hash of a model file, in one read
     when its tensors lie as raw bytes in the file (safetensors; most checkpoints). Taken from the
     hash cache when this exact file was hashed before (see sdtk.hashing.cache)."""
@@ -41,14 +41,15 @@ def source_hashes(path: str) -> Dict[str, str]:
         return {name: known[name] for name in HASH_NAMES}
     # All six file hashes and the content hash in one read, remembered for `sdtk hash` and the
     # library too (BLAKE3 and CRC32 add about a tenth to the three sha256 passes lineage needs).
-    mh = cached_model_hashes(path, use_cache=False)
+    mh = cached_model_hashes(path, use_cache=False, on_progress=on_progress)
     return {"sha256": mh.file.sha256, "autov3": mh.file.autov3, "content": mh.content}
 
 
 class BackgroundHashes:
     """`source_hashes(path)` computed in a thread; `result()` waits for it."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, on_progress=None):
+        self.on_progress = on_progress  # (bytes done, total) while the file is read
         self.from_cache = False  # set before the hashes are computed: True when the hash cache knew them
         self._result: Optional[Dict[str, str]] = None
         self._error: Optional[BaseException] = None
@@ -61,7 +62,7 @@ class BackgroundHashes:
 
             known = cached_hashes(path)
             self.from_cache = all(known.get(name) for name in HASH_NAMES)
-            self._result = source_hashes(path)
+            self._result = source_hashes(path, self.on_progress)
         except BaseException as e:  # reported by result()
             self._error = e
 

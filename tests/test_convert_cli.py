@@ -435,7 +435,9 @@ def test_json_summary_schema(tmp_path):
     r = run_cli("convert", src, "--for", "generation", "--json", "--no-source-hash")
     summary = json.loads(r.stdout)
     assert set(summary) == {"input", "architecture", "prediction_type", "weight_set", "operations", "outputs",
-                            "dropped", "dropped_training_state", "overflow", "sidecar", "notes", "input_replaced"}
+                            "dropped", "dropped_training_state", "overflow", "sidecar", "notes", "source_hashes",
+                            "input_replaced"}
+    assert summary["source_hashes"] == "skipped"
     assert summary["operations"][0].startswith("ema use")
     assert set(summary["outputs"][0]) == {"part", "path", "tensors", "bytes", "sidecar"}
     assert summary["outputs"][0]["bytes"] == Path(summary["outputs"][0]["path"]).stat().st_size

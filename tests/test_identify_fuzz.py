@@ -1,7 +1,7 @@
 """Whatever names and shapes a file holds, identify answers (never raises) and says 'unknown'
 rather than guess when nothing fits."""
 import numpy as np
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from sdtk.formats.catalogue import Catalogue
@@ -32,6 +32,8 @@ def _catalogue(spec):
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(entries, st.booleans())
+# found by this test in CI: a LoRA whose down weight is empty (rank 0) divided alpha by zero
+@example({"lora_unet_x.lora_down.weight": ((0,), "float32"), "lora_te_y.alpha": ((), "float32")}, False)
 def test_identify_never_raises(spec, deep):
     import math
 

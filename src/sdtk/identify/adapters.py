@@ -126,7 +126,7 @@ def analyse_lora(tensors: Mapping[str, LazyTensor], subtype: str, metadata: Mapp
         "format": subtype, "algorithm": algorithm, "modules": sum(targets.values()),
         "targets": dict(targets), "ranks": rank_list, "rank": rank_list[-1] if rank_list else None,
         "alphas": sorted(alphas), "alpha": (sorted(alphas)[-1] if alphas else None),
-        "scale": (round(sorted(alphas)[-1] / rank_list[-1], 4) if alphas and rank_list and len(alphas) == 1 and len(rank_list) == 1 else None),
+        "scale": (round(sorted(alphas)[-1] / rank_list[-1], 4) if alphas and rank_list and rank_list[-1] and len(alphas) == 1 and len(rank_list) == 1 else None),
         "dora": any(".dora_scale" in p for p in modules.values()),
         "base_architecture": base, "base_source": base_source,
     }

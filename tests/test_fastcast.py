@@ -130,14 +130,12 @@ def test_saturating_e4m3fn_equals_clip_then_cast_as_torch_does():
 
 
 @pytest.mark.skipif(not HAVE_FAST, reason="needs the built extension on an F16C CPU")
-@pytest.mark.parametrize("src", ["bfloat16", "float16"])
-@pytest.mark.parametrize("dst", ["float32", "float16", "bfloat16", "e4m3fn", "e5m2"])
+@pytest.mark.parametrize("src, dst", [(s, d) for s in ("bfloat16", "float16")
+                                      for d in ("float32", "float16", "bfloat16", "e4m3fn", "e5m2") if s != d])
 def test_every_16_bit_value_to_each_target_equals_the_reference(src, dst):
     """Exhaustive: all 65,536 bit patterns of a 16-bit source (widened exactly, then rounded)."""
     src_dt = ml_dtypes.bfloat16 if src == "bfloat16" else np.float16
     dst_dt = FP8.get(dst) or (ml_dtypes.bfloat16 if dst == "bfloat16" else np.dtype(dst))
-    if np.dtype(src_dt) == np.dtype(dst_dt):
-        return
     a = np.arange(1 << 16, dtype=np.uint16).view(src_dt)
     with np.errstate(all="ignore"):
         expected = a.astype(dst_dt)

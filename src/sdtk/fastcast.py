@@ -75,13 +75,9 @@ def _kernel(src: np.dtype, dst: np.dtype, saturate: bool = False):
         return lambda a, b: direct(_raw(a), _raw(b))
     if src in (_F16, _BF16) and dst in (_F16, _BF16, *_FP8_KIND):
         widen = _direct(src, _F32, False)
-        narrow = _direct(_F32, dst, saturate)
-        if widen is None:
+        narrow = _direct(_F32, dst, saturate)  # None for -> bfloat16: ml_dtypes, fast from float32
+        if widen is None or (narrow is None and dst != _BF16):
             return None
-        if narrow is None:
-            if dst != _BF16:
-                return None
-            narrow = None  # float16 -> bfloat16: ml_dtypes (fast from float32); never overflows
 
         def two_step(a: np.ndarray, b: np.ndarray) -> int:
             wide = np.empty(a.shape, _F32)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from typing import Dict, Iterable, Optional
+from typing import Callable, Dict, Iterable, Optional
 
 from sdtk.errors import SdtkError
 from sdtk.fileio import open_input
@@ -28,19 +28,20 @@ def file_hashes(path: "os.PathLike[str] | str", kinds: Optional[Iterable[str]] =
     return {k: every[k] for k in wanted}
 
 
-def sha256_file(path: "os.PathLike[str] | str") -> str:
-    """SHA256 (64 lower-case hex) of the whole file: one sha256 pass, nothing else."""
+def sha256_file(path: "os.PathLike[str] | str", cancelled: Callable[[], bool] = lambda: False) -> Optional[str]:
+    """SHA256 (64 lower-case hex) of the whole file: one sha256 pass, nothing else (a merge needs
+    only the hash A1111 keys its merge metadata by). None when `cancelled()` turns true."""
     h = hashlib.sha256()
     with open_input(path) as f:
         raw = f.raw
         buf = bytearray(_CHUNK)
         view = memoryview(buf)
         try:
-            while True:
+            while not cancelled():
                 n = raw.readinto(buf)
                 if not n:
-                    break
+                    return h.hexdigest()
                 h.update(view[:n])
         except OSError as e:
             raise SdtkError(path, f"read failed: {e.strerror or e}") from None
-    return h.hexdigest()
+    return None

@@ -98,6 +98,41 @@ def numel(shape: Tuple[int, ...]) -> int:
     return math.prod(shape)
 
 
+# torch sizes and strides are int64 (c10::IntArrayRef); safetensors shapes are usize and its
+# readers multiply them (and the dtype's bit width) with overflow checks in header order.
+MAX_INT64 = (1 << 63) - 1
+
+
+def geometry_problem(shape: Tuple[int, ...], itemsize: int) -> Optional[str]:
+    """Why a shape cannot be stored and read back by torch and safetensors readers, or None.
+
+    Every dimension must fit an int64, and so must the element count in bits even when zero
+    dimensions are left out: `(0, 2**70)` or `(0, 2**62, 8)` have no elements, but a reader that
+    multiplies the dimensions in another order overflows (safetensors refuses such a file)."""
+    count = 1
+    for d in shape:
+        if type(d) is not int or d < 0 or d > MAX_INT64:
+            return f"dimension {d} of shape {list(shape)} does not fit a 64-bit integer"
+        if d:
+            count *= d
+            if count * itemsize * 8 > MAX_INT64:
+                return f"shape {list(shape)} has more elements than a 64-bit byte count can hold"
+    return None
+
+
+def may_overlap(shape: Tuple[int, ...], stride: Tuple[int, ...]) -> bool:
+    """True when a strided view can reach the same element twice (broadcast, stride 0, or
+    interleaved strides). Sufficient test: sorted by stride, each dimension of size > 1 must
+    step over everything the smaller ones span."""
+    dims = sorted((s, d) for d, s in zip(shape, stride) if d > 1)
+    span = 1  # elements spanned by the dimensions so far
+    for s, d in dims:
+        if s < span:
+            return True
+        span = s * (d - 1) + span
+    return False
+
+
 @dataclass(frozen=True)
 class FileSpan:
     """Where a tensor's raw little-endian, C-contiguous bytes lie in a file, when they do.

@@ -25,11 +25,19 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import numpy as np
 
 from sdtk.errors import FormatError, UnsafeFileError, UnsupportedFormatError
-from sdtk.tensors import DTYPES, DType
+from sdtk.tensors import DTYPES, DType, geometry_problem, may_overlap
 
 HIGHEST_PROTOCOL = 5  # CPython 3.8+
 MAX_LONG_BYTES = 1 << 16  # LONG1/LONG4 operands; torch never writes more than 9 bytes
 MAX_KEY_DEPTH = 8  # tuples used as dict keys / set items (bounds hashing recursion)
+# Values inside one dict key / set item, counted as a tree (a memo reference counted each time it
+# is reached): hashing and comparing a key walk every path, so a tuple DAG built from memo
+# references (t1 = (t0, t0), t2 = (t1, t1), ...) costs 2^depth; real keys are strings, numbers
+# and small tuples.
+MAX_KEY_NODES = 256
+# A tensor viewing more bytes than its storage holds (a broadcast, stride-0 view) is refused
+# beyond this size: its bytes would be invented from nothing when read.
+MAX_BROADCAST_BYTES = 1 << 20
 COPY_BUDGET_FACTOR = 16  # elements copied by calls (set(), OrderedDict(), encode) <= 16x pickle size
 
 
@@ -100,6 +108,7 @@ class TensorRef:
     dtype: Optional[DType]
     torch_dtype: str
     requires_grad: bool = False
+    overlapping: bool = False  # a strided view that reaches some storage element twice
 
 
 @dataclass(eq=False)
@@ -220,12 +229,26 @@ def _tensor(vm: "PickleVM", storage: Any, offset: Any, size: Any, stride: Any, d
         raise vm.bad("tensor size and stride must be non-negative")
     if not isinstance(requires_grad, bool):
         raise vm.bad("tensor requires_grad must be a bool")
-    if dt is not None and math.prod(shape) > 0:
-        extent = offset + sum((d - 1) * s for d, s in zip(shape, strides)) + 1
-        if extent * dt.itemsize > storage.nbytes:
-            raise vm.bad(f"tensor of size {list(shape)} (offset {offset}, stride {list(strides)}) reaches past the end "
-                         f"of its storage {storage.key!r} ({storage.nbytes} bytes)")
-    return TensorRef(storage, offset, shape, strides, dt, torch_name, requires_grad)
+    overlapping = False
+    if dt is not None:
+        problem = geometry_problem(shape, dt.itemsize) or geometry_problem(strides, 1)
+        if problem:
+            raise vm.bad(f"tensor {problem}")
+        count = math.prod(shape)
+        if count > 0:
+            extent = offset + sum((d - 1) * s for d, s in zip(shape, strides)) + 1
+            if extent * dt.itemsize > storage.nbytes:
+                raise vm.bad(f"tensor of size {list(shape)} (offset {offset}, stride {list(strides)}) reaches past the end "
+                             f"of its storage {storage.key!r} ({storage.nbytes} bytes)")
+            # torch saves a broadcast view (expand, stride 0) as it is: its elements can outnumber
+            # its storage, and reading it out multiplies the bytes (a 625-byte file declaring a
+            # 2^40-element view). A real checkpoint never needs a tensor much larger than its
+            # storage: allowed up to MAX_BROADCAST_BYTES (and reported), refused beyond.
+            if count * dt.itemsize > max(storage.nbytes, MAX_BROADCAST_BYTES):
+                raise vm.bad(f"tensor of size {list(shape)} (stride {list(strides)}) needs {count * dt.itemsize} bytes from its "
+                             f"{storage.nbytes}-byte storage {storage.key!r}: a broadcast view far larger than its data; refused")
+            overlapping = may_overlap(shape, strides)
+    return TensorRef(storage, offset, shape, strides, dt, torch_name, requires_grad, overlapping)
 
 
 def _rebuild_tensor_v2(vm: "PickleVM", args: tuple) -> TensorRef:
@@ -466,19 +489,43 @@ class PickleVM:
         if self.budget < 0:
             raise self.bad("the pickle builds far more data than its size allows (expansion bomb)")
 
-    def key(self, obj: Any, depth: int = 0) -> Any:
-        """Check a dict key / set item is hashable with bounded work, as CPython would require."""
+    def key(self, obj: Any) -> Any:
+        """Check a dict key / set item is hashable with bounded work, as CPython would require:
+        at most MAX_KEY_DEPTH levels and MAX_KEY_NODES values counted along every path (the work
+        `hash()` and `==` do on it), so keys never cost more than a constant each."""
+        if type(obj) is int and obj.bit_length() > 4096:
+            raise self.bad("integer dict key longer than 4096 bits")
         if obj is None or isinstance(obj, (str, int, float, bytes, bool, complex)):
             return obj
-        if isinstance(obj, tuple):
-            if depth >= MAX_KEY_DEPTH:
-                raise self.bad("dict key nested too deeply")
-            for item in obj:
-                self.key(item, depth + 1)
-            return obj
-        if isinstance(obj, (frozenset, ClassToken, Callee, StorageType, TorchDType, TensorRef, StorageRef)):
-            return obj
-        raise self.bad(f"unhashable {type(obj).__name__} used as a dict key or set item")
+        todo = [(obj, 0)]
+        nodes = 0
+        while todo:
+            item, depth = todo.pop()
+            nodes += 1
+            if nodes > MAX_KEY_NODES:
+                raise self.bad(f"dict key or set item made of more than {MAX_KEY_NODES} values (hashing bomb)")
+            if type(item) is int and item.bit_length() > 4096:
+                raise self.bad("integer dict key longer than 4096 bits")
+            if item is None or isinstance(item, (str, int, float, bytes, bool, complex)):
+                continue
+            if isinstance(item, tuple):
+                if depth >= MAX_KEY_DEPTH:
+                    raise self.bad("dict key nested too deeply")
+                if len(item) > MAX_KEY_NODES:
+                    raise self.bad(f"dict key or set item made of more than {MAX_KEY_NODES} values (hashing bomb)")
+                todo.extend((v, depth + 1) for v in item)
+                continue
+            if isinstance(item, frozenset):
+                if depth >= MAX_KEY_DEPTH:
+                    raise self.bad("dict key nested too deeply")
+                if len(item) > MAX_KEY_NODES:
+                    raise self.bad(f"dict key or set item made of more than {MAX_KEY_NODES} values (hashing bomb)")
+                todo.extend((v, depth + 1) for v in item)
+                continue
+            if isinstance(item, (ClassToken, Callee, StorageType, TorchDType, TensorRef, StorageRef)):
+                continue  # hashed by identity
+            raise self.bad(f"unhashable {type(item).__name__} used as a dict key or set item")
+        return obj
 
     # -- reading ------------------------------------------------------------------------------
     def read(self, n: int) -> bytes:
@@ -491,13 +538,26 @@ class PickleVM:
         return chunk if type(chunk) is bytes else bytes(chunk)
 
     def readline(self) -> bytes:
-        data = self.data
-        end = data.find(b"\n", self.pos) if isinstance(data, (bytes, bytearray)) else bytes(data[self.pos:]).find(b"\n")
+        """Up to the next newline. bytes, bytearray and mmap search in place (`find` from the
+        position); other buffers (memoryview) in growing chunks, never copying the rest of the
+        data per line (protocol-0 pickles are one opcode per line)."""
+        data, pos = self.data, self.pos
+        find = getattr(data, "find", None)
+        if find is not None:
+            end = find(b"\n", pos)
+        else:
+            end, chunk = -1, 256
+            start = pos
+            while start < self.size:
+                stop = min(self.size, start + chunk)
+                found = bytes(data[start:stop]).find(b"\n")
+                if found >= 0:
+                    end = start + found
+                    break
+                start, chunk = stop, chunk * 2
         if end < 0:
             raise self.bad("pickle data was truncated (missing end of line)")
-        if not isinstance(data, (bytes, bytearray)):
-            end += self.pos
-        line = bytes(data[self.pos:end])
+        line = bytes(data[pos:end])
         self.pos = end + 1
         return line
 

@@ -19,7 +19,7 @@ import numpy as np
 from sdtk.errors import FormatError, OutputError
 from sdtk.fileio import AtomicOutput, open_input
 from sdtk.formats.catalogue import Catalogue
-from sdtk.tensors import DTYPES, DType, FileSpan, LazyTensor, numel
+from sdtk.tensors import DTYPES, DType, FileSpan, LazyTensor, geometry_problem, numel
 
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit (tensor.rs: MAX_HEADER_SIZE)
 ALIGNMENT = 8  # the reference writer pads the header with spaces to 8 bytes
@@ -35,11 +35,28 @@ def looks_like_safetensors(head: bytes) -> bool:
     return 2 <= n <= MAX_HEADER_BYTES and head[8:].lstrip(b" \t\r\n")[:1] in (b"{", b"[")
 
 
+class _HeaderProblem(ValueError):
+    pass
+
+
+def has_lone_surrogate(text: str) -> bool:
+    """JSON `\\ud800` escapes decode to lone surrogates, which are not Unicode text: the
+    `safetensors` library (serde_json) refuses them, and printing or re-encoding them fails."""
+    try:
+        text.encode("utf-8")
+        return False
+    except UnicodeEncodeError:
+        return True
+
+
 def _no_duplicates(pairs):
     obj = {}
     for key, value in pairs:
         if key in obj:
-            raise ValueError(f"duplicate key {key!r} in the header")
+            raise _HeaderProblem(f"duplicate key {key!r} in the header")
+        if has_lone_surrogate(key) or (isinstance(value, str) and has_lone_surrogate(value)):
+            raise _HeaderProblem("a string in the header holds a lone surrogate escape (\\ud800-\\udfff), "
+                                 "which is not valid Unicode")
         obj[key] = value
     return obj
 
@@ -56,8 +73,12 @@ def parse_header(raw: bytes, data_size: int, path: str) -> tuple[Dict[str, dict]
         raise FormatError(path, "safetensors header is not valid UTF-8") from None
     try:
         header = json.loads(text, object_pairs_hook=_no_duplicates)
+    except _HeaderProblem as e:
+        raise FormatError(path, f"safetensors header: {e}") from None
     except ValueError as e:
         raise FormatError(path, f"safetensors header is not valid JSON ({str(e).splitlines()[0]})") from None
+    except RecursionError:  # serde_json (the safetensors library) stops at 128 levels
+        raise FormatError(path, "safetensors header is JSON nested too deeply") from None
     if not isinstance(header, dict):
         raise FormatError(path, "safetensors header is not a JSON object")
     metadata = header.pop("__metadata__", {})
@@ -84,6 +105,9 @@ def parse_header(raw: bytes, data_size: int, path: str) -> tuple[Dict[str, dict]
         shape = entry["shape"]
         if not isinstance(shape, list) or not all(type(d) is int and 0 <= d < 2**63 for d in shape):
             raise FormatError(path, f"tensor {name!r}: shape must be a list of non-negative integers")
+        problem = geometry_problem(tuple(shape), DTYPES[dt].itemsize)
+        if problem:
+            raise FormatError(path, f"tensor {name!r}: {problem}")
         offs = entry["data_offsets"]
         if (not isinstance(offs, list) or len(offs) != 2 or not all(type(o) is int and 0 <= o < 2**64 for o in offs)):
             raise FormatError(path, f"tensor {name!r}: data_offsets must be two non-negative integers")
@@ -163,13 +187,18 @@ def build_header(plan: Sequence[LazyTensor], metadata: Optional[Dict[str, str]] 
         bad = [k for k, v in metadata.items() if not isinstance(k, str) or not isinstance(v, str)]
         if bad:
             raise ValueError(f"safetensors metadata values must be strings: {bad[:3]}")
+        if any(has_lone_surrogate(k) or has_lone_surrogate(v) for k, v in metadata.items()):
+            raise ValueError("safetensors metadata holds a lone surrogate (not valid Unicode)")
         header["__metadata__"] = dict(metadata)
     offset = 0
     for t in plan:
         if t.name in header or t.name == "__metadata__":
             raise ValueError(f"tensor name {t.name!r} appears twice in the plan")
-        if "\x00" in t.name or not t.name:
+        if "\x00" in t.name or not t.name or has_lone_surrogate(t.name):
             raise ValueError(f"invalid tensor name {t.name!r}")
+        problem = geometry_problem(tuple(t.shape), t.dtype.itemsize)
+        if problem:
+            raise ValueError(f"tensor {t.name!r}: {problem}")
         header[t.name] = {"dtype": t.dtype.name, "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
         offset += t.nbytes
     raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")

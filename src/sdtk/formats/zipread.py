@@ -16,7 +16,7 @@ import mmap
 import struct
 import zlib
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, Iterator, List, Optional, Tuple
 
 from sdtk.crc import crc32
 from sdtk.errors import FormatError, UnsafeFileError, UnsupportedFormatError
@@ -37,6 +37,12 @@ ALLOWED_FLAGS = 0x0002 | 0x0004 | FLAG_DESCRIPTOR | FLAG_UTF8
 FLAG_NAMES = {0x0001: "encrypted", 0x0010: "enhanced deflate", 0x0020: "compressed patched data",
               0x0040: "strong encryption", 0x2000: "masked central directory"}
 MAX_INFLATED = 1 << 30  # bound on a compressed record's inflated size (zip bombs)
+# A deflated record we interpret (a pickle) may inflate to at most this many times its
+# compressed size once it is over the caller's limit: the work stays linear in the file's size
+# (deflate reaches ~1000:1 on repeated bytes; pickles compress 3-10:1). torch writes every
+# record STORED, so a deflated data.pkl is already unusual.
+MAX_INFLATE_RATIO = 32
+INFLATE_CHUNK = 1 << 20
 CRC_CHUNK = 64 << 20
 
 
@@ -90,20 +96,17 @@ class ZipArchive:
         """The record's stored bytes (compressed if it is compressed), a view of the file."""
         return memoryview(self.buf)[entry.data_offset:entry.data_offset + entry.compressed_size]
 
-    def read(self, entry: ZipEntry, *, verify: bool = True) -> bytes:
-        """The record's content (inflated, size bounded), CRC verified when `verify`."""
+    def read(self, entry: ZipEntry, *, verify: bool = True, limit: Optional[int] = None) -> bytes:
+        """The record's content (inflated, size bounded), CRC verified when `verify`.
+
+        `limit`: the most bytes the caller will work on (a pickle it interprets); a deflated
+        record over it AND over MAX_INFLATE_RATIO times its compressed size is refused as a
+        deflate bomb before anything is inflated."""
         if entry.method == STORED:
             data = bytes(self.raw(entry))
         elif entry.method == DEFLATED:
-            if entry.size > MAX_INFLATED:
-                raise UnsupportedFormatError(self.path, f"zip record {entry.name!r} claims {entry.size} bytes inflated (over the 1 GiB bound)")
-            inflater = zlib.decompressobj(-15)
-            try:
-                data = inflater.decompress(self.raw(entry), entry.size + 1)
-            except zlib.error as e:
-                raise FormatError(self.path, f"zip record {entry.name!r} does not inflate ({e})") from None
-            if len(data) != entry.size or not inflater.eof:
-                raise FormatError(self.path, f"zip record {entry.name!r} inflates to a size other than the {entry.size} bytes recorded")
+            self._check_inflate(entry, limit)
+            data = b"".join(self.inflate(entry))
         else:
             raise UnsupportedFormatError(self.path, f"zip record {entry.name!r} uses compression method {entry.method}")
         if verify:
@@ -112,16 +115,73 @@ class ZipArchive:
                 raise FormatError(self.path, f"CRC mismatch in zip record {entry.name!r} (the file is corrupt or was tampered with)")
         return data
 
+    def _check_inflate(self, entry: ZipEntry, limit: Optional[int]) -> None:
+        if entry.size > MAX_INFLATED:
+            raise UnsupportedFormatError(self.path, f"zip record {entry.name!r} claims {entry.size} bytes inflated (over the 1 GiB bound)")
+        if limit is not None and entry.size > limit and entry.size > MAX_INFLATE_RATIO * max(1, entry.compressed_size):
+            raise UnsupportedFormatError(self.path, f"zip record {entry.name!r} inflates {entry.compressed_size} bytes to "
+                                                    f"{entry.size} (a deflate bomb); refused")
+
+    def inflate(self, entry: ZipEntry, head: Optional[int] = None) -> Iterator[bytes]:
+        """The inflated content of a DEFLATED record in chunks of at most INFLATE_CHUNK bytes
+        (memory stays bounded); never more than its recorded size (or `head` bytes, if given:
+        only the start is inflated)."""
+        inflater = zlib.decompressobj(-15)
+        raw = self.raw(entry)
+        done, pos, pending = 0, 0, b""
+        try:
+            while True:
+                if not pending:
+                    if pos >= len(raw):
+                        break
+                    pending = raw[pos:pos + INFLATE_CHUNK]
+                    pos += len(pending)
+                chunk = inflater.decompress(pending, INFLATE_CHUNK)
+                pending = inflater.unconsumed_tail
+                if chunk:
+                    done += len(chunk)
+                    if done > entry.size:
+                        raise FormatError(self.path, f"zip record {entry.name!r} inflates to more than the {entry.size} bytes recorded")
+                    if head is not None and done >= head:
+                        yield chunk[:len(chunk) - (done - head)]
+                        return
+                    yield chunk
+                if inflater.eof:
+                    break
+        except zlib.error as e:
+            raise FormatError(self.path, f"zip record {entry.name!r} does not inflate ({e})") from None
+        if head is None and (done != entry.size or not inflater.eof):
+            raise FormatError(self.path, f"zip record {entry.name!r} inflates to a size other than the {entry.size} bytes recorded")
+
+    def head(self, entry: ZipEntry, n: int) -> bytes:
+        """The first `n` bytes of a record's content (inflating only those)."""
+        if entry.method == STORED:
+            return bytes(self.buf[entry.data_offset:entry.data_offset + min(n, entry.compressed_size)])
+        if entry.method == DEFLATED:
+            if entry.size > MAX_INFLATED:
+                raise UnsupportedFormatError(self.path, f"zip record {entry.name!r} claims {entry.size} bytes inflated (over the 1 GiB bound)")
+            return b"".join(self.inflate(entry, head=n))
+        raise UnsupportedFormatError(self.path, f"zip record {entry.name!r} uses compression method {entry.method}")
+
     def verify_crc(self, entry: ZipEntry) -> bool:
-        """Check a record's CRC (streaming over the mapped file for stored records)."""
+        """Check a record's CRC (streaming over the mapped file for stored records, over bounded
+        chunks of inflated data for deflated ones)."""
         if entry.crc_ok is not None:
             return entry.crc_ok
         if entry.method != STORED:
+            crc = 0
             try:
-                self.read(entry, verify=True)
-            except FormatError:
-                pass
-            return bool(entry.crc_ok)
+                if entry.method == DEFLATED:
+                    self._check_inflate(entry, None)
+                    for chunk in self.inflate(entry):
+                        crc = crc32(chunk, crc)
+                else:
+                    return False
+            except (FormatError, UnsupportedFormatError):
+                entry.crc_ok = False
+                return False
+            entry.crc_ok = (crc & 0xFFFFFFFF) == entry.crc
+            return entry.crc_ok
         crc, view = 0, self.raw(entry)
         for start in range(0, len(view), CRC_CHUNK):
             crc = crc32(view[start:start + CRC_CHUNK], crc)
@@ -144,16 +204,34 @@ def _u64(buf, off):
     return struct.unpack_from("<Q", buf, off)[0]
 
 
-def _find_eocd(buf, size: int, path: str) -> int:
-    """The end-of-central-directory record: the last signature whose comment ends the file."""
+def _find_eocd(buf, size: int, path: str) -> Tuple[int, List[int]]:
+    """The end-of-central-directory record torch and Python read, and any other one.
+
+    miniz (torch's reader, `mz_zip_reader_locate_header_sig`) and CPython's zipfile
+    (`_EndRecData`) both take the LAST signature in the file's tail that has a whole record
+    after it, whether or not its comment length reaches the end of the file: a second EOCD
+    hidden in the archive comment of the first points them at a hidden directory. We read the
+    one they read, and return the offsets of the others (an anomaly the caller reports)."""
     window_start = max(0, size - (22 + 0xFFFF))
     tail = bytes(buf[window_start:size])
+    found = []
     pos = tail.rfind(EOCD_SIG)
     while pos >= 0:
-        if pos + 22 <= len(tail) and pos + 22 + _u16(tail, pos + 20) == len(tail):
-            return window_start + pos
+        if pos + 22 <= len(tail):
+            found.append(window_start + pos)
         pos = tail.rfind(EOCD_SIG, 0, pos)
-    raise FormatError(path, "not a complete zip archive (no end-of-central-directory record; truncated?)")
+    if not found:
+        raise FormatError(path, "not a complete zip archive (no end-of-central-directory record; truncated?)")
+    return found[0], found[1:]
+
+
+def fold_name(name: str) -> str:
+    """A record name as torch compares it: miniz `mz_zip_reader_locate_file` without
+    MZ_ZIP_FLAG_CASE_SENSITIVE lower-cases ASCII letters only."""
+    return name.translate(_ASCII_LOWER)
+
+
+_ASCII_LOWER = {c: c + 32 for c in range(ord("A"), ord("Z") + 1)}
 
 
 def _zip64_extra(extra: bytes, need: List[str], values: Dict[str, int], path: str, name: str) -> None:
@@ -181,8 +259,8 @@ def read_zip(path: str, buf, size: int) -> ZipArchive:
     """Parse the central directory and check every local header against it."""
     if size < 22:
         raise FormatError(path, f"truncated zip archive ({size} bytes)")
-    eocd = _find_eocd(buf, size, path)
-    (disk, cd_disk, n_disk, n_total, cd_size, cd_offset) = struct.unpack_from("<HHHHII", buf, eocd + 4)
+    eocd, other_eocds = _find_eocd(buf, size, path)
+    (disk, cd_disk, n_disk, n_total, cd_size, cd_offset, comment_len) = struct.unpack_from("<HHHHIIH", buf, eocd + 4)
     cd_end_limit = eocd
     locator = eocd - 20
     if locator >= 0 and bytes(buf[locator:locator + 4]) == ZIP64_LOCATOR_SIG:
@@ -202,6 +280,14 @@ def read_zip(path: str, buf, size: int) -> ZipArchive:
         raise FormatError(path, f"zip central directory claims {n_total} records in {cd_size} bytes")
     archive = ZipArchive(path, buf, size, [])
     issues = archive.issues
+    hidden = [o for o in other_eocds if o >= cd_offset]  # inside the directory or the comment
+    if hidden:
+        issues.append(ZipIssue("unsafe", f"two end-of-central-directory records (at {hidden[0]} and {eocd}): torch and Python "
+                                         f"read the last one, other tools the first (a hidden directory); refused"))
+    if eocd + 22 + comment_len != size:
+        issues.append(ZipIssue("unsafe" if eocd + 22 + comment_len < size else "corrupt",
+                               f"the zip archive comment says {comment_len} bytes but {size - eocd - 22} follow the "
+                               f"end-of-central-directory record"))
     if cd_offset + cd_size != cd_end_limit:
         issues.append(ZipIssue("corrupt", f"{cd_end_limit - cd_offset - cd_size} unexplained bytes after the zip central directory"))
 
@@ -344,11 +430,16 @@ def _check_descriptor(archive: ZipArchive, entry: ZipEntry, data_end: int) -> in
 
 def _check_layout(archive: ZipArchive, cd_offset: int) -> None:
     issues = archive.issues
-    seen: Dict[str, int] = {}
+    seen: Dict[str, str] = {}
     for e in archive.entries:
-        if e.name in seen:
-            issues.append(ZipIssue("unsafe", f"zip record {e.name!r} appears twice (loaders disagree on which one they read)"))
-        seen[e.name] = 1
+        folded = fold_name(e.name)
+        if folded in seen:
+            if seen[folded] == e.name:
+                issues.append(ZipIssue("unsafe", f"zip record {e.name!r} appears twice (loaders disagree on which one they read)"))
+            else:
+                issues.append(ZipIssue("unsafe", f"zip records {seen[folded]!r} and {e.name!r} differ only in case: torch looks "
+                                                 f"names up ignoring case, so loaders disagree on which one they read"))
+        seen[folded] = e.name
     ordered = sorted(archive.entries, key=lambda e: e.header_offset)
     if ordered and ordered[0].header_offset != 0:
         issues.append(ZipIssue("unsafe", f"{ordered[0].header_offset} bytes of data before the first zip record"))

@@ -125,7 +125,7 @@ def test_tar_format_is_refused_by_name(tmp):
             path = tmp / member
             path.write_bytes(b"\x80\x02N.")
             tar.add(path, arcname=member)
-    with pytest.raises(UnsupportedFormatError, match="tar"):
+    with pytest.raises(UnsafeFileError, match="tar"):
         open_model(dest)
 
 

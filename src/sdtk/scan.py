@@ -13,7 +13,6 @@ Tensor values are never read into memory; only CRCs stream over the mapped file.
 """
 from __future__ import annotations
 
-import ast
 import mmap
 import os
 import struct
@@ -24,9 +23,12 @@ from typing import Iterable, Iterator, List, Optional
 from sdtk.errors import FormatError, SdtkError, UnsafeFileError, UnsupportedFormatError
 from sdtk.fileio import open_input
 from sdtk.formats import detect_format
+from sdtk.formats.npyheader import NPY_HEADER_LIMIT, npy_has_objects as _npy_has_objects, npy_header as _npy_header
 from sdtk.formats.picklevm import PickleVM, StorageRef, StorageType
 
 SAFE, UNSAFE, UNREADABLE = "safe", "unsafe", "unreadable"
+MAX_TAR_MEMBER_SCAN = 64 << 20  # bytes of each tar member interpreted to name its payload
+PICKLE_SCAN_LIMIT = 4 << 20  # deflated pickle records past this must keep a plausible ratio (zipread)
 SEVERITY = {SAFE: 0, UNREADABLE: 1, UNSAFE: 2}
 
 # Files a folder scan looks at (explicit file arguments are always scanned).
@@ -85,6 +87,7 @@ class _Scan:
     def run_pickle(self, data, what: str, *, storages: bool = False, start: int = 0) -> Optional[int]:
         """Interpret one pickle; record findings; return the offset after it (None on failure)."""
         vm = self.vm(data, what, storages=storages)
+        vm.base_offset = 0
         try:
             _, end = vm.run(start)
             return end
@@ -144,7 +147,7 @@ def _scan_safetensors(scan: _Scan) -> None:
 
 def _scan_torchzip(scan: _Scan) -> None:
     from sdtk.formats.torchzip import read_torchzip, torchscript_records
-    from sdtk.formats.zipread import read_zip
+    from sdtk.formats.zipread import fold_name, read_zip
 
     buf, size = _mapped(scan.path)
     archive = None
@@ -152,7 +155,7 @@ def _scan_torchzip(scan: _Scan) -> None:
         archive = read_zip(scan.path, buf, size)
         for issue in archive.issues:
             scan.add(UNSAFE if issue.kind == "unsafe" else UNREADABLE, issue.message)
-        npz = archive.entries and all(e.name.endswith(".npy") for e in archive.entries)
+        npz = bool(archive.entries) and all(fold_name(e.name).endswith(".npy") for e in archive.entries)
         if npz:
             scan.format = "numpy"
         script = torchscript_records(archive)
@@ -160,21 +163,32 @@ def _scan_torchzip(scan: _Scan) -> None:
             scan.add(UNSAFE, f"TorchScript archive ({script[0]!r}): it contains code that torch.load can run; refused")
         storage_prefix = _storage_prefix(archive)
         for e in archive.entries:
-            is_pickle = e.name.endswith(".pkl") or (e.name.endswith(".npy") and npz) or (
-                not (storage_prefix and e.name.startswith(storage_prefix)) and _looks_like_pickle(archive, e))
-            if not is_pickle:
-                continue
+            folded = fold_name(e.name)
             try:
-                data = archive.read(e, verify=False) if not e.encrypted else bytes(archive.raw(e))
+                head = archive.head(e, 8) if not e.encrypted else bytes(archive.raw(e)[:8])
             except SdtkError as err:
                 scan.add_error(err)
                 continue
-            if e.name.endswith(".npy"):
-                _scan_npy_bytes(scan, data, e.name)
-            else:
-                end = scan.run_pickle(data, e.name, storages=True)
-                if end is not None and end != len(data):
-                    scan.add(UNREADABLE, f"{len(data) - end} unexpected bytes after the end of {e.name}")
+            # np.load reads any member that starts with the .npy magic as an array, whatever its name
+            if head.startswith(b"\x93NUMPY"):
+                try:
+                    _scan_npy_bytes(scan, archive.head(e, NPY_HEADER_LIMIT + 16) if not e.encrypted else archive.raw(e), e.name,
+                                    body=lambda e=e: archive.read(e, verify=False, limit=PICKLE_SCAN_LIMIT))
+                except SdtkError as err:
+                    scan.add_error(err)
+                continue
+            is_pickle = folded.endswith(".pkl") or (
+                not (storage_prefix and folded.startswith(storage_prefix)) and _looks_like_pickle(head))
+            if not is_pickle:
+                continue
+            try:
+                data = archive.read(e, verify=False, limit=PICKLE_SCAN_LIMIT) if not e.encrypted else bytes(archive.raw(e))
+            except SdtkError as err:
+                scan.add_error(err)
+                continue
+            end = scan.run_pickle(data, e.name, storages=True)
+            if end is not None and end != len(data):
+                scan.add(UNREADABLE, f"{len(data) - end} unexpected bytes after the end of {e.name}")
         for e in archive.entries:
             if not e.encrypted and e.method in (0, 8) and not archive.verify_crc(e):
                 scan.add(UNREADABLE, f"CRC mismatch in zip record {e.name!r} (corrupt or tampered with)")
@@ -189,15 +203,16 @@ def _scan_torchzip(scan: _Scan) -> None:
 
 
 def _storage_prefix(archive) -> Optional[str]:
+    from sdtk.formats.zipread import fold_name
+
     first = archive.entries[0].name if archive.entries else ""
-    return first.split("/", 1)[0] + "/data/" if "/" in first else None
+    return fold_name(first.split("/", 1)[0] + "/data/") if "/" in first else None
 
 
-def _looks_like_pickle(archive, entry) -> bool:
+def _looks_like_pickle(head: bytes) -> bool:
     """A record starting with a PROTO opcode (2..5): interpreted whatever its name (torch ignores
     records it does not know, but other loaders and tools may not)."""
-    head = bytes(archive.buf[entry.data_offset:entry.data_offset + 2]) if entry.method == 0 else b""
-    return len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5
+    return len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5
 
 
 def _scan_legacy(scan: _Scan) -> None:
@@ -209,10 +224,25 @@ def _scan_legacy(scan: _Scan) -> None:
         while pos is not None and pos < size and index < 5:  # magic, protocol, sys_info, main, keys
             pos = scan.run_pickle(buf, f"pickle #{index + 1}", storages=(index == 3), start=pos)
             index += 1
+        if scan.findings:
+            return
+        from sdtk.formats.torchlegacy import legacy_contents
+
+        try:
+            end = legacy_contents(scan.path, buf, size)[3]
+        except SdtkError as e:
+            scan.add_error(e)
+            return
+        if end < size:  # what torch never reads: scanned too (hidden pickles), and not "safe"
+            before = len(scan.findings)
+            _scan_stacked(scan, buf, size, end, what="trailing pickle")
+            if not any(f.verdict == UNSAFE for f in scan.findings[before:]):
+                del scan.findings[before:]
+                scan.add(UNREADABLE, f"{size - end} bytes after the last storage that torch never reads "
+                                     f"(a checkpoint torch wrote ends with its last storage)")
+            return
     finally:
         buf.close()
-    if scan.findings:
-        return
     with read_torch_legacy(scan.path) as cat:
         scan.tensors = len(cat)
 
@@ -220,58 +250,45 @@ def _scan_legacy(scan: _Scan) -> None:
 def _scan_pickle(scan: _Scan) -> None:
     buf, size = _mapped(scan.path)
     try:
-        _scan_stacked(scan, buf, size, 0)
+        stop = _scan_stacked(scan, buf, size, 0)
     finally:
         buf.close()
+    if stop is not None and not scan.findings:
+        scan.add(UNREADABLE, f"{size - stop} bytes after the last pickle are not a pickle (pickle.load stops before "
+                             f"them; a file that holds more than it says is not a model file)")
     scan.tensors = 0
 
 
-def _scan_stacked(scan: _Scan, buf, size: int, pos: int) -> None:
-    """Every pickle stacked in the data (payloads hide in the second one)."""
-    index = 0
+def _scan_stacked(scan: _Scan, buf, size: int, pos: int, *, what: str = "pickle", storages: bool = False,
+                  first: int = 1) -> Optional[int]:
+    """Every pickle stacked in the data (payloads hide in the second one). Returns where the
+    bytes stop being pickles when that is not the end (None when every byte was read)."""
+    index = first - 1
     while pos < size:
         index += 1
         before = len(scan.findings)
-        end = scan.run_pickle(buf, f"pickle #{index}", start=pos)
+        end = scan.run_pickle(buf, f"{what} #{index}", start=pos, storages=storages)
         if end is None:
             failed = scan.findings[before:]
-            if index > 1 and all(f.verdict == UNREADABLE for f in failed):
+            if index > first and all(f.verdict == UNREADABLE for f in failed):
                 del scan.findings[before:]  # trailing bytes that are not a pickle: pickle.load never reads them
-            return
+                return pos
+            return None
         pos = end
+    return None
 
 
-def _npy_header(data: bytes, what: str, path: str):
-    # numpy/lib/format.py: magic, version, header length (u16 or u32), Python-literal dict
-    if len(data) < 10 or data[:6] != b"\x93NUMPY":
-        raise FormatError(path, f"{what}: not a .npy array")
-    major = data[6]
-    if major == 1:
-        hlen, start = struct.unpack_from("<H", data, 8)[0], 10
-    elif major in (2, 3):
-        if len(data) < 12:
-            raise FormatError(path, f"{what}: truncated .npy header")
-        hlen, start = struct.unpack_from("<I", data, 8)[0], 12
-    else:
-        raise FormatError(path, f"{what}: unsupported .npy version {major}")
-    if start + hlen > len(data) or hlen > 1 << 20:
-        raise FormatError(path, f"{what}: truncated .npy header")
-    try:
-        header = ast.literal_eval(data[start:start + hlen].decode("latin-1"))
-    except (ValueError, SyntaxError, MemoryError, RecursionError):
-        raise FormatError(path, f"{what}: malformed .npy header") from None
-    if not isinstance(header, dict) or "descr" not in header:
-        raise FormatError(path, f"{what}: malformed .npy header")
-    return header, start + hlen
-
-
-def _scan_npy_bytes(scan: _Scan, data, what: str) -> None:
-    header, body = _npy_header(bytes(data[:1 << 20]) if len(data) > 1 << 20 else bytes(data), what, scan.path)
-    descr = header["descr"]
-    if isinstance(descr, str) and "O" not in descr:
+def _scan_npy_bytes(scan: _Scan, data, what: str, body=None) -> None:
+    """`data`: the array's bytes (or at least its header, with `body()` giving all of them)."""
+    header, start = _npy_header(bytes(data[:NPY_HEADER_LIMIT + 16]), what, scan.path)
+    if not _npy_has_objects(header["descr"], what, scan.path):
         return
     before = len(scan.findings)
-    scan.run_pickle(bytes(data[body:]), f"{what} object array")
+    try:
+        whole = body() if body is not None else data
+        scan.run_pickle(bytes(whole[start:]), f"{what} object array")
+    except SdtkError as e:
+        scan.add_error(e)
     if not any(f.verdict == UNSAFE for f in scan.findings[before:]):
         del scan.findings[before:]
         scan.add(UNSAFE, f"{what}: numpy object array; np.load(allow_pickle=True) would run its pickle")
@@ -286,7 +303,23 @@ def _scan_numpy(scan: _Scan) -> None:
 
 
 def _scan_tar(scan: _Scan) -> None:
-    scan.add(UNSAFE, "torch tar format (pre-2018): torch.load still unpickles it without restrictions; refused")
+    """torch.load reads the file as a tar archive: unsafe by format. Its members are interpreted
+    to name what they would run, and the same bytes are scanned as whatever else they are (a
+    polyglot: pickle.load and np.load read the other reading)."""
+    from sdtk.formats.torchtar import torch_members
+
+    for name, data in torch_members(scan.path, limit=MAX_TAR_MEMBER_SCAN):
+        before = len(scan.findings)
+        _scan_stacked(scan, data, len(data), 0, what=f"tar member {name!r}", storages=True)
+        scan.findings[before:] = [f for f in scan.findings[before:] if f.verdict == UNSAFE]
+    scan.add(UNSAFE, "torch.load reads this file as a torch tar archive (its first 512 bytes are a tar header) and "
+                     "unpickles its members without restrictions; refused")
+    other = detect_format(scan.path, as_torch_loads=False)
+    if other != "torch-tar" and other in _SCANNERS:
+        before = len(scan.findings)
+        _SCANNERS[other](scan)
+        scan.findings[before:] = [f for f in scan.findings[before:] if f.verdict == UNSAFE]
+        scan.format = "torch-tar"
 
 
 def _scan_unknown(scan: _Scan) -> None:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 
-from sdtk.errors import FormatError, UnsupportedFormatError
+from sdtk.errors import FormatError, UnsafeFileError, UnsupportedFormatError
 from sdtk.fileio import open_input
 from sdtk.formats.catalogue import Catalogue
 
@@ -16,19 +16,30 @@ LEGACY_TORCH_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
 GGUF_MAGIC = b"GGUF"
 
 
-def detect_format(path: "os.PathLike[str] | str") -> str:
-    """One of: safetensors, torch-zip, torch-legacy, pickle, torch-tar, gguf, numpy, unknown."""
+def detect_format(path: "os.PathLike[str] | str", *, as_torch_loads: bool = True) -> str:
+    """One of: safetensors, torch-zip, torch-legacy, pickle, torch-tar, gguf, numpy, unknown.
+
+    As torch.load decides (`as_torch_loads`): a zip local header first, then a tar header (even
+    an old V7 one in a file that is also a pickle or a safetensors file: torch reads it as a tar);
+    `as_torch_loads=False` gives what the same bytes are otherwise (scan checks both readings)."""
     from sdtk.formats.safetensors import looks_like_safetensors
 
     with open_input(path) as f:
         head = f.read(512)
     if not head:
         raise FormatError(path, "empty file")
-    if head.startswith(ZIP_MAGIC) or head.startswith(ZIP_EMPTY_MAGIC):
+    if head.startswith(ZIP_MAGIC):
+        return "torch-zip"
+    if as_torch_loads:
+        from sdtk.formats.torchtar import torch_reads_as_tar
+
+        if torch_reads_as_tar(path, head):
+            return "torch-tar"
+    if head.startswith(ZIP_EMPTY_MAGIC):
         return "torch-zip"
     if head.startswith(LEGACY_TORCH_MAGIC):
         return "torch-legacy"
-    if len(head) >= 262 and head[257:262] == b"ustar":
+    if len(head) >= 262 and head[257:262] == b"ustar" and as_torch_loads:
         return "torch-tar"
     if head.startswith(GGUF_MAGIC):
         return "gguf"
@@ -62,7 +73,8 @@ def open_model(path: "os.PathLike[str] | str") -> Catalogue:
 
         return read_plain_pickle(path)
     if kind == "torch-tar":
-        raise UnsupportedFormatError(path, "torch tar format (pre-2018); refused: it cannot be read safely")
+        raise UnsafeFileError(path, "torch.load reads this file as a torch tar archive (its first 512 bytes are a tar "
+                                    "header) and unpickles its members without restrictions; refused")
     if kind == "gguf":
         raise UnsupportedFormatError(path, "GGUF file; sdtk reads safetensors and PyTorch checkpoints")
     if kind == "numpy":

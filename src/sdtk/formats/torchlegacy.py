@@ -18,7 +18,7 @@ from sdtk.fileio import open_input
 from sdtk.formats.catalogue import Catalogue
 from sdtk.formats.checkpoint_tree import flatten_checkpoint
 from sdtk.formats.picklevm import PickleVM, StorageRef, StorageType
-from sdtk.formats.torchzip import lazy_tensor, storage_persistent_load
+from sdtk.formats.torchzip import lazy_tensor, note_overlapping, storage_persistent_load
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # torch/serialization.py MAGIC_NUMBER
 LEGACY_PROTOCOL = 1001  # torch/serialization.py PROTOCOL_VERSION
@@ -109,7 +109,9 @@ def read_torch_legacy(path: "os.PathLike[str] | str") -> Catalogue:
             base = offsets[t.storage.handle] + t.storage.base_offset
             cat.tensors[name] = lazy_tensor(name, t, buf, base, path, big, lambda: None)
         if end != size:
+            refuse_hidden_pickles(path, buf, size, end)
             cat.notes.append(f"{size - end} bytes after the last storage (ignored by torch)")
+        note_overlapping(cat, tensors)
         if big:
             cat.notes.append("big-endian checkpoint: tensors are converted to little-endian when read")
     except BaseException:
@@ -139,6 +141,20 @@ def stacked_pickles(path: str, buf, size: int) -> Tuple[List[Any], int, List[str
         ops += n
         pos = end
     return values, ops, notes
+
+
+def refuse_hidden_pickles(path: str, buf, size: int, start: int) -> None:
+    """Bytes after what a loader reads are interpreted too: UnsafeFileError if they hold a
+    pickle that names a global outside the allowlist (other tools read past the end)."""
+    pos, index = start, 0
+    while pos < size:
+        index += 1
+        try:
+            _, pos, _ = _run(buf, path, pos, f"trailing pickle #{index}")
+        except UnsafeFileError:
+            raise
+        except SdtkError:
+            return
 
 
 def read_plain_pickle(path: "os.PathLike[str] | str") -> Catalogue:

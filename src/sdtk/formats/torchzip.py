@@ -23,12 +23,13 @@ from sdtk.fileio import open_input
 from sdtk.formats.catalogue import Catalogue
 from sdtk.formats.checkpoint_tree import flatten_checkpoint
 from sdtk.formats.picklevm import PickleVM, StorageRef, StorageType, TensorRef
-from sdtk.formats.zipread import STORED, ZipArchive, ZipEntry, read_zip
+from sdtk.formats.zipread import STORED, ZipArchive, ZipEntry, fold_name, read_zip
 from sdtk.tensors import FileSpan, LazyTensor
 
 # caffe2/serialize/inline_container.h: kMinSupportedFileFormatVersion .. kMaxSupportedFileFormatVersion
 MIN_VERSION, MAX_VERSION = 1, 0xA
 SMALL_RECORD = 1 << 20  # records checked (CRC) when the file is opened
+PICKLE_INFLATE_LIMIT = 4 << 20  # a deflated data.pkl past this must keep a plausible ratio (zipread)
 # Records torch writes besides data.pkl and data/<key> (torch/serialization.py, inline_container.cc)
 KNOWN_RECORDS = ("version", ".data/version", "byteorder", ".data/serialization_id", ".format_version", ".storage_alignment")
 
@@ -56,26 +57,33 @@ def top_folder(archive: ZipArchive) -> str:
 
 
 def torchscript_records(archive: ZipArchive) -> List[str]:
-    return [e.name for e in archive.entries if e.name.endswith("/constants.pkl") or "/code/" in e.name]
+    return [e.name for e in archive.entries if fold_name(e.name).endswith("/constants.pkl") or "/code/" in fold_name(e.name)]
+
+
+def folded_names(archive: ZipArchive) -> Dict[str, ZipEntry]:
+    """Records by name as torch looks them up: ASCII case ignored (miniz without
+    MZ_ZIP_FLAG_CASE_SENSITIVE); names that differ only in case are refused by the zip reader."""
+    return {fold_name(e.name): e for e in archive.entries}
 
 
 def torch_layout(archive: ZipArchive) -> TorchZipLayout:
-    """Find the records torch reads (after `archive.raise_issues()`)."""
+    """Find the records torch reads (after `archive.raise_issues()`), looked up as torch does."""
     path = archive.path
     top = top_folder(archive)
-    names = archive.by_name()
+    names = folded_names(archive)
     script = torchscript_records(archive)
     if script:
         raise UnsupportedFormatError(path, f"TorchScript archive ({script[0]!r}): it contains code; refused (export the weights as a state dict)")
-    pkl = names.get(f"{top}/data.pkl")
+    pkl = names.get(fold_name(f"{top}/data.pkl"))
     if pkl is None:
         raise FormatError(path, f"zip archive has no {top}/data.pkl record (not a PyTorch checkpoint)")
     storages: Dict[str, ZipEntry] = {}
     others: List[ZipEntry] = []
-    prefix = f"{top}/data/"
+    prefix = fold_name(f"{top}/data/")
     for e in archive.entries:
-        if e.name.startswith(prefix) and e.name != prefix:
-            storages[e.name[len(prefix):]] = e
+        folded = fold_name(e.name)
+        if folded.startswith(prefix) and folded != prefix:
+            storages[folded[len(prefix):]] = e
         elif e is not pkl:
             others.append(e)
     version = _version(archive, names, top)
@@ -93,7 +101,7 @@ def _small_text(archive: ZipArchive, entry: ZipEntry) -> str:
 
 
 def _version(archive: ZipArchive, names: Dict[str, ZipEntry], top: str) -> int:
-    entry = names.get(f"{top}/.data/version") or names.get(f"{top}/version")
+    entry = names.get(fold_name(f"{top}/.data/version")) or names.get(fold_name(f"{top}/version"))
     if entry is None:
         raise FormatError(archive.path, f"zip archive has no {top}/version record (not a PyTorch checkpoint)")
     text = _small_text(archive, entry)
@@ -103,7 +111,7 @@ def _version(archive: ZipArchive, names: Dict[str, ZipEntry], top: str) -> int:
 
 
 def _big_endian(archive: ZipArchive, names: Dict[str, ZipEntry], top: str) -> bool:
-    entry = names.get(f"{top}/byteorder")
+    entry = names.get(fold_name(f"{top}/byteorder"))
     if entry is None:
         return False
     text = _small_text(archive, entry)
@@ -197,6 +205,16 @@ def lazy_tensor(name: str, t: TensorRef, buf, data_offset: int, path: str, big_e
     return LazyTensor(name, dt, tuple(shape), loader=load, span=span, verify=verify)
 
 
+def note_overlapping(cat: Catalogue, tensors) -> None:
+    """Report strided views that reach storage elements twice (broadcast / stride 0): they are
+    read (and written) as copies, each element repeated."""
+    names = [name for name, t in tensors if t.overlapping]
+    if names:
+        more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+        cat.notes.append(f"{len(names)} tensor(s) are overlapping or broadcast views of their storage "
+                         f"({', '.join(names[:3])}{more}); they are read as full copies")
+
+
 def _verifier(archive: ZipArchive, entry: ZipEntry) -> Callable[[], None]:
     def verify() -> None:
         if not archive.verify_crc(entry):
@@ -222,12 +240,13 @@ def load_torchzip_pickle(path: str, buf, size: int) -> TorchZipContents:
         if e.size <= SMALL_RECORD or e is layout.pickle:
             if not archive.verify_crc(e):
                 raise FormatError(path, f"CRC mismatch in zip record {e.name!r} (the file is corrupt or was tampered with)")
-    data = archive.read(layout.pickle)
+    data = archive.read(layout.pickle, limit=PICKLE_INFLATE_LIMIT)
+    refuse_hidden_payloads(archive, layout)
 
     def make_ref(key: str, stype: StorageType, location: str, numel: int, view) -> StorageRef:
         if view is not None:
             raise FormatError(path, "storage view metadata in a zip checkpoint")
-        entry = layout.storages.get(key)
+        entry = layout.storages.get(fold_name(key))
         if entry is None:
             raise FormatError(path, f"storage {key!r} named by data.pkl has no record {layout.top}/data/{key}")
         if entry.method != STORED:
@@ -242,6 +261,27 @@ def load_torchzip_pickle(path: str, buf, size: int) -> TorchZipContents:
     if end != len(data):
         raise FormatError(path, f"{len(data) - end} unexpected bytes after the end of {layout.pickle.name}")
     return TorchZipContents(archive, layout, root, vm.ops)
+
+
+def refuse_hidden_payloads(archive: ZipArchive, layout: TorchZipLayout) -> None:
+    """Records torch does not read but other loaders may: another pickle (interpreted; refused
+    when it names a global outside the allowlist) or a numpy object array (np.load of the file
+    reads it as an .npz and unpickles it). `sdtk scan` calls those unsafe, so no command reads them."""
+    from sdtk.formats.npyheader import NPY_HEADER_LIMIT, NPY_MAGIC, npy_has_objects, npy_header
+
+    for e in layout.others:
+        head = archive.head(e, 8)
+        if head.startswith(NPY_MAGIC):
+            header, _ = npy_header(archive.head(e, NPY_HEADER_LIMIT + 16), e.name, archive.path)
+            if npy_has_objects(header["descr"], e.name, archive.path):
+                raise UnsafeFileError(archive.path, f"zip record {e.name!r} is a numpy object array: np.load(allow_pickle=True) would run its pickle")
+        elif fold_name(e.name).endswith(".pkl") or (head[:1] == b"\x80" and 2 <= head[1:2][0] <= 5 if len(head) > 1 else False):
+            try:
+                PickleVM(archive.read(e, verify=False, limit=PICKLE_INFLATE_LIMIT), path=archive.path, what=e.name).run(0)
+            except UnsafeFileError:
+                raise
+            except (FormatError, UnsupportedFormatError):
+                pass
 
 
 def read_torchzip(path: "os.PathLike[str] | str") -> Catalogue:
@@ -264,6 +304,7 @@ def read_torchzip(path: "os.PathLike[str] | str") -> Catalogue:
             cat.tensors[name] = lazy_tensor(name, t, mm, entry.data_offset, path, layout.big_endian, verify)
         if layout.big_endian:
             cat.notes.append("big-endian checkpoint: tensors are converted to little-endian when read")
+        note_overlapping(cat, tensors)
         used = {t.storage.handle.name for _, t in tensors}
         unused = [e.name for e in layout.storages.values() if e.name not in used]
         if unused:

@@ -7,7 +7,7 @@ from typing import List, Optional
 import typer
 from rich.progress import BarColumn, DownloadColumn, Progress as RichProgress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
-from sdtk.cli.common import console, err_console, error_line, print_json
+from sdtk.cli.common import console, err_console, error_line, esc, print_json
 from sdtk.errors import EXIT_BAD_INPUT, EXIT_OK, SdtkError, UsageError
 from sdtk.ops.convert import ConvertOptions, Progress, convert_file, model_files_in, resolve_options
 
@@ -97,23 +97,23 @@ def _convert_folder(folder: Path, output: Optional[Path], opts: ConvertOptions, 
 
 def _print_summary(summary: dict) -> None:
     for out in summary["outputs"]:
-        console.print(f"wrote {out['path']} ({out['tensors']} tensors, {out['bytes']:,} bytes)")
+        console.print(f"wrote {esc(out['path'])} ({out['tensors']} tensors, {out['bytes']:,} bytes)")
         if out["sidecar"]:
-            console.print(f"wrote {out['sidecar']} (A1111 config)")
+            console.print(f"wrote {esc(out['sidecar'])} (A1111 config)")
     arch = summary["architecture"] or "unknown architecture"
     pred = f", {summary['prediction_type']}-prediction" if summary["prediction_type"] else ""
-    console.print(f"  model: {arch}{pred}")
+    console.print(f"  model: {esc(arch)}{esc(pred)}")
     for op in summary["operations"]:
-        console.print(f"  done: {op}")
+        console.print(f"  done: {esc(op)}")
     for note in summary["notes"]:
-        console.print(f"  {note}")
+        console.print(f"  {esc(note)}")
     if summary["source_hashes"] == "computed":
         console.print("  source hashes: computed for the lineage record (SHA256, AutoV3, content; kept in the hash "
                       "cache, so the next conversion of this file skips them; --no-source-hash skips them now)")
     elif summary["source_hashes"] == "cache":
         console.print("  source hashes: from the hash cache (this file was hashed before)")
     if summary["sidecar"] and summary["sidecar"] != "not needed":
-        console.print(f"  config .yaml: {summary['sidecar']}")
+        console.print(f"  config .yaml: {esc(summary['sidecar'])}")
 
 
 class _ProgressDisplay(Progress):

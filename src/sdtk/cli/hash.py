@@ -8,7 +8,7 @@ from typing import List
 
 import typer
 
-from sdtk.cli.common import console, err_console, error_line, print_json
+from sdtk.cli.common import console, err_console, error_line, esc, print_json
 from sdtk.errors import EXIT_BAD_INPUT, EXIT_OK, SdtkError, UsageError
 from sdtk.hashing.styles import HASH_KEYS, STYLES
 
@@ -65,11 +65,11 @@ def hash_one(path: Path, style: str, content: bool, show_progress: bool, use_cac
 
 
 def print_row(row: dict) -> None:
-    console.print(f"[bold]{row['file']}[/]  ({row['size']:,} bytes)")
+    console.print(f"[bold]{esc(row['file'])}[/]  ({row['size']:,} bytes)")
     for key in HASH_KEYS + ("Content",):
         if key in row:
             value = row[key]
-            console.print(f"  {key:<7} {value if value is not None else NO_VALUE[key]}")
+            console.print(f"  {key:<7} {esc(value) if value is not None else NO_VALUE[key]}")
 
 
 def register(app: typer.Typer) -> None:

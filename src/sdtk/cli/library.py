@@ -9,7 +9,7 @@ from typing import List, Optional
 
 import typer
 
-from sdtk.cli.common import console, err_console, error_line, print_json
+from sdtk.cli.common import console, err_console, error_line, esc, print_json
 from sdtk.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_PROBLEMS, SdtkError
 from sdtk.library import db as dbmod
 from sdtk.library.query import Filters, find_dupes, find_hash, list_files, parse_size, record_json, show_file
@@ -48,16 +48,16 @@ def _human(n: Optional[int]) -> str:
 
 def _print_scan(report, db: Path) -> None:
     r = report
-    console.print(f"library {db}: {r.seen} model files in {len(r.roots)} folder(s) in {r.seconds:.2f} s")
+    console.print(f"library {esc(db)}: {r.seen} model files in {len(r.roots)} folder(s) in {r.seconds:.2f} s")
     console.print(f"  new {r.new}, changed {r.changed}, unchanged {r.unchanged} (not read again), "
                   f"back {r.returned}, newly missing {r.missing}; hashed {r.hashed} files ({_human(r.hashed_bytes)})"
                   + (f", {r.hashes_from_cache} from the hash cache" if r.hashes_from_cache else ""))
     for root in r.offline:
-        console.print(f"  [yellow]offline:[/] {root} (its records are kept, marked missing)")
+        console.print(f"  [yellow]offline:[/] {esc(root)} (its records are kept, marked missing)")
     for root in r.absent:
-        console.print(f"  [dim]not there:[/] {root}")
+        console.print(f"  [dim]not there:[/] {esc(root)}")
     for path, problem in r.problems:
-        console.print(f"  [red]problem:[/] {path}: {problem}")
+        console.print(f"  [red]problem:[/] {esc(path)}: {esc(problem)}")
 
 
 def _table(rows) -> None:
@@ -70,30 +70,30 @@ def _table(rows) -> None:
         t.add_column(col, no_wrap=col in ("AutoV2", "size", "EMA"), overflow="fold", min_width=min(widest.get(col, 0), 48) or None)
     for rec in recs:
         ema = "-" if rec["ema"] is None else ("yes" if rec["ema"] else "no")
-        t.add_row(rec["name"], rec["kind"] or "-", rec["architecture"] or "-", rec["precision"] or "-", ema,
-                  _human(rec["size"]), (rec["hashes"] or {}).get("AutoV2") or "-", rec["base_model"] or "-",
-                  rec["status"] if rec["status"] == "present" else f"[yellow]{rec['status']}[/]")
+        t.add_row(*map(esc, (rec["name"], rec["kind"] or "-", rec["architecture"] or "-", rec["precision"] or "-", ema,
+                  _human(rec["size"]), (rec["hashes"] or {}).get("AutoV2") or "-", rec["base_model"] or "-")),
+                  rec["status"] if rec["status"] == "present" else f"[yellow]{esc(rec['status'])}[/]")
     console.print(t)
 
 
 def _print_record(rec: dict) -> None:
-    console.print(f"[bold]{rec['path']}[/]  ({rec['size']:,} bytes, {rec['status']})")
+    console.print(f"[bold]{esc(rec['path'])}[/]  ({rec['size']:,} bytes, {esc(rec['status'])})")
     for key in ("format", "kind", "architecture", "precision", "ema", "base_model", "title", "tensor_count", "parameters", "problem"):
         if rec.get(key) not in (None, ""):
-            console.print(f"  {key:<13} {rec[key]}")
+            console.print(f"  {key:<13} {esc(rec[key])}")
     if rec["trained_words"]:
-        console.print(f"  {'trained words':<13} {', '.join(rec['trained_words'])}")
+        console.print(f"  {'trained words':<13} {esc(', '.join(rec['trained_words']))}")
     for key, value in (rec["hashes"] or {}).items():
-        console.print(f"  {key:<13} {value if value is not None else '-'}")
+        console.print(f"  {esc(key):<13} {esc(value) if value is not None else '-'}")
     side = (rec["info"] or {}).get("sidecars") or {}
     for role, names in (side.get("files") or {}).items():
-        console.print(f"  {'sidecar ' + role:<13} {', '.join(names)}")
+        console.print(f"  {esc('sidecar ' + role):<13} {esc(', '.join(names))}")
     civ = side.get("civitai")
     if civ:
-        console.print(f"  {'civitai':<13} model {civ.get('model_id')} version {civ.get('version_id')} "
-                      f"{civ.get('model_name') or ''} ({civ.get('type') or '?'})")
+        console.print(f"  {'civitai':<13} model {esc(civ.get('model_id'))} version {esc(civ.get('version_id'))} "
+                      f"{esc(civ.get('model_name') or '')} ({esc(civ.get('type') or '?')})")
     for problem in side.get("problems") or []:
-        console.print(f"  [yellow]sidecar problem:[/] {problem}")
+        console.print(f"  [yellow]sidecar problem:[/] {esc(problem)}")
 
 
 def register(app: typer.Typer) -> None:
@@ -118,7 +118,7 @@ def register(app: typer.Typer) -> None:
             if not roots:
                 raise SdtkError(path, "no folders to scan: name one or more (`sdtk library scan ~/ComfyUI/models`)")
             show = not quiet and not json_out and err_console.is_terminal
-            on_event = (lambda ev, p: err_console.print(f"[dim]{ev}[/] {p}")) if show else None
+            on_event = (lambda ev, p: err_console.print(f"[dim]{esc(ev)}[/] {esc(p)}")) if show else None
             report = _scan_with_progress(conn, roots, not no_content, on_event, show)
         if json_out:
             print_json({"db": str(path), **report.to_json()})
@@ -191,9 +191,9 @@ def register(app: typer.Typer) -> None:
             print_json(out)
         else:
             for h in out:
-                console.print(f"{h['path']}  [dim]({', '.join(h['matched'])}; {h['status']})[/]")
+                console.print(f"{esc(h['path'])}  [dim]({esc(', '.join(h['matched']))}; {esc(h['status'])})[/]")
             if not out:
-                console.print(f"no file with a hash starting {hash_text}")
+                console.print(f"no file with a hash starting {esc(hash_text)}")
         return EXIT_OK if out else EXIT_PROBLEMS
 
     @lib.command("dupes")
@@ -221,11 +221,11 @@ def register(app: typer.Typer) -> None:
             console.print(f"[bold]identical files[/] SHA256 {g['SHA256'][:10]}..., {_human(g['size'])} each, "
                           f"{_human(g['reclaimable'])} reclaimable{note}")
             for r in g["rows"]:
-                console.print(f"  {r['path']}")
+                console.print(f"  {esc(r['path'])}")
         for g in groups["identical_weights"]:
             console.print(f"[bold]identical weights[/] (content {g['Content'][:12]}...), different files:")
             for r in g["rows"]:
-                console.print(f"  {r['path']}  [dim]({r['format']}, SHA256 {r['sha256'][:10].upper()})[/]")
+                console.print(f"  {esc(r['path'])}  [dim]({esc(r['format'])}, SHA256 {r['sha256'][:10].upper()})[/]")
         return EXIT_OK
 
     @lib.command("rebuild")
@@ -241,10 +241,10 @@ def register(app: typer.Typer) -> None:
         kept = dbmod.set_aside(path)
         roots = [str(f) for f in folders] if folders else (dbmod.recover_roots(kept) if kept else [])
         if kept:
-            err_console.print(f"old library kept as {kept}")
+            err_console.print(f"old library kept as {esc(kept)}")
         with library(db) as conn:
             if not roots:
-                console.print(f"new empty library {path}; scan your folders: sdtk library scan DIR...")
+                console.print(f"new empty library {esc(path)}; scan your folders: sdtk library scan DIR...")
                 return EXIT_OK
             report = _scan_with_progress(conn, roots, not no_content, None, False)
         if json_out:
@@ -269,10 +269,10 @@ def register(app: typer.Typer) -> None:
         if json_out:
             print_json(data)
         else:
-            console.print(f"library {path} (schema {data['schema_version']}, integrity ok)")
+            console.print(f"library {esc(path)} (schema {data['schema_version']}, integrity ok)")
             console.print(f"  files: {counts.get('present', 0)} present, {counts.get('missing', 0)} missing")
             for r in roots:
-                console.print(f"  folder {r['path']}{'' if r['online'] else '  [yellow](offline at last scan)[/]'}")
+                console.print(f"  folder {esc(r['path'])}{'' if r['online'] else '  [yellow](offline at last scan)[/]'}")
         return EXIT_OK
 
 

@@ -10,7 +10,7 @@ import typer
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
-from sdtk.cli.common import console, err_console, print_json
+from sdtk.cli.common import console, err_console, esc, print_json
 from sdtk.errors import SdtkError, UsageError
 
 
@@ -56,15 +56,15 @@ def _explain_blocks(model: Path, json_out: bool) -> int:
         print_json({"file": str(model), "family": fam, "blocks": names,
                     "mapping": {n: {**rows[n], "components": sorted(rows[n]["components"])} for n in names if n in rows}})
         return 0
-    table = Table(title=f"{model.name}: {family_label(fam)}, {len(names)} block weights (BASE first)")
+    table = Table(title=f"{esc(model.name)}: {family_label(fam)}, {len(names)} block weights (BASE first)")
     for col in ("#", "block", "keys", "parameters", "components", "example key"):
         table.add_column(col, justify="right" if col in ("#", "keys", "parameters") else "left")
     for i, n in enumerate(names):
         r = rows.get(n)
         if r:
-            table.add_row(str(i), n, str(r["keys"]), f"{r['parameters']:,}", ",".join(sorted(r["components"])), r["example"])
+            table.add_row(str(i), esc(n), str(r["keys"]), f"{r['parameters']:,}", esc(",".join(sorted(r["components"]))), esc(r["example"]))
         else:
-            table.add_row(str(i), n, "0", "0", "", "")
+            table.add_row(str(i), esc(n), "0", "0", "", "")
     console.print(table)
     return 0
 
@@ -150,14 +150,14 @@ def register(app: typer.Typer) -> None:
         if json_out:
             print_json(summary)
             return 0
-        console.print(f"wrote {result.output} ({result.tensors} tensors, {result.bytes:,} bytes)")
+        console.print(f"wrote {esc(result.output)} ({result.tensors} tensors, {result.bytes:,} bytes)")
         for st in result.steps:
             copied = ", ".join(f"{v} {k}" for k, v in st["copied"].items()) or "none"
-            console.print(f"  {st['name']}: {st['method']}: {st['merged']} merged, {len(st['sliced'])} channel-sliced; copied from A: {copied}")
+            console.print(f"  {esc(st['name'])}: {esc(st['method'])}: {st['merged']} merged, {len(st['sliced'])} channel-sliced; copied from A: {esc(copied)}")
             if st["only_in_primary"]:
-                console.print(f"    kept from A (missing in another input): {len(st['only_in_primary'])}: {', '.join(st['only_in_primary'][:5])}{' ...' if len(st['only_in_primary']) > 5 else ''}")
+                console.print(f"    kept from A (missing in another input): {len(st['only_in_primary'])}: {esc(', '.join(st['only_in_primary'][:5]))}{' ...' if len(st['only_in_primary']) > 5 else ''}")
             if st["not_in_primary"]:
-                console.print(f"    dropped (not in A): {len(st['not_in_primary'])}: {', '.join(st['not_in_primary'][:5])}{' ...' if len(st['not_in_primary']) > 5 else ''}")
+                console.print(f"    dropped (not in A): {len(st['not_in_primary'])}: {esc(', '.join(st['not_in_primary'][:5]))}{' ...' if len(st['not_in_primary']) > 5 else ''}")
         return 0
 
     @app.command("diff")
@@ -180,7 +180,7 @@ def register(app: typer.Typer) -> None:
             print_json({"a": str(a), "b": str(b), **result.as_dict()})
             return 0
         t = result.total
-        console.print(f"{a.name} vs {b.name}: {family_label(result.family)}; cosine {t['cosine']:.6f}, relative L2 {t['relative_l2']:.6f}")
+        console.print(f"{esc(a.name)} vs {esc(b.name)}: {family_label(result.family)}; cosine {t['cosine']:.6f}, relative L2 {t['relative_l2']:.6f}")
         for title, rows in (("component", result.components), ("block", result.blocks)):
             if not rows:
                 continue
@@ -188,10 +188,10 @@ def register(app: typer.Typer) -> None:
             for col in (title, "keys", "parameters", "identical", "cosine", "rel. L2"):
                 table.add_column(col, justify="left" if col == title else "right")
             for name, r in rows.items():
-                table.add_row(name, str(r["keys"]), f"{r['parameters']:,}", str(r["identical_keys"]), f"{r['cosine']:.6f}", f"{r['relative_l2']:.6f}")
+                table.add_row(esc(name), str(r["keys"]), f"{r['parameters']:,}", str(r["identical_keys"]), f"{r['cosine']:.6f}", f"{r['relative_l2']:.6f}")
             console.print(table)
         for label, keys in (("only in A", result.only_in_a), ("only in B", result.only_in_b),
                             ("integer/bool tensors that differ", result.non_float_differs)):
             if keys:
-                console.print(f"{label}: {len(keys)}: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}")
+                console.print(f"{label}: {len(keys)}: {esc(', '.join(keys[:5]))}{' ...' if len(keys) > 5 else ''}")
         return 0

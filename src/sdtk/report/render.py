@@ -6,7 +6,7 @@ from typing import List
 
 from rich.console import Group
 from rich.table import Table
-from rich.text import Text
+from sdtk.untrusted import TerminalText as Text  # untrusted names reach the terminal as text
 
 from sdtk.identify.model import Identity
 from sdtk.report.fields import human_bytes, human_count, join, prepare, title_of

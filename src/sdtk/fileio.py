@@ -16,6 +16,12 @@ from sdtk.errors import OutputError
 TEMP_SUFFIX = ".sdtk-partial"
 
 
+def _name_start(name: str, limit: int = 32) -> str:
+    """At most `limit` bytes (UTF-8) of the start of a file name, cut at a character boundary."""
+    raw = os.fsencode(name)[:limit]
+    return os.fsdecode(raw.decode("utf-8", "ignore").encode("utf-8")) if raw else "sdtk"
+
+
 def same_file(a: "os.PathLike[str] | str", b: "os.PathLike[str] | str") -> bool:
     """True when two paths name the same file (hard links and symlinks included)."""
     try:
@@ -53,7 +59,9 @@ class AtomicOutput:
         parent = str(self.dest.parent) or "."
         self._saved_handlers = _interrupt_on_termination()
         try:
-            fd, self.temp_path = tempfile.mkstemp(prefix="." + self.dest.name + ".", suffix=TEMP_SUFFIX, dir=parent)
+            # short: a legal output name near the 255-byte limit must not fail once the random
+            # part and the suffix are added (the prefix keeps the start of the name, for humans)
+            fd, self.temp_path = tempfile.mkstemp(prefix="." + _name_start(self.dest.name) + ".", suffix=TEMP_SUFFIX, dir=parent)
         except OSError as e:
             _restore_handlers(self._saved_handlers)
             raise OutputError(self.dest, f"cannot create a file in {parent}: {e.strerror}") from None

@@ -44,10 +44,10 @@ for _module in (demo, inspect, scan, convert, hash, merge, library):
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    command = typer.main.get_command(app)
-    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-        signal.signal(signal.SIGINT, fileio.note_interrupt)
     try:
+        command = typer.main.get_command(app)
+        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            signal.signal(signal.SIGINT, fileio.note_interrupt)
         result = command.main(args=argv, prog_name="sdtk", standalone_mode=False)
     except SdtkError as e:
         error_line(str(e))

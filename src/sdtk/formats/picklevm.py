@@ -676,23 +676,28 @@ class PickleVM:
         self.pos = start
         data = self.data
         n = len(data)
-        dispatch = _DISPATCH
-        while True:
-            if self.pos >= n:
-                self.op_pos = self.pos
-                raise self.bad("pickle data was truncated (no STOP opcode)")
-            self.op_pos = self.pos
-            op = data[self.pos]
-            self.pos += 1
-            self.ops += 1
-            handler = dispatch.get(op)
-            if handler is None:
-                if op in _REFUSED_OPCODES:
-                    raise self.unsafe(f"opcode {_REFUSED_OPCODES[op]} is not allowed in a model file")
-                raise self.bad(f"invalid pickle opcode 0x{op:02x}")
-            if handler(self) is _STOP:
-                value = self.pop()
-                return value, self.pos
+        table = _TABLE
+        ops = 0
+        try:
+            while True:
+                pos = self.pos
+                if pos >= n:
+                    self.op_pos = pos
+                    raise self.bad("pickle data was truncated (no STOP opcode)")
+                self.op_pos = pos
+                op = data[pos]
+                self.pos = pos + 1
+                ops += 1
+                handler = table[op]
+                if handler is None:
+                    if op in _REFUSED_OPCODES:
+                        raise self.unsafe(f"opcode {_REFUSED_OPCODES[op]} is not allowed in a model file")
+                    raise self.bad(f"invalid pickle opcode 0x{op:02x}")
+                if handler(self) is _STOP:
+                    value = self.pop()
+                    return value, self.pos
+        finally:
+            self.ops += ops
 
     # -- opcode handlers ----------------------------------------------------------------------
     def op_mark(self):
@@ -727,6 +732,9 @@ class PickleVM:
 
     def op_int(self):
         line = self.readline()
+        if line.isdigit() and len(line) < 18 and (line[0] != 0x30 or len(line) == 1):  # plain decimal: the common case
+            self.stack.append(int(line))
+            return
         if line == b"00":
             return self.push(False)
         if line == b"01":
@@ -906,8 +914,11 @@ class PickleVM:
         target.update(self.key(i) for i in items)
 
     def op_append(self):
-        value = self.pop()
-        target = self.top()
+        stack = self.stack
+        if len(stack) < self.fence + 2:
+            raise self.bad("unpickling stack underflow")
+        value = stack.pop()
+        target = stack[-1]
         if type(target) is not list:
             raise self.bad("APPEND on a value that is not a list")
         target.append(value)
@@ -1105,6 +1116,8 @@ _DISPATCH: Dict[int, Callable[[PickleVM], Any]] = {
         "\x96": PickleVM.op_bytearray8, "\x97": PickleVM.op_out_of_band, "\x98": PickleVM.op_out_of_band,
     }.items()
 }
+
+_TABLE: List[Optional[Callable[[PickleVM], Any]]] = [_DISPATCH.get(i) for i in range(256)]
 
 # Opcodes that look up Python objects outside the pickle: refused by name.
 _REFUSED_OPCODES = {0x82: "EXT1 (copyreg extension registry)", 0x83: "EXT2 (copyreg extension registry)",

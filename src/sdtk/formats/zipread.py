@@ -225,6 +225,17 @@ def _find_eocd(buf, size: int, path: str) -> Tuple[int, List[int]]:
     return found[0], found[1:]
 
 
+def _is_plausible_eocd(buf, off: int) -> bool:
+    """A signature that is a real end-of-central-directory record: its directory ends right
+    before it (or a ZIP64 locator does) and starts with a central-directory entry."""
+    n_total, cd_size, cd_offset = struct.unpack_from("<10xHII", buf, off)
+    if off >= 20 and bytes(buf[off - 20:off - 16]) == ZIP64_LOCATOR_SIG:
+        return True
+    if cd_offset + cd_size != off:
+        return False
+    return n_total == 0 or bytes(buf[cd_offset:cd_offset + 4]) == CENTRAL_SIG
+
+
 def fold_name(name: str) -> str:
     """A record name as torch compares it: miniz `mz_zip_reader_locate_file` without
     MZ_ZIP_FLAG_CASE_SENSITIVE lower-cases ASCII letters only."""
@@ -280,7 +291,7 @@ def read_zip(path: str, buf, size: int) -> ZipArchive:
         raise FormatError(path, f"zip central directory claims {n_total} records in {cd_size} bytes")
     archive = ZipArchive(path, buf, size, [])
     issues = archive.issues
-    hidden = [o for o in other_eocds if o >= cd_offset]  # inside the directory or the comment
+    hidden = [o for o in other_eocds if _is_plausible_eocd(buf, o)]  # not 4 random bytes of tensor data
     if hidden:
         issues.append(ZipIssue("unsafe", f"two end-of-central-directory records (at {hidden[0]} and {eocd}): torch and Python "
                                          f"read the last one, other tools the first (a hidden directory); refused"))

@@ -16,6 +16,7 @@ MODELSPEC_PREDICTIONS = ("epsilon", "v")
 FAMILY_OF_PREFIX = (("flux", "flux"), ("stable-diffusion-v3", "sd3"), ("stable-diffusion-xl", "sdxl"),
                     ("stable-diffusion-v2", "sd2"), ("stable-diffusion-v1", "sd1"))
 # identify's SD2 names -> ModelSpec's (ModelSpec README architecture list)
+EVIDENCE_PROBLEMS = ("config_unreadable", "config_mismatch", "prediction_conflict")
 SD2_BY_PREDICTION = {"v": "stable-diffusion-v2-768-v", "epsilon": "stable-diffusion-v2-512"}
 
 
@@ -31,6 +32,7 @@ class ModelFacts:
     variant: Optional[str] = None
     kind: str = "checkpoint"
     evidence: List[dict] = field(default_factory=list)
+    problems: List = field(default_factory=list)  # identify's Problems about the evidence (contradictions, bad yaml)
 
     @property
     def family(self) -> str:
@@ -64,7 +66,7 @@ class ModelFacts:
             arch = SD2_BY_PREDICTION.get(prediction, arch)
         evidence = [{"source": "stated", "type": prediction, "confidence": "high", "detail": "--prediction-type"}] + self.evidence
         return ModelFacts(arch, prediction, "stated", self.has_ema, self.identified_by, "high", self.zero_terminal_snr,
-                          self.variant, self.kind, evidence)
+                          self.variant, self.kind, evidence, list(self.problems))
 
     def as_record(self) -> Dict[str, object]:
         """For sdtk's lineage: what was known, with confidence and source (guesses included)."""
@@ -80,4 +82,5 @@ def facts_of(ident, has_ema: Optional[bool] = None) -> ModelFacts:
         arch = "stable-diffusion-v2"  # named by a guess: keep the family name only
     return ModelFacts(arch, ident.prediction_type, ident.prediction_source or "unknown",
                       bool(ident.has_ema if has_ema is None else has_ema), "identify", ident.prediction_confidence,
-                      ident.zero_terminal_snr, ident.variant, ident.kind, list(ident.prediction_evidence))
+                      ident.zero_terminal_snr, ident.variant, ident.kind, list(ident.prediction_evidence),
+                      [p for p in ident.problems if p.code in EVIDENCE_PROBLEMS])

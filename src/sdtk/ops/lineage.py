@@ -80,6 +80,7 @@ class Lineage:
     source_size: int
     operations: List[str]
     hashes: Dict[str, str] = field(default_factory=dict)  # sha256, autov3, content (placeholders until known)
+    facts: Dict[str, object] = field(default_factory=dict)  # what was known of the model, guesses with their confidence
 
     def as_dict(self) -> dict:
         record = {"tool": f"sdtk {__version__}", "source": self.source, "source_size": self.source_size}
@@ -87,6 +88,8 @@ class Lineage:
             if name in self.hashes:
                 record[f"source_{name}"] = self.hashes[name]
         record["operations"] = self.operations
+        if self.facts:
+            record["facts"] = self.facts
         return record
 
 

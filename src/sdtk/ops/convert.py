@@ -160,13 +160,24 @@ def v_pred_marker() -> LazyTensor:
     return LazyTensor("v_pred", DTYPES["F16"], (0,), lambda: np.zeros((0,), dtype=np.float16))
 
 
+FP8 = ("fp8-e4m3fn", "fp8-e5m2")
+SIXTEEN_BIT_PARTS = ("vae",) + TEXT_ENCODERS  # fp8 checkpoints of ComfyUI and Forge keep these in 16-bit
+
+
 def _target_dtype_rule(opts: ConvertOptions) -> Callable[[LazyTensor], Optional[DType]]:
+    """The dtype each tensor is cast to (None: unchanged). `--dtype fp8-*` casts the UNet/DiT only:
+    the VAE and text encoders stay 16-bit (fp32 ones become fp16), as in the fp8 checkpoints
+    ComfyUI and Forge make; --vae-dtype / --te-dtype fp8-* cast them too."""
     by_component = {"unet": opts.unet_dtype, "ema": opts.unet_dtype, "vae": opts.vae_dtype}
     for te in TEXT_ENCODERS:
         by_component[te] = opts.te_dtype
 
     def target(t: LazyTensor) -> Optional[DType]:
-        name = by_component.get(component_of(t.name) or "") or opts.dtype
+        part = component_of(t.name) or ""
+        name = by_component.get(part)
+        if name is None and opts.dtype in FP8 and part in SIXTEEN_BIT_PARTS:
+            return dtype("fp16") if t.dtype.name == "F32" else None
+        name = name or opts.dtype
         return dtype(name) if name else None
 
     return target
@@ -282,6 +293,10 @@ def plan_conversion(cat: Catalogue, opts: ConvertOptions, stack: contextlib.Exit
     plan, n_cast = cast_plan(plan, _target_dtype_rule(opts), conv.overflow)
     if n_cast:
         conv.operations.append(f"cast {', '.join(_dtype_tags(opts))} ({n_cast} tensors)")
+    if opts.dtype in FP8 and any(component_of(t.name) in SIXTEEN_BIT_PARTS for t in plan) and not (opts.vae_dtype and opts.te_dtype):
+        conv.notes.append(f"--dtype {opts.dtype} casts the UNet/DiT only: the VAE and text encoders stay 16-bit (fp32 "
+                          "ones become fp16), as in ComfyUI's and Forge's fp8 checkpoints; --vae-dtype/--te-dtype "
+                          f"{opts.dtype} cast them too")
     tags = _dtype_tags(opts) + tags
 
     if opts.prediction_type in ("epsilon", "v"):
@@ -417,12 +432,12 @@ def write_outputs(cat: Catalogue, conv: Conversion, opts: ConvertOptions, progre
         total = sum(t.nbytes for t in out.plan)
         progress.start(out.dest, total)
 
+        dtypes = {t.name: t.dtype for t in out.plan}
+
         def on_tensor(t: LazyTensor, done: int) -> None:
             if conv.overflow.total and not opts.allow_overflow:
                 name, n = next(iter(conv.overflow.by_tensor.items()))
-                raise OverflowRefused(cat.path, f"casting would overflow: {n} values of {name} exceed the range of "
-                                                f"{t.dtype.short} and would become inf/NaN; use --dtype bf16 (same size, "
-                                                "fp32's range) or pass --allow-overflow")
+                raise OverflowRefused(cat.path, overflow_message(name, n, dtypes.get(name, t.dtype)))
             progress.advance(done)
 
         def final_metadata(out=out, data_hasher=data_hasher) -> Dict[str, str]:
@@ -444,6 +459,16 @@ def write_outputs(cat: Catalogue, conv: Conversion, opts: ConvertOptions, progre
             out.sidecar = sidecar_path(out.dest)
             with AtomicOutput(out.sidecar, inputs=inputs, overwrite=opts.overwrite) as f:
                 f.write(conv.sidecar_text.encode("utf-8"))
+
+
+def overflow_message(name: str, n: int, target: DType) -> str:
+    """Why a cast is refused: fp16/bf16/e5m2 turn too-large values into inf; fp8-e4m3fn has no
+    inf, and sdtk (as torch) saturates them to +-448 (sdtk.ops.cast SATURATING)."""
+    if target.name == "F8_E4M3":
+        return (f"casting would clip values: {n} values of {name} lie beyond +-448, the range of fp8-e4m3fn, and "
+                "would be saturated to +-448 (as torch does); use fp8-e5m2 or a 16-bit dtype, or pass --allow-overflow")
+    return (f"casting would overflow: {n} values of {name} exceed the range of {target.short} and would become "
+            "inf; use --dtype bf16 (same size, fp32's range) or pass --allow-overflow")
 
 
 def verify_output(dest: Path, plan: Sequence[LazyTensor]) -> None:

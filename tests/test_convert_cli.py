@@ -174,7 +174,10 @@ def test_lineage_autov3_and_chain(tmp_path):
     data = mid.read_bytes()
     n = int.from_bytes(data[:8], "little")
     assert chain[1]["source_autov3"] == hashlib.sha256(data[8 + n:]).hexdigest()
-    assert meta["modelspec.sai_model_spec"] == "1.0.0" and meta["modelspec.prediction_type"] == "epsilon"
+    # the SD1 family default (epsilon, medium confidence) is a guess: lineage says so, ModelSpec does not
+    assert meta["modelspec.sai_model_spec"] == "1.0.0" and "modelspec.prediction_type" not in meta
+    assert chain[1]["facts"] == {"architecture": "stable-diffusion-v1", "prediction_type": "epsilon",
+                                 "confidence": "medium", "source": "family-default"}
 
 
 def test_default_names_never_collide_and_never_overwrite(tmp_path):
@@ -221,17 +224,27 @@ def test_sd2_768_v_gets_yaml_sidecar_and_modelspec(tmp_path):
     assert "--prediction-type v" in summary["sidecar"]
 
 
-def test_sdxl_vpred_needs_no_yaml_and_keeps_markers(tmp_path):
+def test_sdxl_vpred_gets_the_a1111_yaml_and_keeps_markers(tmp_path):
+    """A1111 1.10 does not read the v_pred marker: the output gets sd_xl_v.yaml as <name>.yaml."""
     src = write_layout(tmp_path / "noob.safetensors", "sdxl-vpred-ztsnr", scale=16)
     r = run_cli("convert", src, "--for", "generation", "--json", "--no-source-hash")
     assert r.returncode == 0, r.stderr
     summary = json.loads(r.stdout)
-    assert summary["outputs"][0]["sidecar"] is None and "v_pred marker" in summary["sidecar"]
     out = Path(summary["outputs"][0]["path"])
+    sidecar = Path(summary["outputs"][0]["sidecar"])
+    assert sidecar == out.with_suffix(".yaml")
+    config = yaml.safe_load(sidecar.read_text())
+    scaling = config["model"]["params"]["denoiser_config"]["params"]["scaling_config"]["target"]
+    assert scaling.endswith("VScaling") and config["model"]["params"]["network_config"]["params"]["context_dim"] == 2048
+    assert "v_pred marker" in summary["sidecar"] and "Zero Terminal SNR" in summary["sidecar"]
     with open_model(out) as cat:
         assert "v_pred" in cat and "ztsnr" in cat
         assert model_facts(cat).prediction_type == "v"
     assert metadata_of(out)["modelspec.prediction_type"] == "v"
+    r = run_cli("convert", src, "--dtype", "bf16", "--no-sidecar", "--json", "--no-source-hash")
+    summary = json.loads(r.stdout)
+    assert summary["outputs"][0]["sidecar"] is None and summary["sidecar"].startswith("not written (--no-sidecar)")
+    assert not Path(summary["outputs"][0]["path"]).with_suffix(".yaml").exists()
 
 
 def test_sdxl_stated_v_prediction_adds_the_marker(tmp_path):
@@ -242,7 +255,7 @@ def test_sdxl_stated_v_prediction_adds_the_marker(tmp_path):
         assert "v_pred" in cat and cat["v_pred"].shape == (0,) and len(cat) == 2516
         assert model_facts(cat).prediction_type == "v"
     assert metadata_of(out)["modelspec.prediction_type"] == "v"
-    assert summary["outputs"][0]["sidecar"] is None and "v_pred marker" in summary["sidecar"]
+    assert summary["outputs"][0]["sidecar"] == str(out.with_suffix(".yaml")) and "sd_xl_v.yaml" in summary["sidecar"]
 
 
 def test_replace_input_after_verification(tmp_path):

@@ -77,7 +77,9 @@ def test_json_schema(cli, models):
         assert field in xl
     assert xl["components"]["unet"] == {"name": "unet", "prefix": "model.diffusion_model.", "model": "unet", "tensors": 1680,
                                         "parameters": 2567463684, "dtypes": {"fp16": 1680}, "bytes": 2567463684 * 2}
-    assert xl["prediction"] == {"type": "epsilon", "confidence": "medium", "source": "family-default", "zero_terminal_snr": False}
+    assert xl["prediction"] == {"type": "epsilon", "confidence": "medium", "source": "family-default", "zero_terminal_snr": False,
+                                "evidence": [{"source": "family-default", "type": "epsilon", "confidence": "medium",
+                                              "detail": "sdxl models are epsilon unless marked"}]}
     sd2 = by_name["sd21.safetensors"]
     p = next(p for p in sd2["problems"] if p["code"] == "needs_config_yaml")
     assert p["severity"] == "warning" and p["message_key"] == "problem.needs_config_yaml" and "A1111" in p["message"]

@@ -41,15 +41,26 @@ def choose_advice(ident: Identity) -> None:
         elif ident.partial:
             _add(ident, "partial_checkpoint", missing=ident.missing_components)
         if "needs_config_yaml" in codes:
-            _add(ident, "needs_config_yaml", prediction=ident.prediction_type)
+            need = ident.problem("needs_config_yaml").details
+            _add(ident, "needs_config_yaml", prediction=need.get("prediction"), config=need.get("config"),
+                 why_key=f"why.advice_config.{need.get('family')}")
         if ident.prediction_type == "v":
             _add(ident, "vpred_settings", ztsnr=ident.zero_terminal_snr)
         if "markers" in ident.components:
             _add(ident, "keep_markers")
         if "sdxl_vae_fp16" in codes:
             _add(ident, "sdxl_vae_fp16")
-        if not ident.partial and not heavy and ident.format == "safetensors" and not (codes & {"clip_position_ids_float", "clip_position_ids_shifted", "non_finite_values", "missing_keys"}):
-            _add(ident, "ready_for_generation", precision=ident.precision, folder="checkpoints" if kind == "checkpoint" else "diffusion_models")
+        fp8_parts = [n for n, c in ident.components.items() if (n == "vae" or n.startswith("text_encoder"))
+                     and any(d.startswith("fp8") for d in c.dtypes)]
+        if fp8_parts:
+            _add(ident, "fp8_vae_or_text_encoder", components=fp8_parts)
+        if not ident.partial and not heavy and not fp8_parts and ident.format == "safetensors" and not (codes & {"clip_position_ids_float", "clip_position_ids_shifted", "non_finite_values", "missing_keys"}):
+            # where it goes (ecosystem reference, folder layouts): a checkpoint in A1111/Forge
+            # models/Stable-diffusion or ComfyUI models/checkpoints; a diffusion model alone
+            # (FLUX transformer, bare UNet) in ComfyUI models/diffusion_models or Forge's
+            # models/Stable-diffusion with separate VAE/text encoders; A1111 cannot load it
+            _add(ident, "ready_for_generation" if kind == "checkpoint" else "ready_for_generation_diffusion_model",
+                 precision=ident.precision, folder="checkpoints" if kind == "checkpoint" else "diffusion_models")
         if ident.variant in ("inpainting", "instruct-pix2pix", "depth", "x4-upscaler", "unclip", "refiner"):
             _add(ident, f"variant_{ident.variant.replace('-', '_')}")
     elif kind in ("lora", "embedding", "controlnet", "t2i-adapter"):

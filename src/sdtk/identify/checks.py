@@ -106,14 +106,48 @@ def check_leftovers(ident: Identity, extras: Mapping) -> None:
         _add(ident, "training_state", "info", keys=state)
 
 
-def check_sd2_config(ident: Identity, has_yaml: Optional[bool]) -> None:
-    """SD 2.x 768-v (or undetermined) and v-prediction models without markers need a <model>.yaml in A1111."""
-    if has_yaml is None or has_yaml or ident.kind not in ("checkpoint", "diffusion-model"):
+# The config A1111 needs beside a model it cannot configure from the weights (family, prediction)
+# -> packaged config sdtk writes (sdtk.ops.sidecar). A1111 modules/sd_models_config.py: a yaml
+# beside the file wins; without one SD1 is epsilon, SDXL is epsilon (1.10 does not read the
+# v_pred marker), SD2 is decided by one UNet forward pass (is_using_v_parameterization_for_sd2).
+A1111_CONFIGS = {("sd1", "v"): "v1-inference-v.yaml", ("sd2", "v"): "v2-inference-v.yaml",
+                 ("sd2", None): "v2-inference-v.yaml", ("sdxl", "v"): "sd_xl_v.yaml"}
+
+
+def check_sd2_config(ident: Identity, config) -> None:
+    """Models A1111 would configure wrongly (or only by guessing) without a `<model>.yaml`:
+    SD 2.x v or undetermined (A1111 guesses by running the UNet once), SD 1.x v-prediction,
+    SDXL v-prediction (A1111 1.10 ignores the v_pred marker that Forge and ComfyUI read)."""
+    if config is None or config.usable or ident.kind not in ("checkpoint", "diffusion-model"):
         return
-    needs = (ident.family == "sd2" and ident.prediction_type in ("v", None)) or (
-        ident.family in ("sd1", "sdxl") and ident.prediction_type == "v" and ident.prediction_source not in ("marker",))
-    if needs:
-        _add(ident, "needs_config_yaml", "warning", title=ident.title, prediction=ident.prediction_type or "unknown")
+    family = ident.family
+    pred = ident.prediction_type if ident.prediction_type in ("v", "epsilon") else None
+    if family == "sd2" and pred == "epsilon":
+        return
+    yaml_name = A1111_CONFIGS.get((family, pred))
+    if yaml_name is None:
+        return
+    has_marker = ident.prediction_source == "marker"
+    severity = "info" if (family == "sdxl" and has_marker) else "warning"
+    _add(ident, "needs_config_yaml", severity, title=ident.title, prediction=pred or "unknown", family=family,
+         config=yaml_name, why_key=f"why.needs_config_yaml.{family}{'' if pred else '_unknown'}")
+
+
+def check_config_beside(ident: Identity, config, conflicts) -> None:
+    """The `<model>.yaml` beside the file: unreadable, describing other weights, or saying
+    another prediction type than stronger evidence (reported; the stronger evidence wins)."""
+    if config is None or not config.exists:
+        return
+    name = config.path.replace("\\", "/").rsplit("/", 1)[-1]
+    if config.error:
+        _add(ident, "config_unreadable", "warning", config=name, error=config.error)
+        return
+    if config.family and ident.family and config.family != ident.family:
+        _add(ident, "config_mismatch", "warning", config=name, context_dim=config.context_dim,
+             config_family=config.family, family=ident.family)
+    for lost in conflicts:
+        _add(ident, "prediction_conflict", "warning", winner=ident.prediction_type, winner_source=ident.prediction_source,
+             loser=lost.type, loser_source=lost.source, detail=lost.detail, config=name if lost.source == "config" or ident.prediction_source == "config" else None)
 
 
 def check_sdxl_vae_fp16(ident: Identity) -> None:

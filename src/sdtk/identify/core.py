@@ -14,6 +14,7 @@ from sdtk.formats import Catalogue, open_model
 from sdtk.identify import adapters, checks
 from sdtk.identify.advice import choose_advice
 from sdtk.identify.components import split_components
+from sdtk.identify.config_yaml import ConfigBeside, config_path_for, parse_config, read_config_beside
 from sdtk.identify.detect import (ADAPTER_KINDS, BARE, PREFIXED_DIFFUSION, AdjacentMatch, DiffusionMatch, component_model,
                                   match_adjacent, match_diffusion, strip)
 from sdtk.identify.diffusers_folder import identify_diffusers_folder
@@ -31,10 +32,18 @@ SAFETY = {
 }
 
 
-def identify(cat: Catalogue, *, deep: bool = False, config_text: Optional[str] = None,
-             has_config: Optional[bool] = None, vae_ref: Optional[str] = None) -> Identity:
-    """Identify an opened catalogue. `config_text`/`has_config`: the `<model>.yaml` beside the file
-    (identify_path fills them in); `vae_ref`: a VAE file to compare the baked-in VAE with."""
+def identify(cat: Catalogue, *, deep: bool = False, config: Optional[ConfigBeside] = None,
+             config_text: Optional[str] = None, has_config: Optional[bool] = None,
+             vae_ref: Optional[str] = None, deep_prediction: bool = False) -> Identity:
+    """Identify an opened catalogue. `config`: the `<model>.yaml` beside the file, read by
+    `config_yaml.read_config_beside` (identify_path, convert and the library fill it in; None: not
+    looked for); `config_text`/`has_config`: the same given as text. `vae_ref`: a VAE file to
+    compare the baked-in VAE with. `deep_prediction`: the value check of the prediction type
+    (part of `deep`) without the rest of it."""
+    if config is None and has_config is not None:
+        path = config_path_for(cat.path)
+        config = (parse_config(path, config_text) if config_text is not None
+                  else ConfigBeside(path, bool(has_config), error="cannot be read" if has_config else None))
     tensors = cat.tensors
     shapes = {k: t.shape for k, t in tensors.items()}
     ident = Identity(path=cat.path, format=cat.format, file_size=cat.file_size, kind="unknown", architecture="unknown")
@@ -77,16 +86,18 @@ def identify(cat: Catalogue, *, deep: bool = False, config_text: Optional[str] =
                                       {"layout": scaled[0], "scale": scaled[2], "title": ident.title}))
     if ident.kind in ("checkpoint", "diffusion-model"):
         pred = predict(set(shapes), cat.metadata, cat.extras, ident.architecture, ident.family,
-                       strip_tensors(tensors, ident.components.get("unet")), config_text, deep)
+                       strip_tensors(tensors, ident.components.get("unet")), config, deep or deep_prediction)
         ident.prediction_type, ident.prediction_confidence = pred.type, pred.confidence
         ident.prediction_source, ident.zero_terminal_snr = pred.source, pred.zero_terminal_snr
+        ident.prediction_evidence = [e.as_dict() for e in pred.evidence]
         if pred.detail:
             ident.notes.append(f"prediction: {pred.detail}")
         _refine_by_prediction(ident)
+        checks.check_config_beside(ident, config, pred.conflicts)
         checks.check_components(ident, _expected_components(ident))
         checks.check_known_keys(ident, table)
         checks.check_old_clip_keys(ident, tensors)
-        checks.check_sd2_config(ident, has_config)
+        checks.check_sd2_config(ident, config)
         checks.check_sdxl_vae_fp16(ident)
     elif ident.kind in ("vae", "text-encoder"):
         first = next(iter(ident.components.values()))
@@ -111,17 +122,9 @@ def identify_path(path: "os.PathLike[str] | str", *, deep: bool = False, vae_ref
     path = os.fspath(path)
     if os.path.isdir(path) and os.path.exists(os.path.join(path, "model_index.json")):
         return identify_diffusers_folder(path, identify_path, deep=deep)
-    config_path = os.path.splitext(path)[0] + ".yaml"
-    config_text = None
-    has_config = os.path.isfile(config_path)
-    if has_config:
-        try:
-            with open(config_path, "r", encoding="utf-8", errors="replace") as fh:
-                config_text = fh.read(1 << 20)
-        except OSError:
-            config_text = None
+    config = read_config_beside(path)
     with open_model(path) as cat:
-        return identify(cat, deep=deep, config_text=config_text, has_config=has_config, vae_ref=vae_ref)
+        return identify(cat, deep=deep, config=config, vae_ref=vae_ref)
 
 
 # ---------------------------------------------------------------------------------------------

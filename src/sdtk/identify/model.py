@@ -69,6 +69,7 @@ class Identity:
     prediction_confidence: str = "none"  # high, medium, low, none
     prediction_source: Optional[str] = None  # marker, modelspec, kohya, architecture, family-default, heuristic, config
     zero_terminal_snr: bool = False
+    prediction_evidence: List[Dict[str, Any]] = field(default_factory=list)  # every source, strongest first
     missing_keys: Dict[str, List[str]] = field(default_factory=dict)
     extra_keys: Dict[str, List[str]] = field(default_factory=dict)
     adapter: Optional[Dict[str, Any]] = None  # LoRA / embedding / hypernetwork / controlnet details
@@ -105,7 +106,8 @@ class Identity:
             "partial": self.partial, "missing_components": list(self.missing_components),
             "components": {n: c.to_json() for n, c in self.components.items()},
             "prediction": {"type": self.prediction_type, "confidence": self.prediction_confidence,
-                           "source": self.prediction_source, "zero_terminal_snr": self.zero_terminal_snr},
+                           "source": self.prediction_source, "zero_terminal_snr": self.zero_terminal_snr,
+                           "evidence": list(self.prediction_evidence)},
             "missing_keys": {c: list(k) for c, k in self.missing_keys.items()},
             "extra_keys": {c: list(k) for c, k in self.extra_keys.items()},
             "adapter": self.adapter, "metadata": self.metadata, "training_state": list(self.training_state),

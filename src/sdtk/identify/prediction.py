@@ -1,21 +1,40 @@
-"""Prediction type (epsilon, v, flow, edm) from markers, metadata, sidecar config, the
-architecture, or a documented heuristic, each with its confidence.
+"""Prediction type (epsilon, v, flow, edm): every piece of evidence in the file and beside it,
+each with its confidence, and the one that decides.
 
-Sources: ComfyUI model_detection.py / model_base.py (v_pred, ztsnr, edm_vpred.*, edm_mean/std
-markers; SD2 heuristic std(output_blocks.11.1.transformer_blocks.0.norm1.bias) > 0.09 -> v),
-ModelSpec (modelspec.prediction_type), ComfyUI (modelspec.predict_key), kohya
-(ss_v_parameterization), diffusers single_file_utils (global_step 875000 -> SD2 512 epsilon),
-A1111 (a `<model>.yaml` with `parameterization: "v"`).
+Evidence, strongest first (a stronger one wins a contradiction; the contradiction is reported):
+| source | what | confidence |
+|---|---|---|
+| marker | `v_pred`, `edm_vpred.sigma_max`, `edm_mean` tensors (ComfyUI model_detection.py / model_base.py; Forge) | high |
+| modelspec / kohya | `modelspec.prediction_type`, ComfyUI `modelspec.predict_key`, kohya `ss_v_parameterization` / `ss_base_model_version` | high |
+| config | the `<model>.yaml` beside the file (what A1111 uses first; see config_yaml.py) | high |
+| architecture | FLUX / SD3 ... are flow models by design | high |
+| heuristic | SD2 only: diffusers `global_step == 875000` (512-base, epsilon); `--deep`: ComfyUI's statistic std(output_blocks.11.1.transformer_blocks.0.norm1.bias) > 0.09 -> v | medium / low |
+| family-default | SD1 / SDXL files without any evidence are epsilon (how every loader treats them) | medium |
+
+SD2 files have no family default: 512 (epsilon) and 768-v share every shape. A1111 runs the UNet
+once when no yaml is beside the file (`is_using_v_parameterization_for_sd2`); sdtk does not run
+models, so without evidence the type stays unknown.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Mapping, Optional
-
-import numpy as np
+from dataclasses import dataclass, field
+from typing import List, Mapping, Optional
 
 from sdtk.architectures import ARCHITECTURES
 from sdtk.tensors import LazyTensor
+
+CONFIDENCE_RANK = {"high": 3, "medium": 2, "low": 1, "none": 0}
+
+
+@dataclass
+class Evidence:
+    source: str  # marker, modelspec, kohya, config, architecture, heuristic, family-default, stated
+    type: str
+    confidence: str
+    detail: str
+
+    def as_dict(self) -> dict:
+        return {"source": self.source, "type": self.type, "confidence": self.confidence, "detail": self.detail}
 
 
 @dataclass
@@ -25,6 +44,8 @@ class Prediction:
     source: Optional[str]
     zero_terminal_snr: bool = False
     detail: Optional[str] = None
+    evidence: List[Evidence] = field(default_factory=list)
+    conflicts: List[Evidence] = field(default_factory=list)  # evidence that said otherwise and lost
 
 
 # marker key -> (prediction type, source note). Rows: ComfyUI model_detection.py / model_base.py.
@@ -41,41 +62,74 @@ METADATA_RULES = (
     ("ss_base_model_version", {"sd_v2_v": "v", "sd_v2_768_v": "v"}, "kohya"),
 )
 SD2_HEURISTIC_KEY = "output_blocks.11.1.transformer_blocks.0.norm1.bias"
-SD2_HEURISTIC_THRESHOLD = 0.09  # ComfyUI model_detection.py
+SD2_HEURISTIC_THRESHOLD = 0.09  # ComfyUI model_detection.py (v when the std is above)
 SD2_EPSILON_GLOBAL_STEP = 875000  # diffusers single_file_utils.py (SD2 512-base)
 FAMILY_DEFAULTS = {"sd1": "epsilon", "sdxl": "epsilon", "sdxl-refiner": "epsilon"}
+# sources in the order they win a contradiction
+SOURCE_ORDER = ("stated", "marker", "modelspec", "kohya", "config", "architecture", "heuristic", "family-default")
 
 
-def predict(shapes_keys, metadata: Mapping[str, str], extras: Mapping, architecture: str, family: Optional[str],
-            unet_tensors: Mapping[str, LazyTensor], config_text: Optional[str], deep: bool) -> Prediction:
-    ztsnr = "ztsnr" in shapes_keys
+def sd2_value_check(unet_tensors: Mapping[str, LazyTensor]) -> Optional[Evidence]:
+    """ComfyUI's statistic for SD2 files without markers: the standard deviation of one norm
+    bias of the last output block; above 0.09 -> v. Reads one 1280-value tensor (5 kB)."""
+    import numpy as np
+
+    t = unet_tensors.get(SD2_HEURISTIC_KEY)
+    if t is None or not t.dtype.is_float or t.numel == 0:
+        return None
+    values = np.asarray(t.read()).astype(np.float64)
+    std = float(values.std())
+    if not np.isfinite(std) or std == 0:
+        return None  # zero-filled or broken: no information
+    ptype = "v" if std > SD2_HEURISTIC_THRESHOLD else "epsilon"
+    return Evidence("heuristic", ptype, "low", f"value check: std({SD2_HEURISTIC_KEY}) = {std:.4f}, "
+                                               f"{'above' if ptype == 'v' else 'not above'} {SD2_HEURISTIC_THRESHOLD} (ComfyUI's rule)")
+
+
+def gather(shapes_keys, metadata: Mapping[str, str], extras: Mapping, architecture: str, family: Optional[str],
+           unet_tensors: Mapping[str, LazyTensor], config=None, deep: bool = False) -> List[Evidence]:
+    """Every piece of evidence about the prediction type, strongest source first."""
+    found: List[Evidence] = []
     for key, ptype, note in MARKERS:
         if key in shapes_keys:
-            return Prediction(ptype, "high", "marker", ztsnr, note)
+            found.append(Evidence("marker", ptype, "high", note))
+            break
     for key, values, source in METADATA_RULES:
         value = metadata.get(key)
         if value is not None and value.strip() in values:
-            return Prediction(values[value.strip()], "high", source, ztsnr, f"{key}={value.strip()}")
-    if config_text is not None:
-        compact = config_text.replace(" ", "").replace("'", '"')
-        if 'parameterization:"v"' in compact or "parameterization:v" in compact:
-            return Prediction("v", "high", "config", ztsnr, "parameterization: v in the .yaml beside the file")
-        if "parameterization" not in compact and family in ("sd1", "sd2", "sdxl"):
-            return Prediction("epsilon", "medium", "config", ztsnr, ".yaml beside the file has no parameterization (epsilon)")
+            found.append(Evidence(source, values[value.strip()], "high", f"{key}={value.strip()}"))
+            break
+    if config is not None and config.usable and config.prediction in ("v", "epsilon", "edm"):
+        name = config.path.rsplit("/", 1)[-1]
+        found.append(Evidence("config", config.prediction, "high", f"{name} beside the file: {', '.join(config.details)}"))
     arch = ARCHITECTURES.get(architecture)
     if arch is not None and arch.prediction is not None:
-        return Prediction(arch.prediction, "high", "architecture", ztsnr, None)
+        found.append(Evidence("architecture", arch.prediction, "high", f"{architecture} is a {arch.prediction} model"))
     if family == "sd2":
         step = extras.get("global_step")
-        if isinstance(step, int) and step == SD2_EPSILON_GLOBAL_STEP:
-            return Prediction("epsilon", "medium", "heuristic", ztsnr, f"global_step == {SD2_EPSILON_GLOBAL_STEP} (SD 2.x 512-base)")
-        if deep and SD2_HEURISTIC_KEY in unet_tensors:
-            values = np.asarray(unet_tensors[SD2_HEURISTIC_KEY].read(), dtype=np.float64)
-            std = float(values.std()) if values.size else 0.0
-            if std > 0 and np.isfinite(std):
-                ptype = "v" if std > SD2_HEURISTIC_THRESHOLD else "epsilon"
-                return Prediction(ptype, "low", "heuristic", ztsnr, f"std(norm1.bias) = {std:.4f} (threshold {SD2_HEURISTIC_THRESHOLD})")
-        return Prediction(None, "none", None, ztsnr, None)
+        if isinstance(step, int) and not isinstance(step, bool) and step == SD2_EPSILON_GLOBAL_STEP:
+            found.append(Evidence("heuristic", "epsilon", "medium", f"global_step == {SD2_EPSILON_GLOBAL_STEP} (SD 2.x 512-base)"))
+        if deep:
+            value = sd2_value_check(unet_tensors)
+            if value is not None:
+                found.append(value)
     if family in FAMILY_DEFAULTS:
-        return Prediction(FAMILY_DEFAULTS[family], "medium", "family-default", ztsnr, None)
-    return Prediction(None, "none", None, ztsnr, None)
+        found.append(Evidence("family-default", FAMILY_DEFAULTS[family], "medium", f"{family} models are epsilon unless marked"))
+    return found
+
+
+def decide(found: List[Evidence], ztsnr: bool = False) -> Prediction:
+    """The strongest evidence decides; weaker evidence that disagrees is kept as a conflict
+    (a family default disagreeing is not a conflict: it is only a default)."""
+    if not found:
+        return Prediction(None, "none", None, ztsnr, None, [], [])
+    ordered = sorted(found, key=lambda e: (-CONFIDENCE_RANK[e.confidence], SOURCE_ORDER.index(e.source)))
+    best = ordered[0]
+    conflicts = [e for e in ordered[1:] if e.type != best.type and e.source != "family-default"]
+    return Prediction(best.type, best.confidence, best.source, ztsnr, best.detail, list(ordered), conflicts)
+
+
+def predict(shapes_keys, metadata: Mapping[str, str], extras: Mapping, architecture: str, family: Optional[str],
+            unet_tensors: Mapping[str, LazyTensor], config=None, deep: bool = False) -> Prediction:
+    found = gather(shapes_keys, metadata, extras, architecture, family, unet_tensors, config, deep)
+    return decide(found, "ztsnr" in shapes_keys)

@@ -34,7 +34,8 @@ from sdtk.ops.naming import default_output
 from sdtk.ops.prefetch import Prefetcher
 from sdtk.ops.prune import dropped_extras, prune_plan, summarize_dropped
 from sdtk.ops.replace import parse_replace, replace_component
-from sdtk.ops.sidecar import config_text, sidecar_for, sidecar_path
+from sdtk.identify.config_yaml import read_config_beside
+from sdtk.ops.sidecar import sidecar_for, sidecar_path
 from sdtk.ops.vae import bake_vae
 from sdtk.tensors import DType, LazyTensor, dtype
 
@@ -62,7 +63,7 @@ class ConvertOptions:
     extract: List[str] = field(default_factory=list)
     replace: List[str] = field(default_factory=list)  # COMPONENT=FILE
     preset: Optional[str] = None  # generation | training
-    prediction_type: Optional[str] = None  # stated by the user: epsilon | v
+    prediction_type: Optional[str] = None  # stated by the user: epsilon | v | auto (SD2: the value check decides)
     sidecar: bool = True
     source_hashes: bool = True
     output_hash: bool = False  # --hash-output: modelspec.hash_sha256 (and sshs_model_hash) of the output's tensor bytes
@@ -92,8 +93,8 @@ def resolve_options(opts: ConvertOptions) -> ConvertOptions:
         raise UsageError(None, f"--ema {opts.ema}: choose keep, drop or use")
     if opts.preset is not None and opts.preset not in PRESETS:
         raise UsageError(None, f"--for {opts.preset}: choose generation or training")
-    if opts.prediction_type is not None and opts.prediction_type not in ("epsilon", "v"):
-        raise UsageError(None, f"--prediction-type {opts.prediction_type}: choose epsilon or v")
+    if opts.prediction_type is not None and opts.prediction_type not in ("epsilon", "v", "auto"):
+        raise UsageError(None, f"--prediction-type {opts.prediction_type}: choose epsilon, v or auto")
     if opts.preset == "generation":
         if opts.ema == "keep":
             raise UsageError(None, "--for generation writes one weight set; it conflicts with --ema keep")
@@ -144,7 +145,8 @@ class Conversion:
     dropped_extras: List[str] = field(default_factory=list)
     weight_set: Optional[str] = None
     sidecar_reason: Optional[str] = None
-    sidecar_config: Optional[str] = None
+    sidecar_config: Optional[str] = None  # packaged config name, or None (input's yaml copied, or none)
+    sidecar_text: Optional[str] = None  # the yaml written beside the model output
     overflow: OverflowCount = field(default_factory=OverflowCount)
     extra_inputs: List[str] = field(default_factory=list)
     prediction_type: Optional[str] = None
@@ -158,13 +160,24 @@ def v_pred_marker() -> LazyTensor:
     return LazyTensor("v_pred", DTYPES["F16"], (0,), lambda: np.zeros((0,), dtype=np.float16))
 
 
+FP8 = ("fp8-e4m3fn", "fp8-e5m2")
+SIXTEEN_BIT_PARTS = ("vae",) + TEXT_ENCODERS  # fp8 checkpoints of ComfyUI and Forge keep these in 16-bit
+
+
 def _target_dtype_rule(opts: ConvertOptions) -> Callable[[LazyTensor], Optional[DType]]:
+    """The dtype each tensor is cast to (None: unchanged). `--dtype fp8-*` casts the UNet/DiT only:
+    the VAE and text encoders stay 16-bit (fp32 ones become fp16), as in the fp8 checkpoints
+    ComfyUI and Forge make; --vae-dtype / --te-dtype fp8-* cast them too."""
     by_component = {"unet": opts.unet_dtype, "ema": opts.unet_dtype, "vae": opts.vae_dtype}
     for te in TEXT_ENCODERS:
         by_component[te] = opts.te_dtype
 
     def target(t: LazyTensor) -> Optional[DType]:
-        name = by_component.get(component_of(t.name) or "") or opts.dtype
+        part = component_of(t.name) or ""
+        name = by_component.get(part)
+        if name is None and opts.dtype in FP8 and part in SIXTEEN_BIT_PARTS:
+            return dtype("fp16") if t.dtype.name == "F32" else None
+        name = name or opts.dtype
         return dtype(name) if name else None
 
     return target
@@ -179,8 +192,10 @@ def _dtype_tags(opts: ConvertOptions) -> List[str]:
 def plan_conversion(cat: Catalogue, opts: ConvertOptions, stack: contextlib.ExitStack) -> Conversion:
     """Plan every output of converting `cat` (files named by options are opened into `stack`)."""
     path = cat.path
-    facts = model_facts(cat)
+    input_config = read_config_beside(path)  # A1111's `<model>.yaml`: evidence, and copied when it agrees
+    facts = model_facts(cat, config=input_config, deep=opts.prediction_type == "auto")
     conv = Conversion(Path(path), facts, [], [], [])
+    conv.notes.extend(fact_notes(facts))
     plan: List[LazyTensor] = list(cat.tensors.values())
     tags: List[str] = []
 
@@ -210,7 +225,7 @@ def plan_conversion(cat: Catalogue, opts: ConvertOptions, stack: contextlib.Exit
     ema_mode = opts.ema
     if ema_mode is None:  # generation: the EMA weights (as official releases); --prune: the normal ones
         ema_mode = "use" if (opts.preset == "generation" and facts.has_ema) else (
-            "drop" if (opts.prune and facts.has_ema) else "keep")
+            "drop" if ((opts.prune or "unet" in opts.extract) and facts.has_ema) else "keep")
     if facts.has_ema or ema_mode == "use":
         result = apply_ema(plan, ema_mode, path)
         plan = result.plan
@@ -227,10 +242,18 @@ def plan_conversion(cat: Catalogue, opts: ConvertOptions, stack: contextlib.Exit
         elif ema_mode == "drop":
             conv.weight_set = "non-ema"
             conv.operations.append(f"ema drop ({len(result.dropped)} model_ema.* tensors)")
+            default_why = ("; --extract unet writes one weight set: pass --ema use for the EMA copy)" if opts.extract
+                           else "; --prune drops the EMA copy unless --ema keep or --ema use)")
             conv.notes.append("weights: kept the non-EMA weights (model.diffusion_model.*), dropped the EMA copy "
                               "(the weights A1111 loads from a file holding both" +
-                              ("; --prune drops the EMA copy unless --ema keep or --ema use)" if opts.ema is None else ")"))
+                              (default_why if opts.ema is None else ")"))
             tags.append("noema")
+        elif opts.extract and "unet" in opts.extract:
+            conv.weight_set = "non-ema"  # extraction writes model.diffusion_model.* only
+            conv.notes.append("weights: the extracted UNet holds the non-EMA weights (model.diffusion_model.*); "
+                              "--ema use extracts the EMA copy instead")
+        elif opts.extract:
+            conv.weight_set = None  # no UNet among the parts: no weight set chosen
         else:
             conv.weight_set = "both"
             conv.notes.append("weights: kept both the model weights and the EMA copy (model_ema.*)")
@@ -270,17 +293,24 @@ def plan_conversion(cat: Catalogue, opts: ConvertOptions, stack: contextlib.Exit
     plan, n_cast = cast_plan(plan, _target_dtype_rule(opts), conv.overflow)
     if n_cast:
         conv.operations.append(f"cast {', '.join(_dtype_tags(opts))} ({n_cast} tensors)")
+    if opts.dtype in FP8 and any(component_of(t.name) in SIXTEEN_BIT_PARTS for t in plan) and not (opts.vae_dtype and opts.te_dtype):
+        conv.notes.append(f"--dtype {opts.dtype} casts the UNet/DiT only: the VAE and text encoders stay 16-bit (fp32 "
+                          "ones become fp16), as in ComfyUI's and Forge's fp8 checkpoints; --vae-dtype/--te-dtype "
+                          f"{opts.dtype} cast them too")
     tags = _dtype_tags(opts) + tags
 
-    prediction = opts.prediction_type or facts.prediction_type
+    if opts.prediction_type in ("epsilon", "v"):
+        facts = conv.facts = facts.stated(opts.prediction_type)
+    elif opts.prediction_type == "auto":
+        facts = conv.facts = _auto_prediction(facts, conv.notes)
+    prediction = facts.prediction_type
     conv.prediction_type = prediction
-    if opts.prediction_type and facts.family == "sd2":
-        facts.architecture = "stable-diffusion-v2-768-v" if prediction == "v" else "stable-diffusion-v2-512"
     names = {t.name for t in plan}
-    if opts.prediction_type == "v" and facts.family == "sdxl" and "v_pred" not in names and not opts.extract:
+    if (facts.certain and prediction == "v" and facts.family == "sdxl" and "v_pred" not in names
+            and "edm_vpred.sigma_max" not in names and not opts.extract and facts.kind in ("checkpoint", "diffusion-model")):
         plan.append(v_pred_marker())  # what ComfyUI, Forge and A1111 read to select v-prediction
         names.add("v_pred")
-        conv.operations.append("add v_pred marker (--prediction-type v)")
+        conv.operations.append(f"add v_pred marker ({'--prediction-type v' if facts.prediction_source == 'stated' else facts.prediction_source})")
         conv.notes.append("added the empty v_pred marker tensor, which ComfyUI, Forge and A1111 read to use v-prediction")
 
     if opts.extract:
@@ -289,12 +319,45 @@ def plan_conversion(cat: Catalogue, opts: ConvertOptions, stack: contextlib.Exit
         conv.operations.append(f"extract {', '.join(o.part for o in conv.outputs)}")
     else:
         conv.outputs.append(OutputPlan("model", plan, tags))
-        decision = sidecar_for(facts.architecture, prediction, "v_pred" in names)
+        decision = sidecar_for(facts, input_config)
         conv.sidecar_reason = decision.reason
         conv.sidecar_config = decision.config if opts.sidecar else None
-        if decision.config and not opts.sidecar:
+        conv.sidecar_text = decision.text if opts.sidecar else None
+        if decision.text and not opts.sidecar:
             conv.sidecar_reason = f"not written (--no-sidecar); {decision.reason}"
     return conv
+
+
+def fact_notes(facts: ModelFacts) -> List[str]:
+    """What convert tells about the evidence: contradictions, a yaml it could not use."""
+    notes = []
+    for p in facts.problems:
+        d = p.details
+        if p.code == "config_unreadable":
+            notes.append(f"ignored {d['config']} beside the input: it {d['error']}; no yaml is copied to the output")
+        elif p.code == "config_mismatch":
+            notes.append(f"ignored {d['config']} beside the input: it describes a {d['config_family']} model "
+                         f"(context_dim {d['context_dim']}) but the weights are {d['family']}")
+        elif p.code == "prediction_conflict":
+            notes.append(f"prediction type: {d['loser_source']} says {d['loser']} ({d['detail']}) but "
+                         f"{d['winner_source']} says {d['winner']}; followed {d['winner_source']} (the stronger evidence)")
+    return notes
+
+
+def _auto_prediction(facts: ModelFacts, notes: List[str]) -> ModelFacts:
+    """--prediction-type auto: evidence of high confidence stands; else (SD2) the value check
+    decides and its answer is taken as stated, with its confidence said."""
+    if facts.certain:
+        notes.append(f"--prediction-type auto: {facts.prediction_type} from {facts.prediction_source} (high confidence)")
+        return facts
+    if facts.prediction_source == "heuristic" and facts.prediction_type in ("epsilon", "v"):
+        detail = next((e["detail"] for e in facts.evidence if e["source"] == "heuristic"), "")
+        notes.append(f"--prediction-type auto: {facts.prediction_type} from the value check ({facts.prediction_confidence} "
+                     f"confidence: {detail}); recorded as stated by you")
+        return facts.stated(facts.prediction_type)
+    notes.append("--prediction-type auto: no evidence decides the prediction type (the value check needs a "
+                 "trained SD2 UNet); nothing recorded")
+    return facts
 
 
 # ---------------------------------------------------------------------------------------------
@@ -306,14 +369,21 @@ def _metadata_for(cat: Catalogue, conv: Conversion, out: OutputPlan, opts: Conve
     assert out.dest is not None
     title = lin.title_of(out.dest)
     base = dict(cat.metadata)
-    arch = conv.facts.architecture
+    facts = conv.facts
+    arch = facts.modelspec_architecture  # None when not known for sure (SD2 without its prediction type)
     if out.part != "model":
         base = {k: v for k, v in base.items() if not k.startswith("modelspec.")}
-        arch = f"{arch}/vae" if (arch and out.part == "vae") else None
-    prediction = conv.prediction_type if out.part in ("model", "unet") else None
-    prediction = prediction if prediction in ("epsilon", "v") else None  # ModelSpec values
-    modelspec = lin.modelspec_additions(base, arch, title, prediction, bool(opts.prediction_type))
-    step = lin.Lineage(conv.source.name, cat.file_size or lin.file_size(cat.path), list(conv.operations), hashes)
+        arch = (f"{arch}/vae" if out.part == "vae" else arch if out.part == "unet" else None) if arch else None
+    # only facts of high confidence become ModelSpec; they correct the input's ModelSpec keys
+    prediction = facts.modelspec_prediction if out.part in ("model", "unet") else None
+    modelspec = lin.modelspec_additions(base, arch, title, prediction, prediction is not None)
+    if arch and prediction and facts.family == "sd2" and base.get("modelspec.architecture", arch) != arch:
+        modelspec["modelspec.architecture"] = arch  # e.g. an input labelled -512 whose yaml says v
+    record = facts.as_record() if out.part in ("model", "unet") else {}
+    if conv.weight_set and out.part in ("model", "unet"):
+        record["weights"] = conv.weight_set
+    step = lin.Lineage(conv.source.name, cat.file_size or lin.file_size(cat.path), list(conv.operations), hashes,
+                       facts=record)
     return lin.with_output_hash(lin.output_metadata(base, modelspec, step), output_hash)
 
 
@@ -362,12 +432,12 @@ def write_outputs(cat: Catalogue, conv: Conversion, opts: ConvertOptions, progre
         total = sum(t.nbytes for t in out.plan)
         progress.start(out.dest, total)
 
+        dtypes = {t.name: t.dtype for t in out.plan}
+
         def on_tensor(t: LazyTensor, done: int) -> None:
             if conv.overflow.total and not opts.allow_overflow:
                 name, n = next(iter(conv.overflow.by_tensor.items()))
-                raise OverflowRefused(cat.path, f"casting would overflow: {n} values of {name} exceed the range of "
-                                                f"{t.dtype.short} and would become inf/NaN; use --dtype bf16 (same size, "
-                                                "fp32's range) or pass --allow-overflow")
+                raise OverflowRefused(cat.path, overflow_message(name, n, dtypes.get(name, t.dtype)))
             progress.advance(done)
 
         def final_metadata(out=out, data_hasher=data_hasher) -> Dict[str, str]:
@@ -385,10 +455,20 @@ def write_outputs(cat: Catalogue, conv: Conversion, opts: ConvertOptions, progre
             progress.done()
         if hasher is not None:
             conv.source_hashes = "cache" if hasher.from_cache else "computed"
-        if out.part == "model" and conv.sidecar_config:
+        if out.part == "model" and conv.sidecar_text:
             out.sidecar = sidecar_path(out.dest)
             with AtomicOutput(out.sidecar, inputs=inputs, overwrite=opts.overwrite) as f:
-                f.write(config_text(conv.sidecar_config).encode("utf-8"))
+                f.write(conv.sidecar_text.encode("utf-8"))
+
+
+def overflow_message(name: str, n: int, target: DType) -> str:
+    """Why a cast is refused: fp16/bf16/e5m2 turn too-large values into inf; fp8-e4m3fn has no
+    inf, and sdtk (as torch) saturates them to +-448 (sdtk.ops.cast SATURATING)."""
+    if target.name == "F8_E4M3":
+        return (f"casting would clip values: {n} values of {name} lie beyond +-448, the range of fp8-e4m3fn, and "
+                "would be saturated to +-448 (as torch does); use fp8-e5m2 or a 16-bit dtype, or pass --allow-overflow")
+    return (f"casting would overflow: {n} values of {name} exceed the range of {target.short} and would become "
+            "inf; use --dtype bf16 (same size, fp32's range) or pass --allow-overflow")
 
 
 def verify_output(dest: Path, plan: Sequence[LazyTensor]) -> None:

@@ -80,6 +80,7 @@ class Lineage:
     source_size: int
     operations: List[str]
     hashes: Dict[str, str] = field(default_factory=dict)  # sha256, autov3, content (placeholders until known)
+    facts: Dict[str, object] = field(default_factory=dict)  # what was known of the model, guesses with their confidence
 
     def as_dict(self) -> dict:
         record = {"tool": f"sdtk {__version__}", "source": self.source, "source_size": self.source_size}
@@ -87,6 +88,8 @@ class Lineage:
             if name in self.hashes:
                 record[f"source_{name}"] = self.hashes[name]
         record["operations"] = self.operations
+        if self.facts:
+            record["facts"] = self.facts
         return record
 
 
@@ -129,8 +132,8 @@ def output_metadata(input_metadata: Dict[str, str], modelspec: Dict[str, str], s
 
 
 def with_output_hash(meta: Dict[str, str], data_sha256: Optional[str]) -> Dict[str, str]:
-    """Hashes of the output's own tensor bytes: `modelspec.hash_sha256` ("0x" + 64 hex, when the
-    file carries ModelSpec keys) and kohya's `sshs_model_hash` (when the input had one). Both are
+    """Hashes of the output's own tensor bytes: `modelspec.hash_sha256` ("0x" + 64 hex, on every
+    output, with or without other ModelSpec keys: an extracted text encoder has no architecture id) and kohya's `sshs_model_hash` (when the input had one). Both are
     the sha256 of the data section (formats/data_hash.py). An input's values describe the input's
     bytes, so they are replaced, or removed when the output is not hashed (`data_sha256` None);
     kohya's `sshs_legacy_hash` depends on kohya's own serialisation and cannot be recomputed: it
@@ -141,8 +144,7 @@ def with_output_hash(meta: Dict[str, str], data_sha256: Optional[str]) -> Dict[s
         meta.pop("modelspec.hash_sha256", None)
         meta.pop("sshs_model_hash", None)
         return meta
-    if "modelspec.sai_model_spec" in meta:
-        meta["modelspec.hash_sha256"] = "0x" + data_sha256
+    meta["modelspec.hash_sha256"] = "0x" + data_sha256  # asked for (--hash-output): written on every output
     if "sshs_model_hash" in meta:
         meta["sshs_model_hash"] = data_sha256
     return meta

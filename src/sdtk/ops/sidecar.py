@@ -1,9 +1,12 @@
 """The `<model>.yaml` config A1111 needs beside models it cannot configure from the weights.
 
-A1111 (modules/sd_models_config.py) picks a config from the state dict; v-prediction is only
-guessed for SD2 (by running the UNet once) and was not detected at all before v1.6, so SD2 768-v
-models ship with `v2-inference-v.yaml` renamed to the model's name. SDXL v-pred models are
-recognised by their `v_pred` marker tensor (kept by convert), so they need no yaml.
+A1111 (modules/sd_models_config.py) takes a yaml named like the model first. Without one it
+picks a config from the state dict: SD 1.x and SDXL are always epsilon (A1111 1.10 does not read
+the `v_pred` marker that Forge and ComfyUI read), SD 2.x is guessed by running the UNet once
+(`is_using_v_parameterization_for_sd2`). So convert writes, unless --no-sidecar:
+- the input's own `<model>.yaml` when it agrees with what is known of the output (it may carry
+  the author's settings);
+- else the packaged config for a v-prediction SD1, SD2 or SDXL output whose type is certain.
 """
 from __future__ import annotations
 
@@ -12,11 +15,11 @@ from importlib import resources
 from pathlib import Path
 from typing import Optional
 
-# (ModelSpec architecture, prediction type) -> packaged config (source: Stability-AI/stablediffusion
-# configs/stable-diffusion/, MIT; written out in sdtk/data/configs).
+# (family, prediction type) -> packaged config in sdtk/data/configs (each file names its source).
 CONFIGS = {
-    ("stable-diffusion-v2-768-v", "v"): "v2-inference-v.yaml",
-    ("stable-diffusion-v2-512", "v"): "v2-inference-v.yaml",
+    ("sd1", "v"): "v1-inference-v.yaml",
+    ("sd2", "v"): "v2-inference-v.yaml",
+    ("sdxl", "v"): "sd_xl_v.yaml",
 }
 
 
@@ -24,19 +27,31 @@ CONFIGS = {
 class SidecarDecision:
     config: Optional[str]  # packaged config file name, or None
     reason: str
+    text: Optional[str] = None  # the yaml to write (input's own or packaged); None: nothing
 
 
-def sidecar_for(architecture: Optional[str], prediction_type: Optional[str], has_v_marker: bool) -> SidecarDecision:
-    config = CONFIGS.get((architecture, prediction_type))
+def sidecar_for(facts, input_config=None) -> SidecarDecision:
+    """What yaml to write beside a converted model (facts: sdtk.identify.facts.ModelFacts of the
+    output; input_config: the input's ConfigBeside, or None)."""
+    family, prediction = facts.family, (facts.prediction_type if facts.certain else None)
+    if facts.kind not in ("checkpoint", "diffusion-model"):
+        return SidecarDecision(None, "not needed")
+    if input_config is not None and input_config.usable and input_config.prediction == prediction \
+            and prediction is not None and input_config.family in (None, family):
+        name = Path(input_config.path).name
+        return SidecarDecision(None, f"copied {name} (the input's config, which agrees with the output)", input_config.text)
+    config = CONFIGS.get((family, prediction))
     if config:
-        return SidecarDecision(config, f"A1111 needs {config} beside a {architecture} model with {prediction_type}-prediction")
-    if prediction_type == "v" and has_v_marker:
-        return SidecarDecision(None, "not needed: the v_pred marker tensor tells A1111, Forge and ComfyUI")
-    if prediction_type == "v":
-        return SidecarDecision(None, f"no A1111 config is known for v-prediction {architecture or 'models of this kind'}; none written")
-    if prediction_type is None and (architecture or "").startswith("stable-diffusion-v2"):
+        ztsnr = ("; A1111 also needs Settings > Sampler parameters > Noise schedule: Zero Terminal SNR"
+                 if facts.zero_terminal_snr else "")
+        why = ("A1111 1.10 does not read the v_pred marker" if family == "sdxl" else
+               "A1111 loads SD 1.x files as epsilon without it" if family == "sd1" else
+               "A1111 otherwise guesses SD 2.x by running the UNet once")
+        return SidecarDecision(config, f"{config}: {why}{ztsnr}", config_text(config))
+    if prediction is None and family == "sd2":
         return SidecarDecision(None, "not written: the prediction type of this SD2 model is unknown; if it is a "
-                                     "768-v model, convert with --prediction-type v to get the .yaml A1111 needs")
+                                     "768-v model, convert with --prediction-type v (or auto: ComfyUI's value check) "
+                                     "to get the .yaml A1111 needs")
     return SidecarDecision(None, "not needed")
 
 

@@ -75,6 +75,10 @@ def prepare(details: Dict[str, Any], lang: str = "en") -> Dict[str, Any]:
         out["positions"] = join(details["damaged_positions"], 12) or "-"
     if "base" in details:
         out["base_title"] = title_of(details["base"])
+    if details.get("why_key"):
+        from sdtk.report.messages import has, text
+
+        out["why"] = text(details["why_key"], lang) if has(details["why_key"], lang) else ""
     if "ztsnr" in details:
         out["ztsnr_hint"] = " + zsnr" if details["ztsnr"] else ""
     if isinstance(details.get("max_abs_difference"), float):

@@ -111,7 +111,7 @@ def render_identity(ident: Identity, lang: str = "en", verbose: bool = False) ->
         for t in ident.unknown_summary["largest_tensors"][:5]:
             parts.append(Text("  " + _t("unknown.largest", lang, key=t["key"], shape=t["shape"], dtype=t["dtype"])))
     parts.append(Text(_t("label.problems", lang), style="bold"))
-    shown = [p for p in ident.problems if verbose or p.severity != "info" or p.code in ("training_state", "sdxl_vae_fp16", "extra_keys", "unknown_keys")]
+    shown = [p for p in ident.problems if verbose or p.severity != "info" or p.code in ("training_state", "sdxl_vae_fp16", "extra_keys", "unknown_keys", "needs_config_yaml")]
     if not shown:
         parts.append(Text("  " + _t("label.no_problems", lang), style="green"))
     for p in shown:

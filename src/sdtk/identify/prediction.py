@@ -10,9 +10,10 @@ A1111 (a `<model>.yaml` with `parameterization: "v"`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Optional
+from typing import TYPE_CHECKING, Mapping, Optional
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
 
 from sdtk.architectures import ARCHITECTURES
 from sdtk.tensors import LazyTensor
@@ -70,6 +71,8 @@ def predict(shapes_keys, metadata: Mapping[str, str], extras: Mapping, architect
         if isinstance(step, int) and step == SD2_EPSILON_GLOBAL_STEP:
             return Prediction("epsilon", "medium", "heuristic", ztsnr, f"global_step == {SD2_EPSILON_GLOBAL_STEP} (SD 2.x 512-base)")
         if deep and SD2_HEURISTIC_KEY in unet_tensors:
+            import numpy as np
+
             values = np.asarray(unet_tensors[SD2_HEURISTIC_KEY].read(), dtype=np.float64)
             std = float(values.std()) if values.size else 0.0
             if std > 0 and np.isfinite(std):

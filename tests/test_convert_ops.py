@@ -457,3 +457,38 @@ def test_presets():
     assert resolve_options(ConvertOptions(preset="generation", dtype="bf16")).dtype == "bf16"
     train = resolve_options(ConvertOptions(preset="training"))
     assert (train.dtype, train.ema, train.prune) == ("fp32", "keep", False)
+
+
+@pytest.mark.parametrize("source", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("fast", [True, False], ids=["C", "numpy"])
+def test_e4m3fn_beyond_range_is_bit_identical_to_torch(source, fast, monkeypatch):
+    """torch's `.to(float8_e4m3fn)` clamps everything beyond +-448 (inf included) to +-448; our C
+    path and the numpy fallback give the same bits and count the finite values clamped (NaN:
+    NaN in both; torch's NaN sign from bfloat16 is not a value, so only NaN-ness is compared)."""
+    torch = pytest.importorskip("torch")
+    import ml_dtypes
+
+    from sdtk import fastcast
+
+    if not fast:
+        monkeypatch.setenv("SDTK_FASTCAST", "off")
+    elif fastcast.status() != "F16C":
+        pytest.skip("the C path needs the built extension on an F16C CPU")
+    np_src = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}[source]
+    if source == "float32":
+        rng = np.random.default_rng(7)
+        mags = np.concatenate([np.linspace(440, 500, 4001), 10 ** rng.uniform(2.6, 38, 2000), [3.4e38, np.inf]])
+        values = np.concatenate([mags, -mags, rng.standard_normal(1000) * 100, [np.nan, 0.0, -0.0]]).astype(np.float32)
+    else:  # every 16-bit pattern
+        values = np.arange(1 << 16, dtype=np.uint16).view(np_src)
+    ours, clamped = cast_array(values, dtype("fp8-e4m3fn"))
+    theirs = torch.from_numpy(values.view(np.uint16 if source != "float32" else np.float32).copy())
+    if source != "float32":
+        theirs = theirs.view(torch.float16 if source == "float16" else torch.bfloat16)
+    theirs = theirs.to(torch.float8_e4m3fn).view(torch.uint8).numpy()
+    ours_bits = ours.view(np.uint8)
+    wide = values.astype(np.float32)
+    nan = np.isnan(wide)
+    assert np.array_equal(ours_bits[~nan], theirs[~nan])
+    assert np.isnan(ours[nan].astype(np.float32)).all() and ((theirs[nan] & 0x7F) == 0x7F).all()
+    assert clamped == int(np.count_nonzero(np.isfinite(wide) & (np.abs(wide) > 448))) > 0

@@ -12,20 +12,33 @@ functions fall back to numpy and ml_dtypes.
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-import ml_dtypes
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
 
-try:  # built by setup.py when a C compiler is present; optional by design
+try:  # built by setup.py when a C compiler is present; optional by design (needs no numpy)
     from sdtk import _fastcast as _ext
 except ImportError:  # pragma: no cover - exercised on installs without a compiler
     _ext = None
 
-_F32 = np.dtype("<f4")
-_F16 = np.dtype("<f2")
-_BF16 = np.dtype(ml_dtypes.bfloat16)
-_FP8_KIND = {np.dtype(ml_dtypes.float8_e4m3fn): 0, np.dtype(ml_dtypes.float8_e5m2): 1}
+_F32 = _F16 = _BF16 = None
+_FP8_KIND: dict = {}
+
+
+def _init() -> None:
+    """Import numpy and ml_dtypes on the first cast (`status()` and `--version` need neither)."""
+    global np, _F32, _F16, _BF16, _FP8_KIND
+    if _F32 is not None:
+        return
+    import ml_dtypes
+    import numpy
+
+    np = numpy
+    _F16 = np.dtype("<f2")
+    _BF16 = np.dtype(ml_dtypes.bfloat16)
+    _FP8_KIND = {np.dtype(ml_dtypes.float8_e4m3fn): 0, np.dtype(ml_dtypes.float8_e5m2): 1}
+    _F32 = np.dtype("<f4")  # last: the "initialised" mark
 
 
 def _enabled() -> bool:
@@ -49,6 +62,7 @@ def _raw(a: np.ndarray) -> np.ndarray:
 
 def _direct(src: np.dtype, dst: np.dtype, saturate: bool):
     """The C function (src, dst) -> overflow count for this pair, or None."""
+    _init()
     if src == _F32 and dst == _F16:
         return _ext.f32_to_f16 if _ext.has_f16c() else None
     if src == _F16 and dst == _F32:
@@ -68,6 +82,7 @@ def _kernel(src: np.dtype, dst: np.dtype, saturate: bool = False):
     """A function (src array, dst array) -> overflow count for this pair, or None (numpy path).
     16-bit sources going to another narrow type are widened to float32 first (exact), then cast:
     the same result as a direct round-to-nearest-even cast."""
+    _init()
     if not _enabled() or src == dst:
         return None
     direct = _direct(src, dst, saturate)
@@ -101,6 +116,7 @@ def cast_into(src: np.ndarray, out: np.ndarray, saturate: bool = False) -> Optio
     many finite values did not fit (became inf/NaN, or with `saturate` were clipped to the
     largest finite value: fp8 e4m3fn as torch casts), or None when there is no fast kernel (the
     caller casts with numpy / ml_dtypes). Both arrays must be C-contiguous, native byte order."""
+    _init()
     kernel = _kernel(src.dtype, out.dtype, saturate)
     if kernel is None or src.size != out.size or not (src.flags.c_contiguous and out.flags.c_contiguous):
         return None
@@ -112,6 +128,7 @@ def cast_into(src: np.ndarray, out: np.ndarray, saturate: bool = False) -> Optio
 def astype(arr: np.ndarray, dtype) -> np.ndarray:
     """`arr.astype(dtype)` with the same bits (non-saturating, as numpy / ml_dtypes), faster where a
     kernel exists."""
+    _init()
     dtype = np.dtype(dtype)
     if arr.dtype == dtype:
         return arr.copy()
@@ -126,6 +143,7 @@ def astype(arr: np.ndarray, dtype) -> np.ndarray:
 
 def assign(out: np.ndarray, src: np.ndarray) -> None:
     """`out[...] = src` (a cast when the dtypes differ), through the fast kernel when one exists."""
+    _init()
     if out.dtype != src.dtype and out.shape == src.shape and cast_into(src, out) is not None:
         return
     with np.errstate(over="ignore", invalid="ignore"):

@@ -13,9 +13,10 @@ import json
 import os
 from dataclasses import dataclass
 from importlib import resources
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
 
 from sdtk.fileio import AtomicOutput
 from sdtk.formats.safetensors import build_header
@@ -81,6 +82,8 @@ def layout_plan(layout: Layout, values: str = "zeros", seed: int = 0, scale: Opt
 
 def _value_loader(key, dt, shape, values, seed):
     def load():
+        import numpy as np
+
         if key.endswith("position_ids") and not dt.is_float:
             return np.broadcast_to(np.arange(shape[-1], dtype=dt.numpy), shape).copy() if shape else np.zeros(shape, dt.numpy)
         if values == "zeros" or numel(shape) == 0:

@@ -2,15 +2,19 @@
 
 A `LazyTensor` knows its name, dtype and shape without reading any data; `read()` materialises
 its values (for file-backed tensors, straight from an mmap of the file, one tensor at a time).
+
+Naming a dtype needs neither numpy nor ml_dtypes: `DType.numpy` imports them the first time a
+tensor's values are touched (header-only commands start without them; ml_dtypes 0.7 alone takes
+over a second to import).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, Optional, Tuple
 
-import ml_dtypes
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
 
 
 @dataclass(frozen=True)
@@ -18,14 +22,19 @@ class DType:
     """One element type, under every name the ecosystem uses for it."""
 
     name: str  # safetensors header name, e.g. "F16" (source: safetensors format spec)
-    numpy: np.dtype  # little-endian numpy dtype (ml_dtypes for bf16/fp8)
+    numpy_name: str  # the numpy (or ml_dtypes) type's name, resolved lazily by `.numpy`
+    itemsize: int  # bytes per element
     torch_name: str  # torch.<name>, e.g. "float16"
     kind: str  # "float", "int", "uint", "bool"
     short: str  # what people write: "fp16", "bf16", "fp8-e4m3fn", "int64"
 
     @property
-    def itemsize(self) -> int:
-        return self.numpy.itemsize
+    def numpy(self) -> "np.dtype":
+        """The little-endian numpy dtype (ml_dtypes for bf16/fp8); imports numpy on first use."""
+        cached = _NUMPY.get(self.name)
+        if cached is None:
+            cached = _NUMPY[self.name] = _resolve_numpy(self.numpy_name, self.itemsize)
+        return cached
 
     @property
     def is_float(self) -> bool:
@@ -38,29 +47,43 @@ class DType:
         return self.short
 
 
-def _le(dt) -> np.dtype:
-    return np.dtype(dt).newbyteorder("<") if np.dtype(dt).itemsize > 1 else np.dtype(dt)
+_NUMPY: dict = {}  # DType.name -> resolved numpy dtype
+_ML_DTYPES = ("bfloat16", "float8_e4m3fn", "float8_e5m2")
+
+
+def _resolve_numpy(numpy_name: str, itemsize: int) -> "np.dtype":
+    import numpy as np
+
+    if numpy_name in _ML_DTYPES:
+        import ml_dtypes
+
+        dt = np.dtype(getattr(ml_dtypes, numpy_name))
+    else:
+        dt = np.dtype(numpy_name)
+    if dt.itemsize != itemsize:  # the table below is the single source; catch a typo at once
+        raise AssertionError(f"dtype table: {numpy_name} is {dt.itemsize} bytes, not {itemsize}")
+    return dt.newbyteorder("<") if dt.itemsize > 1 else dt
 
 
 # The dtype table. Source: safetensors format spec (dtype names), torch/_utils.py + torch.storage
 # (typed storage class names), ml_dtypes (bfloat16, float8_e4m3fn, float8_e5m2).
 _TABLE = [
-    # name       numpy                         torch_name        kind     short
-    ("F64", _le(np.float64), "float64", "float", "fp64"),
-    ("F32", _le(np.float32), "float32", "float", "fp32"),
-    ("F16", _le(np.float16), "float16", "float", "fp16"),
-    ("BF16", _le(ml_dtypes.bfloat16), "bfloat16", "float", "bf16"),
-    ("F8_E4M3", np.dtype(ml_dtypes.float8_e4m3fn), "float8_e4m3fn", "float", "fp8-e4m3fn"),
-    ("F8_E5M2", np.dtype(ml_dtypes.float8_e5m2), "float8_e5m2", "float", "fp8-e5m2"),
-    ("I64", _le(np.int64), "int64", "int", "int64"),
-    ("I32", _le(np.int32), "int32", "int", "int32"),
-    ("I16", _le(np.int16), "int16", "int", "int16"),
-    ("I8", np.dtype(np.int8), "int8", "int", "int8"),
-    ("U64", _le(np.uint64), "uint64", "uint", "uint64"),
-    ("U32", _le(np.uint32), "uint32", "uint", "uint32"),
-    ("U16", _le(np.uint16), "uint16", "uint", "uint16"),
-    ("U8", np.dtype(np.uint8), "uint8", "uint", "uint8"),
-    ("BOOL", np.dtype(np.bool_), "bool", "bool", "bool"),
+    # name      numpy name       bytes torch_name        kind     short
+    ("F64", "float64", 8, "float64", "float", "fp64"),
+    ("F32", "float32", 4, "float32", "float", "fp32"),
+    ("F16", "float16", 2, "float16", "float", "fp16"),
+    ("BF16", "bfloat16", 2, "bfloat16", "float", "bf16"),
+    ("F8_E4M3", "float8_e4m3fn", 1, "float8_e4m3fn", "float", "fp8-e4m3fn"),
+    ("F8_E5M2", "float8_e5m2", 1, "float8_e5m2", "float", "fp8-e5m2"),
+    ("I64", "int64", 8, "int64", "int", "int64"),
+    ("I32", "int32", 4, "int32", "int", "int32"),
+    ("I16", "int16", 2, "int16", "int", "int16"),
+    ("I8", "int8", 1, "int8", "int", "int8"),
+    ("U64", "uint64", 8, "uint64", "uint", "uint64"),
+    ("U32", "uint32", 4, "uint32", "uint", "uint32"),
+    ("U16", "uint16", 2, "uint16", "uint", "uint16"),
+    ("U8", "uint8", 1, "uint8", "uint", "uint8"),
+    ("BOOL", "bool", 1, "bool", "bool", "bool"),
 ]
 
 DTYPES: dict[str, DType] = {row[0]: DType(*row) for row in _TABLE}
@@ -87,9 +110,11 @@ def dtype(name: str) -> DType:
 
 def dtype_of_numpy(arr_dtype) -> DType:
     """The DType of a numpy (or ml_dtypes) dtype, ignoring byte order."""
+    import numpy as np
+
     nd = np.dtype(arr_dtype)
     for d in DTYPES.values():
-        if d.numpy.kind == nd.kind and d.numpy.itemsize == nd.itemsize and d.numpy.name == nd.newbyteorder("<").name:
+        if d.itemsize == nd.itemsize and d.numpy.kind == nd.kind and d.numpy.name == nd.newbyteorder("<").name:
             return d
     raise KeyError(f"no sdtk dtype for numpy dtype {nd}")
 
@@ -151,7 +176,7 @@ class LazyTensor:
     name: str
     dtype: DType
     shape: Tuple[int, ...]
-    loader: Callable[[], np.ndarray] = field(repr=False)
+    loader: Callable[[], "np.ndarray"] = field(repr=False)
     span: Optional[FileSpan] = field(default=None, repr=False)
     # Raises an SdtkError if the bytes behind `span` are corrupt (e.g. a zip record's CRC).
     # `read()` checks by itself; writers that copy `span` file to file call this instead.
@@ -165,7 +190,7 @@ class LazyTensor:
     def nbytes(self) -> int:
         return self.numel * self.dtype.itemsize
 
-    def read(self) -> np.ndarray:
+    def read(self) -> "np.ndarray":
         """The values as a numpy array of `self.dtype` and `self.shape` (may be a read-only view)."""
         arr = self.loader()
         if arr.shape != tuple(self.shape):
@@ -173,6 +198,6 @@ class LazyTensor:
         return arr
 
 
-def from_array(name: str, arr: np.ndarray) -> LazyTensor:
+def from_array(name: str, arr: "np.ndarray") -> LazyTensor:
     """A LazyTensor over an in-memory array (for computed tensors and tests)."""
     return LazyTensor(name, dtype_of_numpy(arr.dtype), tuple(arr.shape), lambda: arr)

@@ -10,15 +10,13 @@ from the files (or whoever named them) and reach terminals and line-oriented out
 - `line_field(s)`: one field of a TAB-separated record (`scan --lines`): backslash, TAB,
   newline and every other control character escaped as above, so no value can end a field or
   a record.
-`TerminalText` is rich's Text with `for_terminal` applied to what it is given (for code that
-builds Text objects itself: they never pass through the console's string conversion).
+(`sdtk.report.terminal_text.TerminalText` is rich's Text with `for_terminal` applied: this
+module itself imports no rich, so `--json` output starts without it.)
 """
 from __future__ import annotations
 
 import re
 from typing import Any
-
-from rich.text import Text
 
 # C0 controls, DEL, C1 controls; lone surrogates (not text: printing them fails); Unicode
 # bidirectional embeddings/overrides/isolates (they reorder what the terminal shows).
@@ -68,15 +66,3 @@ def line_field(value: Any) -> str:
     """`value` as one field of a TAB-separated line: `\\` `\\t` `\\n` and other controls escaped."""
     text = value if isinstance(value, str) else str(value)
     return _FIELD.sub(_escape, text) if _FIELD.search(text) else text
-
-
-class TerminalText(Text):
-    """rich.text.Text whose text (at creation and `append`) has control characters made visible."""
-
-    def __init__(self, text: str = "", *args, **kwargs):
-        super().__init__(for_terminal(text, keep_newlines=True), *args, **kwargs)
-
-    def append(self, text, style=None):
-        if isinstance(text, str):
-            text = for_terminal(text, keep_newlines=True)
-        return super().append(text, style)

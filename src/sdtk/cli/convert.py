@@ -2,14 +2,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
+from typing import TYPE_CHECKING, List, Optional
 
 import typer
-from rich.progress import BarColumn, DownloadColumn, Progress as RichProgress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
 from sdtk.cli.common import console, err_console, error_line, esc, print_json
 from sdtk.errors import EXIT_BAD_INPUT, EXIT_OK, SdtkError, UsageError
-from sdtk.ops.convert import ConvertOptions, Progress, convert_file, model_files_in, resolve_options
+
+if TYPE_CHECKING:  # imported when the command runs (start-up: `sdtk --help` needs neither)
+    from sdtk.ops.convert import ConvertOptions
 
 
 def register(app: typer.Typer) -> None:
@@ -48,6 +49,8 @@ def register(app: typer.Typer) -> None:
         output = output or output_arg
         if replace_input and output is not None:
             raise UsageError(None, "--replace-input names the output itself (<input>.safetensors); drop -o")
+        from sdtk.ops.convert import ConvertOptions, convert_file, resolve_options
+
         opts = resolve_options(ConvertOptions(
             dtype=dtype, unet_dtype=unet_dtype, vae_dtype=vae_dtype, te_dtype=te_dtype, allow_overflow=allow_overflow,
             ema=ema, prune=prune, keep_unknown=keep_unknown, fix_clip=fix_clip,
@@ -72,6 +75,8 @@ def register(app: typer.Typer) -> None:
 def _convert_folder(folder: Path, output: Optional[Path], opts: ConvertOptions, json_out: bool, show_progress: bool) -> int:
     if output is not None and not output.is_dir():
         raise UsageError(output, "with a folder as input, -o must be an existing folder")
+    from sdtk.ops.convert import convert_file, model_files_in
+
     files = model_files_in(folder)
     if not files:
         raise SdtkError(folder, "holds no model files (.safetensors .ckpt .pt .pth .bin)")
@@ -116,17 +121,21 @@ def _print_summary(summary: dict) -> None:
         console.print(f"  config .yaml: {esc(summary['sidecar'])}")
 
 
-class _ProgressDisplay(Progress):
-    """Per-file byte progress (and a batch bar) on stderr; nothing when not a terminal."""
+class _ProgressDisplay:
+    """Per-file byte progress (and a batch bar) on stderr; nothing when not a terminal.
+    Has the callbacks of `sdtk.ops.convert.Progress`."""
 
     def __init__(self, enabled: bool, batch_total: Optional[int] = None):
+        from rich.progress import (BarColumn, DownloadColumn, Progress as RichProgress, TextColumn,
+                                   TimeRemainingColumn, TransferSpeedColumn)
+
         self.enabled = enabled
         self.bars = RichProgress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                                  TimeRemainingColumn(), console=err_console, transient=True, disable=not enabled)
         self.batch = self.bars.add_task("batch", total=batch_total) if (batch_total and enabled) else None
         self.task = None
         self.hash_task = None
-        super().__init__(start=self._start, advance=self._advance, done=self._done, hashing=self._hashing)
+        self.start, self.advance, self.done, self.hashing = self._start, self._advance, self._done, self._hashing
 
     def _hashing(self, source, done, total):
         # from the source-hash thread (rich's Progress is thread-safe): the first conversion of a

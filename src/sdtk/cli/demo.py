@@ -48,17 +48,17 @@ def register(app: typer.Typer) -> None:
         """Write sample model files (real layouts, zero-filled, sparse: no disk used), then scan and inspect them."""
         from sdtk.cli.inspect import run_inspect
 
-        console.print(f"[bold]Writing sample model files to {escape(str(folder))}/[/] (sparse: full size on paper, ~no disk used)")
+        console.print(f"[bold]Writing sample model files to {escape(str(folder))}/[/] (sparse: full size on paper, ~no disk used)", soft_wrap=False)
         for (name, _, _, _, note) in DEMO_FILES:
-            console.print(f"  {name}: {escape(note)}")
+            console.print(f"  {name}: {escape(note)}", soft_wrap=False)
         write_demo_files(folder)
         console.print()
-        console.print(f"[bold]$ sdtk inspect {escape(str(folder / DEMO_FILES[0][0]))}[/]")
+        console.print(f"[bold]$ sdtk inspect {escape(str(folder / DEMO_FILES[0][0]))}[/]", soft_wrap=False)
         run_inspect([folder / DEMO_FILES[0][0]], json_out=False, lang=lang, deep=False, vae_ref=None, verbose=False)
         console.print()
-        console.print(f"[bold]$ sdtk inspect {escape(str(folder))}[/]")
+        console.print(f"[bold]$ sdtk inspect {escape(str(folder))}[/]", soft_wrap=False)
         run_inspect([folder], json_out=False, lang=lang, deep=False, vae_ref=None, verbose=False)
         console.print()
         console.print("Next: [bold]sdtk convert " + escape(str(folder / DEMO_FILES[0][0])) + " --for generation[/] makes the 2.1 GB fp16 file for generating; "
-                      "[bold]sdtk scan, hash, merge, library[/]: see README.md.")
+                      "[bold]sdtk scan, hash, merge, library[/]: see README.md.", soft_wrap=False)
         return 0

@@ -13,7 +13,7 @@ import typer
 from sdtk.cli.common import console, err_console, print_json
 from sdtk.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_PROBLEMS, SdtkError, UsageError
 from sdtk.identify import Identity, identify_path
-from sdtk.report import LANGUAGES, json_report, render_identity, summary_line, text
+from sdtk.report import LANGUAGES, json_report, text
 from sdtk.report.fields import human_bytes
 
 # Extensions of model files in a folder (A1111/ComfyUI model folders). Source: ComfyUI
@@ -68,6 +68,8 @@ def run_inspect(paths: List[Path], json_out: bool, lang: str, deep: bool, vae_re
         raise UsageError(None, f"--lang must be one of {', '.join(LANGUAGES)} (got {lang!r})")
     if vae_ref is not None and not os.path.isfile(vae_ref):
         raise UsageError(vae_ref, "--vae-ref: no such file")
+    if not json_out:  # the human report needs rich; --json starts without it
+        from sdtk.report.render import listing_line, render_identity
     identities: List[Identity] = []
     unreadable: List[Dict[str, Any]] = []
     listing = False
@@ -88,19 +90,19 @@ def run_inspect(paths: List[Path], json_out: bool, lang: str, deep: bool, vae_re
                     console.print(render_identity(ident, lang, verbose=verbose))
                     console.print()
                 elif not json_out:
-                    console.print(summary_line(ident, lang, os.path.relpath(target, base) if base else target), markup=False, highlight=False)
+                    console.print(listing_line(ident, lang, os.path.relpath(target, base) if base else target), markup=False, highlight=False)
             else:
                 unreadable.append(bad)
                 if not json_out:
                     shown = os.path.relpath(bad["path"], base) if listing and base else bad["path"]
                     line = f"  ✗  {shown}: {text('label.unreadable', lang)}: {bad['problem']}"
-                    (console if listing else err_console).print(line, markup=False, highlight=False, style="red")
+                    (console if listing else err_console).print(line, markup=False, highlight=False, style="red", soft_wrap=False)
     code = exit_code_for(identities, unreadable)
     if json_out:
         print_json(json_report(identities, unreadable, lang, code))
     elif listing or len(identities) + len(unreadable) > 1:
         tot = json_report(identities, unreadable, lang, code)["totals"]
-        console.print(text("totals.line", lang, **{**tot, "size_h": human_bytes(tot["bytes"])}), markup=False, highlight=False)
+        console.print(text("totals.line", lang, **{**tot, "size_h": human_bytes(tot["bytes"])}), markup=False, highlight=False, soft_wrap=False)
     return code
 
 

@@ -1,18 +1,53 @@
-"""`sdtk` entry point: registers each command module and turns errors into one-line messages."""
+"""`sdtk` entry point: registers each command module and turns errors into one-line messages.
+
+Start-up: a command's module (and what it imports) is loaded only when that command runs, so
+`sdtk inspect` never pays for convert's or merge's imports (`--help` loads them all)."""
 from __future__ import annotations
 
+import importlib
 import signal
 import sys
 import threading
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import typer
+from typer.core import TyperGroup
 
 from sdtk import __version__, fileio
+from sdtk.cli import light_params
 from sdtk.cli.common import error_line
 from sdtk.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, SdtkError
 
+# command name -> module under sdtk.cli that registers it (one module may register several), in
+# the order `sdtk --help` lists them.
+COMMAND_MODULES: Dict[str, str] = {
+    "demo": "demo", "inspect": "inspect", "scan": "scan", "convert": "convert", "hash": "hash",
+    "merge": "merge", "diff": "merge", "library": "library",
+}
+
+
+def _load_commands(module_name: str) -> dict:
+    """The click commands one `sdtk.cli.<module>` registers, built on a scratch Typer app."""
+    scratch = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    importlib.import_module(f"sdtk.cli.{module_name}").register(scratch)
+    return dict(typer.main.get_group(scratch).commands)
+
+
+class LazyGroup(TyperGroup):
+    """The root group: commands named in COMMAND_MODULES, each module imported on first use."""
+
+    def list_commands(self, ctx) -> List[str]:
+        return list(dict.fromkeys([*COMMAND_MODULES, *self.commands]))
+
+    def get_command(self, ctx, cmd_name: str):
+        if cmd_name not in self.commands and cmd_name in COMMAND_MODULES:
+            for name, command in _load_commands(COMMAND_MODULES[cmd_name]).items():
+                self.commands.setdefault(name, command)
+        return self.commands.get(cmd_name)
+
+
 app = typer.Typer(
+    cls=LazyGroup,
     name="sdtk",
     help="The Stable Diffusion model toolkit: inspect, scan, convert, hash, merge and index model files.",
     no_args_is_help=True,
@@ -36,14 +71,14 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
     """sdtk: never executes a model file, never loads a whole model into memory, never loses a file."""
 
 
-# One module per command (or command group); each defines register(app).
-from sdtk.cli import demo, scan, inspect, convert, hash, library, merge  # noqa: E402
-
-for _module in (demo, inspect, scan, convert, hash, merge, library):
-    _module.register(app)
+def register_all(target: typer.Typer) -> None:
+    """Register every command on `target` (for callers that want a plain, fully built Typer app)."""
+    for module_name in dict.fromkeys(COMMAND_MODULES.values()):
+        importlib.import_module(f"sdtk.cli.{module_name}").register(target)
 
 
 def main(argv: Optional[List[str]] = None) -> None:
+    light_params.install()
     try:
         command = typer.main.get_command(app)
         if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.default_int_handler:

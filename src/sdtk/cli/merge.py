@@ -7,14 +7,14 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
-from rich.table import Table
 
 from sdtk.cli.common import console, err_console, esc, print_json
 from sdtk.errors import SdtkError, UsageError
 
 
-def _progress(enabled: bool) -> Progress:
+def _progress(enabled: bool):
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
     return Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                     TimeRemainingColumn(), console=err_console, transient=True, disable=not enabled)
 
@@ -56,6 +56,8 @@ def _explain_blocks(model: Path, json_out: bool) -> int:
         print_json({"file": str(model), "family": fam, "blocks": names,
                     "mapping": {n: {**rows[n], "components": sorted(rows[n]["components"])} for n in names if n in rows}})
         return 0
+    from rich.table import Table
+
     table = Table(title=f"{esc(model.name)}: {family_label(fam)}, {len(names)} block weights (BASE first)")
     for col in ("#", "block", "keys", "parameters", "components", "example key"):
         table.add_column(col, justify="right" if col in ("#", "keys", "parameters") else "left")
@@ -184,6 +186,8 @@ def register(app: typer.Typer) -> None:
         for title, rows in (("component", result.components), ("block", result.blocks)):
             if not rows:
                 continue
+            from rich.table import Table
+
             table = Table()
             for col in (title, "keys", "parameters", "identical", "cosine", "rel. L2"):
                 table.add_column(col, justify="left" if col == title else "right")

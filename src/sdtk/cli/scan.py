@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import List
 
 import typer
-from rich.table import Table
 
 from sdtk.cli.common import console, esc, print_json
 from sdtk.errors import SdtkError
@@ -38,6 +37,8 @@ def register(app: typer.Typer) -> None:
                 sys.stdout.write("\t".join(map(line_field, (r.verdict, r.path, r.reason))) + "\n")
             sys.stdout.flush()
         else:
+            from rich.table import Table
+
             table = Table(show_header=True, header_style="bold")
             table.add_column("verdict")
             table.add_column("file", overflow="fold")

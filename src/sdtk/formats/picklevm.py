@@ -20,9 +20,10 @@ import math
 import re
 import struct
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
 
 from sdtk.errors import FormatError, UnsafeFileError, UnsupportedFormatError
 from sdtk.tensors import DTYPES, DType, geometry_problem, may_overlap
@@ -127,6 +128,8 @@ class NumpyDType:
     byteorder: str = "<"
 
     def numpy(self) -> np.dtype:
+        import numpy as np
+
         if not _NUMPY_TYPESTR.match(self.typestr):
             raise ValueError(f"numpy dtype {self.typestr!r} is not a plain numeric type")
         dt = np.dtype(self.typestr)
@@ -349,6 +352,8 @@ def _numpy_dtype(vm: "PickleVM", args: tuple) -> NumpyDType:
 
 def _numpy_scalar(vm: "PickleVM", args: tuple):
     # numpy.core.multiarray.scalar(dtype, raw bytes) -> a Python number
+    import numpy as np
+
     if len(args) != 2 or not isinstance(args[0], NumpyDType) or not isinstance(args[1], (bytes, str)):
         raise vm.bad("numpy scalar takes (dtype, bytes)")
     if args[0].typestr == _NUMPY_OBJECT:
@@ -642,6 +647,8 @@ class PickleVM:
 
     def build_array(self, obj: NumpyArray, state: Any) -> None:
         # numpy array_setstate: (version, shape, dtype, is_fortran, rawdata)
+        import numpy as np
+
         if obj.built:
             raise self.bad("BUILD twice on a numpy array")
         if not isinstance(state, tuple) or len(state) != 5:

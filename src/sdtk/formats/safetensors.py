@@ -12,9 +12,10 @@ from concurrent.futures import ThreadPoolExecutor
 import mmap
 import os
 import struct
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import TYPE_CHECKING, Dict, Iterable, List, Optional, Sequence
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
 
 from sdtk.errors import FormatError, OutputError
 from sdtk.fileio import AtomicOutput, open_input
@@ -169,6 +170,8 @@ def _mmap_loader(mm, dt: DType, shape, offset: int):
     count = numel(shape)
 
     def load() -> np.ndarray:
+        import numpy as np
+
         if count == 0:
             return np.zeros(shape, dtype=dt.numpy)
         return np.frombuffer(mm, dtype=dt.numpy, count=count, offset=offset).reshape(shape)
@@ -207,6 +210,8 @@ def build_header(plan: Sequence[LazyTensor], metadata: Optional[Dict[str, str]] 
 
 
 def _as_le_bytes(t: LazyTensor, arr: np.ndarray) -> memoryview:
+    import numpy as np
+
     if arr.shape != tuple(t.shape):
         raise ValueError(f"tensor {t.name!r}: planned shape {t.shape} but computed {arr.shape}")
     want = t.dtype.numpy

@@ -14,9 +14,10 @@ from __future__ import annotations
 import mmap
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
 
 from sdtk.errors import FormatError, UnsafeFileError, UnsupportedFormatError
 from sdtk.fileio import open_input
@@ -178,8 +179,6 @@ def lazy_tensor(name: str, t: TensorRef, buf, data_offset: int, path: str, big_e
     assert dt is not None
     itemsize = dt.itemsize
     swap = big_endian and itemsize > 1
-    # big-endian files: read as big-endian unsigned words, swap, then view as the dtype
-    file_dtype = np.dtype(f">u{itemsize}") if swap else dt.numpy
     shape, stride = t.shape, t.stride
     count = 1
     for d in shape:
@@ -189,8 +188,12 @@ def lazy_tensor(name: str, t: TensorRef, buf, data_offset: int, path: str, big_e
     storage_elems = t.storage.nbytes // itemsize
 
     def load() -> np.ndarray:
+        import numpy as np
+
         if count == 0:
             return np.zeros(shape, dtype=dt.numpy)
+        # big-endian files: read as big-endian unsigned words, swap, then view as the dtype
+        file_dtype = np.dtype(f">u{itemsize}") if swap else dt.numpy
         verify()
         if contiguous:
             arr = np.frombuffer(buf, dtype=file_dtype, count=count, offset=start).reshape(shape)

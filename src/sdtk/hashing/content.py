@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import hashlib
 import os
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, Iterable, List, Optional, Sequence, Tuple
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
 
 from sdtk.tensors import LazyTensor
 
@@ -35,6 +36,8 @@ _PIECE = 64 * 1024 * 1024  # hash big tensors in pieces so hashlib releases the 
 
 def tensor_bytes_view(t: LazyTensor) -> memoryview:
     """The tensor's values as raw little-endian C-order bytes (a view when the data already is)."""
+    import numpy as np
+
     arr = t.read()
     want = t.dtype.numpy
     if arr.dtype != want:

@@ -7,9 +7,10 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Tuple
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
 
 from sdtk.architectures import CONTEXT_WIDTH_BASE, EMBEDDING_WIDTH_BASE, KOHYA_BASE
 from sdtk.architectures.adjacent import LORA_MODULE_HINTS
@@ -45,6 +46,8 @@ def _target(module: str) -> str:
 
 
 def _scalar(t: LazyTensor) -> Optional[float]:
+    import numpy as np
+
     if t.numel != 1:
         return None
     try:

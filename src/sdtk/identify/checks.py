@@ -3,9 +3,12 @@
 Only names, shapes and dtypes are used, plus the 77 values of CLIP position_ids (a tiny tensor)."""
 from __future__ import annotations
 
-from typing import Dict, List, Mapping, Optional
+import math
+import struct
+from typing import TYPE_CHECKING, Dict, List, Mapping, Optional
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
 
 from sdtk.architectures import known_keys
 from sdtk.architectures.layouts import is_optional
@@ -27,25 +30,50 @@ def _add(ident: Identity, code: str, severity: str, **details) -> None:
     ident.problems.append(Problem(code, severity, f"problem.{code}", details))
 
 
+# struct formats of the dtypes whose few values `_small_values` reads without numpy (start-up)
+_STRUCT_FORMAT = {"F64": "d", "F32": "f", "F16": "e", "I64": "q", "I32": "i", "I16": "h", "I8": "b",
+                  "U64": "Q", "U32": "I", "U16": "H", "U8": "B", "BOOL": "?"}
+
+
+def _small_values(t: LazyTensor) -> list:
+    """A small tensor's values as Python numbers, flattened. Reads the bytes behind its file span
+    with struct when it has one (so `inspect` needs no numpy), else through numpy."""
+    fmt = _STRUCT_FORMAT.get(t.dtype.name)
+    if t.span is not None and fmt is not None and t.span.length == t.nbytes:
+        if t.verify is not None:
+            t.verify()
+        with open(t.span.path, "rb") as f:
+            f.seek(t.span.offset)
+            raw = f.read(t.span.length)
+        if len(raw) != t.nbytes:
+            raise ValueError(f"{t.name}: {len(raw)} of {t.nbytes} bytes in the file")
+        return list(struct.unpack(f"<{t.numel}{fmt}", raw))
+    import numpy as np
+
+    flat = np.asarray(t.read()).reshape(-1)
+    return [float(v) for v in flat] if t.dtype.is_float else [int(v) for v in flat.astype(np.int64)]
+
+
 def check_position_ids(ident: Identity, tensors: Mapping[str, LazyTensor]) -> None:
     for key, t in tensors.items():
         if not key.endswith(POSITION_IDS_SUFFIX) or t.numel == 0 or t.numel > 4096:
             continue
         try:
-            values = np.asarray(t.read()).reshape(-1)
+            values = _small_values(t)
         except Exception as e:  # a damaged tensor is itself a finding, not a crash
             _add(ident, "clip_position_ids_unreadable", "warning", key=key, error=str(e))
             continue
-        expected = np.arange(values.size)
         if t.dtype.is_float:
-            as_f = values.astype(np.float64)
-            damaged = [int(i) for i in np.nonzero(np.floor(as_f) != expected)[0]]
+            as_f = [float(v) for v in values]
+            damaged = [i for i, v in enumerate(as_f) if not math.isfinite(v) or math.floor(v) != i]
             _add(ident, "clip_position_ids_float", "error" if damaged else "warning", key=key, dtype=t.dtype.short,
-                 damaged_positions=damaged, examples={str(i): float(as_f[i]) for i in damaged[:5]})
-        elif not np.array_equal(values.astype(np.int64), expected):
-            damaged = [int(i) for i in np.nonzero(values.astype(np.int64) != expected)[0]]
-            _add(ident, "clip_position_ids_shifted", "error", key=key, dtype=t.dtype.short, damaged_positions=damaged,
-                 examples={str(i): int(values[i]) for i in damaged[:5]})
+                 damaged_positions=damaged, examples={str(i): as_f[i] for i in damaged[:5]})
+        else:
+            as_i = [int(v) for v in values]
+            damaged = [i for i, v in enumerate(as_i) if v != i]
+            if damaged:
+                _add(ident, "clip_position_ids_shifted", "error", key=key, dtype=t.dtype.short, damaged_positions=damaged,
+                     examples={str(i): as_i[i] for i in damaged[:5]})
 
 
 def check_old_clip_keys(ident: Identity, keys) -> None:
@@ -163,6 +191,8 @@ def check_unidentified(ident: Identity) -> None:
 
 def check_non_finite(ident: Identity, tensors: Mapping[str, LazyTensor], chunk_elems: int = 1 << 24) -> None:
     """--deep: every float tensor scanned for inf/NaN, in chunks (peak memory ~ one chunk)."""
+    import numpy as np
+
     bad: Dict[str, int] = {}
     for key, t in tensors.items():
         if not t.dtype.is_float or t.numel == 0:

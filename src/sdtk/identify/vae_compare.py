@@ -3,9 +3,10 @@ dtypes (an fp32 reference equals an fp16 baked copy when rounding it to fp16 giv
 bits) and key prefixes (bare, first_stage_model., vae.). Streams: one tensor pair at a time."""
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
 
 from sdtk.architectures import vae_keys
 from sdtk.formats import open_model
@@ -34,10 +35,14 @@ def _diffusers_vae_as_ldm(tensors: Mapping[str, LazyTensor], path: str) -> Dict[
 
 
 def _to_f32(a: np.ndarray) -> np.ndarray:
+    import numpy as np
+
     return np.asarray(a).astype(np.float32)
 
 
 def compare_vae(tensors: Mapping[str, LazyTensor], baked: Optional[Component], ref_path: str) -> Dict[str, Any]:
+    import numpy as np
+
     result: Dict[str, Any] = {"reference": ref_path}
     if baked is None:
         result.update(verdict="no-baked-vae", message_key="vae.no_baked_vae")

@@ -4,9 +4,10 @@ from __future__ import annotations
 import os
 from typing import List
 
+from rich.cells import cell_len
 from rich.console import Group
 from rich.table import Table
-from sdtk.untrusted import TerminalText as Text  # untrusted names reach the terminal as text
+from sdtk.report.terminal_text import TerminalText as Text  # untrusted names reach the terminal as text
 
 from sdtk.identify.model import Identity
 from sdtk.report.fields import human_bytes, human_count, join, prepare, title_of
@@ -21,6 +22,60 @@ def _t(key: str, lang: str, /, **fields) -> str:
 
 def _row(rows: Table, label: str, value: str) -> None:
     rows.add_row(Text(label, style="bold"), Text(value))  # Text: names like "FLUX.1 [dev]" are not markup
+
+
+# Reports fit the terminal: long lines wrap with a hanging indent (the text column of a grid wraps
+# even on a soft-wrapping console), long key prefixes are shortened in the middle.
+MIN_PREFIX_WIDTH = 8  # narrower than this, the prefix column is left out
+GAP = 2  # cells between two columns of the component table
+
+
+def shorten_middle(value: str, width: int) -> str:
+    """`value` in at most `width` cells, its middle replaced by an ellipsis when too long."""
+    if cell_len(value) <= width:
+        return value
+    if width <= 1:
+        return "…"[:width]
+    head, tail = value[: (width - 1 + 1) // 2], value[len(value) - (width - 1) // 2:] if (width - 1) // 2 else ""
+    while cell_len(head) + cell_len(tail) + 1 > width and head:
+        head = head[:-1]
+    return head + "…" + tail
+
+
+def hanging(lead: str, body, lead_style: str = "", body_style: str = "") -> Table:
+    """`lead` then `body`; when `body` wraps, its next lines start under its first character."""
+    grid = Table.grid()
+    if lead:
+        grid.add_column(no_wrap=True)
+    grid.add_column(overflow="fold")
+    body = body if isinstance(body, Text) else Text(str(body), style=body_style)
+    grid.add_row(*([Text(lead, style=lead_style)] if lead else []), body)
+    return grid
+
+
+class ComponentTable:
+    """The component rows, laid out for the width they are printed at: labels never break, the key
+    prefix is shortened in the middle (and left out when the terminal is too narrow)."""
+
+    def __init__(self, rows: List[tuple]):
+        self.rows = rows  # (label, prefix, keys, parameters, dtypes, bytes), strings
+
+    def __rich_console__(self, console, options):
+        width = options.max_width
+        widths = [max((cell_len(r[i]) for r in self.rows), default=0) for i in range(6)]
+        shown = [0, 2, 3, 4, 5]  # label, keys, parameters, dtypes, bytes; the prefix if it fits
+        budget = width - sum(widths[i] for i in shown) - GAP * len(shown)
+        if budget >= MIN_PREFIX_WIDTH:
+            shown.insert(1, 1)
+        elif sum(widths[i] for i in shown) + GAP * (len(shown) - 1) > width:
+            shown.remove(2)  # still too narrow: the tensor count goes too
+        table = Table(show_header=False, box=None, padding=(0, GAP // 2), pad_edge=False)
+        for i in shown:
+            table.add_column(no_wrap=True, justify="right" if i in (2, 5) else "left")
+        for row in self.rows:
+            cells = [shorten_middle(row[1], budget) if i == 1 else row[i] for i in shown]
+            table.add_row(*map(Text, cells))
+        yield table
 
 
 def what_it_is(ident: Identity, lang: str) -> str:
@@ -56,9 +111,15 @@ def summary_line(ident: Identity, lang: str = "en", name: str = "") -> str:
     return f"{mark:>3}  {name}  {what}  {ident.precision}  {human_bytes(ident.file_size)}"
 
 
+def listing_line(ident: Identity, lang: str = "en", name: str = "") -> Table:
+    """`summary_line` as a renderable that wraps under the file name when the terminal is narrow."""
+    mark, _, rest = summary_line(ident, lang, name).partition("  ")
+    return hanging(f"{mark}  ", rest)
+
+
 def render_identity(ident: Identity, lang: str = "en", verbose: bool = False) -> Group:
     parts: List = []
-    parts.append(Text(ident.path, style="bold"))
+    parts.append(hanging("", Text(ident.path, style="bold")))
     rows = Table.grid(padding=(0, 2))
     rows.add_column(no_wrap=True)
     rows.add_column()
@@ -92,41 +153,37 @@ def render_identity(ident: Identity, lang: str = "en", verbose: bool = False) ->
     parts.append(rows)
     if ident.components:
         parts.append(Text(_t("label.components", lang), style="bold"))
-        table = Table(show_header=False, box=None, padding=(0, 2), pad_edge=False)
-        for _ in range(6):
-            table.add_column()
+        rows = []
         for name, c in ident.components.items():
-            table.add_row(*map(Text, ("  " + _component_label(name, c.model, lang), c.prefix or "-", f"{len(c.keys) if c.keys else '':>5}",
-                          human_count(c.parameters), join(sorted(c.dtypes, key=lambda d: -c.dtypes[d])), human_bytes(c.bytes))))
+            rows.append(("  " + _component_label(name, c.model, lang), c.prefix or "-", f"{len(c.keys) if c.keys else ''}",
+                         human_count(c.parameters), join(sorted(c.dtypes, key=lambda d: -c.dtypes[d])), human_bytes(c.bytes)))
+        parts.append(ComponentTable(rows))
         if ident.missing_components:
             note = _t("label.missing" if ident.kind == "checkpoint" else "label.separate", lang)
             for name in ident.missing_components:
-                table.add_row(Text("  " + _component_label(name, None, lang)), Text(f"({note})"), "", "", "", "")
-        parts.append(table)
+                parts.append(hanging("  ", Text(f"{_component_label(name, None, lang)} ({note})")))
     if ident.unknown_summary:
         parts.append(Text(_t("label.unknown", lang), style="bold"))
         for g in ident.unknown_summary["prefixes"]:
-            parts.append(Text("  " + _t("unknown.prefix", lang, prefix=g["prefix"], tensors=g["tensors"], params_h=human_count(g["parameters"]),
-                                         dtypes=join(g["dtypes"]))))
+            parts.append(hanging("  ", _t("unknown.prefix", lang, prefix=g["prefix"], tensors=g["tensors"], params_h=human_count(g["parameters"]),
+                                          dtypes=join(g["dtypes"]))))
         for t in ident.unknown_summary["largest_tensors"][:5]:
-            parts.append(Text("  " + _t("unknown.largest", lang, key=t["key"], shape=t["shape"], dtype=t["dtype"])))
+            parts.append(hanging("  ", _t("unknown.largest", lang, key=t["key"], shape=t["shape"], dtype=t["dtype"])))
     parts.append(Text(_t("label.problems", lang), style="bold"))
     shown = [p for p in ident.problems if verbose or p.severity != "info" or p.code in ("training_state", "sdxl_vae_fp16", "extra_keys", "unknown_keys", "needs_config_yaml")]
     if not shown:
-        parts.append(Text("  " + _t("label.no_problems", lang), style="green"))
+        parts.append(hanging("  ", _t("label.no_problems", lang), body_style="green"))
     for p in shown:
         mark, style = SEVERITY_STYLE.get(p.severity, ("?", ""))
-        line = Text(f"  {mark} ", style=style)
-        line.append(_t(p.message_key, lang, **prepare(p.details, lang)))
-        parts.append(line)
+        parts.append(hanging(f"  {mark} ", _t(p.message_key, lang, **prepare(p.details, lang)), lead_style=style))
     if ident.advice:
         parts.append(Text(_t("label.advice", lang), style="bold"))
         for a in ident.advice:
-            parts.append(Text("  • " + _t(a.message_key, lang, **prepare(a.details, lang))))
+            parts.append(hanging("  • ", _t(a.message_key, lang, **prepare(a.details, lang))))
     if verbose and ident.notes:
         parts.append(Text(_t("label.notes", lang), style="bold"))
         for n in ident.notes:
-            parts.append(Text("  " + n, style="dim"))
+            parts.append(hanging("  ", n, body_style="dim"))
     return Group(*parts)
 
 

@@ -333,7 +333,13 @@ def build_alias_table(shapes: Mapping[str, Shape]) -> AliasTable:
                         if hit.group(2) == bfl:
                             add(f"double_blocks.{hit.group(1)}.{xlabs}", Target(*unet[m]))
     _add_text_encoders(modules, shapes, add)
+    for m, (w, b) in modules.items():  # any module by its own path (raw PEFT dumps, full-key LoRAs)
+        if m not in names and m not in ambiguous:
+            add(m, Target(w, b, component="te1" if name_component(m) == "te" or m.startswith(_TE_KEY_PREFIXES) else "unet"))
     return AliasTable(names, ambiguous, family, unet_prefix)
+
+
+_TE_KEY_PREFIXES = ("cond_stage_model.", "conditioner.", "text_encoders.")
 
 
 def _unet_family(unet: Mapping[str, object]) -> Optional[str]:

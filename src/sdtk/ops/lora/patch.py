@@ -29,7 +29,7 @@ def module_scale(m: Module, peft: Dict[str, object]) -> float:
         ranks = [m.parts[r].shape[0] if r in m.parts else None for r in ("lokr_w1_b", "lokr_w2_b")]
         return M.lokr_scale(alpha, *ranks)
     rank = m.rank or 0
-    if alpha is None and peft and m.kind in ("lora", "locon"):
+    if alpha is None and peft and m.kind in ("lora", "locon", "loha"):
         lora_alpha, r = peft.get("lora_alpha"), peft.get("r")
         for pat, val in (peft.get("alpha_pattern") or {}).items():
             if m.name.endswith(pat):

@@ -87,7 +87,7 @@ def _lycoris_case(kind):
         "tucker": (LoConModule, {"use_tucker": True}),
         "loha": (LohaModule, {}),
         "loha-tucker": (LohaModule, {"use_tucker": True}),
-        "lokr": (LokrModule, {"factor": 4}),
+        "lokr": (LokrModule, {"factor": 4, "lora_dim": 2}),  # w2 factorised (lora_dim < max(w2 dims) / 2)
         "lokr-full": (LokrModule, {"factor": 4, "decompose_both": False, "full_matrix": True}),
         "dora": (LoConModule, {"weight_decompose": True}),
         "loha-dora": (LohaModule, {"weight_decompose": True}),
@@ -104,7 +104,8 @@ def test_lycoris_forward(tmp, cli, kind, multiplier):
     wrapped = {}
     for name in ("lin", "conv3"):
         org = getattr(model, name)
-        mod = cls(f"lora_unet_{name}", org, multiplier, lora_dim=4, alpha=2, **opts)
+        opts = {"lora_dim": 4, **opts}
+        mod = cls(f"lora_unet_{name}", org, multiplier, alpha=1.5, **opts)
         _randomise(mod, ["lora_", "hada_", "lokr_", "dora_scale", "t1", "t2"], seed=len(name))
         if hasattr(mod, "dora_scale"):
             with torch.no_grad():
@@ -113,6 +114,8 @@ def test_lycoris_forward(tmp, cli, kind, multiplier):
         wrapped[name] = (org, mod)
         for k, v in mod.custom_state_dict().items() if hasattr(mod, "custom_state_dict") else mod.state_dict().items():
             lora[f"{name}.{k}"] = v.detach().float().numpy().copy()
+    if kind == "lokr":
+        assert any(k.endswith("lokr_w2_a") for k in lora), sorted(lora)
     lora_path = write_tensors(tmp / "lyco.safetensors", lora)
     out = tmp / "out.safetensors"
     r = cli("lora", "apply", base_path, f"{lora_path}:{multiplier}", "-o", out, "--dora", "lycoris")

@@ -40,30 +40,33 @@ class LoraInput:
 
 
 def parse_lora_argument(text: str) -> LoraInput:
-    """`path`, `path:0.8` or `path:0.8:0.5`; a path that exists as given wins over the split."""
+    """`path`, `path:0.8` or `path:0.8:0.5`. The path is the longest `:`-joined prefix that names
+    an existing file (paths may hold colons); what follows must be one or two finite numbers."""
     if os.path.exists(text):
         return LoraInput(text)
-    parts = text.rsplit(":", 2)
-    numbers: List[float] = []
-    while len(parts) > 1:
-        try:
-            value = float(parts[-1])
-        except ValueError:
+    parts = text.split(":")
+    for n in (1, 2):
+        if len(parts) > n and os.path.exists(":".join(parts[:-n])):
+            path, extra = ":".join(parts[:-n]), parts[-n:]
             break
+    else:
+        numbers = [p for p in parts[-2:] if _number(p) is not None]
+        path = ":".join(parts[: len(parts) - len(numbers)]) if numbers and len(parts) > len(numbers) else text
+        raise SdtkError(path, "no such file")
+    values = [_number(x) for x in extra]
+    for raw, value in zip(extra, values):
+        if value is None:
+            raise UsageError(None, f"{text!r}: strength {raw!r} is not a number; strengths must be numbers (LORA[:STRENGTH[:TE_STRENGTH]])")
         if not np.isfinite(value):
-            raise UsageError(None, f"{text!r}: strength {parts[-1]!r} is not a finite number")
-        numbers.insert(0, value)
-        parts.pop()
-    path = ":".join(parts)
-    rest = text[len(path) + 1:]
-    if rest and len(numbers) != len(rest.split(":")):
-        raise UsageError(None, f"{text!r}: strengths must be numbers (LORA[:STRENGTH[:TE_STRENGTH]])")
-    if len(numbers) == 0 and ":" in text and not os.path.exists(path):
-        bad = text.rsplit(":", 1)[1]
-        if not os.path.exists(text.rsplit(":", 1)[0]):
-            raise SdtkError(text, "no such file")
-        raise UsageError(None, f"{text!r}: strength {bad!r} is not a number (LORA[:STRENGTH[:TE_STRENGTH]])")
-    return LoraInput(path, numbers[0] if numbers else 1.0, numbers[1] if len(numbers) > 1 else None)
+            raise UsageError(None, f"{text!r}: strength {raw!r} is not a finite number")
+    return LoraInput(path, values[0], values[1] if len(values) > 1 else None)
+
+
+def _number(text: str) -> Optional[float]:
+    try:
+        return float(text)
+    except ValueError:
+        return None
 
 
 @dataclass
@@ -184,7 +187,6 @@ def check_reports(reports: Sequence[LoraReport], base_label: str, allow_unmatche
     """Refuse a LoRA that matches nothing, only the text encoder of this base, or (without
     --allow-unmatched) leaves modules unmatched."""
     for rep in reports:
-        name = os.path.basename(rep.file)
         made_for = f"{rep.base_guess} LoRA" if rep.base_guess else "LoRA"
         if rep.modules == 0:
             raise SdtkError(rep.file, "has no adapter modules (is it a LoRA?)")
@@ -201,8 +203,10 @@ def check_reports(reports: Sequence[LoraReport], base_label: str, allow_unmatche
                 raise SdtkError(rep.file, msg + "; --allow-unmatched to apply it anyway")
         elif rep.unmatched and not allow_unmatched:
             m, why = rep.unmatched[0]
+            shape = sum(1 for _, w in rep.unmatched if w.startswith("shape mismatch"))
+            hint = f"; this {made_for} may be for another architecture" if rep.base_guess and shape else ""
             raise SdtkError(rep.file, f"{len(rep.unmatched)} of {rep.modules} modules do not match {base_label} "
-                                      f"(e.g. {m}: {why}); --allow-unmatched applies the rest ({name})")
+                                      f"({shape} by shape; e.g. {m}: {why}){hint}; --allow-unmatched applies the rest")
 
 
 # ---------------------------------------------------------------------------------------------

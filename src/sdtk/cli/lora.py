@@ -1,0 +1,85 @@
+"""`sdtk lora ...` (thin: arguments -> sdtk.ops.lora)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+from sdtk.cli.common import console, err_console, print_json
+from sdtk.errors import UsageError
+
+lora_app = typer.Typer(name="lora", help="Bake LoRA / LyCORIS adapters into models (exact, streaming).",
+                       no_args_is_help=True, context_settings={"help_option_names": ["-h", "--help"]})
+
+
+def _progress(enabled: bool) -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                    TimeRemainingColumn(), console=err_console, transient=True, disable=not enabled)
+
+
+def _short(items, n=5) -> str:
+    items = list(items)
+    return ", ".join(items[:n]) + (" ..." if len(items) > n else "")
+
+
+@lora_app.command("apply")
+def apply_cmd(
+    base: Path = typer.Argument(..., help="Checkpoint or stand-alone UNet/DiT file to bake into."),
+    loras: List[str] = typer.Argument(..., help="LORA[:STRENGTH[:TE_STRENGTH]] (repeatable; applied in order)."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Output .safetensors file."),
+    allow_unmatched: bool = typer.Option(False, "--allow-unmatched", help="Apply what matches; list what is skipped."),
+    dora: str = typer.Option("comfyui", "--dora", help="DoRA strength convention: comfyui (= A1111) or lycoris."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Match and check only; write nothing."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
+    json_out: bool = typer.Option(False, "--json", help="Print a JSON summary."),
+) -> int:
+    """Bake LoRAs into BASE: touched tensors computed in fp32 and cast once, the rest copied byte for byte."""
+    from sdtk.ops.lora.apply import parse_lora_argument
+    from sdtk.ops.lora.bake import bake
+
+    if output is None and not dry_run:
+        raise UsageError(None, "give the output file with -o OUT.safetensors (or --dry-run)")
+    if output is not None and not str(output).endswith(".safetensors"):
+        raise UsageError(output, "the output must be a .safetensors file")
+    specs = [parse_lora_argument(a) for a in loras]
+    progress = _progress(not json_out and err_console.is_terminal)
+    state = {}
+
+    def on_start(plan):
+        state["task"] = progress.add_task(f"baking -> {output.name}", total=sum(t.nbytes for t in plan))
+
+    def on_tensor(t, done):
+        progress.update(state["task"], completed=done)
+
+    with progress:
+        result = bake(str(base), specs, str(output) if output else None, allow_unmatched=allow_unmatched,
+                      overwrite=overwrite, dora_convention=dora, dry_run=dry_run, on_start=on_start, on_tensor=on_tensor)
+    if json_out:
+        print_json(result.as_dict())
+        return 0
+    if result.output:
+        console.print(f"wrote {result.output} ({result.tensors} tensors, {result.bytes:,} bytes): "
+                      f"{result.computed} changed, {result.copied} copied unchanged")
+    else:
+        console.print(f"dry run on {os.path.basename(result.base)} ({result.base_title}): {result.computed} tensors would change")
+    for rep in result.loras:
+        kinds = ", ".join(f"{v} {k}" for k, v in rep.kinds.most_common())
+        comps = ", ".join(f"{k} {v}" for k, v in sorted(rep.components.items()))
+        made = f" [{rep.base_guess}]" if rep.base_guess else ""
+        console.print(f"  {os.path.basename(rep.file)}{made} x{rep.strength:g} (te x{rep.te_strength:g}): "
+                      f"{rep.matched} of {rep.modules} modules ({kinds}; {comps})")
+        if rep.unmatched:
+            console.print(f"    skipped {len(rep.unmatched)}: " + _short(f"{m} ({why})" for m, why in rep.unmatched))
+        if rep.ignored:
+            console.print(f"    not model weights (bundled embeddings): {len(rep.ignored)}")
+    if result.overflow:
+        console.print(f"  warning: {sum(result.overflow.values())} values did not fit {len(result.overflow)} tensors' dtype "
+                      f"(became inf / were clipped): {_short(result.overflow)}")
+    return 0
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(lora_app, name="lora")

@@ -1,0 +1,127 @@
+"""`lora apply` end to end: open, plan, refuse or write, with the lineage record."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence
+
+from sdtk import __version__
+from sdtk.architectures.lora_keys import build_alias_table
+from sdtk.errors import SdtkError, UsageError
+from sdtk.fileio import check_output_path
+from sdtk.formats import open_model
+from sdtk.formats.safetensors import write_safetensors
+from sdtk.ops.lineage import LINEAGE_KEY, lineage_value, with_output_hash
+from sdtk.ops.lora.adapters import read_adapter
+from sdtk.ops.lora.apply import (ApplyStats, LoraInput, LoraReport, apply_plan, check_finite_adapters, check_reports,
+                                 lora_file_facts, plan_patches)
+
+DORA_CONVENTIONS = ("comfyui", "lycoris")
+
+
+@dataclass
+class BakeResult:
+    output: Optional[str]
+    base: str
+    base_title: str
+    bytes: int
+    tensors: int
+    computed: int
+    copied: int
+    loras: List[LoraReport]
+    overflow: Dict[str, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return {"output": self.output, "base": self.base, "base_architecture": self.base_title, "bytes": self.bytes,
+                "tensors": self.tensors, "computed": self.computed, "copied": self.copied,
+                "overflow": self.overflow, "loras": [r.as_dict() for r in self.loras]}
+
+
+class _Lineage:
+    """One `sdtk.lineage` step: the base, and each LoRA with its name, hashes and strengths."""
+
+    def __init__(self, base: str, size: int, loras: List[dict], dora_convention: str):
+        self.base, self.size, self.loras, self.dora = base, size, loras, dora_convention
+
+    def as_dict(self) -> dict:
+        ops = [f"lora apply {l['file']} strength {l['strength']} te {l['te_strength']}" for l in self.loras]
+        return {"tool": f"sdtk {__version__}", "source": self.base, "source_size": self.size,
+                "operations": ops, "loras": self.loras, "dora_convention": self.dora}
+
+
+def bake(base_path: str, loras: Sequence[LoraInput], dest: Optional[str], *, allow_unmatched: bool = False,
+         overwrite: bool = False, dora_convention: str = "comfyui", dry_run: bool = False,
+         on_start: Optional[Callable] = None, on_tensor: Optional[Callable] = None) -> BakeResult:
+    """Bake `loras` into `base_path` and write `dest` (nothing written when refused or dry_run)."""
+    from sdtk.ops.merge.arch import describe
+
+    if dora_convention not in DORA_CONVENTIONS:
+        raise UsageError(None, f"--dora must be one of {', '.join(DORA_CONVENTIONS)}")
+    if not loras:
+        raise UsageError(None, "give at least one LoRA")
+    for spec in loras:
+        if not os.path.exists(spec.path):
+            raise SdtkError(spec.path, "no such file")
+    if not os.path.exists(base_path):
+        raise SdtkError(base_path, "no such file")
+    if dest is not None and not dry_run:
+        check_output_path(dest, [base_path] + [s.path for s in loras], overwrite)
+    cats = []
+    try:
+        base = open_model(base_path)
+        cats.append(base)
+        _, base_title = describe(base)
+        shapes = {k: tuple(t.shape) for k, t in base.tensors.items()}
+        table = build_alias_table(shapes)
+        adapters = []
+        for spec in loras:
+            cat = open_model(spec.path)
+            cats.append(cat)
+            adapters.append((spec, read_adapter(cat.tensors, cat.metadata)))
+        patches, reports = plan_patches(shapes, adapters, table)
+        for rep, cat in zip(reports, cats[1:]):
+            rep.base_guess = _lora_base_label(cat)
+        check_reports(reports, f"{os.path.basename(base_path)} ({base_title})", allow_unmatched)
+        check_finite_adapters(adapters, patches)
+        stats = ApplyStats()
+        plan = apply_plan(base, patches, [a.peft_config for _, a in adapters], [s.path for s in loras], dora_convention, stats)
+        if dry_run or dest is None:
+            return BakeResult(None, base_path, base_title, 0, len(plan), stats.computed, stats.copied, reports)
+        for rep in reports:
+            rep.hashes = lora_file_facts(rep.file)
+        lineage = _Lineage(os.path.basename(base_path), os.path.getsize(base_path),
+                           [{"file": os.path.basename(r.file), "sha256": r.hashes["sha256"], "autov3": r.hashes["autov3"],
+                             "strength": r.strength, "te_strength": r.te_strength, "matched": r.matched,
+                             "modules": r.modules} for r in reports], dora_convention)
+        meta = with_output_hash(dict(base.metadata), None)
+        meta[LINEAGE_KEY] = lineage_value(base.metadata.get(LINEAGE_KEY), lineage)
+        if on_start is not None:
+            on_start(plan)
+        n = write_safetensors(dest, plan, meta, inputs=[base_path] + [s.path for s in loras], overwrite=overwrite,
+                              on_tensor=on_tensor)
+        return BakeResult(os.fspath(dest), base_path, base_title, n, len(plan), stats.computed, stats.copied, reports,
+                          dict(stats.overflow))
+    finally:
+        for c in cats:
+            c.close()
+
+
+def _lora_base_label(cat) -> Optional[str]:
+    """"SDXL", "SD1" ... as the LoRA's keys, shapes or metadata say (identify's adapter analysis)."""
+    try:
+        from sdtk.identify.adapters import analyse_lora
+
+        info = analyse_lora(cat.tensors, "lora", cat.metadata)
+        arch = info.get("base_architecture")
+    except Exception:  # a label for messages only
+        return None
+    return ARCH_LABELS.get(arch, arch) if arch else None
+
+
+# ModelSpec architecture ids -> short names in messages. Source: kohya library/sai_model_spec.py.
+ARCH_LABELS = {
+    "stable-diffusion-v1": "SD1", "stable-diffusion-v2-512": "SD2", "stable-diffusion-v2-768-v": "SD2",
+    "stable-diffusion-v2": "SD2", "stable-diffusion-xl-v1-base": "SDXL", "flux-1-dev": "FLUX.1", "flux-1-schnell": "FLUX.1",
+    "stable-diffusion-3-medium": "SD3", "stable-diffusion-3": "SD3", "stable-diffusion-v3-medium": "SD3",
+    "stable-diffusion-xl-v1-refiner": "SDXL refiner",
+}

@@ -1,0 +1,193 @@
+"""`sdtk lora apply`: naming conventions on real layouts (SDXL SGM + OpenCLIP in_proj slices,
+kohya FLUX fused names, XLabs), the refusals (another architecture, nothing matches, unmatched
+modules, NaN, bad strengths, hostile pickles), lineage, and several LoRAs in order."""
+from __future__ import annotations
+
+import json
+import pickle
+
+import numpy as np
+import pytest
+
+from helpers_lora import lora_family, write_tensors
+from helpers_merge import make_model, metadata, tensors
+
+SDXL_TE2 = "conditioner.embedders.1.model.transformer.resblocks."
+
+
+def _lora_for(base, modules, rng, kind="lora", **opts):
+    """{module name: checkpoint weight key} -> adapter tensors sized for that weight."""
+    out = {}
+    for name, key in modules.items():
+        shape = base[key].shape
+        out.update(lora_family(name, kind, shape, rng, **opts))
+    return out
+
+
+def _delta(lora, name, scale=0.5):  # up @ down * alpha / rank (alpha 2, rank 4)
+    up, down = lora[name + ".lora_up.weight"], lora[name + ".lora_down.weight"]
+    return (up.reshape(up.shape[0], -1) @ down.reshape(down.shape[0], -1)) * scale
+
+
+def _same(got, want32):
+    """fp32 maths cast once to the base's dtype: equal to the float32 formula within one rounding of
+    the summation order (numpy's matmul may sum differently than the test's)."""
+    want = want32.astype(got.dtype)
+    ulp = np.abs(np.spacing(want.astype(np.float32)))
+    assert np.all(np.abs(got.astype(np.float32) - want.astype(np.float32)) <= np.maximum(ulp, 1e-7))
+
+
+def test_sdxl_sgm_names_and_openclip_slices(tmp, cli):
+    base_path = make_model(tmp, "xl", "sdxl-base", scale=16)
+    base = tensors(base_path)
+    rng = np.random.default_rng(1)
+    # OpenCLIP in_proj rows are [q; k; v] (A1111 network_apply_weights vstacks q, k, v updates)
+    q = "lora_te2_text_model_encoder_layers_3_self_attn_q_proj"
+    v = "lora_te2_text_model_encoder_layers_3_self_attn_v_proj"
+    inproj = SDXL_TE2 + "3.attn.in_proj_weight"
+    third = base[inproj].shape[0] // 3
+    lora = {}
+    for name in (q, v):
+        lora.update(lora_family(name, "lora", (third, base[inproj].shape[1]), rng))
+    fc1 = "lora_te2_text_model_encoder_layers_3_mlp_fc1"
+    lora.update(lora_family(fc1, "lora", base[SDXL_TE2 + "3.mlp.c_fc.weight"].shape, rng))
+    proj = "lora_te2_text_projection"  # OpenCLIP x @ P: the HF-named update applies transposed
+    lora.update(lora_family(proj, "lora", base["conditioner.embedders.1.model.text_projection"].shape, rng))
+    te1 = "lora_te1_text_model_encoder_layers_0_self_attn_k_proj"
+    lora.update(lora_family(te1, "lora", base["conditioner.embedders.0.transformer.text_model.encoder.layers.0.self_attn.k_proj.weight"].shape, rng))
+    unet = "lora_unet_input_blocks_4_1_transformer_blocks_1_attn2_to_k"
+    ukey = "model.diffusion_model.input_blocks.4.1.transformer_blocks.1.attn2.to_k.weight"
+    lora.update(lora_family(unet, "lora", base[ukey].shape, rng))
+    diffusers_name = "unet.down_blocks.2.attentions.1.transformer_blocks.3.ff.net.2"
+    dkey = "model.diffusion_model.input_blocks.8.1.transformer_blocks.3.ff.net.2.weight"
+    lora.update(lora_family(diffusers_name, "lora", base[dkey].shape, rng))
+    lora_path = write_tensors(tmp / "xl_lora.safetensors", lora, {"ss_base_model_version": "sdxl_base_v1-0"})
+    out = tmp / "out.safetensors"
+    r = cli("lora", "apply", base_path, f"{lora_path}:1.5:0.5", "-o", out, "--json")
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    assert summary["loras"][0]["matched"] == 7 and summary["computed"] == 6
+    got = tensors(out)
+    want = base[inproj].astype(np.float32).copy()
+    want[:third] += 0.5 * _delta(lora, q)
+    want[2 * third:] += 0.5 * _delta(lora, v)
+    _same(got[inproj], want)
+    P = "conditioner.embedders.1.model.text_projection"
+    _same(got[P], base[P].astype(np.float32) + 0.5 * _delta(lora, proj).T)
+    _same(got[ukey], base[ukey].astype(np.float32) + 1.5 * _delta(lora, unet))
+    _same(got[dkey], base[dkey].astype(np.float32) + 1.5 * _delta(lora, diffusers_name))
+    lineage = json.loads(metadata(out)["sdtk.lineage"])[-1]
+    assert lineage["loras"][0]["file"] == "xl_lora.safetensors"
+    assert lineage["loras"][0]["strength"] == 1.5 and lineage["loras"][0]["te_strength"] == 0.5
+    assert len(lineage["loras"][0]["sha256"]) == 64 and lineage["loras"][0]["matched"] == 7
+
+
+def test_kohya_flux_fused_names_and_xlabs(tmp, cli):
+    base_path = make_model(tmp, "flux", "flux1-dev", scale=32)
+    base = tensors(base_path)
+    rng = np.random.default_rng(2)
+    mods = {"lora_unet_double_blocks_0_img_attn_qkv": "model.diffusion_model.double_blocks.0.img_attn.qkv.weight",
+            "lora_unet_single_blocks_3_linear1": "model.diffusion_model.single_blocks.3.linear1.weight",
+            "double_blocks.1.processor.proj_lora2": "model.diffusion_model.double_blocks.1.txt_attn.proj.weight"}
+    lora = {}
+    for name, key in mods.items():
+        t = lora_family(name, "lora", base[key].shape, rng)
+        if name.startswith("double_blocks."):  # XLabs: `.down.weight` / `.up.weight`, no alpha
+            t = {k.replace(".lora_down.", ".down.").replace(".lora_up.", ".up."): v for k, v in t.items() if not k.endswith(".alpha")}
+        lora.update(t)
+    lora_path = write_tensors(tmp / "f.safetensors", lora)
+    out = tmp / "out.safetensors"
+    assert cli("lora", "apply", base_path, lora_path, "-o", out).returncode == 0
+    got = tensors(out)
+    for name, key in mods.items():
+        s = 1.0 if name.startswith("double_blocks.") else 0.5
+        down = lora.get(name + ".lora_down.weight", lora.get(name + ".down.weight"))
+        up = lora.get(name + ".lora_up.weight", lora.get(name + ".up.weight"))
+        _same(got[key], base[key].astype(np.float32) + s * up @ down)
+
+
+def test_several_loras_in_order_and_untouched_bytes(tmp, cli):
+    base_path = make_model(tmp, "sd", "sd15-emaonly", scale=8, dtype="float16")
+    base = tensors(base_path)
+    rng = np.random.default_rng(3)
+    key = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight"
+    name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    a = write_tensors(tmp / "a.safetensors", lora_family(name, "lora", base[key].shape, rng))
+    b_t = lora_family(name, "lora", base[key].shape, rng)
+    b = write_tensors(tmp / "b.safetensors", b_t)
+    out = tmp / "out.safetensors"
+    r = cli("lora", "apply", base_path, f"{a}:0.5", f"{b}:-1", "-o", out)
+    assert r.returncode == 0, r.stderr
+    got = tensors(out)
+    a_t = tensors(a)
+    want = base[key].astype(np.float32) + 0.5 * _delta(a_t, name) - _delta(b_t, name)
+    assert got[key].dtype == np.float16
+    assert np.array_equal(got[key], want.astype(np.float16))  # fp32 maths, one cast
+    for k in base:
+        if k != key:
+            assert got[k].tobytes() == base[k].tobytes()
+
+
+def test_refuses_another_architecture(tmp, cli):
+    sd1 = make_model(tmp, "sd1", "sd15-emaonly", scale=8)
+    xl = tensors(make_model(tmp, "xl", "sdxl-base", scale=8))
+    rng = np.random.default_rng(4)
+    mods = {"lora_te1_text_model_encoder_layers_0_self_attn_q_proj": "conditioner.embedders.0.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight",
+            "lora_unet_input_blocks_7_1_transformer_blocks_4_attn1_to_q": "model.diffusion_model.input_blocks.7.1.transformer_blocks.4.attn1.to_q.weight",
+            "lora_unet_middle_block_1_transformer_blocks_2_attn2_to_k": "model.diffusion_model.middle_block.1.transformer_blocks.2.attn2.to_k.weight"}
+    lora_path = write_tensors(tmp / "xl_lora.safetensors", _lora_for(xl, mods, rng), {"ss_base_model_version": "sdxl_base_v1-0"})
+    out = tmp / "out.safetensors"
+    r = cli("lora", "apply", sd1, lora_path, "-o", out)
+    assert r.returncode == 2 and not out.exists()
+    assert "SDXL LoRA" in r.stderr and "only its text-encoder part would apply" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    flux = make_model(tmp, "flux", "flux1-dev", scale=32)
+    r = cli("lora", "apply", flux, lora_path, "-o", out)
+    assert r.returncode == 2 and "matches none" in r.stderr and not out.exists()
+    r = cli("lora", "apply", sd1, lora_path, "-o", out, "--allow-unmatched")  # the user insists: TE only
+    assert r.returncode == 0 and "skipped 2" in r.stdout
+
+
+def test_bad_inputs(tmp, cli):
+    torch = pytest.importorskip("torch")
+    base_path = make_model(tmp, "sd", "sd15-emaonly", scale=8)
+    base = tensors(base_path)
+    key = "model.diffusion_model.input_blocks.1.1.proj_in.weight"
+    name = "lora_unet_down_blocks_0_attentions_0_proj_in"
+    t = lora_family(name, "lora", base[key].shape, np.random.default_rng(5))
+    good = write_tensors(tmp / "good.safetensors", t)
+    out = tmp / "out.safetensors"
+    for arg, words in ((f"{good}:strong", "not a number"), (f"{good}:1:x", "must be numbers"), (f"{good}:nan", "finite"),
+                       (str(tmp / "missing.safetensors"), "no such file")):
+        r = cli("lora", "apply", base_path, arg, "-o", out)
+        assert r.returncode == 2 and words in r.stderr and not out.exists(), (arg, r.stderr)
+    bad = dict(t)
+    bad[name + ".lora_up.weight"] = bad[name + ".lora_up.weight"].copy()
+    bad[name + ".lora_up.weight"][0, 0] = np.nan
+    nan = write_tensors(tmp / "nan.safetensors", bad)
+    r = cli("lora", "apply", base_path, nan, "-o", out)
+    assert r.returncode == 2 and "NaN" in r.stderr and not out.exists()
+    wrong = dict(t)
+    wrong[name + ".lora_down.weight"] = np.zeros((4, 7, 1, 1), np.float32)
+    r = cli("lora", "apply", base_path, write_tensors(tmp / "shape.safetensors", wrong), "-o", out)
+    assert r.returncode == 2 and "shape mismatch" in r.stderr and not out.exists()
+    # a pickled .pt LoRA is read by sdtk's restricted unpickler, never executed
+    pt = tmp / "good.pt"
+    torch.save({k: torch.from_numpy(v) for k, v in t.items()}, pt)
+    r = cli("lora", "apply", base_path, pt, "-o", out)
+    assert r.returncode == 0, r.stderr
+    np.testing.assert_allclose(tensors(out)[key].reshape(-1), (base[key] + _delta(t, name).reshape(base[key].shape)).reshape(-1), rtol=1e-6, atol=1e-7)
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    hostile = tmp / "evil.pt"
+    with open(hostile, "wb") as f:
+        pickle.dump({"x": Evil()}, f)
+    out2 = tmp / "out2.safetensors"
+    r = cli("lora", "apply", base_path, hostile, "-o", out2)
+    assert r.returncode == 2 and "pwned" not in r.stdout and not out2.exists()
+    before = base_path.read_bytes()
+    r = cli("lora", "apply", base_path, good, "-o", out)  # exists
+    assert r.returncode == 2 and base_path.read_bytes() == before

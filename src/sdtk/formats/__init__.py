@@ -64,7 +64,9 @@ def open_model(path: "os.PathLike[str] | str") -> Catalogue:
     if kind == "torch-tar":
         raise UnsupportedFormatError(path, "torch tar format (pre-2018); refused: it cannot be read safely")
     if kind == "gguf":
-        raise UnsupportedFormatError(path, "GGUF file; sdtk reads safetensors and PyTorch checkpoints")
+        from sdtk.formats.gguf import read_gguf
+
+        return read_gguf(path)
     if kind == "numpy":
         raise UnsupportedFormatError(path, "a numpy .npy file, not a model checkpoint")
     from sdtk.formats.torchlegacy import refuse_hidden_pickle_payload

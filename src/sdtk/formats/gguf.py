@@ -167,7 +167,7 @@ def parse_gguf(buf, path: str):
     n_kv = cur.unpack("<Q", "KV count")
     left = cur.size - cur.pos
     if n_kv > left // 13:  # a KV is at least an 8-byte key length, a 4-byte type and 1 byte
-        raise FormatError(path, f"GGUF header claims {n_kv} KV pairs; the {left} bytes left cannot hold them")
+        raise FormatError(path, f"truncated or corrupt GGUF: the header claims {n_kv} KV pairs; the {left} bytes left cannot hold them")
     kv: Dict[str, GGUFValue] = {}
     for i in range(n_kv):
         key = cur.string(f"key of KV {i}")
@@ -177,7 +177,7 @@ def parse_gguf(buf, path: str):
         kv[key] = _read_value(cur, vtype, key)
     left = cur.size - cur.pos
     if n_tensors > left // 24:  # name length 8 + n_dims 4 + type 4 + offset 8
-        raise FormatError(path, f"GGUF header claims {n_tensors} tensors; the {left} bytes left cannot hold their descriptions")
+        raise FormatError(path, f"truncated or corrupt GGUF: the header claims {n_tensors} tensors; the {left} bytes left cannot hold their descriptions")
     alignment = DEFAULT_ALIGNMENT
     if "general.alignment" in kv:
         a = kv["general.alignment"]
@@ -308,3 +308,101 @@ def _tensor(path: str, mm, name: str, ne: Tuple[int, ...], t: GGMLType, start: i
 
     return GGUFTensor(name, DTYPES["F32"], shape, loader=load_quantized, span=None,
                       ggml_type=t, ne=ne, stored_nbytes=stored, file_offset=start)
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+@dataclass
+class GGUFOutTensor:
+    """One tensor to write: `ne` in ggml order, `produce()` returns its bytes (uint8, exactly
+    `nbytes`), called once, in file order, when the writer reaches it."""
+
+    name: str
+    ne: Tuple[int, ...]
+    ggml_type: GGMLType
+    produce: Any = field(repr=False)
+
+    @property
+    def nbytes(self) -> int:
+        n = self.ne[0] if self.ne else 1
+        rows = numel(self.ne[1:]) if self.ne else 1
+        return rows * self.ggml_type.row_bytes(n)
+
+
+def _encode_string(s: str) -> bytes:
+    raw = s.encode("utf-8")
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def _encode_scalar(type_name: str, value) -> bytes:
+    if type_name == "STRING":
+        return _encode_string(value)
+    fmt = VALUE_TYPES[VALUE_TYPE_ID[type_name]][1]
+    return struct.pack(fmt, value)
+
+
+def encode_kv(kv: Dict[str, GGUFValue]) -> bytes:
+    out = bytearray()
+    for key, v in kv.items():
+        out += _encode_string(key) + struct.pack("<I", VALUE_TYPE_ID[v.type])
+        if v.type == "ARRAY":
+            items = list(v.value)
+            out += struct.pack("<IQ", VALUE_TYPE_ID[v.item_type], len(items))
+            for item in items:
+                out += _encode_scalar(v.item_type, item)
+        else:
+            out += _encode_scalar(v.type, v.value)
+    return bytes(out)
+
+
+def gguf_header(kv: Dict[str, GGUFValue], tensors, alignment: int = DEFAULT_ALIGNMENT) -> Tuple[bytes, List[int]]:
+    """Header bytes (padded to the alignment) and each tensor's offset in the data section."""
+    head = bytearray(MAGIC + struct.pack("<IQQ", 3, len(tensors), len(kv)))
+    head += encode_kv(kv)
+    offsets, offset = [], 0
+    seen = set()
+    for t in tensors:
+        if t.name in seen:
+            raise ValueError(f"tensor name {t.name!r} appears twice")
+        seen.add(t.name)
+        if t.ne and t.ne[0] % t.ggml_type.block:
+            raise ValueError(f"tensor {t.name!r}: row length {t.ne[0]} is not a multiple of the {t.ggml_type.name} block size")
+        head += _encode_string(t.name) + struct.pack("<I", len(t.ne)) + struct.pack(f"<{len(t.ne)}Q", *t.ne)
+        head += struct.pack("<IQ", t.ggml_type.id, offset)
+        offsets.append(offset)
+        offset += t.nbytes + (-t.nbytes) % alignment
+    head += b"\x00" * ((-len(head)) % alignment)
+    return bytes(head), offsets
+
+
+def write_gguf(dest: "os.PathLike[str] | str", kv: Dict[str, GGUFValue], tensors, *, inputs=(), overwrite: bool = False,
+               alignment: int = DEFAULT_ALIGNMENT, on_tensor=None) -> int:
+    """Stream `tensors` (GGUFOutTensor) into a new GGUF v3 file at `dest`, atomically (temp file
+    beside it, fsync, rename; nothing left on error). Peak memory: about one tensor. Returns bytes."""
+    from sdtk.errors import OutputError
+    from sdtk.fileio import AtomicOutput
+
+    tensors = list(tensors)
+    try:
+        header, _ = gguf_header(kv, tensors, alignment)
+    except ValueError as e:
+        raise OutputError(dest, str(e)) from None
+    total = len(header)
+    with AtomicOutput(dest, inputs=inputs, overwrite=overwrite) as out:
+        out.write(header)
+        for t in tensors:
+            data = t.produce()
+            data = memoryview(np.ascontiguousarray(data)).cast("B")
+            if len(data) != t.nbytes:
+                raise OutputError(dest, f"tensor {t.name!r}: produced {len(data)} bytes, {t.ggml_type.name} {list(t.ne)} needs {t.nbytes}")
+            out.write(data)
+            pad = (-t.nbytes) % alignment
+            if pad:
+                out.write(b"\x00" * pad)
+            total += t.nbytes + pad
+            del data
+            if on_tensor is not None:
+                on_tensor(t, total)
+    return total

@@ -1,4 +1,4 @@
-"""Build the one optional C extension (vectorised fp16/bf16 casts). Everything else is in
+"""Build the optional C extensions (vectorised fp16/bf16 casts; ggml block quantization). Everything else is in
 pyproject.toml. Without a C compiler the build goes on without it and sdtk uses numpy's casts."""
 from setuptools import Extension, setup
 
@@ -10,6 +10,14 @@ setup(
             # no FP traps are used, and without them gcc if-converts and vectorises the fp8 loops
             extra_compile_args=["-O3", "-fno-trapping-math"],
             optional=True,
-        )
+        ),
+        # ggml block quantization (GGUF). -ffp-contract=off: no fused multiply-add, so the bytes
+        # equal ggml's reference quantizer built without contraction on every platform.
+        Extension(
+            "sdtk._quant",
+            sources=["src/sdtk/_quant.c"],
+            extra_compile_args=["-O3", "-ffp-contract=off", "-fno-fast-math"],
+            optional=True,
+        ),
     ]
 )

@@ -34,7 +34,7 @@ SEVERITY = {SAFE: 0, UNREADABLE: 1, UNSAFE: 2}
 # Files a folder scan looks at (explicit file arguments are always scanned).
 # Sources: extensions of A1111/ComfyUI model folders, torch.save conventions, numpy.save.
 MODEL_EXTENSIONS = {".ckpt", ".pt", ".pth", ".bin", ".safetensors", ".sft", ".pkl", ".pickle",
-                    ".npy", ".npz", ".zip", ".pt2", ".mar", ".tar", ".7z", ".joblib", ".dat", ".data"}
+                    ".npy", ".npz", ".zip", ".pt2", ".mar", ".tar", ".7z", ".joblib", ".dat", ".data", ".gguf"}
 
 
 @dataclass
@@ -142,6 +142,14 @@ def _scan_safetensors(scan: _Scan) -> None:
     from sdtk.formats.safetensors import read_safetensors
 
     with read_safetensors(scan.path) as cat:
+        scan.tensors = len(cat)
+
+
+def _scan_gguf(scan: _Scan) -> None:
+    # GGUF holds no code: a strict header parse (bounds, overlaps, types) is the whole check
+    from sdtk.formats.gguf import read_gguf
+
+    with read_gguf(scan.path) as cat:
         scan.tensors = len(cat)
 
 
@@ -336,10 +344,7 @@ def _scan_unknown(scan: _Scan) -> None:
             del scan.findings[before:]
         finally:
             buf.close()
-    if scan.format == "gguf":
-        scan.add(UNREADABLE, "GGUF file: not checked (sdtk scans safetensors and PyTorch checkpoints)")
-    else:
-        scan.add(UNREADABLE, "not a model file sdtk knows (not safetensors, not a PyTorch checkpoint)")
+    scan.add(UNREADABLE, "not a model file sdtk knows (not safetensors, not a PyTorch checkpoint)")
 
 
 _SCANNERS = {
@@ -349,6 +354,7 @@ _SCANNERS = {
     "pickle": _scan_pickle,
     "numpy": _scan_numpy,
     "torch-tar": _scan_tar,
+    "gguf": _scan_gguf,
 }
 
 

@@ -76,7 +76,9 @@ def open_model(path: "os.PathLike[str] | str") -> Catalogue:
         raise UnsafeFileError(path, "torch.load reads this file as a torch tar archive (its first 512 bytes are a tar "
                                     "header) and unpickles its members without restrictions; refused")
     if kind == "gguf":
-        raise UnsupportedFormatError(path, "GGUF file; sdtk reads safetensors and PyTorch checkpoints")
+        from sdtk.formats.gguf import read_gguf
+
+        return read_gguf(path)
     if kind == "numpy":
         raise UnsupportedFormatError(path, "a numpy .npy file, not a model checkpoint")
     from sdtk.formats.torchlegacy import refuse_hidden_pickle_payload

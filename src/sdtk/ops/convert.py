@@ -69,6 +69,8 @@ class ConvertOptions:
     output_hash: bool = False  # --hash-output: modelspec.hash_sha256 (and sshs_model_hash) of the output's tensor bytes
     replace_input: bool = False
     overwrite: bool = False
+    to: Optional[str] = None  # output format: safetensors (default) | gguf
+    quant: Optional[str] = None  # with --to gguf: Q8_0, Q4_K_S, ... (sdtk.ops.gguf_rules.QUANT_CHOICES)
 
     @property
     def does_anything(self) -> bool:
@@ -116,7 +118,27 @@ def resolve_options(opts: ConvertOptions) -> ConvertOptions:
         raise UsageError(None, "--replace names the same component twice")
     if opts.extract:
         opts = replace(opts, extract=expand_parts(opts.extract))
-    return opts
+    return _resolve_format(opts)
+
+
+def _resolve_format(opts: ConvertOptions) -> ConvertOptions:
+    """--to gguf --quant Q: a format of its own; it combines with none of the safetensors options."""
+    if opts.to not in (None, "safetensors", "gguf"):
+        raise UsageError(None, f"--to {opts.to}: choose safetensors or gguf")
+    if opts.to != "gguf":
+        if opts.quant:
+            raise UsageError(None, "--quant is for --to gguf")
+        return opts
+    from sdtk.ops.gguf_rules import QUANT_CHOICES
+
+    quant = (opts.quant or "").upper()
+    if quant not in QUANT_CHOICES:
+        what = f"--quant {opts.quant}: not a GGUF type sdtk writes" if opts.quant else "--to gguf needs --quant"
+        raise UsageError(None, f"{what}; choose one of {', '.join(QUANT_CHOICES)}")
+    if opts.does_anything or opts.replace_input or opts.output_hash:
+        raise UsageError(None, "--to gguf writes the diffusion model as GGUF; it does not combine with --dtype, --prune, "
+                               "--ema, --extract, --replace, --bake-vae, --fix-clip, --for, --replace-input or --hash-output")
+    return replace(opts, quant=quant)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -489,6 +511,10 @@ def verify_output(dest: Path, plan: Sequence[LazyTensor]) -> None:
 def convert_file(source: Path, opts: ConvertOptions, output: Optional[Path] = None, out_folder: Optional[Path] = None,
                  progress: Progress = Progress()) -> Tuple[Conversion, dict]:
     """Convert one file; returns the conversion and its JSON summary."""
+    if opts.to == "gguf":
+        from sdtk.ops.to_gguf import convert_file_to_gguf
+
+        return None, convert_file_to_gguf(source, opts.quant, output, out_folder, opts.overwrite, progress)
     replacing = opts.replace_input
     with contextlib.ExitStack() as stack:
         cat = stack.enter_context(open_model(source))  # hostile or broken files are refused here

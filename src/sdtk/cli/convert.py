@@ -11,6 +11,13 @@ from sdtk.cli.common import console, err_console, error_line, print_json
 from sdtk.errors import EXIT_BAD_INPUT, EXIT_OK, SdtkError, UsageError
 from sdtk.ops.convert import ConvertOptions, Progress, convert_file, model_files_in, resolve_options
 
+# `--to`: what convert writes. One row per target: (help, handler name in this module). Other
+# targets (e.g. gguf) add a row and a handler; the default writes a single safetensors file.
+CONVERT_TARGETS = {
+    "safetensors": ("a single .safetensors file (default)", None),
+    "diffusers": ("a diffusers folder (model_index.json + components) that loads offline", "_to_diffusers"),
+}
+
 
 def register(app: typer.Typer) -> None:
     @app.command("convert")
@@ -38,6 +45,9 @@ def register(app: typer.Typer) -> None:
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
         replace_input: bool = typer.Option(False, "--replace-input", help="After re-reading and verifying every tensor of the output, replace the input by it (<name>.safetensors)."),
         json_out: bool = typer.Option(False, "--json", help="Print a JSON summary."),
+        to: Optional[str] = typer.Option(None, "--to", help="What to write: " + "; ".join(f"{k}: {v[0]}" for k, v in CONVERT_TARGETS.items()) + "."),
+        variant: Optional[str] = typer.Option(None, "--variant", help="--to diffusers: name the weights *.VARIANT.safetensors (fp16 also casts to fp16)."),
+        tokenizers: Optional[Path] = typer.Option(None, "--tokenizers", help="--to diffusers: a folder with the T5 tokenizer to copy (sdtk ships CLIP's only)."),
     ) -> int:
         """Convert model files to safetensors: precision, EMA, pruning, CLIP fixes, VAE baking, extraction.
 
@@ -56,6 +66,17 @@ def register(app: typer.Typer) -> None:
             source_hashes=not no_source_hash, output_hash=hash_output, replace_input=replace_input, overwrite=overwrite,
         ))
         show_progress = not json_out and err_console.is_terminal
+        if to is not None and to not in CONVERT_TARGETS:
+            raise UsageError(None, f"--to {to}: choose one of {', '.join(CONVERT_TARGETS)}")
+        handler = CONVERT_TARGETS[to][1] if to else None
+        if handler is None and (variant or tokenizers):
+            raise UsageError(None, "--variant and --tokenizers go with --to diffusers")
+        if handler is not None:
+            return globals()[handler](source, output, opts, json_out, show_progress, variant=variant, tokenizers=tokenizers)
+        from sdtk.ops.diffusers.convert import is_folder_source
+
+        if is_folder_source(source):
+            return _from_diffusers(source, output, opts, json_out, show_progress)
         if source.is_dir():
             return _convert_folder(source, output, opts, json_out, show_progress)
         if not source.exists():
@@ -67,6 +88,45 @@ def register(app: typer.Typer) -> None:
         else:
             _print_summary(summary)
         return EXIT_OK
+
+
+def _to_diffusers(source: Path, output: Optional[Path], opts: ConvertOptions, json_out: bool, show_progress: bool,
+                  variant: Optional[str] = None, tokenizers: Optional[Path] = None) -> int:
+    from sdtk.ops.diffusers.convert import to_diffusers
+
+    if not source.is_file():
+        raise SdtkError(source, "no such file" if not source.exists() else "--to diffusers takes a single model file")
+    with _progress_display(show_progress) as progress:
+        summary = to_diffusers(source, opts, output, variant=variant, tokenizers=str(tokenizers) if tokenizers else None,
+                               progress=progress)
+    _print_folder_summary(summary, json_out)
+    return EXIT_OK
+
+
+def _from_diffusers(folder: Path, output: Optional[Path], opts: ConvertOptions, json_out: bool, show_progress: bool) -> int:
+    from sdtk.ops.diffusers.convert import from_diffusers
+
+    with _progress_display(show_progress) as progress:
+        summary = from_diffusers(folder, opts, output, progress=progress)
+    _print_folder_summary(summary, json_out)
+    return EXIT_OK
+
+
+def _print_folder_summary(summary: dict, json_out: bool) -> None:
+    if json_out:
+        print_json(summary)
+        return
+    if summary.get("to") == "diffusers":
+        parts = ", ".join(f"{k} ({n})" for k, n in summary["components"].items())
+        console.print(f"wrote {summary['output']}/ ({summary['pipeline']}: {parts}; {summary['bytes']:,} bytes of tensors)")
+        pred = f", {summary['prediction_type']}-prediction" if summary["prediction_type"] else ""
+        console.print(f"  model: {summary['architecture']}{pred}")
+    else:
+        console.print(f"wrote {summary['output']} ({summary['tensors']} tensors, {summary['bytes']:,} bytes)")
+    for op in summary["operations"]:
+        console.print(f"  done: {op}")
+    for note in summary["notes"]:
+        console.print(f"  {note}")
 
 
 def _convert_folder(folder: Path, output: Optional[Path], opts: ConvertOptions, json_out: bool, show_progress: bool) -> int:

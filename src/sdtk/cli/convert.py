@@ -12,6 +12,14 @@ from sdtk.errors import EXIT_BAD_INPUT, EXIT_OK, SdtkError, UsageError
 if TYPE_CHECKING:  # imported when the command runs (start-up: `sdtk --help` needs neither)
     from sdtk.ops.convert import ConvertOptions
 
+# `--to`: what convert writes. One row per target: (help, handler name in this module). Other
+# targets (e.g. gguf) add a row and a handler; the default writes a single safetensors file.
+CONVERT_TARGETS = {
+    "safetensors": ("a single .safetensors file (default)", None),
+    "diffusers": ("a diffusers folder (model_index.json + components) that loads offline", "_to_diffusers"),
+    "gguf": ("the diffusion model as GGUF, as city96's GGUF tools write it (with --quant)", None),  # sdtk.ops.convert
+}
+
 
 def register(app: typer.Typer) -> None:
     @app.command("convert")
@@ -39,7 +47,9 @@ def register(app: typer.Typer) -> None:
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
         replace_input: bool = typer.Option(False, "--replace-input", help="After re-reading and verifying every tensor of the output, replace the input by it (<name>.safetensors)."),
         json_out: bool = typer.Option(False, "--json", help="Print a JSON summary."),
-        to: Optional[str] = typer.Option(None, "--to", help="Output format: safetensors (default) or gguf (the diffusion model, as city96's GGUF tools write it)."),
+        to: Optional[str] = typer.Option(None, "--to", help="What to write: " + "; ".join(f"{k}: {v[0]}" for k, v in CONVERT_TARGETS.items()) + "."),
+        variant: Optional[str] = typer.Option(None, "--variant", help="--to diffusers: name the weights *.VARIANT.safetensors (fp16 also casts to fp16)."),
+        tokenizers: Optional[Path] = typer.Option(None, "--tokenizers", help="--to diffusers: a folder with the T5 tokenizer to copy (sdtk ships CLIP's only)."),
         quant: Optional[str] = typer.Option(None, "--quant", help="With --to gguf: Q8_0|Q6_K|Q5_K_M|Q5_K_S|Q4_K_M|Q4_K_S|Q5_0|Q5_1|Q4_0|Q4_1|Q3_K_M|Q3_K_S|Q2_K|F16|BF16."),
     ) -> int:
         """Convert model files to safetensors: precision, EMA, pruning, CLIP fixes, VAE baking, extraction.
@@ -53,15 +63,26 @@ def register(app: typer.Typer) -> None:
             raise UsageError(None, "--replace-input names the output itself (<input>.safetensors); drop -o")
         from sdtk.ops.convert import ConvertOptions, convert_file, resolve_options
 
+        if to is not None and to not in CONVERT_TARGETS:
+            raise UsageError(None, f"--to {to}: choose one of {', '.join(CONVERT_TARGETS)}")
+        handler = CONVERT_TARGETS[to][1] if to else None
         opts = resolve_options(ConvertOptions(
             dtype=dtype, unet_dtype=unet_dtype, vae_dtype=vae_dtype, te_dtype=te_dtype, allow_overflow=allow_overflow,
             ema=ema, prune=prune, keep_unknown=keep_unknown, fix_clip=fix_clip,
             bake_vae=str(bake_vae) if bake_vae else None, extract=list(extract), replace=list(replace_parts),
             preset=preset, prediction_type=prediction_type, sidecar=not no_sidecar,
             source_hashes=not no_source_hash, output_hash=hash_output, replace_input=replace_input, overwrite=overwrite,
-            to=to, quant=quant,
+            to=None if handler else to, quant=quant,
         ))
         show_progress = not json_out and err_console.is_terminal
+        if handler is None and (variant or tokenizers):
+            raise UsageError(None, "--variant and --tokenizers go with --to diffusers")
+        if handler is not None:
+            return globals()[handler](source, output, opts, json_out, show_progress, variant=variant, tokenizers=tokenizers)
+        from sdtk.ops.diffusers.convert import is_folder_source
+
+        if is_folder_source(source):
+            return _from_diffusers(source, output, opts, json_out, show_progress)
         if source.is_dir():
             return _convert_folder(source, output, opts, json_out, show_progress)
         if not source.exists():
@@ -73,6 +94,45 @@ def register(app: typer.Typer) -> None:
         else:
             _print_summary(summary)
         return EXIT_OK
+
+
+def _to_diffusers(source: Path, output: Optional[Path], opts: ConvertOptions, json_out: bool, show_progress: bool,
+                  variant: Optional[str] = None, tokenizers: Optional[Path] = None) -> int:
+    from sdtk.ops.diffusers.convert import to_diffusers
+
+    if not source.is_file():
+        raise SdtkError(source, "no such file" if not source.exists() else "--to diffusers takes a single model file")
+    with _progress_display(show_progress) as progress:
+        summary = to_diffusers(source, opts, output, variant=variant, tokenizers=str(tokenizers) if tokenizers else None,
+                               progress=progress)
+    _print_folder_summary(summary, json_out)
+    return EXIT_OK
+
+
+def _from_diffusers(folder: Path, output: Optional[Path], opts: ConvertOptions, json_out: bool, show_progress: bool) -> int:
+    from sdtk.ops.diffusers.convert import from_diffusers
+
+    with _progress_display(show_progress) as progress:
+        summary = from_diffusers(folder, opts, output, progress=progress)
+    _print_folder_summary(summary, json_out)
+    return EXIT_OK
+
+
+def _print_folder_summary(summary: dict, json_out: bool) -> None:
+    if json_out:
+        print_json(summary)
+        return
+    if summary.get("to") == "diffusers":
+        parts = ", ".join(f"{k} ({n})" for k, n in summary["components"].items())
+        console.print(f"wrote {summary['output']}/ ({summary['pipeline']}: {parts}; {summary['bytes']:,} bytes of tensors)")
+        pred = f", {summary['prediction_type']}-prediction" if summary["prediction_type"] else ""
+        console.print(f"  model: {summary['architecture']}{pred}")
+    else:
+        console.print(f"wrote {summary['output']} ({summary['tensors']} tensors, {summary['bytes']:,} bytes)")
+    for op in summary["operations"]:
+        console.print(f"  done: {op}")
+    for note in summary["notes"]:
+        console.print(f"  {note}")
 
 
 def _convert_folder(folder: Path, output: Optional[Path], opts: ConvertOptions, json_out: bool, show_progress: bool) -> int:

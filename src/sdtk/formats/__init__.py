@@ -53,8 +53,13 @@ def detect_format(path: "os.PathLike[str] | str", *, as_torch_loads: bool = True
 
 
 def open_model(path: "os.PathLike[str] | str") -> Catalogue:
-    """Open any supported model file as a lazy Catalogue (nothing is executed, nothing loaded)."""
+    """Open any supported model file (or a diffusers folder) as a lazy Catalogue (nothing is executed,
+    nothing loaded)."""
     path = os.fspath(path)
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "model_index.json")):
+        from sdtk.formats.diffusers import read_diffusers_folder
+
+        return read_diffusers_folder(path)  # a diffusers folder, under single-file names
     kind = detect_format(path)
     if kind == "safetensors":
         from sdtk.formats.safetensors import read_safetensors

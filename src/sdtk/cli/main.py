@@ -37,9 +37,9 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 
 
 # One module per command (or command group); each defines register(app).
-from sdtk.cli import demo, scan, inspect, convert, hash, library, merge  # noqa: E402
+from sdtk.cli import demo, scan, inspect, convert, hash, library, merge, serve  # noqa: E402
 
-for _module in (demo, inspect, scan, convert, hash, merge, library):
+for _module in (demo, inspect, scan, convert, hash, merge, library, serve):
     _module.register(app)
 
 

@@ -108,7 +108,13 @@ def page(conn: sqlite3.Connection, query: Query, roots: Sequence[str]) -> Tuple[
     order = SORTS[query.sort].replace("{kind}", KIND_SQL)
     rows = conn.execute(f"SELECT {LIST_COLUMNS} FROM files WHERE {where} ORDER BY {order} LIMIT ? OFFSET ?",
                         args + [query.limit, query.offset]).fetchall()
-    return [list_row(r) for r in rows], total
+    out = [list_row(r) for r in rows]
+    for row in out:  # a thumbnail only when the first preview really is an image (16 bytes read)
+        if row["has_preview"]:
+            from sdtk.web.previews import preview_file
+
+            row["has_preview"] = preview_file(row["path"], row["preview_names"], 0, roots) is not None
+    return out, total
 
 
 def list_row(r: sqlite3.Row) -> Dict[str, Any]:
@@ -123,7 +129,8 @@ def list_row(r: sqlite3.Row) -> Dict[str, Any]:
         "title": r["title"] or (side.get("civitai") or {}).get("model_name"),
         "trained_words": json.loads(r["trained_words"]) if r["trained_words"] else [],
         "problem": r["problem"], "problems": identity.get("problems") or [], "format": r["format"],
-        "autov2": (r["sha256"] or "")[:10].upper(), "has_preview": bool(previews),
+        "autov2": (r["sha256"] or "")[:10].upper(), "has_preview": bool(previews), "preview_names": previews,
+        "path": r["path"],
     }
 
 

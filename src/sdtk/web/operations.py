@@ -1,0 +1,334 @@
+"""What the app can do, as a table: one row per operation (form -> job parameters -> the same
+library call the CLI makes). A new operation (LoRA, GGUF, diffusers...) is one more row in
+OPERATIONS with its `parse` and `run` functions, and a form template when it has options.
+
+`parse(form, files)` runs in the request: it turns the submitted form into job parameters and
+refuses bad input at once (unknown ids, files outside the roots, bad names, conflicting options)
+so the user sees the message beside the button. `run(ctx, params)` runs in the job thread;
+everything it reports through `ctx.progress` is also the point where a cancel takes effect.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+from sdtk.errors import SdtkError, UsageError
+from sdtk.web.security import contained, output_name
+
+Form = Dict[str, List[str]]
+
+
+def one(form: Form, key: str, default: str = "") -> str:
+    values = form.get(key) or [default]
+    return (values[0] or default).strip()
+
+
+def flag(form: Form, key: str) -> bool:
+    return one(form, key) in ("1", "on", "true", "yes")
+
+
+def optional(form: Form, key: str, choices: Sequence[str]) -> Optional[str]:
+    value = one(form, key)
+    if not value:
+        return None
+    if value not in choices:
+        raise UsageError(None, f"{key}: {value!r} is not one of {', '.join(choices)}")
+    return value
+
+
+def number(form: Form, key: str) -> Optional[float]:
+    value = one(form, key)
+    if value == "":
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise UsageError(None, f"{key}: {value!r} is not a number") from None
+
+
+class Files:
+    """Resolves library ids to files the server may touch: present, under a root (real path,
+    symlinks resolved), and unchanged since indexed."""
+
+    def __init__(self, conn, roots: Sequence[str]):
+        self.conn, self.roots = conn, list(roots)
+
+    def get(self, id_text: str, what: str = "file") -> Tuple[Any, str]:
+        from sdtk.web.catalog import by_id
+
+        try:
+            file_id = int(id_text)
+        except (TypeError, ValueError):
+            raise UsageError(None, f"{what}: choose a file from the library") from None
+        row = by_id(self.conn, file_id)
+        if row is None:
+            raise SdtkError(None, f"{what}: no file {file_id} in the library")
+        real = contained(row["path"], self.roots)
+        if real is None:
+            raise SdtkError(row["path"], "is outside the folders this server serves; refused")
+        if not os.path.isfile(real):
+            raise SdtkError(row["path"], "is no longer there (vanished since it was indexed); re-index its folder")
+        return row, real
+
+    def output_beside(self, source_real: str, name_text: str) -> Optional[str]:
+        """The output path for a user-given file name, in the source's folder (None: default name)."""
+        if not name_text.strip():
+            return None
+        name = output_name(name_text)
+        if name is None:
+            raise UsageError(None, f"output name {name_text!r}: give a plain file name ending in .safetensors "
+                                   "(no folders); it is written beside the input")
+        dest = os.path.join(os.path.dirname(source_real), name)
+        if contained(os.path.dirname(dest), self.roots) is None:
+            raise SdtkError(dest, "is outside the folders this server serves; refused")
+        return dest
+
+
+def check_unchanged(row, real: str) -> None:
+    """A job on a file that changed since it was indexed would describe the wrong file: refuse it."""
+    try:
+        st = os.stat(real)
+    except OSError as e:
+        raise SdtkError(real, f"cannot be read now ({e.strerror or e})") from None
+    if (st.st_size, st.st_mtime_ns) != (row["size"], row["mtime_ns"]):
+        raise SdtkError(real, "changed since it was indexed; re-index its folder (Index job) and try again")
+
+
+def index_outputs(ctx, paths: List[str]) -> List[Dict[str, Any]]:
+    """Link written files into the library: rescan the root holding each (unchanged files are not
+    read again), then look their ids up."""
+    from sdtk.library.scan import scan_library
+
+    roots = sorted({r for p in paths for r in ctx.settings.roots if contained(p, [r])})
+    if roots:
+        ctx.log(f"indexing the result into the library ({', '.join(roots)})")
+        scan_library(ctx.conn, roots, content=True)
+    out = []
+    for p in paths:
+        row = ctx.conn.execute("SELECT id FROM files WHERE path = ?", (os.path.normpath(p),)).fetchone()
+        out.append({"path": p, "name": os.path.basename(p), "id": row["id"] if row else None})
+    return out
+
+
+# -- convert ---------------------------------------------------------------------------------
+CONVERT_DTYPES = ("fp32", "fp16", "bf16", "fp8-e4m3fn", "fp8-e5m2")
+EXTRACT_PARTS = ("vae", "unet", "clip-l", "clip-g", "open-clip-h", "t5xxl", "text-encoders")
+
+
+def parse_convert(form: Form, files: Files) -> Tuple[str, Dict[str, Any]]:
+    from sdtk.ops.convert import ConvertOptions, resolve_options
+
+    row, real = files.get(one(form, "file"))
+    bake = one(form, "bake_vae")
+    bake_path = files.get(bake, "VAE to bake")[1] if bake else None
+    extract = [p for p in form.get("extract", []) if p]
+    for p in extract:
+        if p not in EXTRACT_PARTS:
+            raise UsageError(None, f"extract: {p!r} is not one of {', '.join(EXTRACT_PARTS)}")
+    options = dict(
+        dtype=optional(form, "dtype", CONVERT_DTYPES), unet_dtype=optional(form, "unet_dtype", CONVERT_DTYPES),
+        vae_dtype=optional(form, "vae_dtype", CONVERT_DTYPES), te_dtype=optional(form, "te_dtype", CONVERT_DTYPES),
+        allow_overflow=flag(form, "allow_overflow"), ema=optional(form, "ema", ("keep", "drop", "use")),
+        prune=flag(form, "prune"), keep_unknown=flag(form, "keep_unknown"), fix_clip=flag(form, "fix_clip"),
+        bake_vae=bake_path, extract=extract, preset=optional(form, "preset", ("generation", "training")),
+        prediction_type=optional(form, "prediction_type", ("epsilon", "v")), sidecar=not flag(form, "no_sidecar"),
+        source_hashes=not flag(form, "no_source_hash"), output_hash=flag(form, "hash_output"),
+        overwrite=flag(form, "overwrite"),
+    )
+    resolve_options(ConvertOptions(**options))  # conflicts refused now, in the page
+    output = files.output_beside(real, one(form, "output"))
+    if output and extract:
+        raise UsageError(None, "--extract writes several files named after their part; leave the output name empty")
+    what = one(form, "preset") or "convert"
+    return (f"convert {os.path.basename(real)} ({what})",
+            {"file_id": row["id"], "input_path": real, "size": row["size"], "mtime_ns": row["mtime_ns"],
+             "options": options, "output_path": output})
+
+
+def run_convert(ctx, p: Dict[str, Any]) -> Dict[str, Any]:
+    from sdtk.ops.convert import ConvertOptions, Progress, convert_file, resolve_options
+
+    check_unchanged(p, p["input_path"])
+    opts = resolve_options(ConvertOptions(**p["options"]))
+    progress = Progress(start=lambda dest, total: ctx.progress(0, total, f"writing {Path(dest).name}"),
+                        advance=lambda done: ctx.progress(done),
+                        hashing=lambda source, done, total: ctx.check())
+    output = Path(p["output_path"]) if p.get("output_path") else None
+    _, summary = convert_file(Path(p["input_path"]), opts, output=output, progress=progress)
+    for op in summary["operations"]:
+        ctx.log(f"done: {op}")
+    for note in summary["notes"]:
+        ctx.log(note)
+    written = [o["path"] for o in summary["outputs"]]
+    return {"outputs": index_outputs(ctx, written), "summary": summary}
+
+
+# -- merge -----------------------------------------------------------------------------------
+def merge_recipe_from_form(form: Form, files: Files):
+    """(recipe, {A: row, B: row, ...}, block spec text) from the merge form (also the preview)."""
+    from sdtk.ops.merge import methods as M
+    from sdtk.ops.merge.recipe import single_step_recipe
+
+    rows, paths = {}, []
+    for name in ("A", "B", "C"):
+        value = one(form, f"model_{name.lower()}")
+        if value:
+            rows[name], real = files.get(value, f"model {name}")
+            paths.append(real)
+    if len(paths) < 2:
+        raise UsageError(None, "choose at least models A and B")
+    method = one(form, "method", "weighted-sum")
+    if method not in M.METHODS:
+        raise UsageError(None, f"method {method!r}: one of {', '.join(M.METHODS)}")
+    blocks = None
+    if flag(form, "use_blocks"):
+        preset = one(form, "block_preset")  # a preset untouched: its name (exact values, as the CLI's --blocks NAME)
+        values = [one(form, f"block_{i}") for i in range(64) if one(form, f"block_{i}") != ""]
+        blocks = preset or (",".join(values) if values else None)
+    try:
+        seed = int(one(form, "seed", "0") or 0)
+    except ValueError:
+        raise UsageError(None, "seed: a whole number") from None
+    recipe = single_step_recipe(paths, method, number(form, "alpha"), number(form, "beta"), seed, blocks,
+                                optional(form, "te", ("merge", "A", "B")) or "merge",
+                                optional(form, "vae", ("merge", "A", "B")) or "merge",
+                                one(form, "exclude") or None, optional(form, "dtype", CONVERT_DTYPES), None)
+    recipe.validate()
+    return recipe, rows, blocks
+
+
+def recipe_yaml(recipe) -> str:
+    """The recipe as `sdtk merge --recipe FILE` reads it (models by file name)."""
+    import yaml
+    from dataclasses import asdict
+
+    data: Dict[str, Any] = {"models": {n: os.path.basename(p) for n, p in recipe.models.items()},
+                            "steps": [{k: v for k, v in asdict(s).items() if v is not None} for s in recipe.steps]}
+    if recipe.dtype:
+        data["dtype"] = recipe.dtype
+    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+
+
+def parse_merge(form: Form, files: Files) -> Tuple[str, Dict[str, Any]]:
+    recipe, rows, blocks = merge_recipe_from_form(form, files)
+    name = one(form, "output")
+    if not name:
+        raise UsageError(None, "give the output a file name (name.safetensors)")
+    output = files.output_beside(recipe.models["A"], name)
+    step = recipe.steps[0]
+    return (f"merge {step.method} -> {os.path.basename(output)}",
+            {"inputs": {n: {"path": recipe.models[n], "size": rows[n]["size"], "mtime_ns": rows[n]["mtime_ns"]} for n in rows},
+             "method": step.method, "alpha": step.alpha, "beta": step.beta, "seed": step.seed, "blocks": blocks,
+             "te": step.te, "vae": step.vae, "exclude": step.exclude, "dtype": recipe.dtype,
+             "output_path": output, "overwrite": flag(form, "overwrite")})
+
+
+def run_merge(ctx, p: Dict[str, Any]) -> Dict[str, Any]:
+    from sdtk.ops.merge.recipe import single_step_recipe
+    from sdtk.ops.merge.run import run_recipe
+
+    for item in p["inputs"].values():
+        check_unchanged(item, item["path"])
+    paths = [p["inputs"][n]["path"] for n in ("A", "B", "C") if n in p["inputs"]]
+    recipe = single_step_recipe(paths, p["method"], p["alpha"], p["beta"], p["seed"], p["blocks"], p["te"], p["vae"],
+                                p["exclude"], p["dtype"], None)
+    result = run_recipe(recipe, p["output_path"], overwrite=p["overwrite"], hash_inputs=True,
+                        on_start=lambda plan: ctx.progress(0, sum(t.nbytes for t in plan), "merging"),
+                        on_tensor=lambda t, done: ctx.progress(done))
+    for st in result.steps:
+        ctx.log(f"{st['name']}: {st['method']}: {st['merged']} merged")
+    return {"outputs": index_outputs(ctx, [result.output]), "recipe": recipe_yaml(recipe)}
+
+
+# -- scan, hash, index ---------------------------------------------------------------------------
+def parse_file_only(op: str) -> Callable[[Form, Files], Tuple[str, Dict[str, Any]]]:
+    def parse(form: Form, files: Files):
+        row, real = files.get(one(form, "file"))
+        return f"{op} {os.path.basename(real)}", {"file_id": row["id"], "input_path": real,
+                                                 "size": row["size"], "mtime_ns": row["mtime_ns"]}
+    return parse
+
+
+def run_scan(ctx, p: Dict[str, Any]) -> Dict[str, Any]:
+    from sdtk.scan import scan_file
+
+    ctx.progress(0, 1, "checking without executing anything")
+    result = scan_file(p["input_path"])
+    ctx.log(f"{result.verdict}: {result.reason}")
+    for f in result.findings:
+        ctx.log(f"{f.verdict}: {f.message}")
+    return {"verdict": result.verdict, "reason": result.reason}
+
+
+def run_hash(ctx, p: Dict[str, Any]) -> Dict[str, Any]:
+    from sdtk.formats import open_model
+    from sdtk.hashing.model import cached_model_hashes
+
+    check_unchanged(p, p["input_path"])
+    try:
+        cat = open_model(p["input_path"])
+    except SdtkError as e:
+        cat = None
+        ctx.log(f"no content hash: {e.problem}")
+    try:
+        mh = cached_model_hashes(p["input_path"], cat, content=cat is not None, use_cache=False,
+                                 on_progress=lambda done, total: ctx.progress(done, total, "hashing"))
+    finally:
+        if cat is not None:
+            cat.close()
+    hashes = {**mh.file.formatted("civitai"), "Content": (mh.content or "").upper() or None}
+    row = ctx.conn.execute("SELECT sha256 FROM files WHERE id = ?", (p["file_id"],)).fetchone()
+    same = row is not None and row["sha256"] == mh.file.sha256
+    ctx.log("SHA256 matches the library's record" if same else "SHA256 differs from the library's record: re-index")
+    return {"hashes": hashes, "matches_library": same}
+
+
+def parse_index(form: Form, files: Files) -> Tuple[str, Dict[str, Any]]:
+    return "index " + ", ".join(os.path.basename(r) or r for r in files.roots), {"roots": list(files.roots)}
+
+
+def run_index(ctx, p: Dict[str, Any]) -> Dict[str, Any]:
+    from sdtk.library.scan import scan_library
+
+    seen = [0]
+
+    def on_event(event, path):
+        seen[0] += 1
+        ctx.progress(seen[0], None, f"{seen[0]} files: {event} {os.path.basename(path)}")
+
+    report = scan_library(ctx.conn, p["roots"], content=True, on_event=on_event,
+                          on_progress=lambda path, done, total: ctx.check())
+    ctx.progress(seen[0], max(seen[0], 1), f"{report.seen} files indexed")
+    ctx.log(f"{report.seen} model files: new {report.new}, changed {report.changed}, unchanged {report.unchanged}, "
+            f"missing {report.missing}; hashed {report.hashed}")
+    for path, problem in report.problems:
+        ctx.log(f"problem: {path}: {problem}")
+    return {"seen": report.seen, "new": report.new, "problems": len(report.problems)}
+
+
+@dataclass(frozen=True)
+class Operation:
+    name: str
+    title: str
+    parse: Callable[[Form, Files], Tuple[str, Dict[str, Any]]]
+    run: Callable[[Any, Dict[str, Any]], Dict[str, Any]]
+    writes: bool  # writes a model file (shown with its output in the library)
+
+
+OPERATIONS: Dict[str, Operation] = {op.name: op for op in (
+    Operation("convert", "Convert", parse_convert, run_convert, True),
+    Operation("merge", "Merge", parse_merge, run_merge, True),
+    Operation("scan", "Safety scan", parse_file_only("scan"), run_scan, False),
+    Operation("hash", "Hash", parse_file_only("hash"), run_hash, False),
+    Operation("index", "Index the folders", parse_index, run_index, False),
+)}
+
+# "What to do" advice (identify/advice.py codes) -> a one-click job: (operation, form values)
+ADVICE_ACTIONS: Dict[str, Tuple[str, Dict[str, str], str]] = {
+    "training_checkpoint": ("convert", {"preset": "generation"}, "Convert for generation"),
+    "shrink_for_generation": ("convert", {"preset": "generation"}, "Convert for generation"),
+    "convert_to_safetensors": ("convert", {}, "Convert to safetensors"),
+    "fix_clip": ("convert", {"fix_clip": "1"}, "Fix CLIP position ids"),
+}

@@ -1,0 +1,253 @@
+"""sdtk serve end to end in a real headless Chromium (Playwright through Debian's chromium):
+index a folder of sample files, search and filter, read a model page, run a convert job to 100%
+and find its output in the library, cancel a job and find no file, a block-weight merge with the
+CLI's bytes, two queued jobs, the hostile file shown unsafe, a cross-site page that cannot act,
+and an axe check with no serious violations. SDTK_WEB_SCREENSHOTS=DIR also saves screenshots."""
+import os
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import run_cli
+from helpers_browser import chromium_or_skip, running_server
+from helpers_web import sample_library
+
+CHROMIUM = chromium_or_skip()
+from playwright.sync_api import expect, sync_playwright  # noqa: E402
+
+SHOTS = os.environ.get("SDTK_WEB_SCREENSHOTS")
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    base = tmp_path_factory.mktemp("webui")
+    sample = sample_library(base)
+    with running_server(sample["root"], base / "lib.db", base / "state", progress_delay=0.01) as url:
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM)
+            context = browser.new_context(viewport={"width": 1360, "height": 900})
+            page = context.new_page()
+            errors = []
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.goto(url + "/")
+            # the new folder is indexed in the background, with its progress on the page
+            expect(page.locator("aside.queue article.job.done").first).to_be_visible(timeout=60_000)
+            page.reload()
+            yield {"url": url, "page": page, "context": context, "sample": sample, "base": base, "errors": errors}
+            browser.close()
+
+
+def shot(page, name):
+    if SHOTS:
+        Path(SHOTS).mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(Path(SHOTS) / f"{name}.png"), full_page=False)
+
+
+def job_card(page, title_part):
+    return page.locator("aside.queue article.job", has_text=title_part).first
+
+
+def test_library_search_and_filters(site):
+    page, url = site["page"], site["url"]
+    page.goto(url + "/")
+    expect(page.locator("#count")).to_have_text("10 files")
+    shot(page, "library")
+    page.fill("#q", "ink wash")  # a trigger word from the .civitai.info sidecar
+    expect(page.locator("#count")).to_have_text("1 file")
+    expect(page.locator("table.files tbody tr")).to_have_count(1)
+    expect(page.locator("table.files")).to_contain_text("inkwash.safetensors")
+    assert "q=ink" in page.url  # the search is in the address (reload, share)
+    page.fill("#q", "")
+    page.select_option("#kind", "vae")
+    expect(page.locator("#count")).to_have_text("1 file")
+    expect(page.locator("table.files")).to_contain_text("kl-f8.safetensors")
+    page.select_option("#kind", "")
+    page.check("#problems")
+    expect(page.locator("table.files")).to_contain_text("free-model.ckpt")
+    expect(page.locator("table.files")).not_to_contain_text("inkwash.safetensors")
+    page.uncheck("#problems")
+    page.select_option("#sort", "size")
+    expect(page.locator("table.files tbody tr").first).to_contain_text("v1-5-pruned.ckpt")
+    assert not site["errors"], site["errors"]
+
+
+def test_model_page_report_languages_and_copy(site):
+    page, url = site["page"], site["url"]
+    page.goto(url + "/?q=v1-5-pruned")
+    page.click("text=v1-5-pruned.ckpt")
+    expect(page.locator("h1")).to_have_text("v1-5-pruned.ckpt")
+    expect(page.locator("dl.report")).to_contain_text("Stable Diffusion 1.x")
+    expect(page.locator("table.components")).to_contain_text("EMA copy of the UNet")
+    expect(page.locator("figure.chart svg rect")).to_have_count(5)
+    expect(page.get_by_role("button", name="Convert for generation")).to_be_visible()
+    expect(page.locator("#hash-SHA256")).to_have_text(re.compile("^[0-9A-F]{64}$"))
+    shot(page, "model")
+    page.get_by_role("button", name="Copy SHA256").click()
+    expect(page.get_by_role("button", name="Copy SHA256")).to_have_text("Copied")
+    page.click("a[lang=ja]")
+    expect(page.locator("table.components")).to_contain_text("UNet の EMA コピー")
+    page.click("a[lang=zh]")
+    expect(page.locator("html")).to_have_attribute("lang", "zh")
+
+
+def test_hostile_file_shown_unsafe_never_run(site):
+    page, url = site["page"], site["url"]
+    page.goto(url + "/?q=free-model")
+    expect(page.locator("table.files")).to_contain_text("unreadable or unsafe")
+    page.click("text=free-model.ckpt")
+    expect(page.locator("section.danger")).to_contain_text("os.system")
+    expect(page.get_by_role("link", name="Convert…")).to_have_count(0)
+    shot(page, "unsafe")
+    assert not site["sample"]["marker"].exists()
+
+
+def test_convert_job_reaches_100_and_output_appears(site):
+    page, url = site["page"], site["url"]
+    page.goto(url + "/?q=v1-5-pruned.ckpt")
+    page.click("text=v1-5-pruned.ckpt")
+    page.get_by_role("button", name="Convert for generation").click()
+    expect(page.locator("#flash")).to_contain_text("queued")
+    card = job_card(page, "convert v1-5-pruned.ckpt (generation)")
+    seen = set()
+    end = time.monotonic() + 120
+    while time.monotonic() < end:
+        text = card.locator(".pct").inner_text(timeout=10_000)
+        seen.add(text)
+        if card.locator(".state").inner_text() in ("done", "failed", "cancelled"):
+            break
+        time.sleep(0.1)
+    expect(card.locator(".state")).to_have_text("done")
+    expect(card.locator(".pct")).to_have_text("100%")
+    assert any(s not in ("0%", "100%") for s in seen), seen  # live progress on the way
+    shot(page, "job-done")
+    card.get_by_role("link", name="v1-5-pruned-fp16-emaonly.safetensors").click()
+    expect(page.locator("h1")).to_have_text("v1-5-pruned-fp16-emaonly.safetensors")
+    expect(page.locator("dl.report")).to_contain_text("fp16")
+    page.goto(url + "/?q=emaonly")
+    expect(page.locator("table.files")).to_contain_text("v1-5-pruned-fp16-emaonly.safetensors")
+
+
+def test_cancel_a_job_and_find_no_file(site):
+    page, url = site["page"], site["url"]
+    folder = site["sample"]["sd_fp32"].parent
+    page.goto(url + "/?q=gamma-fp32")
+    page.click("text=gamma-fp32.safetensors")
+    page.click("text=Convert…")
+    page.select_option("#dtype", "fp16")
+    page.fill("#output", "to-cancel.safetensors")
+    shot(page, "convert")
+    page.get_by_role("button", name="Start converting").click()
+    expect(page.locator("#convert-result")).to_contain_text("queued")
+    card = job_card(page, "convert gamma-fp32.safetensors")
+    expect(card.locator(".state")).to_have_text("running", timeout=60_000)
+    expect(card.locator(".pct")).not_to_have_text("0%", timeout=60_000)
+    assert [p for p in os.listdir(folder) if p.endswith(".sdtk-partial")]  # it is writing
+    card.get_by_role("button", name="Cancel").click()
+    expect(card.locator(".state")).to_have_text("cancelled", timeout=30_000)
+    expect(card).to_contain_text("nothing was written")
+    assert not (folder / "to-cancel.safetensors").exists()
+    assert not [p for p in os.listdir(folder) if p.endswith(".sdtk-partial")]
+
+
+def test_two_queued_jobs(site):
+    page, url = site["page"], site["url"]
+    for name, out in (("alpha-mix", "alpha-q1.safetensors"), ("beta-mix", "beta-q2.safetensors")):
+        page.goto(url + f"/?q={name}.safetensors")
+        page.click(f"text={name}.safetensors")
+        page.click("text=Convert…")
+        page.select_option("#dtype", "bf16")
+        page.fill("#output", out)
+        page.get_by_role("button", name="Start converting").click()
+        expect(page.locator("#convert-result")).to_contain_text("queued")
+    first, second = job_card(page, "convert alpha-mix"), job_card(page, "convert beta-mix")
+    expect(second.locator(".state")).to_have_text(re.compile("queued|running"))
+    expect(first.locator(".state")).to_have_text("done", timeout=120_000)
+    expect(second.locator(".state")).to_have_text("done", timeout=120_000)
+    page.goto(url + "/?q=-q")
+    expect(page.locator("table.files")).to_contain_text("alpha-q1.safetensors")
+    expect(page.locator("table.files")).to_contain_text("beta-q2.safetensors")
+
+
+def test_block_weight_merge_has_the_cli_bytes(site):
+    page, url, sample = site["page"], site["url"], site["sample"]
+    page.goto(url + "/?q=alpha-mix.safetensors")
+    page.click("text=alpha-mix.safetensors")
+    page.click("text=Merge with…")
+    page.select_option("#model_b", label="beta-mix.safetensors")
+    page.fill("#alpha", "0.3")
+    page.select_option("#block_preset", "GRAD_V")
+    expect(page.locator("#use_blocks")).to_be_checked()
+    expect(page.locator("#bv_1")).to_have_text("1")
+    slider = page.locator("#block_5")  # then move one slider by keyboard: the weights become custom
+    slider.focus()
+    page.keyboard.press("ArrowRight")
+    expect(page.locator("#block_preset")).to_have_value("")
+    page.fill("#output", "browser-merge.safetensors")
+    page.get_by_role("button", name="Preview the recipe").click()
+    expect(page.locator("#recipe-yaml")).to_contain_text("weighted-sum")
+    shot(page, "merge")
+    values = page.eval_on_selector_all("input.block", "els => els.map(e => e.value)")
+    assert len(values) == 26 and values[5] != values[4]
+    page.get_by_role("button", name="Start merging").click()
+    card = job_card(page, "browser-merge.safetensors")
+    expect(card.locator(".state")).to_have_text("done", timeout=120_000)
+    cli_out = site["base"] / "cli-merge.safetensors"
+    r = run_cli("merge", sample["sd_a"], sample["sd_b"], "-o", cli_out, "-a", "0.3", "--blocks", ",".join(values))
+    assert r.returncode == 0, r.stderr
+    assert cli_out.read_bytes() == (sample["sd_a"].parent / "browser-merge.safetensors").read_bytes()
+
+
+def test_a_cross_site_page_cannot_act(site, tmp_path):
+    """A hostile page on another origin posts a form to the server: refused, no job."""
+    import http.server
+    import threading
+
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    (evil / "index.html").write_text(f'<form id="f" method="post" action="{site["url"]}/run/index"></form>'
+                                     '<script>document.getElementById("f").submit()</script>')
+    handler = lambda *a: http.server.SimpleHTTPRequestHandler(*a, directory=str(evil))  # noqa: E731
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        page = site["context"].new_page()
+        page.goto(f"http://127.0.0.1:{httpd.server_address[1]}/index.html")
+        page.wait_for_url(re.compile("/run/index"))
+        assert "refused" in page.content()
+        page.close()
+    finally:
+        httpd.shutdown()
+    page = site["page"]
+    page.goto(site["url"] + "/jobs")
+    expect(page.locator("table.jobs")).to_contain_text("index")
+    assert page.locator("table.jobs tbody tr", has_text="index").count() == 1  # only the one at start: no new job
+
+
+def test_accessibility_no_serious_violations(site):
+    from axe_playwright_python.sync_playwright import Axe
+
+    page, url = site["page"], site["url"]
+    ids = {}
+    page.goto(url + "/")
+    for name in ("v1-5-pruned.ckpt", "alpha-mix.safetensors"):
+        ids[name] = page.locator("table.files a", has_text=re.compile("^" + re.escape(name) + "$")).first.get_attribute("href")
+    pages = ["/", ids["v1-5-pruned.ckpt"], ids["v1-5-pruned.ckpt"] + "?lang=ja", "/jobs", "/dupes",
+             "/convert?file=" + ids["alpha-mix.safetensors"].rsplit("/", 1)[1],
+             "/merge?a=" + ids["alpha-mix.safetensors"].rsplit("/", 1)[1]]
+    axe = Axe()
+    problems = []
+    for path in pages:
+        page.goto(url + path)
+        page.wait_for_timeout(300)  # the event stream has filled the queue panel
+        result = axe.run(page)
+        for v in result.response["violations"]:
+            if v["impact"] in ("serious", "critical"):
+                problems.append((path, v["id"], v["help"], [n["target"] for n in v["nodes"]][:3]))
+    assert not problems, problems
+    if SHOTS:
+        page.goto(url + "/dupes")
+        shot(page, "dupes")
+        page.goto(url + "/jobs")
+        shot(page, "jobs")

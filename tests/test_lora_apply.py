@@ -191,3 +191,19 @@ def test_bad_inputs(tmp, cli):
     before = base_path.read_bytes()
     r = cli("lora", "apply", base_path, good, "-o", out)  # exists
     assert r.returncode == 2 and base_path.read_bytes() == before
+
+
+@pytest.mark.parametrize("lang", ["en", "ja", "zh", "ru"])
+def test_inspect_base_fit(tmp, cli, lang):
+    sd1 = make_model(tmp, "sd1", "sd15-emaonly", scale=8)
+    xl = tensors(make_model(tmp, "xl", "sdxl-base", scale=8))
+    rng = np.random.default_rng(6)
+    mods = {"lora_te1_text_model_encoder_layers_0_self_attn_q_proj": "conditioner.embedders.0.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight",
+            "lora_unet_input_blocks_7_1_transformer_blocks_4_attn1_to_q": "model.diffusion_model.input_blocks.7.1.transformer_blocks.4.attn1.to_q.weight"}
+    lora_path = write_tensors(tmp / "xl_lora.safetensors", _lora_for(xl, mods, rng), {"ss_base_model_version": "sdxl_base_v1-0"})
+    r = cli("inspect", lora_path, "--base", sd1, "--lang", lang)
+    assert "1" in r.stdout and "SDXL" in r.stdout, r.stdout
+    r = cli("inspect", lora_path, "--base", sd1, "--json", "--lang", lang)
+    fit = json.loads(r.stdout)["files"][0]["base_fit"]
+    assert fit["matched"] == 1 and fit["modules"] == 2 and fit["components"] == {"te1": 1}
+    assert fit["unmatched"][0]["module"].startswith("lora_unet_input_blocks_7")

@@ -97,8 +97,14 @@ def bake(base_path: str, loras: Sequence[LoraInput], dest: Optional[str], *, all
         meta[LINEAGE_KEY] = lineage_value(base.metadata.get(LINEAGE_KEY), lineage)
         if on_start is not None:
             on_start(plan)
-        n = write_safetensors(dest, plan, meta, inputs=[base_path] + [s.path for s in loras], overwrite=overwrite,
-                              on_tensor=on_tensor)
+        from sdtk.ops.prefetch import Prefetcher
+
+        ahead = Prefetcher(plan)  # the next changed tensors are computed while this one is written
+        try:
+            n = write_safetensors(dest, ahead.plan, meta, inputs=[base_path] + [s.path for s in loras], overwrite=overwrite,
+                                  on_tensor=on_tensor)
+        finally:
+            ahead.close()
         return BakeResult(os.fspath(dest), base_path, base_title, n, len(plan), stats.computed, stats.copied, reports,
                           dict(stats.overflow))
     finally:

@@ -52,8 +52,12 @@ def tucker_factor(t: np.ndarray, wa: np.ndarray, wb: np.ndarray) -> np.ndarray:
 def loha_delta(w1a, w1b, w2a, w2b, t1=None, t2=None) -> np.ndarray:
     """(W1a W1b) * (W2a W2b), unscaled; flat (out, in*k*k) without Tucker, (out, in, k, k) with."""
     if t1 is not None and t2 is not None:
-        return tucker_factor(t1, w1a, w1b) * tucker_factor(t2, w2a, w2b)
-    return (flat2(w1a) @ flat2(w1b)) * (flat2(w2a) @ flat2(w2b))
+        out = tucker_factor(t1, w1a, w1b)
+    else:
+        out = flat2(w1a) @ flat2(w1b)
+        t2 = None
+    out *= tucker_factor(t2, w2a, w2b) if t2 is not None else flat2(w2a) @ flat2(w2b)
+    return out
 
 
 def lokr_delta(w1=None, w1a=None, w1b=None, w2=None, w2a=None, w2b=None, t2=None) -> np.ndarray:

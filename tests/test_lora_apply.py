@@ -207,3 +207,30 @@ def test_inspect_base_fit(tmp, cli, lang):
     fit = json.loads(r.stdout)["files"][0]["base_fit"]
     assert fit["matched"] == 1 and fit["modules"] == 2 and fit["components"] == {"te1": 1}
     assert fit["unmatched"][0]["module"].startswith("lora_unet_input_blocks_7")
+
+
+def test_lora_merge_concat_is_exact(tmp, cli):
+    base_path = make_model(tmp, "sd", "sd15-emaonly", scale=8)
+    base = tensors(base_path)
+    rng = np.random.default_rng(7)
+    k1 = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight"
+    k2 = "model.diffusion_model.input_blocks.4.0.in_layers.2.weight"
+    n1 = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    n2 = "lora_unet_down_blocks_1_resnets_0_conv1"
+    a = {**lora_family(n1, "lora", base[k1].shape, rng, rank=4, alpha=2.0), **lora_family(n2, "lora", base[k2].shape, rng, rank=2, alpha=1.0)}
+    b = lora_family(n1, "lora", base[k1].shape, rng, rank=8, alpha=8.0)
+    pa, pb = write_tensors(tmp / "a.safetensors", a), write_tensors(tmp / "b.safetensors", b)
+    merged = tmp / "m.safetensors"
+    r = cli("lora", "merge", f"{pa}:0.7", f"{pb}:-0.3", "-o", merged)
+    assert r.returncode == 0, r.stderr
+    m = tensors(merged)
+    assert m[n1 + ".lora_down.weight"].shape[0] == 12 and float(m[n1 + ".alpha"]) == 12
+    one, two = tmp / "one.safetensors", tmp / "two.safetensors"
+    assert cli("lora", "apply", base_path, merged, "-o", one).returncode == 0
+    assert cli("lora", "apply", base_path, f"{pa}:0.7", f"{pb}:-0.3", "-o", two).returncode == 0
+    x, y = tensors(one), tensors(two)
+    for k in (k1, k2):
+        assert not np.array_equal(x[k], base[k])
+        np.testing.assert_allclose(x[k], y[k], rtol=0, atol=2e-7)
+    r = cli("lora", "merge", f"{pa}:0.7", "-o", tmp / "x.safetensors")
+    assert r.returncode == 2

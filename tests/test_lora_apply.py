@@ -234,3 +234,30 @@ def test_lora_merge_concat_is_exact(tmp, cli):
         np.testing.assert_allclose(x[k], y[k], rtol=0, atol=2e-7)
     r = cli("lora", "merge", f"{pa}:0.7", "-o", tmp / "x.safetensors")
     assert r.returncode == 2
+
+
+def test_lora_resize_same_singular_values_as_full_svd(tmp, cli):
+    from sdtk.ops.lora.resize import dynamic_rank, factor_svd
+
+    rng = np.random.default_rng(8)
+    up, down = rng.standard_normal((48, 16)).astype(np.float32), rng.standard_normal((16, 40)).astype(np.float32)
+    _, s, _ = factor_svd(up, down)
+    full = np.linalg.svd((up.astype(np.float64) @ down), compute_uv=False)[:16]
+    np.testing.assert_allclose(s, full, rtol=1e-10)
+    # kohya's rank_resize index conventions (reference/lora.md §3.3): one more than the minimum
+    S = np.array([4, 3, 2, 1, .5, .25])
+    assert dynamic_rank(S, "sv_cumulative", 0.65, 99) == 3
+    assert dynamic_rank(S, "sv_fro", 0.9, 99) == 3
+    assert dynamic_rank(S, "sv_ratio", 2, 99) == 3
+    name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    t = {name + ".lora_up.weight": up, name + ".lora_down.weight": down, name + ".alpha": np.array(4.0, np.float32)}
+    src = write_tensors(tmp / "r16.safetensors", t)
+    out = tmp / "r4.safetensors"
+    r = cli("lora", "resize", src, "--rank", "4", "-o", out)
+    assert r.returncode == 0, r.stderr
+    got = tensors(out)
+    assert got[name + ".lora_down.weight"].shape == (4, 40) and float(got[name + ".alpha"]) == 1.0  # s0 = 4/16 kept
+    approx = got[name + ".lora_up.weight"] @ got[name + ".lora_down.weight"] * float(got[name + ".alpha"]) / 4
+    u, sv, vt = np.linalg.svd(up.astype(np.float64) @ down)
+    best = (u[:, :4] * sv[:4]) @ vt[:4] * 0.25
+    np.testing.assert_allclose(approx, best, atol=1e-4)

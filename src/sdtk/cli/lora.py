@@ -108,5 +108,38 @@ def merge_cmd(
     return 0
 
 
+@lora_app.command("resize")
+def resize_cmd(
+    lora: Path = typer.Argument(..., help="A LoRA / LoCon file."),
+    output: Path = typer.Option(..., "-o", "--output", help="Output .safetensors file."),
+    rank: int = typer.Option(..., "--rank", help="New rank (the cap when --dynamic is given)."),
+    dynamic: Optional[str] = typer.Option(None, "--dynamic", help="sv_ratio:R, sv_fro:F or sv_cumulative:C (kohya's conventions)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
+    json_out: bool = typer.Option(False, "--json", help="Print a JSON summary."),
+) -> int:
+    """Resize a LoRA through QR + a small SVD of its factors (the same singular values as a full SVD)."""
+    from sdtk.ops.lora.resize import resize_file
+
+    method, param = None, 0.0
+    if dynamic:
+        method, _, raw = dynamic.partition(":")
+        try:
+            param = float(raw)
+        except ValueError:
+            raise UsageError(None, f"--dynamic {dynamic!r}: expected METHOD:NUMBER") from None
+        if method not in ("sv_ratio", "sv_fro", "sv_cumulative"):
+            raise UsageError(None, "--dynamic must be sv_ratio:R, sv_fro:F or sv_cumulative:C")
+    if rank < 1:
+        raise UsageError(None, "--rank must be at least 1")
+    rows = resize_file(str(lora), str(output), rank, method, param, overwrite)
+    if json_out:
+        print_json({"output": str(output), "modules": [{"module": n, "rank": o, "new_rank": k, "retained_fro": r} for n, o, k, r in rows]})
+        return 0
+    worst = min((r for *_, r in rows), default=1.0)
+    console.print(f"wrote {output}: {len(rows)} modules, ranks {sorted({k for _, _, k, _ in rows})}; "
+                  f"Frobenius norm retained: min {worst:.4f}")
+    return 0
+
+
 def register(app: typer.Typer) -> None:
     app.add_typer(lora_app, name="lora")

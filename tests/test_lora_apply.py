@@ -33,7 +33,7 @@ def _same(got, want32):
     """fp32 maths cast once to the base's dtype: equal to the float32 formula within one rounding of
     the summation order (numpy's matmul may sum differently than the test's)."""
     want = want32.astype(got.dtype)
-    ulp = np.abs(np.spacing(want.astype(np.float32)))
+    ulp = np.abs(np.spacing(want)).astype(np.float32)  # one unit in the last place of the base's dtype
     assert np.all(np.abs(got.astype(np.float32) - want.astype(np.float32)) <= np.maximum(ulp, 1e-7))
 
 

@@ -95,6 +95,10 @@ def patch_weight(m: Module, weight: np.ndarray, strength: float, peft: Dict[str,
         constraint = None if alpha is None else alpha * weight.shape[0]
         rot = M.oft_rotation(blocks, constraint)
         return M.oft_apply(weight, rot, strength, _f32(m, "rescale"))
+    if k in ("lora", "locon") and "mid" not in m.parts and not m.dora and weight.flags.c_contiguous \
+            and m.parts["up"].shape[0] == weight.shape[0]:
+        M.add_product(weight, _f32(m, "up"), _f32(m, "down"), strength * module_scale(m, peft))
+        return weight
     delta = additive_delta(m, weight)
     if delta is None:
         return weight

@@ -33,7 +33,7 @@ def _same(got, want32):
     """fp32 maths cast once to the base's dtype: equal to the float32 formula within one rounding of
     the summation order (numpy's matmul may sum differently than the test's)."""
     want = want32.astype(got.dtype)
-    ulp = np.abs(np.spacing(want.astype(np.float32)))
+    ulp = np.abs(np.spacing(want)).astype(np.float32)  # one unit in the last place of the base's dtype
     assert np.all(np.abs(got.astype(np.float32) - want.astype(np.float32)) <= np.maximum(ulp, 1e-7))
 
 
@@ -191,3 +191,73 @@ def test_bad_inputs(tmp, cli):
     before = base_path.read_bytes()
     r = cli("lora", "apply", base_path, good, "-o", out)  # exists
     assert r.returncode == 2 and base_path.read_bytes() == before
+
+
+@pytest.mark.parametrize("lang", ["en", "ja", "zh", "ru"])
+def test_inspect_base_fit(tmp, cli, lang):
+    sd1 = make_model(tmp, "sd1", "sd15-emaonly", scale=8)
+    xl = tensors(make_model(tmp, "xl", "sdxl-base", scale=8))
+    rng = np.random.default_rng(6)
+    mods = {"lora_te1_text_model_encoder_layers_0_self_attn_q_proj": "conditioner.embedders.0.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight",
+            "lora_unet_input_blocks_7_1_transformer_blocks_4_attn1_to_q": "model.diffusion_model.input_blocks.7.1.transformer_blocks.4.attn1.to_q.weight"}
+    lora_path = write_tensors(tmp / "xl_lora.safetensors", _lora_for(xl, mods, rng), {"ss_base_model_version": "sdxl_base_v1-0"})
+    r = cli("inspect", lora_path, "--base", sd1, "--lang", lang)
+    assert "1" in r.stdout and "SDXL" in r.stdout, r.stdout
+    r = cli("inspect", lora_path, "--base", sd1, "--json", "--lang", lang)
+    fit = json.loads(r.stdout)["files"][0]["base_fit"]
+    assert fit["matched"] == 1 and fit["modules"] == 2 and fit["components"] == {"te1": 1}
+    assert fit["unmatched"][0]["module"].startswith("lora_unet_input_blocks_7")
+
+
+def test_lora_merge_concat_is_exact(tmp, cli):
+    base_path = make_model(tmp, "sd", "sd15-emaonly", scale=8)
+    base = tensors(base_path)
+    rng = np.random.default_rng(7)
+    k1 = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight"
+    k2 = "model.diffusion_model.input_blocks.4.0.in_layers.2.weight"
+    n1 = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    n2 = "lora_unet_down_blocks_1_resnets_0_conv1"
+    a = {**lora_family(n1, "lora", base[k1].shape, rng, rank=4, alpha=2.0), **lora_family(n2, "lora", base[k2].shape, rng, rank=2, alpha=1.0)}
+    b = lora_family(n1, "lora", base[k1].shape, rng, rank=8, alpha=8.0)
+    pa, pb = write_tensors(tmp / "a.safetensors", a), write_tensors(tmp / "b.safetensors", b)
+    merged = tmp / "m.safetensors"
+    r = cli("lora", "merge", f"{pa}:0.7", f"{pb}:-0.3", "-o", merged)
+    assert r.returncode == 0, r.stderr
+    m = tensors(merged)
+    assert m[n1 + ".lora_down.weight"].shape[0] == 12 and float(m[n1 + ".alpha"]) == 12
+    one, two = tmp / "one.safetensors", tmp / "two.safetensors"
+    assert cli("lora", "apply", base_path, merged, "-o", one).returncode == 0
+    assert cli("lora", "apply", base_path, f"{pa}:0.7", f"{pb}:-0.3", "-o", two).returncode == 0
+    x, y = tensors(one), tensors(two)
+    for k in (k1, k2):
+        assert not np.array_equal(x[k], base[k])
+        np.testing.assert_allclose(x[k], y[k], rtol=0, atol=2e-7)
+    r = cli("lora", "merge", f"{pa}:0.7", "-o", tmp / "x.safetensors")
+    assert r.returncode == 2
+
+
+def test_lora_resize_same_singular_values_as_full_svd(tmp, cli):
+    from sdtk.ops.lora.resize import dynamic_rank, factor_svd
+
+    rng = np.random.default_rng(8)
+    up, down = rng.standard_normal((48, 16)).astype(np.float32), rng.standard_normal((16, 40)).astype(np.float32)
+    _, s, _ = factor_svd(up, down)
+    full = np.linalg.svd((up.astype(np.float64) @ down), compute_uv=False)[:16]
+    np.testing.assert_allclose(s, full, rtol=1e-10)
+    # kohya's rank_resize index conventions (reference/lora.md §3.3): one more than the minimum
+    S = np.array([4, 3, 2, 1, .5, .25])
+    assert dynamic_rank(S, "sv_cumulative", 0.65, 99) == 3
+    assert dynamic_rank(S, "sv_fro", 0.9, 99) == 3
+    assert dynamic_rank(S, "sv_ratio", 2, 99) == 3
+    name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    t = {name + ".lora_up.weight": up, name + ".lora_down.weight": down, name + ".alpha": np.array(4.0, np.float32)}
+    src = write_tensors(tmp / "r16.safetensors", t)
+    out = tmp / "r4.safetensors"
+    r = cli("lora", "resize", src, "--rank", "4", "-o", out)
+    assert r.returncode == 0, r.stderr
+    got = tensors(out)
+    assert got[name + ".lora_down.weight"].shape == (4, 40) and float(got[name + ".alpha"]) == 1.0  # s0 = 4/16 kept
+    approx = got[name + ".lora_up.weight"] @ got[name + ".lora_down.weight"] * float(got[name + ".alpha"]) / 4
+    u, sv, vt = np.linalg.svd(up.astype(np.float64) @ down)
+    best = (u[:, :4] * sv[:4]) @ vt[:4] * 0.25
+    np.testing.assert_allclose(approx, best, atol=1e-4)

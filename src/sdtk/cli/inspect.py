@@ -63,15 +63,42 @@ def exit_code_for(identities: List[Identity], unreadable: List[Dict[str, Any]]) 
     return EXIT_OK
 
 
-def run_inspect(paths: List[Path], json_out: bool, lang: str, deep: bool, vae_ref: Optional[Path], verbose: bool) -> int:
+def base_fit(ident: Identity, base: str, lang: str) -> Tuple[Dict[str, Any], List[str]]:
+    """How a LoRA fits `base` (inspect --base): a JSON record and the lines to print."""
+    from sdtk.architectures.lora_keys import name_component
+    from sdtk.ops.lora.bake import match_lora
+
+    rep, title = match_lora(ident.path, base)
+    comps = ", ".join(f"{k} {v}" for k, v in sorted(rep.components.items())) or "-"
+    lines = [text("lora.base.title", lang, base=os.path.basename(base), title=title),
+             "  " + text("lora.base.matched", lang, matched=rep.matched, modules=rep.modules, components=comps)]
+    unet_missing = [m for m, _ in rep.unmatched if name_component(m) == "unet"]
+    if rep.matched == 0:
+        lines.append("  " + text("lora.base.none", lang))
+    elif unet_missing and not rep.components.get("unet"):
+        lines.append("  " + text("lora.base.te_only", lang, made_for=rep.base_guess or "?"))
+    if rep.unmatched:
+        examples = "; ".join(f"{m} ({why})" for m, why in rep.unmatched[:3]) + (" ..." if len(rep.unmatched) > 3 else "")
+        lines.append("  " + text("lora.base.unmatched", lang, count=len(rep.unmatched), examples=examples))
+    elif rep.matched:
+        lines.append("  " + text("lora.base.all", lang))
+    record = {"base": base, "base_architecture": title, **rep.as_dict()}
+    return record, lines
+
+
+def run_inspect(paths: List[Path], json_out: bool, lang: str, deep: bool, vae_ref: Optional[Path], verbose: bool,
+                base_model: Optional[Path] = None) -> int:
     if lang not in LANGUAGES:
         raise UsageError(None, f"--lang must be one of {', '.join(LANGUAGES)} (got {lang!r})")
     if vae_ref is not None and not os.path.isfile(vae_ref):
         raise UsageError(vae_ref, "--vae-ref: no such file")
     if not json_out:  # the human report needs rich; --json starts without it
         from sdtk.report.render import listing_line, render_identity
+    if base_model is not None and not os.path.isfile(base_model):
+        raise UsageError(base_model, "--base: no such file")
     identities: List[Identity] = []
     unreadable: List[Dict[str, Any]] = []
+    fits: Dict[str, Dict[str, Any]] = {}
     listing = False
     for p in paths:
         p = os.fspath(p)
@@ -86,8 +113,13 @@ def run_inspect(paths: List[Path], json_out: bool, lang: str, deep: bool, vae_re
             ident, bad = inspect_one(target, deep, os.fspath(vae_ref) if vae_ref else None)
             if ident is not None:
                 identities.append(ident)
+                fit_lines: List[str] = []
+                if base_model is not None and ident.kind == "lora":
+                    fits[ident.path], fit_lines = base_fit(ident, os.fspath(base_model), lang)
                 if not json_out and not listing:
                     console.print(render_identity(ident, lang, verbose=verbose))
+                    for line in fit_lines:
+                        console.print(line, markup=False, highlight=False)
                     console.print()
                 elif not json_out:
                     console.print(listing_line(ident, lang, os.path.relpath(target, base) if base else target), markup=False, highlight=False)
@@ -99,7 +131,11 @@ def run_inspect(paths: List[Path], json_out: bool, lang: str, deep: bool, vae_re
                     (console if listing else err_console).print(line, markup=False, highlight=False, style="red", soft_wrap=False)
     code = exit_code_for(identities, unreadable)
     if json_out:
-        print_json(json_report(identities, unreadable, lang, code))
+        report = json_report(identities, unreadable, lang, code)
+        for entry, ident in zip(report["files"], identities):
+            if ident.path in fits:
+                entry["base_fit"] = fits[ident.path]
+        print_json(report)
     elif listing or len(identities) + len(unreadable) > 1:
         tot = json_report(identities, unreadable, lang, code)["totals"]
         console.print(text("totals.line", lang, **{**tot, "size_h": human_bytes(tot["bytes"])}), markup=False, highlight=False, soft_wrap=False)
@@ -115,8 +151,9 @@ def register(app: typer.Typer) -> None:
         deep: bool = typer.Option(False, "--deep", help="Also read every tensor: inf/NaN check, SD2 prediction heuristic."),
         vae_ref: Optional[Path] = typer.Option(None, "--vae-ref", help="A VAE file: is the VAE baked into the model the same?"),
         verbose: bool = typer.Option(False, "--verbose", "-v", help="Show every finding and note."),
+        base: Optional[Path] = typer.Option(None, "--base", help="A checkpoint: how many of a LoRA's modules apply to it, which do not and why."),
     ) -> int:
         """Say what a model file is, what is inside, what is wrong with it, and what to do.
 
         Exit codes: 0 all identified, no problems; 1 problems found; 2 a file was unreadable."""
-        return run_inspect(paths, json_out, lang, deep, vae_ref, verbose)
+        return run_inspect(paths, json_out, lang, deep, vae_ref, verbose, base)

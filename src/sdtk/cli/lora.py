@@ -81,5 +81,65 @@ def apply_cmd(
     return 0
 
 
+@lora_app.command("merge")
+def merge_cmd(
+    loras: List[str] = typer.Argument(..., help="LORA[:WEIGHT] (two or more)."),
+    output: Path = typer.Option(..., "-o", "--output", help="Output .safetensors file."),
+    out_dtype: Optional[str] = typer.Option(None, "--dtype", help="Output dtype (default: the widest input's)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
+    json_out: bool = typer.Option(False, "--json", help="Print a JSON summary."),
+) -> int:
+    """Merge LoRAs exactly: ranks concatenated, so applying the result equals applying each input at its weight."""
+    from sdtk.ops.lora.apply import parse_lora_argument
+    from sdtk.ops.lora.merge import concat_merge
+
+    specs = [parse_lora_argument(a) for a in loras]
+    if len(specs) < 2:
+        raise UsageError(None, "lora merge takes two or more LoRAs")
+    if any(s.te_strength is not None for s in specs):
+        raise UsageError(None, "lora merge takes LORA[:WEIGHT] (one weight per LoRA)")
+    result = concat_merge([(s.path, s.strength) for s in specs], str(output), overwrite=overwrite, out_dtype=out_dtype)
+    if json_out:
+        print_json({"output": result.output, "modules": result.modules, "ranks": result.ranks,
+                    "inputs": [{"file": p, "weight": w} for p, w in result.inputs]})
+        return 0
+    ranks = ", ".join(f"rank {r}: {n}" for r, n in sorted(result.ranks.items()))
+    console.print(f"wrote {result.output}: {result.modules} modules ({ranks}), exact (ranks concatenated, alpha = rank)")
+    return 0
+
+
+@lora_app.command("resize")
+def resize_cmd(
+    lora: Path = typer.Argument(..., help="A LoRA / LoCon file."),
+    output: Path = typer.Option(..., "-o", "--output", help="Output .safetensors file."),
+    rank: int = typer.Option(..., "--rank", help="New rank (the cap when --dynamic is given)."),
+    dynamic: Optional[str] = typer.Option(None, "--dynamic", help="sv_ratio:R, sv_fro:F or sv_cumulative:C (kohya's conventions)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
+    json_out: bool = typer.Option(False, "--json", help="Print a JSON summary."),
+) -> int:
+    """Resize a LoRA through QR + a small SVD of its factors (the same singular values as a full SVD)."""
+    from sdtk.ops.lora.resize import resize_file
+
+    method, param = None, 0.0
+    if dynamic:
+        method, _, raw = dynamic.partition(":")
+        try:
+            param = float(raw)
+        except ValueError:
+            raise UsageError(None, f"--dynamic {dynamic!r}: expected METHOD:NUMBER") from None
+        if method not in ("sv_ratio", "sv_fro", "sv_cumulative"):
+            raise UsageError(None, "--dynamic must be sv_ratio:R, sv_fro:F or sv_cumulative:C")
+    if rank < 1:
+        raise UsageError(None, "--rank must be at least 1")
+    rows = resize_file(str(lora), str(output), rank, method, param, overwrite)
+    if json_out:
+        print_json({"output": str(output), "modules": [{"module": n, "rank": o, "new_rank": k, "retained_fro": r} for n, o, k, r in rows]})
+        return 0
+    worst = min((r for *_, r in rows), default=1.0)
+    console.print(f"wrote {output}: {len(rows)} modules, ranks {sorted({k for _, _, k, _ in rows})}; "
+                  f"Frobenius norm retained: min {worst:.4f}")
+    return 0
+
+
 def register(app: typer.Typer) -> None:
     app.add_typer(lora_app, name="lora")

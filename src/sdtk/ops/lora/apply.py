@@ -222,10 +222,12 @@ def _view(full: np.ndarray, t: Target, role: str) -> np.ndarray:
     if t.swap_halves:
         half = v.shape[0] // 2
         v = np.concatenate([v[half:], v[:half]], axis=0)
-    return np.ascontiguousarray(v)
+    return np.ascontiguousarray(v)  # `full` itself when nothing is sliced or transposed
 
 
 def _put(full: np.ndarray, t: Target, role: str, value: np.ndarray) -> None:
+    if value is full:
+        return
     v = value
     if t.swap_halves:
         half = v.shape[0] - v.shape[0] // 2
@@ -242,7 +244,9 @@ def _put(full: np.ndarray, t: Target, role: str, value: np.ndarray) -> None:
 def patched_array(base: np.ndarray, patches: Sequence[Patch], peft_configs: Sequence[dict],
                   dora_convention: str = "comfyui") -> np.ndarray:
     """The float32 result of applying `patches` in order to `base`."""
-    full = np.array(base, dtype=F32, copy=True)
+    from sdtk import fastcast
+
+    full = fastcast.astype(base, F32)  # always a new, writable array (base may be a read-only mmap view)
     for p in patches:
         view = _view(full, p.target, p.role)
         if p.role == "bias":

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from sdtk import __version__
 from sdtk.architectures.lora_keys import build_alias_table
@@ -97,8 +97,14 @@ def bake(base_path: str, loras: Sequence[LoraInput], dest: Optional[str], *, all
         meta[LINEAGE_KEY] = lineage_value(base.metadata.get(LINEAGE_KEY), lineage)
         if on_start is not None:
             on_start(plan)
-        n = write_safetensors(dest, plan, meta, inputs=[base_path] + [s.path for s in loras], overwrite=overwrite,
-                              on_tensor=on_tensor)
+        from sdtk.ops.prefetch import Prefetcher
+
+        ahead = Prefetcher(plan)  # the next changed tensors are computed while this one is written
+        try:
+            n = write_safetensors(dest, ahead.plan, meta, inputs=[base_path] + [s.path for s in loras], overwrite=overwrite,
+                                  on_tensor=on_tensor)
+        finally:
+            ahead.close()
         return BakeResult(os.fspath(dest), base_path, base_title, n, len(plan), stats.computed, stats.copied, reports,
                           dict(stats.overflow))
     finally:
@@ -125,3 +131,16 @@ ARCH_LABELS = {
     "stable-diffusion-3-medium": "SD3", "stable-diffusion-3": "SD3", "stable-diffusion-v3-medium": "SD3",
     "stable-diffusion-xl-v1-refiner": "SDXL refiner",
 }
+
+
+def match_lora(lora_path: str, base_path: str) -> Tuple[LoraReport, str]:
+    """How a LoRA fits a base (for `inspect --base`): its report (matched / unmatched with why)
+    and the base's title; nothing is written, only names, shapes and alphas are read."""
+    from sdtk.ops.merge.arch import describe
+
+    with open_model(base_path) as base, open_model(lora_path) as cat:
+        _, title = describe(base)
+        shapes = {k: tuple(t.shape) for k, t in base.tensors.items()}
+        _, reports = plan_patches(shapes, [(LoraInput(lora_path), read_adapter(cat.tensors, cat.metadata))])
+        reports[0].base_guess = _lora_base_label(cat)
+    return reports[0], title

@@ -52,8 +52,12 @@ def tucker_factor(t: np.ndarray, wa: np.ndarray, wb: np.ndarray) -> np.ndarray:
 def loha_delta(w1a, w1b, w2a, w2b, t1=None, t2=None) -> np.ndarray:
     """(W1a W1b) * (W2a W2b), unscaled; flat (out, in*k*k) without Tucker, (out, in, k, k) with."""
     if t1 is not None and t2 is not None:
-        return tucker_factor(t1, w1a, w1b) * tucker_factor(t2, w2a, w2b)
-    return (flat2(w1a) @ flat2(w1b)) * (flat2(w2a) @ flat2(w2b))
+        out = tucker_factor(t1, w1a, w1b)
+    else:
+        out = flat2(w1a) @ flat2(w1b)
+        t2 = None
+    out *= tucker_factor(t2, w2a, w2b) if t2 is not None else flat2(w2a) @ flat2(w2b)
+    return out
 
 
 def lokr_delta(w1=None, w1a=None, w1b=None, w2=None, w2a=None, w2b=None, t2=None) -> np.ndarray:
@@ -159,3 +163,25 @@ def dora_apply(weight: np.ndarray, scaled_delta: np.ndarray, magnitude: np.ndarr
     if convention == "lycoris":
         return wp * (1.0 + strength * (factor - 1.0))
     return weight + strength * (wp * factor - weight)
+
+
+def add_product(weight: np.ndarray, up: np.ndarray, down: np.ndarray, factor: float) -> None:
+    """weight += factor * up @ down, in place (weight C-contiguous float32, any shape with
+    weight.shape[0] rows). With SciPy, one BLAS sgemm with beta = 1 (no temporary for the product:
+    about 1.4x faster); else numpy."""
+    w2 = weight.reshape(weight.shape[0], -1)
+    u, d = np.ascontiguousarray(flat2(up), dtype=F32), np.ascontiguousarray(flat2(down), dtype=F32)
+    try:
+        from scipy.linalg.blas import sgemm
+    except ImportError:  # SciPy is optional
+        sgemm = None
+    if sgemm is not None and w2.flags.c_contiguous and np.shares_memory(w2, weight):
+        # C-order w2 is F-order w2.T: w2.T += factor * d.T @ u.T, written into weight's memory
+        out = sgemm(factor, d.T, u.T, beta=1.0, c=w2.T, overwrite_c=True)
+        if np.shares_memory(out, weight):
+            return
+        w2[...] = out.T
+        return
+    delta = u @ d
+    delta *= F32(factor)
+    w2 += delta

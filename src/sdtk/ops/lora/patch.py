@@ -70,6 +70,8 @@ def additive_delta(m: Module, weight: np.ndarray) -> Optional[np.ndarray]:
             return None
     else:
         return None
+    if k in ("full", "norm"):
+        d = np.array(d, dtype=F32, copy=True)  # the file's own (read-only) bytes otherwise
     return d.reshape(weight.shape)
 
 
@@ -93,6 +95,10 @@ def patch_weight(m: Module, weight: np.ndarray, strength: float, peft: Dict[str,
         constraint = None if alpha is None else alpha * weight.shape[0]
         rot = M.oft_rotation(blocks, constraint)
         return M.oft_apply(weight, rot, strength, _f32(m, "rescale"))
+    if k in ("lora", "locon") and "mid" not in m.parts and not m.dora and weight.flags.c_contiguous \
+            and m.parts["up"].shape[0] == weight.shape[0]:
+        M.add_product(weight, _f32(m, "up"), _f32(m, "down"), strength * module_scale(m, peft))
+        return weight
     delta = additive_delta(m, weight)
     if delta is None:
         return weight
@@ -106,7 +112,9 @@ def patch_weight(m: Module, weight: np.ndarray, strength: float, peft: Dict[str,
         magnitude = _f32(m, "dora_scale") if "dora_scale" in m.parts else _f32(m, "magnitude")
         axis = M.dora_axis(tuple(magnitude.shape), tuple(weight.shape), peft="magnitude" in m.parts)
         return M.dora_apply(weight, F32(scale) * delta, magnitude, strength, axis, dora_convention)
-    return weight + F32(strength * scale) * delta
+    delta *= F32(strength * scale)
+    weight += delta  # in place: the caller's float32 working copy
+    return weight
 
 
 def patch_bias(m: Module, bias: np.ndarray, strength: float) -> np.ndarray:
@@ -116,7 +124,8 @@ def patch_bias(m: Module, bias: np.ndarray, strength: float) -> np.ndarray:
         d = _f32(m, "b_norm")
     if d is None:
         return bias
-    return bias + F32(strength) * d.reshape(bias.shape)
+    bias += F32(strength) * d.reshape(bias.shape)
+    return bias
 
 
 def touches_bias(m: Module) -> bool:

@@ -82,7 +82,7 @@ def _legacy_stream(main: bytes) -> bytes:
 def tar_legacy_polyglot(marker: Path) -> bytes:
     """A valid legacy torch checkpoint (no tensors) whose first 512 bytes are a V7 tar header:
     the tar fields sit inside a string the main pickle pushes and pops."""
-    head = _legacy_stream(b"")[:-3]  # magic, protocol, sys_info pickles
+    head = _legacy_stream(b"")[:-4]  # magic, protocol, sys_info pickles (without the keys pickle)
     assert len(head) < 90
     prefix = head + b"\x80\x02X"  # main pickle: BINUNICODE spanning the rest of the header block
     text_len = BLOCK - (len(prefix) + 4) + 8  # the string ends 8 bytes into the next block

@@ -546,7 +546,7 @@ class PickleVM:
         if find is not None:
             end = find(b"\n", pos)
         else:
-            end, chunk = -1, 256
+            end, chunk = -1, 64
             start = pos
             while start < self.size:
                 stop = min(self.size, start + chunk)

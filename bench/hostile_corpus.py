@@ -6,7 +6,11 @@ process (`python -m sdtk`, this checkout's src/) with a per-command time limit. 
 per file: scan verdict, scan exit code and time, convert exit code and time, and flags any
 timeout, traceback, output written for a refused file, or a payload that ran (marker file).
 
-    python bench/hostile_corpus.py [--timeout 60] [--only NAME-SUBSTRING]
+    python bench/hostile_corpus.py [--timeout 60] [--only NAME-SUBSTRING] [--in-process]
+
+`--in-process` calls the library (`sdtk.scan.scan_file`, `sdtk.ops.convert.convert_file`) in this
+process, each call under a SIGALRM time limit: the same readers without interpreter start-up
+(on a loaded machine start-up is most of a command's time).
 
 Exit status 1 if anything was flagged, else 0.
 """
@@ -23,6 +27,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "src"))
 
 from hostile_files import HOSTILE, write_hostile  # noqa: E402
 
@@ -40,10 +45,49 @@ def run(args, timeout: float, cwd: Path):
         return None, time.perf_counter() - start, "", ""
 
 
+class _Timeout(Exception):
+    pass
+
+
+def run_in_process(command: str, path: Path, dest: Path, timeout: float):
+    """(exit code or None on timeout, seconds, verdict or None, problem text) of one library call."""
+    import signal
+
+    from sdtk.errors import SdtkError
+
+    def alarm(signum, frame):
+        raise _Timeout()
+
+    old = signal.signal(signal.SIGALRM, alarm)
+    signal.setitimer(signal.ITIMER_REAL, timeout)
+    start = time.perf_counter()
+    try:
+        if command == "scan":
+            from sdtk.scan import exit_code, scan_file
+
+            r = scan_file(path)
+            return exit_code([r]), time.perf_counter() - start, r.verdict, ""
+        from sdtk.ops.convert import ConvertOptions, convert_file, resolve_options
+
+        try:
+            convert_file(path, resolve_options(ConvertOptions(source_hashes=False)), output=dest)
+            return 0, time.perf_counter() - start, None, ""
+        except SdtkError as e:
+            return e.exit_code, time.perf_counter() - start, None, str(e)
+    except _Timeout:
+        return None, time.perf_counter() - start, "TIMEOUT", ""
+    except Exception as e:  # what would be a traceback on the command line
+        return 3, time.perf_counter() - start, "?", f"Traceback: {type(e).__name__}: {e}"
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds per command")
     parser.add_argument("--only", default="", help="only files whose name contains this")
+    parser.add_argument("--in-process", action="store_true", help="call the library in this process (SIGALRM limits)")
     opts = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="sdtk-hostile-") as tmpdir:
         tmp = Path(tmpdir)
@@ -60,16 +104,20 @@ def main() -> int:
         print(f"{'file':<58} {'verdict':<10} {'scan':>4} {'s':>6} {'convert':>7} {'s':>6}  notes")
         for label, path, expected in files:
             notes = []
-            code, scan_s, out, err = run(["scan", "--json", path], opts.timeout, tmp)
-            verdict = "TIMEOUT"
-            if code is not None:
-                try:
-                    verdict = json.loads(out)["files"][0]["verdict"]
-                except (ValueError, KeyError, IndexError):
-                    verdict = "?"
-                    notes.append("no JSON")
             dest = out_dir / "out.safetensors"
-            ccode, conv_s, cout, cerr = run(["convert", path, dest], opts.timeout, tmp)
+            if opts.in_process:
+                code, scan_s, verdict, err = run_in_process("scan", path, dest, opts.timeout)
+                ccode, conv_s, _, cerr = run_in_process("convert", path, dest, opts.timeout)
+            else:
+                code, scan_s, out, err = run(["scan", "--json", path], opts.timeout, tmp)
+                verdict = "TIMEOUT"
+                if code is not None:
+                    try:
+                        verdict = json.loads(out)["files"][0]["verdict"]
+                    except (ValueError, KeyError, IndexError):
+                        verdict = "?"
+                        notes.append("no JSON")
+                ccode, conv_s, cout, cerr = run(["convert", path, dest], opts.timeout, tmp)
             for what, c, e in (("scan", code, err), ("convert", ccode, cerr)):
                 if c is None:
                     notes.append(f"{what} TIMEOUT")
@@ -91,7 +139,8 @@ def main() -> int:
             print(f"{label:<58} {verdict:<10} {code if code is not None else '-':>4} {scan_s:6.2f} "
                   f"{ccode if ccode is not None else '-':>7} {conv_s:6.2f}  {'; '.join(notes)}")
         print()
-        print(f"{len(files)} files; per-command limit {opts.timeout:.0f} s; flagged: {len(flagged)}")
+        mode = "in-process library calls" if opts.in_process else "one `python -m sdtk` process per command"
+        print(f"{len(files)} files; {mode}; per-command limit {opts.timeout:.0f} s; flagged: {len(flagged)}")
         for label, notes in flagged:
             print(f"  {label}: {'; '.join(notes)}")
         return 1 if flagged else 0

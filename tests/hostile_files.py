@@ -82,7 +82,7 @@ def _legacy_stream(main: bytes) -> bytes:
 def tar_legacy_polyglot(marker: Path) -> bytes:
     """A valid legacy torch checkpoint (no tensors) whose first 512 bytes are a V7 tar header:
     the tar fields sit inside a string the main pickle pushes and pops."""
-    head = _legacy_stream(b"")[:-3]  # magic, protocol, sys_info pickles
+    head = _legacy_stream(b"")[:-4]  # magic, protocol, sys_info pickles (without the keys pickle)
     assert len(head) < 90
     prefix = head + b"\x80\x02X"  # main pickle: BINUNICODE spanning the rest of the header block
     text_len = BLOCK - (len(prefix) + 4) + 8  # the string ends 8 bytes into the next block
@@ -200,7 +200,7 @@ def text_lines_pickle(n_bytes: int) -> bytes:
     return b"(lp0\n" + items + b"."
 
 
-def deflate_bomb(inflated: int = 100 << 20) -> bytes:
+def deflate_bomb(inflated: int = 32 << 20) -> bytes:
     """archive/data.pkl: a pickle of one big string, deflated ~1000:1."""
     pkl = b"\x80\x02X" + struct.pack("<I", inflated - 8) + b"a" * (inflated - 8) + b"."
     buf = io.BytesIO()
@@ -278,7 +278,7 @@ HOSTILE: Dict[str, Tuple[Builder, str, Optional[str]]] = {
     **{f"npy_{k}.npy": ((lambda m, d=d: npy_object(m, d)), "unsafe", "numpy") for k, d in NPY_OBJECT_DESCRS.items()},
     "dag_key.pkl": (lambda m: dag_key_pickle(), "unreadable", None),
     "dag_key_in_zip.ckpt": (lambda m: zip_bytes([("archive/data.pkl", dag_key_pickle()), ("archive/version", b"3\n")]), "unreadable", None),
-    "text_lines_2mb.pkl": (lambda m: text_lines_pickle(2 << 20), "safe", None),
+    "text_lines_1mb.pkl": (lambda m: text_lines_pickle(1 << 20), "safe", None),
     "deflate_bomb.ckpt": (lambda m: deflate_bomb(), "unreadable", None),
     "stride0_2e40.ckpt": (lambda m: _big_int_tensor((1 << 40,), (0,)), "unreadable", None),
     "broadcast_16k.ckpt": (lambda m: view_checkpoint((16384, 16384), (0, 0)), "unreadable", None),

@@ -85,7 +85,10 @@ def open_model(path: "os.PathLike[str] | str") -> Catalogue:
 
         return read_gguf(path)
     if kind == "numpy":
-        raise UnsupportedFormatError(path, "a numpy .npy file, not a model checkpoint")
+        from sdtk.formats.npyheader import NPY_HEADER_LIMIT, refuse_npy
+
+        with open_input(path) as f:
+            refuse_npy(path, f.read(NPY_HEADER_LIMIT + 16))
     from sdtk.formats.torchlegacy import refuse_hidden_pickle_payload
 
     refuse_hidden_pickle_payload(path)  # a protocol-0 pickle can start with almost any byte

@@ -51,3 +51,14 @@ def npy_has_objects(descr, what: str, path: str) -> bool:
         return bool(descr_to_dtype(descr).hasobject)
     except Exception:  # numpy refuses the header too (np.load raises before reading anything)
         raise FormatError(path, f"{what}: the .npy header's dtype is not one numpy reads") from None
+
+
+def refuse_npy(path: str, head: bytes) -> None:
+    """open_model on an .npy: always refused (not a checkpoint); said to be unsafe when np.load
+    would unpickle it."""
+    from sdtk.errors import UnsupportedFormatError
+
+    header, _ = npy_header(head, "the array", path)
+    if npy_has_objects(header["descr"], "the array", path):
+        raise UnsafeFileError(path, "a numpy object array: np.load(allow_pickle=True) would run its pickle; refused")
+    raise UnsupportedFormatError(path, "a numpy .npy file, not a model checkpoint")

@@ -551,7 +551,7 @@ class PickleVM:
         if find is not None:
             end = find(b"\n", pos)
         else:
-            end, chunk = -1, 256
+            end, chunk = -1, 64
             start = pos
             while start < self.size:
                 stop = min(self.size, start + chunk)
@@ -771,7 +771,11 @@ class PickleVM:
             raise self.bad(f"invalid literal for {op}") from None
 
     def op_binint(self):
-        self.push(struct.unpack("<i", self.read(4))[0])
+        pos = self.pos
+        if pos + 4 > self.size:
+            raise self.bad("pickle data was truncated")
+        self.pos = pos + 4
+        self.stack.append(_LE_INT(self.data, pos)[0])
 
     def op_binint1(self):
         pos = self.pos
@@ -796,7 +800,11 @@ class PickleVM:
         self.push(int.from_bytes(self.read(size), "little", signed=True))
 
     def op_binfloat(self):
-        self.push(struct.unpack(">d", self.read(8))[0])
+        pos = self.pos
+        if pos + 8 > self.size:
+            raise self.bad("pickle data was truncated")
+        self.pos = pos + 8
+        self.stack.append(_BE_DOUBLE(self.data, pos)[0])
 
     def op_none(self):
         self.push(None)
@@ -1093,6 +1101,8 @@ class PickleVM:
 
 
 _STOP = object()
+_BE_DOUBLE = struct.Struct(">d").unpack_from
+_LE_INT = struct.Struct("<i").unpack_from
 
 # opcode byte -> handler (pickletools / Lib/pickle.py opcode table)
 _DISPATCH: Dict[int, Callable[[PickleVM], Any]] = {

@@ -51,6 +51,7 @@ def top_folder(archive: ZipArchive) -> str:
         raise FormatError(archive.path, "empty zip archive (no PyTorch records)")
     first = archive.entries[0].name
     if "/" not in first:
+        refuse_numpy_objects(archive)
         if all(e.name.endswith(".npy") for e in archive.entries):
             raise UnsupportedFormatError(archive.path, "a numpy .npz archive, not a PyTorch checkpoint")
         raise FormatError(archive.path, f"zip archive is not a PyTorch checkpoint (first record {first!r} has no top folder)")
@@ -266,19 +267,26 @@ def load_torchzip_pickle(path: str, buf, size: int) -> TorchZipContents:
     return TorchZipContents(archive, layout, root, vm.ops)
 
 
+def refuse_numpy_objects(archive: ZipArchive, entries=None) -> None:
+    """UnsafeFileError if a record is a numpy object array (np.load of the file reads it as an
+    .npz and unpickles it)."""
+    from sdtk.formats.npyheader import NPY_HEADER_LIMIT, NPY_MAGIC, npy_has_objects, npy_header
+
+    for e in archive.entries if entries is None else entries:
+        if archive.head(e, 8).startswith(NPY_MAGIC):
+            header, _ = npy_header(archive.head(e, NPY_HEADER_LIMIT + 16), e.name, archive.path)
+            if npy_has_objects(header["descr"], e.name, archive.path):
+                raise UnsafeFileError(archive.path, f"zip record {e.name!r} is a numpy object array: np.load(allow_pickle=True) would run its pickle")
+
+
 def refuse_hidden_payloads(archive: ZipArchive, layout: TorchZipLayout) -> None:
     """Records torch does not read but other loaders may: another pickle (interpreted; refused
     when it names a global outside the allowlist) or a numpy object array (np.load of the file
     reads it as an .npz and unpickles it). `sdtk scan` calls those unsafe, so no command reads them."""
-    from sdtk.formats.npyheader import NPY_HEADER_LIMIT, NPY_MAGIC, npy_has_objects, npy_header
-
+    refuse_numpy_objects(archive, layout.others)
     for e in layout.others:
         head = archive.head(e, 8)
-        if head.startswith(NPY_MAGIC):
-            header, _ = npy_header(archive.head(e, NPY_HEADER_LIMIT + 16), e.name, archive.path)
-            if npy_has_objects(header["descr"], e.name, archive.path):
-                raise UnsafeFileError(archive.path, f"zip record {e.name!r} is a numpy object array: np.load(allow_pickle=True) would run its pickle")
-        elif fold_name(e.name).endswith(".pkl") or (head[:1] == b"\x80" and 2 <= head[1:2][0] <= 5 if len(head) > 1 else False):
+        if fold_name(e.name).endswith(".pkl") or (head[:1] == b"\x80" and 2 <= head[1:2][0] <= 5 if len(head) > 1 else False):
             try:
                 PickleVM(archive.read(e, verify=False, limit=PICKLE_INFLATE_LIMIT), path=archive.path, what=e.name).run(0)
             except UnsafeFileError:

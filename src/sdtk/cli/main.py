@@ -38,9 +38,11 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 
 # One module per command (or command group); each defines register(app).
 from sdtk.cli import demo, scan, inspect, convert, hash, library, merge  # noqa: E402
+from sdtk.cli import batch  # noqa: E402
 
 for _module in (demo, inspect, scan, convert, hash, merge, library):
     _module.register(app)
+batch.register(app)
 
 
 def main(argv: Optional[List[str]] = None) -> None:

@@ -16,11 +16,12 @@ LEGACY_TORCH_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
 GGUF_MAGIC = b"GGUF"
 
 
-def detect_format(path: "os.PathLike[str] | str") -> str:
-    """One of: safetensors, torch-zip, torch-legacy, pickle, torch-tar, gguf, numpy, unknown."""
+def detect_format(path: "os.PathLike[str] | str", source=None) -> str:
+    """One of: safetensors, torch-zip, torch-legacy, pickle, torch-tar, gguf, numpy, unknown.
+    `source` (formats.source.ByteSource): read the bytes from it instead of opening `path`."""
     from sdtk.formats.safetensors import looks_like_safetensors
 
-    with open_input(path) as f:
+    with open_input(path) if source is None else source.open() as f:
         head = f.read(512)
     if not head:
         raise FormatError(path, "empty file")
@@ -41,26 +42,27 @@ def detect_format(path: "os.PathLike[str] | str") -> str:
     return "unknown"
 
 
-def open_model(path: "os.PathLike[str] | str") -> Catalogue:
-    """Open any supported model file as a lazy Catalogue (nothing is executed, nothing loaded)."""
+def open_model(path: "os.PathLike[str] | str", source=None) -> Catalogue:
+    """Open any supported model file as a lazy Catalogue (nothing is executed, nothing loaded).
+    `source` (formats.source.ByteSource, e.g. an S3 object): read it in place with range requests."""
     path = os.fspath(path)
-    kind = detect_format(path)
+    kind = detect_format(path, source)
     if kind == "safetensors":
         from sdtk.formats.safetensors import read_safetensors
 
-        return read_safetensors(path)
+        return read_safetensors(path, source=source)
     if kind == "torch-zip":
         from sdtk.formats.torchzip import read_torchzip
 
-        return read_torchzip(path)
+        return read_torchzip(path, source=source)
     if kind == "torch-legacy":
         from sdtk.formats.torchlegacy import read_torch_legacy
 
-        return read_torch_legacy(path)
+        return read_torch_legacy(path, source=source)
     if kind == "pickle":
         from sdtk.formats.torchlegacy import read_plain_pickle
 
-        return read_plain_pickle(path)
+        return read_plain_pickle(path, source=source)
     if kind == "torch-tar":
         raise UnsupportedFormatError(path, "torch tar format (pre-2018); refused: it cannot be read safely")
     if kind == "gguf":
@@ -69,7 +71,7 @@ def open_model(path: "os.PathLike[str] | str") -> Catalogue:
         raise UnsupportedFormatError(path, "a numpy .npy file, not a model checkpoint")
     from sdtk.formats.torchlegacy import refuse_hidden_pickle_payload
 
-    refuse_hidden_pickle_payload(path)  # a protocol-0 pickle can start with almost any byte
+    refuse_hidden_pickle_payload(path, source=source)  # a protocol-0 pickle can start with almost any byte
     raise FormatError(path, "not a model file sdtk knows (not safetensors, not a PyTorch checkpoint)")
 
 

@@ -492,11 +492,12 @@ class PickleVM:
 
     def readline(self) -> bytes:
         data = self.data
-        end = data.find(b"\n", self.pos) if isinstance(data, (bytes, bytearray)) else bytes(data[self.pos:]).find(b"\n")
+        # bytes, mmap and formats.source.RangeBuffer all have find(); others are copied
+        end = data.find(b"\n", self.pos) if hasattr(data, "find") else bytes(data[self.pos:]).find(b"\n")
+        if end >= 0 and not hasattr(data, "find"):
+            end += self.pos
         if end < 0:
             raise self.bad("pickle data was truncated (missing end of line)")
-        if not isinstance(data, (bytes, bytearray)):
-            end += self.pos
         line = bytes(data[self.pos:end])
         self.pos = end + 1
         return line

@@ -21,7 +21,7 @@ import os
 from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Tuple
 
 from sdtk.batch.listing import ObjectRef
-from sdtk.batch.work import empty_row, process_chunk
+from sdtk.batch.work import empty_row, process_chunk, ray_process_chunk
 from sdtk.errors import SdtkError
 
 Chunk = List[ObjectRef]
@@ -83,7 +83,7 @@ class LocalEngine:
 
         window = _Window(chunks, command, on_rows, self.max_attempts)
         in_flight = 2 * self.workers
-        ctx = multiprocessing.get_context("spawn")  # no fork of a driver holding threads/sockets
+        ctx = multiprocessing.get_context("fork")  # fast; the driver holds no locks in other threads when it forks
         pool = ProcessPoolExecutor(self.workers, mp_context=ctx)
         pending: Dict[Any, Tuple[Chunk, int]] = {}
         try:
@@ -163,7 +163,7 @@ class RayEngine:
             self.cluster = {"nodes": len(nodes), "cpus": cpus}
             slots = max(1, int(cpus / self.task_cpus))
             in_flight = 2 * slots
-            task = ray.remote(num_cpus=self.task_cpus, max_retries=self.ray_retries, retry_exceptions=False)(process_chunk)
+            task = ray.remote(num_cpus=self.task_cpus, max_retries=self.ray_retries, retry_exceptions=False)(ray_process_chunk)
             window = _Window(chunks, command, on_rows, self.max_attempts)
             settings_ref = ray.put(settings)
             pending: Dict[Any, Tuple[Chunk, int]] = {}

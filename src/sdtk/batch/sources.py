@@ -68,10 +68,10 @@ def s3_error(err: BaseException, url: str, endpoint_url: Optional[str] = None) -
             return SourceError(url, f"S3 refused the credentials ({code}); check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE", "credentials")
         if code in ("AccessDenied", "AllAccessDisabled", "403") or status == 403:
             return SourceError(url, f"access denied by S3 ({code or status}); the credentials may not read this bucket", "denied")
-        if code in ("NoSuchKey", "404", "NotFound") or status == 404:
-            return SourceError(url, "the object vanished (deleted since it was listed)", "vanished")
         if code == "NoSuchBucket":
             return SourceError(url, "no such bucket", "vanished")
+        if code in ("NoSuchKey", "404", "NotFound") or status == 404:
+            return SourceError(url, "the object vanished (deleted since it was listed)", "vanished")
         if code in ("PreconditionFailed", "412") or status == 412:
             return SourceError(url, "the object changed since it was listed (ETag differs); run again to read the new version", "changed")
         if code == "InvalidRange" or status == 416:

@@ -35,7 +35,7 @@ COLUMNS = (
     ("sha256", "str"), ("autov1", "str"), ("autov1_window", "str"), ("autov2", "str"), ("autov3", "str"),
     ("autov3_start", "int"), ("crc32", "str"), ("blake3", "str"),
     ("error", "str"), ("error_kind", "str"), ("fetched_bytes", "int"), ("requests", "int"), ("seconds", "float"),
-    ("sdtk_version", "str"),
+    ("worker", "str"), ("sdtk_version", "str"),
 )
 COLUMN_NAMES = tuple(c for c, _ in COLUMNS)
 HASH_CHUNK = 4 * 1024 * 1024
@@ -104,6 +104,7 @@ def process_object(command: str, ref: ObjectRef, settings: Optional[Dict[str, An
         else:
             row["fetched_bytes"], row["requests"] = 0, 0
         row["seconds"] = round(time.perf_counter() - start, 6)
+        row["worker"] = settings.get("worker") or f"pid:{os.getpid()}"
     return row
 
 
@@ -171,3 +172,11 @@ _WORK = {"inspect": _inspect, "scan": _scan, "hash": _hash}
 def process_chunk(command: str, refs, settings: Optional[Dict[str, Any]] = None):
     """Rows of several objects (one task of an engine)."""
     return [process_object(command, ref, settings) for ref in refs]
+
+
+def ray_process_chunk(command: str, refs, settings: Optional[Dict[str, Any]] = None):
+    """`process_chunk` as a Ray task: rows name the Ray node that made them."""
+    import ray
+
+    node = ray.get_runtime_context().get_node_id()
+    return process_chunk(command, refs, {**(settings or {}), "worker": f"ray-node:{node[:12]}/pid:{os.getpid()}"})

@@ -109,3 +109,31 @@ def register(app: typer.Typer) -> None:
     for command in ("inspect", "scan", "hash"):
         batch.command(command)(_command(command))
     app.add_typer(batch, name="batch")
+
+
+def register_library_import(lib: typer.Typer, library, db_help: str, db_path) -> None:
+    """`sdtk library import RESULTS`: called by cli/library.py with its helpers."""
+
+    @lib.command("import")
+    def import_cmd(
+        results: List[Path] = typer.Argument(..., help="Results files of `sdtk batch inspect|scan|hash`."),
+        db: Optional[Path] = typer.Option(None, "--db", help=db_help),
+        json_out: bool = typer.Option(False, "--json", help="Print the import report as JSON."),
+    ) -> int:
+        """Bring `sdtk batch` results (hashes, identities, verdicts) into the library and the hash cache."""
+        from sdtk.batch.importer import import_results
+
+        reports = []
+        with library(db) as conn:
+            for path in results:
+                if not path.exists():
+                    raise UsageError(path, "no such results file")
+                reports.append(import_results(conn, path))
+        if json_out:
+            print_json({"db": str(db_path(db)), "imports": [r.to_json() for r in reports]})
+        else:
+            for r in reports:
+                sys.stdout.write(f"library {db_path(db)}: imported {r.imported} of {r.rows} rows of `batch {r.command}` from "
+                                 f"{r.results} ({r.new} new, {r.updated} updated, {r.replaced} replaced; {r.skipped_errors} "
+                                 f"rows with errors skipped; {r.hash_cache} local files into the hash cache)\n")
+        return 0

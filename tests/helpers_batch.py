@@ -95,10 +95,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def stop_session(proc: subprocess.Popen, timeout: float = 10.0) -> None:
-    """Stop a process started with start_new_session=True and every process of its session."""
+def stop_session(proc: subprocess.Popen, timeout: float = 10.0, kill_now: bool = False) -> None:
+    """Stop a process started with start_new_session=True and every process of its session
+    (SIGTERM, then SIGKILL after `timeout`; `kill_now`: SIGKILL at once)."""
     sid = proc.pid
-    for sig in (signal.SIGTERM, signal.SIGKILL):
+    for sig in ((signal.SIGKILL,) if kill_now else (signal.SIGTERM, signal.SIGKILL)):
         pids = session_pids(sid)
         for pid in pids:
             try:

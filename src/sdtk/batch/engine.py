@@ -154,6 +154,15 @@ class RayEngine:
         return ray
 
     def run(self, command: str, chunks: Iterator[Chunk], settings: Dict[str, Any], on_rows: RowsCallback) -> None:
+        import contextlib
+        import sys
+
+        # Ray prints cluster events (a node died...) from its own threads on stdout: keep stdout
+        # for sdtk's output (--json) and let them go to stderr
+        with contextlib.redirect_stdout(sys.stderr):
+            self._run(command, chunks, settings, on_rows)
+
+    def _run(self, command: str, chunks: Iterator[Chunk], settings: Dict[str, Any], on_rows: RowsCallback) -> None:
         ray = self._init()
         try:
             from ray.exceptions import RayError

@@ -122,7 +122,8 @@ def run_batch(command: str, sources: List[str], out: Path, engine, *, endpoint_u
     done_urls: set = set()
     per_chunk = chunk_objects or (4 if command == "hash" else 16)
     try:
-        engine.run(command, _chunks(todo, command, per_chunk, chunk_bytes), settings, on_rows)
+        if todo:  # nothing to read: no engine (no cluster) started at all
+            engine.run(command, _chunks(todo, command, per_chunk, chunk_bytes), settings, on_rows)
     except KeyboardInterrupt:
         journal.close()
         summary.interrupted = True

@@ -83,8 +83,9 @@ def inside(args) -> dict:
                              "requests_per_object": round(s.requests / max(1, s.processed), 2), "load": os.getloadavg()[0]})
                 print(json.dumps(runs[-1]), flush=True)
 
-        measure("local, 1 process", LocalEngine(1))
-        measure("local, 2 processes", LocalEngine(2))
+        if not args.skip_local:
+            measure("local, 1 process", LocalEngine(1))
+            measure("local, 2 processes", LocalEngine(2))
         port = H.free_port()
         temp = work / "ray"
         ray = str(Path(sys.executable).with_name("ray"))
@@ -132,7 +133,7 @@ def write_md(data: dict, path: Path) -> None:
              "the same 2 cores, so more workers cannot mean more throughput here; the figures are the inputs "
              "of the scaling model in docs/batch.md.", "",
              f"- inspect set: {data['inspect_objects']} objects (the test corpus: sample layouts, LoRAs, embeddings, "
-             ".ckpt, hostile, truncated, non-model files); hash set: {data['hash_objects']} random objects",
+             ".ckpt, hostile, truncated, non-model files); hash set: " + str(data["hash_objects"]) + " random objects",
              f"- range GET latency (1 byte, sequential): median {data['range_get_latency_ms']['median']} ms, "
              f"p90 {data['range_get_latency_ms']['p90']} ms; one GET stream {data['single_stream_MBps']} MB/s",
              f"- inspect, one process, sequential: {data['inspect_sequential']['cpu_ms_per_object']} ms CPU and "
@@ -156,6 +157,8 @@ def main() -> int:
     ap.add_argument("--hash-mib", type=int, default=256)
     ap.add_argument("--hash-objects", type=int, default=16)
     ap.add_argument("--out", default=str(HERE / "results" / "batch.md"))
+    ap.add_argument("--skip-local", action="store_true", help="only the Ray runs (debugging)")
+    ap.add_argument("--keep", action="store_true", help="keep the work folder (logs)")
     args = ap.parse_args()
     if args.inside:
         Path(args.json_out).write_text(json.dumps(inside(args)))
@@ -164,14 +167,18 @@ def main() -> int:
     try:
         js = work / "result.json"
         inner = (f"ip link set lo up && exec {sys.executable} {Path(__file__).resolve()} --inside --work {work / 'w'} "
-                 f"--json-out {js} --hash-mib {args.hash_mib} --hash-objects {args.hash_objects}")
+                 f"--json-out {js} --hash-mib {args.hash_mib} --hash-objects {args.hash_objects}"
+                 + (" --skip-local" if args.skip_local else ""))
         (work / "w").mkdir()
         subprocess.run(["unshare", "-n", "sh", "-c", inner], check=True, timeout=3600)
         data = json.loads(js.read_text())
         write_md(data, Path(args.out))
         print(Path(args.out).read_text())
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if args.keep:
+            print(f"work folder kept: {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
     return 0
 
 

@@ -160,7 +160,14 @@ def http_head(url: str) -> Tuple[int, Optional[str], Optional[str]]:
         raise SourceError(url, "the server gives no Content-Length", "unsupported")
     if ranges == "none":
         raise SourceError(url, "the server does not serve byte ranges (Accept-Ranges: none)", "unsupported")
-    return int(length), (etag.strip('"') if etag else None), modified
+    return int(length), _etag(etag), modified
+
+
+def _etag(value: Optional[str]) -> Optional[str]:
+    """A strong ETag without its quotes; a weak one (W/"...") kept as it is (never sent in If-Match)."""
+    if not value:
+        return None
+    return value if value.startswith("W/") else value.strip('"')
 
 
 class HttpSource(ByteSource):
@@ -170,7 +177,7 @@ class HttpSource(ByteSource):
         headers = {}
         if rng:
             headers["Range"] = rng
-        if self.etag:
+        if self.etag and not self.etag.startswith("W/"):  # If-Match needs a strong ETag (RFC 9110 13.1.1)
             headers["If-Match"] = f'"{self.etag}"'
         return headers
 

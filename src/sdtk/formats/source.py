@@ -172,6 +172,9 @@ class RangeBuffer:
     def __len__(self) -> int:
         return self.size
 
+    def __bytes__(self) -> bytes:
+        return self.read(0, self.size)
+
     # -- mmap-like interface ----------------------------------------------------------------
     def madvise(self, advice: int, start: int = 0, length: Optional[int] = None) -> None:
         import mmap

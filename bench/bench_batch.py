@@ -90,16 +90,22 @@ def inside(args) -> dict:
         temp = work / "ray"
         ray = str(Path(sys.executable).with_name("ray"))
         common = ["--node-ip-address=127.0.0.1", "--object-store-memory=80000000", "--block"]
-        head = subprocess.Popen([ray, "start", "--head", f"--port={port}", "--num-cpus=0", "--include-dashboard=false",
-                                 "--disable-usage-stats", f"--temp-dir={temp}", *common], stdout=open(work / "head.log", "wb"),
-                                stderr=subprocess.STDOUT, start_new_session=True)
-        procs.append(head)
+        from batch_cluster_driver import wait_for
+
+        for attempt in range(3):  # a node has 30 s to register with the GCS: on a loaded machine, try again
+            head = subprocess.Popen([ray, "start", "--head", f"--port={port}", "--num-cpus=0", "--include-dashboard=false",
+                                     "--disable-usage-stats", f"--temp-dir={temp}", *common],
+                                    stdout=open(work / "head.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+            try:
+                wait_for(work / "head.log", "Ray runtime started", head, 300)
+                procs.append(head)
+                break
+            except RuntimeError:
+                H.stop_session(head, timeout=5)
+                if attempt == 2:
+                    raise
 
         def add_worker(i):
-            from batch_cluster_driver import wait_for
-
-            if i == 0:
-                wait_for(work / "head.log", "Ray runtime started", head, 300)
             for attempt in range(3):
                 log = work / f"worker{i}.log"
                 p = subprocess.Popen([ray, "start", f"--address=127.0.0.1:{port}", "--num-cpus=1", *common],

@@ -25,13 +25,15 @@ sys.path.insert(0, SRC)
 import helpers_batch as H  # noqa: E402
 
 
-def wait_for(log: Path, text: str, proc: subprocess.Popen, timeout: float) -> None:
+def wait_for(log: Path, text: str, proc: subprocess.Popen, timeout: float, also=None) -> None:
+    """Until `text` is in `log`; fails when `proc` (or `also`, e.g. the head) ends first."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if log.exists() and text in log.read_text(errors="replace"):
             return
-        if proc.poll() is not None:
-            raise RuntimeError(f"{log.name}: the process ended (exit {proc.returncode})")
+        for p in (proc, also):
+            if p is not None and p.poll() is not None:
+                raise RuntimeError(f"{log.name}: a Ray process ended (exit {p.returncode})")
         time.sleep(0.2)
     raise RuntimeError(f"{log.name}: no {text!r} after {timeout} s")
 
@@ -61,7 +63,14 @@ def node_of(row) -> str:
     return (row.get("worker") or "").split("/")[0]
 
 
+def _terminated(signum, frame):
+    raise SystemExit(143)  # SIGTERM from the test (timeout): run the finally below, stop everything
+
+
 def main() -> int:
+    import signal
+
+    signal.signal(signal.SIGTERM, _terminated)
     ap = argparse.ArgumentParser()
     ap.add_argument("--corpus", required=True)
     ap.add_argument("--work", required=True)
@@ -86,16 +95,25 @@ def main() -> int:
         common = ["--node-ip-address=127.0.0.1", "--num-cpus=1", "--object-store-memory=80000000", "--block"]
         ray = str(Path(sys.executable).with_name("ray"))
         head_log, worker_log = work / "ray-head.log", work / "ray-worker.log"
-        procs["head"] = subprocess.Popen([ray, "start", "--head", f"--port={port}", "--include-dashboard=false",
-                                          "--disable-usage-stats", f"--temp-dir={temp}", *common],
-                                         stdout=open(head_log, "wb"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        wait_for(head_log, "Ray runtime started", procs["head"], 150)
+        for attempt in range(3):  # ray start gives a node 30 s to register: on a loaded machine, try again
+            procs["head"] = subprocess.Popen([ray, "start", "--head", f"--port={port}", "--include-dashboard=false",
+                                              "--disable-usage-stats", f"--temp-dir={temp}", *common],
+                                             stdout=open(head_log, "wb"), stderr=subprocess.STDOUT, env=env,
+                                             start_new_session=True)
+            try:
+                wait_for(head_log, "Ray runtime started", procs["head"], 150)
+                break
+            except RuntimeError:
+                H.stop_session(procs["head"], timeout=5)
+                if attempt == 2:
+                    raise
+        report["head_node_attempts"] = attempt + 1
         for attempt in range(3):  # ray start gives a node 30 s to register: on a loaded machine, try again
             procs["worker"] = subprocess.Popen([ray, "start", f"--address=127.0.0.1:{port}", *common],
                                                stdout=open(worker_log, "wb"), stderr=subprocess.STDOUT, env=env,
                                                start_new_session=True)
             try:
-                wait_for(worker_log, "Ray runtime started", procs["worker"], 150)
+                wait_for(worker_log, "Ray runtime started", procs["worker"], 150, also=procs["head"])
                 break
             except RuntimeError:
                 H.stop_session(procs["worker"], timeout=5)

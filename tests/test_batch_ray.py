@@ -42,8 +42,13 @@ def cluster_run(tmp_path_factory):
     try:
         proc.wait(timeout=540)  # about 1 minute on an idle 2-core machine; 5 on a heavily loaded one
     except subprocess.TimeoutExpired:
+        proc.terminate()  # the driver stops moto and the Ray nodes (each in its own session) by pid
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            pass
         H.stop_session(proc, timeout=10)
-        pytest.fail("the cluster run took over 9 minutes")
+        pytest.fail("the cluster run took over 9 minutes (a heavily loaded machine?)")
     finally:
         H.stop_session(proc, timeout=5)
     data = json.loads(report.read_text())

@@ -60,8 +60,9 @@ class ScanResult:
 
 
 class _Scan:
-    def __init__(self, path: str):
+    def __init__(self, path: str, source=None):
         self.path = path
+        self.source = source  # formats.source.ByteSource: a remote object read in place
         self.findings: List[Finding] = []
         self.globals: List[str] = []
         self.tensors: Optional[int] = None
@@ -118,12 +119,16 @@ def _safe_reason(fmt: str, tensors: Optional[int]) -> str:
     return "checked"
 
 
-def scan_file(path: "os.PathLike[str] | str") -> ScanResult:
-    """Scan one file. Never raises for bad input: problems become the verdict."""
+def scan_file(path: "os.PathLike[str] | str", source=None) -> ScanResult:
+    """Scan one file. Never raises for bad input: problems become the verdict.
+
+    `source` (formats.source.ByteSource, e.g. an S3 object): read in place by range requests;
+    then only the structure and the pickle records are fetched, and the CRCs of tensor storage
+    records are not checked (that would read the whole object; they hold no code)."""
     path = os.fspath(path)
-    scan = _Scan(path)
+    scan = _Scan(path, source)
     try:
-        scan.format = detect_format(path)
+        scan.format = detect_format(path, source)
         _SCANNERS.get(scan.format, _scan_unknown)(scan)
     except SdtkError as e:
         scan.add_error(e)
@@ -132,7 +137,9 @@ def scan_file(path: "os.PathLike[str] | str") -> ScanResult:
     return scan.result()
 
 
-def _mapped(path: str):
+def _mapped(path: str, source=None):
+    if source is not None:
+        return source.buffer(), source.size
     with open_input(path) as f:
         size = os.fstat(f.fileno()).st_size
         return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ), size
@@ -141,7 +148,7 @@ def _mapped(path: str):
 def _scan_safetensors(scan: _Scan) -> None:
     from sdtk.formats.safetensors import read_safetensors
 
-    with read_safetensors(scan.path) as cat:
+    with read_safetensors(scan.path, source=scan.source) as cat:
         scan.tensors = len(cat)
 
 
@@ -157,7 +164,7 @@ def _scan_torchzip(scan: _Scan) -> None:
     from sdtk.formats.torchzip import read_torchzip, torchscript_records
     from sdtk.formats.zipread import fold_name, read_zip
 
-    buf, size = _mapped(scan.path)
+    buf, size = _mapped(scan.path, scan.source)
     archive = None
     try:
         archive = read_zip(scan.path, buf, size)
@@ -198,6 +205,8 @@ def _scan_torchzip(scan: _Scan) -> None:
             if end is not None and end != len(data):
                 scan.add(UNREADABLE, f"{len(data) - end} unexpected bytes after the end of {e.name}")
         for e in archive.entries:
+            if scan.source is not None and storage_prefix and e.name.startswith(storage_prefix):
+                continue  # in place: storages hold no code, and checking them reads the whole object
             if not e.encrypted and e.method in (0, 8) and not archive.verify_crc(e):
                 scan.add(UNREADABLE, f"CRC mismatch in zip record {e.name!r} (corrupt or tampered with)")
         if scan.findings or npz:
@@ -206,7 +215,7 @@ def _scan_torchzip(scan: _Scan) -> None:
         del archive
         buf.close()
     # Structure is clean: open it as the reader does (storages vs records, tensor bounds).
-    with read_torchzip(scan.path) as cat:
+    with read_torchzip(scan.path, source=scan.source) as cat:
         scan.tensors = len(cat)
 
 
@@ -226,7 +235,7 @@ def _looks_like_pickle(head: bytes) -> bool:
 def _scan_legacy(scan: _Scan) -> None:
     from sdtk.formats.torchlegacy import read_torch_legacy
 
-    buf, size = _mapped(scan.path)
+    buf, size = _mapped(scan.path, scan.source)
     try:
         pos, index = 0, 0
         while pos is not None and pos < size and index < 5:  # magic, protocol, sys_info, main, keys
@@ -251,12 +260,12 @@ def _scan_legacy(scan: _Scan) -> None:
             return
     finally:
         buf.close()
-    with read_torch_legacy(scan.path) as cat:
+    with read_torch_legacy(scan.path, source=scan.source) as cat:
         scan.tensors = len(cat)
 
 
 def _scan_pickle(scan: _Scan) -> None:
-    buf, size = _mapped(scan.path)
+    buf, size = _mapped(scan.path, scan.source)
     try:
         stop = _scan_stacked(scan, buf, size, 0)
     finally:
@@ -303,7 +312,7 @@ def _scan_npy_bytes(scan: _Scan, data, what: str, body=None) -> None:
 
 
 def _scan_numpy(scan: _Scan) -> None:
-    buf, size = _mapped(scan.path)
+    buf, size = _mapped(scan.path, scan.source)
     try:
         _scan_npy_bytes(scan, buf, os.path.basename(scan.path))
     finally:
@@ -334,7 +343,7 @@ def _scan_unknown(scan: _Scan) -> None:
     if scan.format == "unknown":
         # Protocol-0 pickles may begin with almost any opcode: interpret it anyway, so a payload
         # is reported as unsafe rather than merely unreadable.
-        buf, size = _mapped(scan.path)
+        buf, size = _mapped(scan.path, scan.source)
         try:
             before = len(scan.findings)
             _scan_stacked(scan, buf, size, 0)

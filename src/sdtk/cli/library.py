@@ -275,6 +275,10 @@ def register(app: typer.Typer) -> None:
                 console.print(f"  folder {esc(r['path'])}{'' if r['online'] else '  [yellow](offline at last scan)[/]'}")
         return EXIT_OK
 
+    from sdtk.cli.batch import register_library_import  # `library import RESULTS` (sdtk batch results)
+
+    register_library_import(lib, library, DB_HELP, _db_path)
+
 
 def _scan_with_progress(conn, roots, content: bool, on_event, show: bool):
     from sdtk.library.scan import scan_library

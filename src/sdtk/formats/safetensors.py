@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 from sdtk.errors import FormatError, OutputError
 from sdtk.fileio import AtomicOutput, open_input
 from sdtk.formats.catalogue import Catalogue
+from sdtk.formats.source import buffer_window
 from sdtk.tensors import DTYPES, DType, FileSpan, LazyTensor, geometry_problem, numel
 
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit (tensor.rs: MAX_HEADER_SIZE)
@@ -133,11 +134,12 @@ def parse_header(raw: bytes, data_size: int, path: str) -> tuple[Dict[str, dict]
     return {name: entry for _, _, name, entry in entries}, metadata
 
 
-def read_safetensors(path: "os.PathLike[str] | str") -> Catalogue:
-    """Open a safetensors file lazily. Reads only the header; tensors come from an mmap."""
+def read_safetensors(path: "os.PathLike[str] | str", *, source=None) -> Catalogue:
+    """Open a safetensors file lazily. Reads only the header; tensors come from an mmap (or, with
+    `source`, a formats.source.RangeBuffer: range requests for the tensors actually read)."""
     path = os.fspath(path)
-    with open_input(path) as f:
-        size = os.fstat(f.fileno()).st_size
+    with open_input(path) if source is None else source.open() as f:
+        size = os.fstat(f.fileno()).st_size if source is None else source.size
         head = f.read(8)
         if len(head) < 8:
             raise FormatError(path, f"truncated: {size} bytes, shorter than the 8-byte safetensors header length" if size else "empty file")
@@ -149,7 +151,7 @@ def read_safetensors(path: "os.PathLike[str] | str") -> Catalogue:
         raw = f.read(n)
         data_start = 8 + n
         entries, metadata = parse_header(raw, size - data_start, path)
-        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size > 0 else None
+        mm = source.buffer() if source is not None else mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size > 0 else None
     tensors: Dict[str, LazyTensor] = {}
     for name, entry in entries.items():
         dt = DTYPES[entry["dtype"]]
@@ -174,7 +176,8 @@ def _mmap_loader(mm, dt: DType, shape, offset: int):
 
         if count == 0:
             return np.zeros(shape, dtype=dt.numpy)
-        return np.frombuffer(mm, dtype=dt.numpy, count=count, offset=offset).reshape(shape)
+        buf, start = buffer_window(mm, offset, count * dt.itemsize)
+        return np.frombuffer(buf, dtype=dt.numpy, count=count, offset=start).reshape(shape)
 
     return load
 

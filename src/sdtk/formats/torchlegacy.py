@@ -17,6 +17,7 @@ from sdtk.errors import FormatError, SdtkError, UnsafeFileError
 from sdtk.fileio import open_input
 from sdtk.formats.catalogue import Catalogue
 from sdtk.formats.checkpoint_tree import flatten_checkpoint
+from sdtk.formats.source import unpack_at
 from sdtk.formats.picklevm import PickleVM, StorageRef, StorageType
 from sdtk.formats.torchzip import lazy_tensor, note_overlapping, storage_persistent_load
 
@@ -24,7 +25,11 @@ LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # torch/serialization.py MAGIC_NUMBER
 LEGACY_PROTOCOL = 1001  # torch/serialization.py PROTOCOL_VERSION
 
 
-def _map(path: str):
+def _map(path: str, source=None):
+    if source is not None:  # formats.source.ByteSource: a RangeBuffer instead of an mmap
+        if source.size == 0:
+            raise FormatError(path, "empty file")
+        return source.buffer(), source.size
     with open_input(path) as f:
         size = os.fstat(f.fileno()).st_size
         if size == 0:
@@ -84,7 +89,7 @@ def legacy_contents(path: str, buf, size: int):
             raise FormatError(path, f"storage {key!r} listed but not used by the main pickle")
         if pos + 8 > size:
             raise FormatError(path, f"truncated: storage {key!r} is missing")
-        (count,) = struct.unpack_from(">q" if big_endian else "<q", buf, pos)
+        (count,) = unpack_at(">q" if big_endian else "<q", buf, pos)
         if count != ref.numel:
             raise FormatError(path, f"storage {key!r} holds {count} elements but the pickle says {ref.numel}")
         offsets[key] = pos + 8
@@ -97,10 +102,10 @@ def legacy_contents(path: str, buf, size: int):
     return root_obj, offsets, ops, pos, big_endian
 
 
-def read_torch_legacy(path: "os.PathLike[str] | str") -> Catalogue:
+def read_torch_legacy(path: "os.PathLike[str] | str", *, source=None) -> Catalogue:
     """Open a legacy (torch < 1.6) stacked-pickle file lazily through our own interpreter."""
     path = os.fspath(path)
-    buf, size = _map(path)
+    buf, size = _map(path, source)
     try:
         root, offsets, ops, end, big = legacy_contents(path, buf, size)
         tensors, extras = flatten_checkpoint(root, path, budget=4 * ops + 10_000)
@@ -157,10 +162,10 @@ def refuse_hidden_pickles(path: str, buf, size: int, start: int) -> None:
             return
 
 
-def read_plain_pickle(path: "os.PathLike[str] | str") -> Catalogue:
+def read_plain_pickle(path: "os.PathLike[str] | str", *, source=None) -> Catalogue:
     """A plain pickle (no torch storages): its plain values as extras, never any tensors."""
     path = os.fspath(path)
-    buf, size = _map(path)
+    buf, size = _map(path, source)
     try:
         values, ops, notes = stacked_pickles(path, buf, size)
         tensors, extras = flatten_checkpoint(values[0], path, budget=4 * ops + 10_000)
@@ -173,11 +178,11 @@ def read_plain_pickle(path: "os.PathLike[str] | str") -> Catalogue:
     return cat
 
 
-def refuse_hidden_pickle_payload(path: "os.PathLike[str] | str") -> None:
+def refuse_hidden_pickle_payload(path: "os.PathLike[str] | str", source=None) -> None:
     """For files of no known format: raise UnsafeFileError if they are in fact a (protocol 0)
     pickle naming a global outside the allowlist; otherwise return (the caller refuses the file)."""
     path = os.fspath(path)
-    buf, size = _map(path)
+    buf, size = _map(path, source)
     try:
         stacked_pickles(path, buf, size)
     except UnsafeFileError:

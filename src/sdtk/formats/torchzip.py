@@ -23,6 +23,7 @@ from sdtk.errors import FormatError, UnsafeFileError, UnsupportedFormatError
 from sdtk.fileio import open_input
 from sdtk.formats.catalogue import Catalogue
 from sdtk.formats.checkpoint_tree import flatten_checkpoint
+from sdtk.formats.source import buffer_window
 from sdtk.formats.picklevm import PickleVM, StorageRef, StorageType, TensorRef
 from sdtk.formats.zipread import STORED, ZipArchive, ZipEntry, fold_name, read_zip
 from sdtk.tensors import FileSpan, LazyTensor
@@ -197,9 +198,11 @@ def lazy_tensor(name: str, t: TensorRef, buf, data_offset: int, path: str, big_e
         file_dtype = np.dtype(f">u{itemsize}") if swap else dt.numpy
         verify()
         if contiguous:
-            arr = np.frombuffer(buf, dtype=file_dtype, count=count, offset=start).reshape(shape)
+            window, at = buffer_window(buf, start, count * itemsize)
+            arr = np.frombuffer(window, dtype=file_dtype, count=count, offset=at).reshape(shape)
         else:
-            base = np.frombuffer(buf, dtype=file_dtype, count=storage_elems - t.offset, offset=start)
+            window, at = buffer_window(buf, start, (storage_elems - t.offset) * itemsize)
+            base = np.frombuffer(window, dtype=file_dtype, count=storage_elems - t.offset, offset=at)
             arr = np.lib.stride_tricks.as_strided(base, shape=shape, strides=[s * itemsize for s in stride], writeable=False).copy()
         if swap:
             arr = arr.astype(f"<u{itemsize}").view(dt.numpy)
@@ -295,14 +298,15 @@ def refuse_hidden_payloads(archive: ZipArchive, layout: TorchZipLayout) -> None:
                 pass
 
 
-def read_torchzip(path: "os.PathLike[str] | str") -> Catalogue:
-    """Open a PyTorch zip checkpoint lazily: reads the zip directory and data.pkl only."""
+def read_torchzip(path: "os.PathLike[str] | str", *, source=None) -> Catalogue:
+    """Open a PyTorch zip checkpoint lazily: reads the zip directory and data.pkl only (with
+    `source`, a formats.source.ByteSource, by range requests)."""
     path = os.fspath(path)
-    with open_input(path) as f:
-        size = os.fstat(f.fileno()).st_size
+    with open_input(path) if source is None else source.open() as f:
+        size = os.fstat(f.fileno()).st_size if source is None else source.size
         if size == 0:
             raise FormatError(path, "empty file")
-        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if source is None else source.buffer()
     try:
         contents = load_torchzip_pickle(path, mm, size)
         tensors, extras = flatten_checkpoint(contents.root, path, budget=4 * contents.ops + 10_000)

@@ -20,6 +20,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 
 from sdtk.crc import crc32
 from sdtk.errors import FormatError, UnsafeFileError, UnsupportedFormatError
+from sdtk.formats.source import RangeBuffer, unpack_at  # remote objects read in place
 
 EOCD_SIG = b"PK\x05\x06"
 ZIP64_LOCATOR_SIG = b"PK\x06\x07"
@@ -94,6 +95,8 @@ class ZipArchive:
 
     def raw(self, entry: ZipEntry) -> memoryview:
         """The record's stored bytes (compressed if it is compressed), a view of the file."""
+        if isinstance(self.buf, RangeBuffer):  # a remote object: fetch just this record
+            return memoryview(self.buf.read(entry.data_offset, entry.compressed_size))
         return memoryview(self.buf)[entry.data_offset:entry.data_offset + entry.compressed_size]
 
     def read(self, entry: ZipEntry, *, verify: bool = True, limit: Optional[int] = None) -> bytes:
@@ -193,15 +196,15 @@ class ZipArchive:
 
 
 def _u16(buf, off):
-    return struct.unpack_from("<H", buf, off)[0]
+    return unpack_at("<H", buf, off)[0]
 
 
 def _u32(buf, off):
-    return struct.unpack_from("<I", buf, off)[0]
+    return unpack_at("<I", buf, off)[0]
 
 
 def _u64(buf, off):
-    return struct.unpack_from("<Q", buf, off)[0]
+    return unpack_at("<Q", buf, off)[0]
 
 
 def _find_eocd(buf, size: int, path: str) -> Tuple[int, List[int]]:
@@ -228,7 +231,7 @@ def _find_eocd(buf, size: int, path: str) -> Tuple[int, List[int]]:
 def _is_plausible_eocd(buf, off: int) -> bool:
     """A signature that is a real end-of-central-directory record: its directory ends right
     before it (or a ZIP64 locator does) and starts with a central-directory entry."""
-    n_total, cd_size, cd_offset = struct.unpack_from("<10xHII", buf, off)
+    n_total, cd_size, cd_offset = unpack_at("<10xHII", buf, off)
     if off >= 20 and bytes(buf[off - 20:off - 16]) == ZIP64_LOCATOR_SIG:
         return True
     if cd_offset + cd_size != off:
@@ -271,7 +274,7 @@ def read_zip(path: str, buf, size: int) -> ZipArchive:
     if size < 22:
         raise FormatError(path, f"truncated zip archive ({size} bytes)")
     eocd, other_eocds = _find_eocd(buf, size, path)
-    (disk, cd_disk, n_disk, n_total, cd_size, cd_offset, comment_len) = struct.unpack_from("<HHHHIIH", buf, eocd + 4)
+    (disk, cd_disk, n_disk, n_total, cd_size, cd_offset, comment_len) = unpack_at("<HHHHIIH", buf, eocd + 4)
     cd_end_limit = eocd
     locator = eocd - 20
     if locator >= 0 and bytes(buf[locator:locator + 4]) == ZIP64_LOCATOR_SIG:
@@ -385,7 +388,7 @@ def _check_local(archive: ZipArchive, entry: ZipEntry, raw_name: bytes) -> None:
     lo = entry.header_offset
     if lo + 30 > size or bytes(buf[lo:lo + 4]) != LOCAL_SIG:
         raise FormatError(path, f"zip record {entry.name!r}: no local header at offset {lo}")
-    (flags, method, _t, _d, crc, csize, usize, nlen, elen) = struct.unpack_from("<6xHHHHIIIHH", buf, lo)
+    (flags, method, _t, _d, crc, csize, usize, nlen, elen) = unpack_at("<6xHHHHIIIHH", buf, lo)
     local_name = bytes(buf[lo + 30:lo + 30 + nlen])
     local_extra = bytes(buf[lo + 30 + nlen:lo + 30 + nlen + elen])
     entry.data_offset = lo + 30 + nlen + elen
@@ -432,7 +435,7 @@ def _check_descriptor(archive: ZipArchive, entry: ZipEntry, data_end: int) -> in
     for width, fmt in ((8, "<IQQ"), (4, "<III")):
         length = 4 + 2 * width
         if off + length <= size:
-            crc, csize, usize = struct.unpack_from(fmt, buf, off)
+            crc, csize, usize = unpack_at(fmt, buf, off)
             if (crc, csize, usize) == (entry.crc, entry.compressed_size, entry.size):
                 return off + length
     archive.issues.append(ZipIssue("unsafe", f"zip record {entry.name!r}: data descriptor disagrees with the central directory"))

@@ -322,6 +322,22 @@ def _hash_threaded(raw, hashers: _Hashers, options: HashOptions, on_progress) ->
     return offset
 
 
+def hash_stream(raw, size: int, *, what: str = "<stream>", on_progress: Optional[ProgressCallback] = None,
+                options: HashOptions = HashOptions()) -> FileHashes:
+    """The same six hashes of `size` bytes read once from `raw` (anything with `readinto`: a remote
+    object's body, `sdtk.formats.source`), with the same bounded buffer pool as `hash_file`.
+    Raises SdtkError when the stream ends early."""
+    hashers = _Hashers(size, None, options.blake3_threads)
+    run = _hash_inline if size < options.threads_from_bytes else _hash_threaded
+    try:
+        done = run(raw, hashers, options, on_progress)
+    except OSError as e:
+        raise SdtkError(what, f"read failed: {e.strerror or e}") from None
+    if done != size:
+        raise SdtkError(what, f"the object ended after {done} of its {size} bytes (it changed while it was read?)")
+    return hashers.result(what)
+
+
 def hash_bytes(data: bytes) -> FileHashes:
     """The same hashes of an in-memory byte string (tests, small sidecars)."""
     hashers = _Hashers(len(data), None)

@@ -84,14 +84,16 @@ def make_files(folder: Path, env: Dict[str, str]) -> Dict[str, Path]:
     from sdtk.samples import layout_plan, load_layout, write_sparse_safetensors
 
     files = {"flux": folder / "models" / "flux1-dev.safetensors", "sd15": folder / "models" / "sd15.safetensors",
-             "small": folder / "models" / "small.safetensors"}
+             "small": folder / "library" / "small.safetensors"}
     files["flux"].parent.mkdir(parents=True)
+    files["small"].parent.mkdir(parents=True)
     write_sparse_safetensors(files["flux"], load_layout("flux1-dev"))
     write_sparse_safetensors(files["sd15"], load_layout("sd15-full-ema"))
     write_safetensors(files["small"], layout_plan(load_layout("sd15-emaonly"), values="random", scale=8))
     sdtk = [sys.executable, "-m", "sdtk"]
     subprocess.run([*sdtk, "hash", str(files["small"])], check=True, env=env, capture_output=True)
-    subprocess.run([*sdtk, "library", "scan", str(files["flux"].parent)], check=True, env=env, capture_output=True)
+    # the library indexes a folder of real (small) files: scanning hashes them
+    subprocess.run([*sdtk, "library", "scan", str(files["small"].parent)], check=True, env=env, capture_output=True)
     return files
 
 
@@ -120,7 +122,7 @@ def main() -> int:
             ("sdtk scan FLUX", None, ["scan", flux]),
             ("sdtk hash FILE (from the cache)", None, ["hash", small]),
             ("sdtk library list", None, ["library", "list"]),
-            ("sdtk library show FILE", None, ["library", "show", flux]),
+            ("sdtk library show FILE", None, ["library", "show", small]),
             ("sdtk library find HASH", None, ["library", "find", "abcdef"]),
             ("sdtk library dupes", None, ["library", "dupes"]),
         ]

@@ -44,7 +44,7 @@ def planned_size(conv, with_hashes: bool = True) -> int:
     out = conv.outputs[0]
     choose_destinations(conv, None, None, ConvertOptions())  # the name goes into modelspec.title
     meta = _metadata_for(Catalogue_of(conv), conv, out, ConvertOptions(),
-                         {n: "0" * 64 for n in ("sha256", "autov3", "content")} if with_hashes else {})
+                         {n: "0" * 64 for n in ("sha256", "autov3", "content_v2")} if with_hashes else {})
     return len(build_header(out.plan, meta)) + sum(t.nbytes for t in out.plan)
 
 
@@ -153,10 +153,10 @@ def test_container_only_is_bit_identical_and_keeps_metadata(tmp_path):
     lineage = json.loads(meta["sdtk.lineage"])
     assert lineage[-1]["source"] == "in.safetensors"
     assert lineage[-1]["source_sha256"] == sha256_of(src)  # patched in after the background hash
-    from sdtk.hashing import content_hash
+    from sdtk.hashing.content import content_hash_v2
 
     with open_model(src) as cat, open_model(tmp_path / "out.safetensors") as out:
-        assert lineage[-1]["source_content"] == content_hash(cat) == content_hash(out)  # same weights
+        assert lineage[-1]["source_content_v2"] == content_hash_v2(cat) == content_hash_v2(out)  # same weights
     assert lineage[-1]["operations"] == []
 
 

@@ -155,3 +155,25 @@ def test_cast_array_fast_and_fallback_agree(monkeypatch, target, source):
     monkeypatch.setenv("SDTK_FASTCAST", "off")
     slow, slow_n = cast_array(a, dtype_named(target))
     assert np.array_equal(fast.view(np.uint8), slow.view(np.uint8)) and fast_n == slow_n
+
+
+@pytest.mark.skipif(not HAVE_FAST, reason="needs the built extension on an F16C CPU")
+@pytest.mark.parametrize("alpha", [0.5, 0.3, 0.7123456789, 1.5, -0.25])
+def test_fused_fp16_weighted_sum_equals_the_unfused_float32_steps(alpha):
+    """A merge's weighted sum of two fp16 tensors in one C pass gives the bits of widening,
+    `(1 - alpha) * A + alpha * B` in float32 (numpy, NEP 50 scalars) and the fp16 cast; every
+    16-bit pattern of A meets random and special B values."""
+    a = np.arange(1 << 16, dtype=np.uint16).view(np.float16)
+    rng = np.random.default_rng(11)
+    b = (rng.standard_normal(a.size) * 100).astype(np.float16)
+    b[::97] = np.float16(65504)
+    b[5::101] = np.float16(np.inf)
+    out = np.empty_like(a)
+    overflow = fastcast.weighted_sum_f16(a, b, out, 1 - alpha, alpha)
+    with np.errstate(all="ignore"):
+        wide = (1 - alpha) * a.astype(np.float32) + alpha * b.astype(np.float32)
+        want = wide.astype(np.float16)
+    nan = np.isnan(want)
+    assert np.array_equal(out.view(np.uint16)[~nan], want.view(np.uint16)[~nan])
+    assert np.isnan(out[nan]).all()
+    assert overflow == int(np.count_nonzero(np.isfinite(wide) & ~np.isfinite(want)))

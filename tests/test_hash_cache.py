@@ -21,7 +21,8 @@ def test_lineage_hashes_come_from_the_cache_until_the_file_changes(tmp, monkeypa
     first = lineage.source_hashes(str(path))
     cached = hash_cache.cached_hashes(path)
     assert {k: cached[k] for k in first} == first
-    assert hash_cache.cached_file_hashes(path) is not None  # all six file hashes came along
+    # only what lineage records is computed (two sha256 streams + BLAKE3): `sdtk hash` adds the rest
+    assert hash_cache.cached_file_hashes(path) is None and "blake3" not in cached and "crc32" not in cached
 
     calls = []
     import sdtk.hashing.model as hashing
@@ -84,26 +85,28 @@ def test_one_cache_for_hash_library_convert_lineage_and_merge(tmp, monkeypatch):
     truth = hash_file(path)
     calls = _count_reads(monkeypatch)
 
-    # lineage (convert) reads the file once and leaves all six hashes and the content hash
+    # lineage (convert) reads the file once, for only what it records (SHA256, AutoV3, content v2)
     lineage.source_hashes(str(path))
     assert len(calls) == 1
-    # `sdtk hash --content` then prints them without reading the file ...
+    # `sdtk hash --content` reads it once for the rest (BLAKE3, CRC32, content v1), agreeing with lineage ...
     row, problem = hash_one(path, "a1111", content=True, show_progress=False)
-    assert problem is None and len(calls) == 1
+    assert problem is None and len(calls) == 2
     assert row["SHA256"] == truth.sha256 and row["BLAKE3"] == truth.blake3 and row["Content"]
-    # ... unless asked to read it again
+    assert row["ContentV2"] == lineage.source_hashes(str(path))["content_v2"] and len(calls) == 2
+    # ... then prints them without reading the file, unless asked to read it again
+    assert hash_one(path, "a1111", content=True, show_progress=False)[0] == row and len(calls) == 2
     again, _ = hash_one(path, "a1111", content=True, show_progress=False, use_cache=False)
-    assert len(calls) == 2 and again == row
+    assert len(calls) == 3 and again == row
     # the library indexes it without hashing, with the same values
     conn = library_db.connect(str(tmp / "lib.sqlite3"))
     report = scan_library(conn, [str(folder)])
-    assert (report.hashed, report.hashes_from_cache) == (0, 1) and len(calls) == 2
+    assert (report.hashed, report.hashes_from_cache) == (0, 1) and len(calls) == 3
     stored = conn.execute("SELECT sha256, blake3, content_hash FROM files").fetchone()
     assert tuple(stored) == (truth.sha256, truth.blake3, row["Content"])
-    # merge's input hash comes from the cache too
+    # merge's input hashes come from the cache too
     hasher = _Hasher([str(path)])
     hasher.run()
-    assert hasher.results[str(path)] == truth.sha256 and len(calls) == 2
+    assert hasher.results[str(path)]["sha256"] == truth.sha256 and len(calls) == 3
 
 
 def test_library_fills_the_cache_for_hash(tmp, monkeypatch):
@@ -120,3 +123,71 @@ def test_library_fills_the_cache_for_hash(tmp, monkeypatch):
     assert report.hashed == 1 and len(calls) == 1
     row, _ = hash_one(folder / "m.safetensors", "civitai", content=True, show_progress=False)
     assert len(calls) == 1 and row["Content"]
+
+
+def test_lineage_hashes_equal_sdtk_hash_of_the_same_file(tmp, monkeypatch):
+    """What convert/merge record (source_sha256, source_autov3, source_content_v2) is byte for byte
+    what `sdtk hash --content --style a1111 --json` prints for the input, computed either way first."""
+    import json
+
+    from conftest import run_cli
+
+    for order in ("lineage first", "hash first"):
+        cache = tmp / f"{order}.sqlite3"
+        monkeypatch.setenv("SDTK_HASH_CACHE", str(cache))
+        path = tmp / f"{order.split()[0]}.safetensors"
+        write_safetensors(path, [from_array("a", np.arange(3_000_000, dtype=np.float32)),
+                                 from_array("b", np.full(5, 2, np.int64))], overwrite=True)
+        if order == "lineage first":
+            recorded = lineage.source_hashes(str(path))
+        r = run_cli("hash", "--content", "--style", "a1111", "--json", path, env={"SDTK_HASH_CACHE": str(cache)})
+        assert r.returncode == 0, r.stderr
+        row = json.loads(r.stdout)[0]
+        if order == "hash first":
+            recorded = lineage.source_hashes(str(path))
+        fresh = run_cli("hash", "--content", "--style", "a1111", "--json", "--rehash", path, env={"SDTK_HASH_CACHE": "off"})
+        again = json.loads(fresh.stdout)[0]
+        for got in (row, again):
+            assert recorded == {"sha256": got["SHA256"], "autov3": got["AutoV3"], "content_v2": got["ContentV2"]}
+
+
+def test_interrupted_first_conversion_leaves_the_cache_consistent(tmp, monkeypatch):
+    """A conversion that fails half way stops its source-hash read: the cache has no entry for
+    the input (never a half-written one), and the next conversion computes and records the truth."""
+    import json
+
+    from sdtk.formats import open_model
+    from sdtk.ops import convert as conv_mod
+
+    monkeypatch.setenv("SDTK_HASH_CACHE", str(tmp / "cache.sqlite3"))
+    src = tmp / "in.safetensors"
+    write_safetensors(src, [from_array(f"t{i}", np.full(600_000, i, np.float32)) for i in range(64)], overwrite=True)
+    real = conv_mod.write_safetensors
+
+    def interrupted(dest, plan, *a, on_tensor=None, **k):
+        def stop(t, done):
+            if done > 30 * 2_400_000:
+                raise KeyboardInterrupt
+            if on_tensor:
+                on_tensor(t, done)
+        return real(dest, plan, *a, on_tensor=stop, **k)
+
+    monkeypatch.setattr(conv_mod, "write_safetensors", interrupted)
+    opts = conv_mod.resolve_options(conv_mod.ConvertOptions())
+    try:
+        conv_mod.convert_file(src, opts, output=tmp / "out.safetensors")
+    except KeyboardInterrupt:
+        pass
+    else:
+        raise AssertionError("the conversion was not interrupted")
+    assert not (tmp / "out.safetensors").exists()
+    entry = hash_cache.cached_hashes(src)
+    assert entry == {} or all(entry.get(k) for k in lineage.HASH_NAMES)  # nothing, or complete
+    monkeypatch.setattr(conv_mod, "write_safetensors", real)
+    conv_mod.convert_file(src, opts, output=tmp / "out.safetensors")
+    with open_model(tmp / "out.safetensors") as cat:
+        step = json.loads(cat.metadata[lineage.LINEAGE_KEY])[-1]
+    truth = lineage.source_hashes(str(src))
+    assert {k: step[f"source_{k}"] for k in lineage.HASH_NAMES} == truth
+    monkeypatch.setenv("SDTK_HASH_CACHE", "off")
+    assert lineage.source_hashes(str(src)) == truth

@@ -127,7 +127,11 @@ def test_metadata_a1111_fields_and_sha256(cli, models):
     models_md = json.loads(md["sd_merge_models"])
     assert set(models_md) == {sha["a"], sha["b"]} and models_md[sha["a"]]["name"] == "a.safetensors"
     full = json.loads(md["sdtk.merge_recipe"])
-    assert full["models"]["A"] == {"file": "a.safetensors", "size": m["a"].stat().st_size, "sha256": sha["a"]}
+    from sdtk.hashing.model import lineage_hashes
+
+    fresh = lineage_hashes(m["a"], use_cache=False)  # SHA256, AutoV3, content v2: what `sdtk hash` prints
+    assert full["models"]["A"] == {"file": "a.safetensors", "size": m["a"].stat().st_size, **fresh}
+    assert fresh["sha256"] == sha["a"]
     assert full["steps"][0]["method"] == "weighted-sum" and full["steps"][0]["alpha"] == 0.25
     assert summary["models"]["B"]["sha256"] == sha["b"]
     # a merge of a merge keeps the lineage (A1111: the inputs' own sd_merge_models are carried)

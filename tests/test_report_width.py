@@ -72,3 +72,24 @@ def test_json_does_not_depend_on_the_width(demo, cli):
 def test_shorten_middle(value, width, expected):
     assert shorten_middle(value, width) == expected
     assert cell_len(shorten_middle(value, width)) <= width
+
+
+def test_library_list_fits_by_leaving_columns_out(tmp_path, cli):
+    """The library table keeps every cell on one line at 80 and 60 columns: the name is shortened
+    in the middle and the least useful columns are left out; at 200 columns everything is shown."""
+    from sdtk.formats.safetensors import write_safetensors
+    from sdtk.samples import layout_plan, load_layout
+
+    folder = tmp_path / "models"
+    folder.mkdir()
+    long_name = "a-very-long-model-file-name-v2-final-pruned-ema-only-fp16-by-someone.safetensors"
+    write_safetensors(folder / long_name, layout_plan(load_layout("sd15-emaonly"), scale=32))
+    env = {"SDTK_LIBRARY_DB": str(tmp_path / "lib.sqlite3")}
+    assert cli("library", "scan", "--no-content", folder, env=env).returncode == 0
+    wide = cli("library", "list", env={**env, "COLUMNS": "200"}).stdout
+    assert long_name in wide and "precision" in wide and "stable-diffusion-v1" in wide
+    for width in WIDTHS:
+        out = cli("library", "list", env={**env, "COLUMNS": str(width)}).stdout
+        assert too_wide(out, width) == [] and "…" in out
+        row = [line for line in out.splitlines() if line.startswith("a-very")]
+        assert len(row) == 1 and "stable-diffusion-v1" in row[0]  # one line per file, architecture kept

@@ -12,6 +12,7 @@ functions fall back to numpy and ml_dtypes.
 from __future__ import annotations
 
 import os
+import sys
 from typing import TYPE_CHECKING, Optional
 
 if TYPE_CHECKING:
@@ -22,23 +23,26 @@ try:  # built by setup.py when a C compiler is present; optional by design (need
 except ImportError:  # pragma: no cover - exercised on installs without a compiler
     _ext = None
 
-_F32 = _F16 = _BF16 = None
+_F32 = _F16 = _BF16 = _UNLOADED = None
 _FP8_KIND: dict = {}
 
 
 def _init() -> None:
-    """Import numpy and ml_dtypes on the first cast (`status()` and `--version` need neither)."""
-    global np, _F32, _F16, _BF16, _FP8_KIND
-    if _F32 is not None:
-        return
-    import ml_dtypes
-    import numpy
+    """Import numpy on the first cast (`status()` and `--version` need none). ml_dtypes (over a
+    second to import in 0.7) is not imported here: a bf16/fp8 array or dtype exists only once it
+    is, so its types are looked up as soon as it has been (an fp16 merge never needs it)."""
+    global np, _F32, _F16, _BF16, _FP8_KIND, _UNLOADED
+    if _F32 is None:
+        import numpy
 
-    np = numpy
-    _F16 = np.dtype("<f2")
-    _BF16 = np.dtype(ml_dtypes.bfloat16)
-    _FP8_KIND = {np.dtype(ml_dtypes.float8_e4m3fn): 0, np.dtype(ml_dtypes.float8_e5m2): 1}
-    _F32 = np.dtype("<f4")  # last: the "initialised" mark
+        np = numpy
+        _F16 = np.dtype("<f2")
+        _BF16 = _UNLOADED = np.dtype("V2")  # matches no array's dtype until ml_dtypes is loaded
+        _F32 = np.dtype("<f4")
+    if _BF16 is _UNLOADED and "ml_dtypes" in sys.modules:
+        ml_dtypes = sys.modules["ml_dtypes"]
+        _FP8_KIND = {np.dtype(ml_dtypes.float8_e4m3fn): 0, np.dtype(ml_dtypes.float8_e5m2): 1}
+        _BF16 = np.dtype(ml_dtypes.bfloat16)
 
 
 def _enabled() -> bool:
@@ -148,3 +152,20 @@ def assign(out: np.ndarray, src: np.ndarray) -> None:
         return
     with np.errstate(over="ignore", invalid="ignore"):
         out[...] = src
+
+
+def weighted_sum_f16(a: "np.ndarray", b: "np.ndarray", out: "np.ndarray", wa: float, wb: float) -> Optional[int]:
+    """`out[...] = fp16(wa * fp32(a) + wb * fp32(b))` for fp16 arrays, fused in one pass (a merge's
+    weighted sum: the same bits as widening, `np.multiply`, `np.add` in float32 and the cast, for
+    every non-NaN result). Returns the finite values that overflowed, or None when the C kernel is
+    not available for these arrays (the caller computes the unfused way)."""
+    _init()
+    if not _enabled() or not _ext.has_f16c() or not hasattr(_ext, "f16_weighted_sum"):
+        return None
+    if not (a.dtype == b.dtype == out.dtype == _F16) or not (a.size == b.size == out.size):
+        return None
+    if not (a.flags.c_contiguous and b.flags.c_contiguous and out.flags.c_contiguous):
+        return None
+    if a.size == 0:
+        return 0
+    return int(_ext.f16_weighted_sum(_raw(a), _raw(b), _raw(out), float(wa), float(wb)))

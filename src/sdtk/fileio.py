@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -46,6 +47,48 @@ def check_output_path(dest: "os.PathLike[str] | str", inputs: Iterable = (), ove
     return dest
 
 
+WRITEBACK_INTERVAL_S = 0.25  # how often the kernel is asked to start writing an output's dirty pages
+
+
+def _sync_file_range():
+    """libc's sync_file_range (Linux), or None."""
+    try:
+        import ctypes
+        import ctypes.util
+
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        func = libc.sync_file_range
+        func.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+        return func
+    except (OSError, AttributeError):
+        return None
+
+
+class _EarlyWriteback(threading.Thread):
+    """Start the disk writes of an output while it is still being produced (Linux
+    sync_file_range(SYNC_FILE_RANGE_WRITE): asynchronous, nothing waits), so the final fsync has
+    little left to wait for. Without it the kernel starts writing only at its dirty-memory
+    threshold (10 % of RAM), so a 2 GB output was written to disk only during the fsync, after
+    all the computing: compute time + disk time instead of the larger of the two."""
+
+    WRITE = 2  # SYNC_FILE_RANGE_WRITE
+
+    def __init__(self, fd: int):
+        super().__init__(daemon=True, name="sdtk-writeback")
+        self.fd, self.stop_event = fd, threading.Event()
+        self.func = _sync_file_range()
+
+    def run(self) -> None:
+        while self.func is not None and not self.stop_event.wait(WRITEBACK_INTERVAL_S):
+            if self.func(self.fd, 0, 0, self.WRITE) != 0:
+                return
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        if self.is_alive():
+            self.join()
+
+
 class AtomicOutput:
     """`with AtomicOutput(dest, inputs=[...]) as f: f.write(...)`: all or nothing."""
 
@@ -66,6 +109,9 @@ class AtomicOutput:
             _restore_handlers(self._saved_handlers)
             raise OutputError(self.dest, f"cannot create a file in {parent}: {e.strerror}") from None
         self.file = os.fdopen(fd, "wb")
+        self._writeback = _EarlyWriteback(fd)
+        if sys.platform.startswith("linux"):
+            self._writeback.start()
         return self.file
 
     def __exit__(self, exc_type, exc, tb) -> bool:
@@ -76,6 +122,7 @@ class AtomicOutput:
 
     def _finish(self, exc_type, exc) -> bool:
         assert self.file is not None and self.temp_path is not None
+        self._writeback.stop()  # before the file is closed
         if exc_type is None:
             try:
                 self.file.flush()
@@ -98,6 +145,8 @@ class AtomicOutput:
         return False
 
     def _discard(self) -> None:
+        if getattr(self, "_writeback", None) is not None:
+            self._writeback.stop()
         try:
             if self.file is not None and not self.file.closed:
                 self.file.close()

@@ -12,7 +12,8 @@ from sdtk.cli.common import console, err_console, error_line, esc, print_json
 from sdtk.errors import EXIT_BAD_INPUT, EXIT_OK, SdtkError, UsageError
 from sdtk.hashing.styles import HASH_KEYS, STYLES
 
-NO_VALUE = {"AutoV1": "-  (file under 2 MiB: Civitai computes no AutoV1)", "Content": "-  (not a model file)"}
+NO_VALUE = {"AutoV1": "-  (file under 2 MiB: Civitai computes no AutoV1)", "Content": "-  (not a model file)",
+            "ContentV2": "-  (not a model file)"}
 PROGRESS_FROM_BYTES = 256 * 1024 * 1024  # a progress bar for files from this size, on a terminal
 
 
@@ -59,17 +60,19 @@ def hash_one(path: Path, style: str, content: bool, show_progress: bool, use_cac
             catalogue.close()
     fh, content_value = mh.file, mh.content
     row = {"file": str(path), "size": fh.size, **fh.formatted(style)}
-    if content:
-        row["Content"] = None if content_value is None else (content_value if style == "a1111" else content_value.upper())
+    if content:  # v1: what the library shows; v2 (BLAKE3-based): what convert/merge record as source_content_v2
+        for key, value in (("Content", content_value), ("ContentV2", mh.content_v2)):
+            row[key] = None if value is None else (value if style == "a1111" else value.upper())
     return row, problem
 
 
 def print_row(row: dict) -> None:
     console.print(f"[bold]{esc(row['file'])}[/]  ({row['size']:,} bytes)")
-    for key in HASH_KEYS + ("Content",):
+    width = 9 if "ContentV2" in row else 7
+    for key in HASH_KEYS + ("Content", "ContentV2"):
         if key in row:
             value = row[key]
-            console.print(f"  {key:<7} {esc(value) if value is not None else NO_VALUE[key]}")
+            console.print(f"  {key:<{width}} {esc(value) if value is not None else NO_VALUE[key]}")
 
 
 def register(app: typer.Typer) -> None:

@@ -61,19 +61,21 @@ def _print_scan(report, db: Path) -> None:
 
 
 def _table(rows) -> None:
-    from rich.table import Table
+    from sdtk.report.fit import Column, FittedTable
+    from sdtk.report.terminal_text import TerminalText
 
     recs = [record_json(row) for row in rows]
-    t = Table(box=None, pad_edge=False, show_edge=False)
-    widest = {"name": max(len(r["name"]) for r in recs), "architecture": max(len(r["architecture"] or "-") for r in recs)}
-    for col in ("name", "kind", "architecture", "precision", "EMA", "size", "AutoV2", "base model", "status"):
-        t.add_column(col, no_wrap=col in ("AutoV2", "size", "EMA"), overflow="fold", min_width=min(widest.get(col, 0), 48) or None)
+    # fits the terminal: the name is shortened in the middle, then columns are left out, least useful first
+    columns = [Column("name", shrink_to=16), Column("kind", drop_order=2), Column("architecture", drop_order=5),
+               Column("precision", drop_order=3), Column("EMA", drop_order=1), Column("size", justify="right"),
+               Column("AutoV2", drop_order=4), Column("base model", drop_order=0), Column("status", drop_order=6)]
+    table_rows = []
     for rec in recs:
         ema = "-" if rec["ema"] is None else ("yes" if rec["ema"] else "no")
-        t.add_row(*map(esc, (rec["name"], rec["kind"] or "-", rec["architecture"] or "-", rec["precision"] or "-", ema,
-                  _human(rec["size"]), (rec["hashes"] or {}).get("AutoV2") or "-", rec["base_model"] or "-")),
-                  rec["status"] if rec["status"] == "present" else f"[yellow]{esc(rec['status'])}[/]")
-    console.print(t)
+        status = TerminalText(rec["status"], style="" if rec["status"] == "present" else "yellow")
+        table_rows.append([rec["name"], rec["kind"] or "-", rec["architecture"] or "-", rec["precision"] or "-", ema,
+                           _human(rec["size"]), (rec["hashes"] or {}).get("AutoV2") or "-", rec["base_model"] or "-", status])
+    console.print(FittedTable(columns, table_rows))
 
 
 def _print_record(rec: dict) -> None:

@@ -103,9 +103,13 @@ def cached_file_hashes(path: "os.PathLike[str] | str", known: Optional[Dict[str,
         return None
 
 
-def remember_file_hashes(path: "os.PathLike[str] | str", fh: "FileHashes", content: Optional[str] = None) -> None:
-    """Store all six file hashes (and the content hash when known)."""
-    values = {name: getattr(fh, name) for name in FILE_FIELDS}
+def remember_file_hashes(path: "os.PathLike[str] | str", fh: "FileHashes", content: Optional[str] = None,
+                         content_v2: Optional[str] = None) -> None:
+    """Store the file hashes computed (and the content hashes, v1 "content" and v2 "content_v2",
+    when known)."""
+    values = {name: getattr(fh, name) for name in FILE_FIELDS if getattr(fh, name) is not None}
     if content:
         values["content"] = content
+    if content_v2:
+        values["content_v2"] = content_v2
     remember_hashes(path, values)

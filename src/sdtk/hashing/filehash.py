@@ -51,12 +51,18 @@ TensorSpan = Tuple[int, int, str]
 ProgressCallback = Callable[[int, int], None]
 
 
+FILE_KINDS = ("sha256", "crc32", "autov3", "blake3")  # the whole-file hashes (AutoV1's window always rides along)
+SPAN_KINDS = ("sha256", "blake3")  # per-tensor digests: sha256 for content v1, BLAKE3 for content v2
+
+
 @dataclass(frozen=True)
 class HashOptions:
     chunk_bytes: int = 16 * MiB
     buffers: int = 4  # peak buffer memory = chunk_bytes * buffers
     threads_from_bytes: int = 32 * MiB  # smaller files are hashed inline
     blake3_threads: int = 1  # blake3's own thread pool; on 2 cores it only competes with the sha256 worker
+    kinds: Tuple[str, ...] = FILE_KINDS  # which whole-file hashes to compute (the others are None)
+    span_kinds: Tuple[str, ...] = ("sha256",)  # which per-tensor digests, when tensor spans are given
 
 
 @dataclass(frozen=True)
@@ -64,13 +70,14 @@ class FileHashes:
     """Raw results; `formatted(style)` gives what Civitai or A1111 print."""
 
     size: int
-    sha256: str  # 64 lower-case hex digits
+    sha256: Optional[str]  # 64 lower-case hex digits (None: not asked for, see HashOptions.kinds)
     autov1_window: str  # sha256 (64 hex) of the bytes at [1 MiB, 1 MiB + 64 KiB) that exist
-    autov3: str  # 64 hex: sha256 from `autov3_start` to the end
+    autov3: Optional[str]  # 64 hex: sha256 from `autov3_start` to the end
     autov3_start: int
-    crc32: int  # zlib.crc32 value (an unsigned int)
-    blake3: str  # 64 hex
+    crc32: Optional[int]  # zlib.crc32 value (an unsigned int)
+    blake3: Optional[str]  # 64 hex
     tensor_digests: Optional[Dict[str, str]] = field(default=None, compare=False)  # key -> sha256 hex
+    tensor_digests_blake3: Optional[Dict[str, str]] = field(default=None, compare=False)  # key -> BLAKE3 hex
 
     @property
     def autov2(self) -> str:
@@ -92,16 +99,17 @@ def autov3_start(head: bytes, size: int) -> int:
 
 
 class _SpanHasher:
-    """One sha256 per tensor span, fed with consecutive (offset, bytes) pieces of the file."""
+    """One digest per tensor span (sha256 or BLAKE3), fed with consecutive (offset, bytes) pieces."""
 
-    def __init__(self, spans: Sequence[TensorSpan]):
+    def __init__(self, spans: Sequence[TensorSpan], algorithm: str = "sha256"):
         self.spans = sorted(spans)
+        self.new = hashlib.sha256 if algorithm == "sha256" else blake3.blake3
         self.index = 0
-        self.current: Optional["hashlib._Hash"] = None
+        self.current = None
         self.digests: Dict[str, str] = {}
         for off, length, key in self.spans:  # empty tensors are complete before any byte
             if length == 0:
-                self.digests[key] = hashlib.sha256().hexdigest()
+                self.digests[key] = self.new().hexdigest()
 
     def update(self, offset: int, view: memoryview) -> None:
         end = offset + len(view)
@@ -116,10 +124,10 @@ class _SpanHasher:
             lo, hi = max(s_off, offset), min(s_off + s_len, end)
             if hi > lo:
                 if self.current is None:
-                    self.current = hashlib.sha256()
+                    self.current = self.new()
                 self.current.update(view[lo - offset:hi - offset])
             if s_off + s_len <= end:
-                self.digests[key] = (self.current or hashlib.sha256()).hexdigest()
+                self.digests[key] = (self.current or self.new()).hexdigest()
                 self.current = None
                 self.index += 1
             else:
@@ -133,17 +141,23 @@ class _SpanHasher:
 
 
 class _Hashers:
-    """The hash states and the three units of work, each safe to run in its own thread."""
+    """The hash states and the units of work, each safe to run in its own thread. Only the kinds
+    asked for are computed (a lineage pass needs SHA256, AutoV3 and the BLAKE3 span digests)."""
 
-    def __init__(self, size: int, spans: Optional[Sequence[TensorSpan]], blake3_threads: int = 1):
+    def __init__(self, size: int, spans: Optional[Sequence[TensorSpan]], blake3_threads: int = 1,
+                 kinds: Sequence[str] = FILE_KINDS, span_kinds: Sequence[str] = ("sha256",)):
         self.size = size
-        self.sha256 = hashlib.sha256()
-        self.crc = 0
-        self.autov3 = hashlib.sha256()
+        self.kinds = frozenset(kinds)
+        self.sha256 = hashlib.sha256() if "sha256" in self.kinds else None
+        self.crc = 0 if "crc32" in self.kinds else None
+        self.autov3 = hashlib.sha256() if "autov3" in self.kinds else None
         self.v3_start = size  # set from the first buffer
-        self.blake3 = blake3.blake3(max_threads=blake3_threads) if blake3_threads != 1 else blake3.blake3()
+        self.blake3 = None
+        if "blake3" in self.kinds:
+            self.blake3 = blake3.blake3(max_threads=blake3_threads) if blake3_threads != 1 else blake3.blake3()
         self.window = bytearray()
-        self.spans = _SpanHasher(spans) if spans is not None else None
+        self.spans = _SpanHasher(spans, "sha256") if spans is not None and "sha256" in span_kinds else None
+        self.spans_blake3 = _SpanHasher(spans, "blake3") if spans is not None and "blake3" in span_kinds else None
         self.worker_cpu: List[float] = []
 
     def first_bytes(self, head: bytes) -> None:
@@ -155,25 +169,44 @@ class _Hashers:
             self.window += view[lo - offset:hi - offset]
 
     def work_full(self, offset: int, view: memoryview) -> None:
-        self.sha256.update(view)
-        self.crc = _crc32(view, self.crc)
+        if self.sha256 is not None:
+            self.sha256.update(view)
+        if self.crc is not None:
+            self.crc = _crc32(view, self.crc)
 
     def work_v3(self, offset: int, view: memoryview) -> None:
         end = offset + len(view)
-        if end > self.v3_start:
+        if self.autov3 is not None and end > self.v3_start:
             self.autov3.update(view[max(0, self.v3_start - offset):])
-        self.blake3.update(view)
+        if self.blake3 is not None:
+            self.blake3.update(view)
 
     def work_spans(self, offset: int, view: memoryview) -> None:
-        self.spans.update(offset, view)
+        if self.spans is not None:
+            self.spans.update(offset, view)
+        if self.spans_blake3 is not None:
+            self.spans_blake3.update(offset, view)
+
+    def works(self) -> list:
+        """The units of work with something to do, one thread each."""
+        out = []
+        if self.sha256 is not None or self.crc is not None:
+            out.append(self.work_full)
+        if self.autov3 is not None or self.blake3 is not None:
+            out.append(self.work_v3)
+        if self.spans is not None or self.spans_blake3 is not None:
+            out.append(self.work_spans)
+        return out
 
     def result(self, path: str) -> FileHashes:
         return FileHashes(
-            size=self.size, sha256=self.sha256.hexdigest(),
+            size=self.size, sha256=self.sha256.hexdigest() if self.sha256 is not None else None,
             autov1_window=hashlib.sha256(bytes(self.window)).hexdigest(),
-            autov3=self.autov3.hexdigest(), autov3_start=self.v3_start,
-            crc32=self.crc & 0xFFFFFFFF, blake3=self.blake3.hexdigest(),
+            autov3=self.autov3.hexdigest() if self.autov3 is not None else None, autov3_start=self.v3_start,
+            crc32=self.crc & 0xFFFFFFFF if self.crc is not None else None,
+            blake3=self.blake3.hexdigest() if self.blake3 is not None else None,
             tensor_digests=self.spans.finish(path) if self.spans is not None else None,
+            tensor_digests_blake3=self.spans_blake3.finish(path) if self.spans_blake3 is not None else None,
         )
 
 
@@ -225,9 +258,14 @@ def _read_full(f, view: memoryview, remaining: int) -> int:
     return got
 
 
+class HashingCancelled(Exception):
+    """`hash_file` stopped because its `cancelled()` turned true (nothing was remembered)."""
+
+
 def hash_file(path: "os.PathLike[str] | str", *, tensor_spans: Optional[Sequence[TensorSpan]] = None,
               on_progress: Optional[ProgressCallback] = None, options: HashOptions = HashOptions(),
-              stats: Optional[Dict[str, object]] = None) -> FileHashes:
+              stats: Optional[Dict[str, object]] = None,
+              cancelled: Callable[[], bool] = lambda: False) -> FileHashes:
     """All six file hashes (and, with `tensor_spans`, one sha256 per tensor span) in one read.
 
     `stats`, when given, receives the CPU seconds of the reading thread and of each worker.
@@ -240,13 +278,13 @@ def hash_file(path: "os.PathLike[str] | str", *, tensor_spans: Optional[Sequence
         if hasattr(os, "posix_fadvise"):
             os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
         raw = f.raw if hasattr(f, "raw") else f
-        hashers = _Hashers(st.st_size, tensor_spans, options.blake3_threads)
+        hashers = _Hashers(st.st_size, tensor_spans, options.blake3_threads, options.kinds, options.span_kinds)
         reader_cpu = time.thread_time()
         try:
             if st.st_size < options.threads_from_bytes:
-                done = _hash_inline(raw, hashers, options, on_progress)
+                done = _hash_inline(raw, hashers, options, on_progress, cancelled)
             else:
-                done = _hash_threaded(raw, hashers, options, on_progress)
+                done = _hash_threaded(raw, hashers, options, on_progress, cancelled)
         except OSError as e:
             raise SdtkError(path, f"read failed: {e.strerror or e}") from None
         after = os.fstat(f.fileno())
@@ -258,11 +296,13 @@ def hash_file(path: "os.PathLike[str] | str", *, tensor_spans: Optional[Sequence
     return hashers.result(path)
 
 
-def _hash_inline(raw, hashers: _Hashers, options: HashOptions, on_progress) -> int:
+def _hash_inline(raw, hashers: _Hashers, options: HashOptions, on_progress, cancelled) -> int:
     buf = bytearray(min(options.chunk_bytes, max(hashers.size, 8)))
     view = memoryview(buf)
     offset = 0
     while True:
+        if cancelled():
+            raise HashingCancelled()
         n = _read_full(raw, view, hashers.size - offset)
         if not n:
             break
@@ -270,10 +310,8 @@ def _hash_inline(raw, hashers: _Hashers, options: HashOptions, on_progress) -> i
         if offset == 0:
             hashers.first_bytes(bytes(piece[:8]))
         hashers.take_window(offset, piece)
-        hashers.work_full(offset, piece)
-        hashers.work_v3(offset, piece)
-        if hashers.spans is not None:
-            hashers.work_spans(offset, piece)
+        for work in hashers.works():
+            work(offset, piece)
         offset += n
         if on_progress is not None:
             on_progress(offset, hashers.size)
@@ -282,10 +320,8 @@ def _hash_inline(raw, hashers: _Hashers, options: HashOptions, on_progress) -> i
     return offset
 
 
-def _hash_threaded(raw, hashers: _Hashers, options: HashOptions, on_progress) -> int:
-    works = [hashers.work_full, hashers.work_v3]
-    if hashers.spans is not None:
-        works.append(hashers.work_spans)
+def _hash_threaded(raw, hashers: _Hashers, options: HashOptions, on_progress, cancelled) -> int:
+    works = hashers.works() or [lambda offset, view: None]
     pool: "queue.Queue[_Slot]" = queue.Queue()
     for _ in range(max(2, options.buffers)):
         pool.put(_Slot(options.chunk_bytes, pool))
@@ -298,6 +334,9 @@ def _hash_threaded(raw, hashers: _Hashers, options: HashOptions, on_progress) ->
     offset = 0
     try:
         while not errors:
+            if cancelled():
+                errors.append(HashingCancelled())
+                break
             slot = pool.get()
             n = _read_full(raw, slot.view, hashers.size - offset)
             if not n:

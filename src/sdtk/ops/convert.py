@@ -472,6 +472,10 @@ def write_outputs(cat: Catalogue, conv: Conversion, opts: ConvertOptions, progre
                                                   overwrite=opts.overwrite, on_tensor=on_tensor,
                                                   final_metadata=final_metadata if (hasher or data_hasher) else None,
                                                   data_hasher=data_hasher)
+        except BaseException:
+            if hasher is not None:  # failed or interrupted: stop the source-hash read (nothing cached)
+                hasher.cancel()
+            raise
         finally:
             prefetch.close()
             progress.done()

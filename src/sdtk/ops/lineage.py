@@ -6,10 +6,13 @@ ModelSpec keys (Stability AI ModelSpec 1.0.0, see ecosystem.md): `modelspec.sai_
 `modelspec.prediction_type`. Values already in the input win, except prediction_type when the
 user states it.
 
-Source hashes (SHA256, AutoV3: what Civitai finds the source by; sdtk's content hash: the same
-weights in any container) are computed by `sdtk.hashing` in a background thread while the output
-is written (the input is read once more, concurrently), then patched into the header before the
-output is committed.
+Source hashes (SHA256, AutoV3: what Civitai finds the source by; sdtk's content hash version 2,
+`source_content_v2`: the same weights in any container) are computed by
+`sdtk.hashing.model.lineage_hashes` in a background thread while the output is written: one
+sequential read of the input (the pages the conversion maps come from the same page cache, so the
+disk is read once), SHA256 and AutoV3 on one worker thread each, BLAKE3 per tensor on a third;
+then patched into the header before the output is committed. Files written before issue 10 carry
+`source_content` (content hash version 1, sha256-based) instead.
 """
 from __future__ import annotations
 
@@ -25,34 +28,28 @@ from sdtk import __version__
 LINEAGE_KEY = "sdtk.lineage"
 MODELSPEC_VERSION = "1.0.0"
 HASH_PLACEHOLDER = "0" * 64  # every recorded hash is 64 hex digits
-HASH_NAMES = ("sha256", "autov3", "content")
+HASH_NAMES = ("sha256", "autov3", "content_v2")
 OUTPUT_HASH_PLACEHOLDER = "0" * 64  # the output's data-section sha256, known when the last byte is written
 
 
-def source_hashes(path: str, on_progress=None) -> Dict[str, str]:
-    """SHA256, AutoV3 (64 hex, lower case) and sdtk's content hash of a model file, in one read
-    when its tensors lie as raw bytes in the file (safetensors; most checkpoints). Taken from the
-    hash cache when this exact file was hashed before (see sdtk.hashing.cache)."""
-    from sdtk.hashing.cache import cached_hashes
-    from sdtk.hashing.model import cached_model_hashes
+def source_hashes(path: str, on_progress=None, cancelled=lambda: False) -> Dict[str, str]:
+    """SHA256, AutoV3 and content hash v2 (64 hex, lower case) of a model file, in one read when
+    its tensors lie as raw bytes in the file (safetensors; most checkpoints). Taken from the hash
+    cache when this exact file was hashed before (see sdtk.hashing.cache); remembered there."""
+    from sdtk.hashing.model import lineage_hashes
 
-    known = cached_hashes(path)
-    if all(known.get(name) for name in HASH_NAMES):
-        return {name: known[name] for name in HASH_NAMES}
-    # All six file hashes and the content hash in one read, remembered for `sdtk hash` and the
-    # library too (BLAKE3 and CRC32 add about a tenth to the three sha256 passes lineage needs).
-    mh = cached_model_hashes(path, use_cache=False, on_progress=on_progress)
-    return {"sha256": mh.file.sha256, "autov3": mh.file.autov3, "content": mh.content}
+    return lineage_hashes(path, on_progress=on_progress, cancelled=cancelled)
 
 
 class BackgroundHashes:
-    """`source_hashes(path)` computed in a thread; `result()` waits for it."""
+    """`source_hashes(path)` computed in a thread; `result()` waits for it, `cancel()` stops it."""
 
     def __init__(self, path: str, on_progress=None):
         self.on_progress = on_progress  # (bytes done, total) while the file is read
         self.from_cache = False  # set before the hashes are computed: True when the hash cache knew them
         self._result: Optional[Dict[str, str]] = None
         self._error: Optional[BaseException] = None
+        self._cancelled = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(path,), daemon=True, name="sdtk-source-hash")
         self._thread.start()
 
@@ -62,9 +59,14 @@ class BackgroundHashes:
 
             known = cached_hashes(path)
             self.from_cache = all(known.get(name) for name in HASH_NAMES)
-            self._result = source_hashes(path, self.on_progress)
+            self._result = source_hashes(path, self.on_progress, self._cancelled.is_set)
         except BaseException as e:  # reported by result()
             self._error = e
+
+    def cancel(self) -> None:
+        """Stop reading (the output failed or was interrupted): nothing goes into the hash cache."""
+        self._cancelled.set()
+        self._thread.join()
 
     def result(self) -> Dict[str, str]:
         self._thread.join()

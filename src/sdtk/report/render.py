@@ -10,6 +10,7 @@ from rich.table import Table
 from sdtk.report.terminal_text import TerminalText as Text  # untrusted names reach the terminal as text
 
 from sdtk.identify.model import Identity
+from sdtk.report.fit import shorten_middle
 from sdtk.report.fields import human_bytes, human_count, join, prepare, title_of
 from sdtk.report.messages import text
 
@@ -28,18 +29,6 @@ def _row(rows: Table, label: str, value: str) -> None:
 # even on a soft-wrapping console), long key prefixes are shortened in the middle.
 MIN_PREFIX_WIDTH = 8  # narrower than this, the prefix column is left out
 GAP = 2  # cells between two columns of the component table
-
-
-def shorten_middle(value: str, width: int) -> str:
-    """`value` in at most `width` cells, its middle replaced by an ellipsis when too long."""
-    if cell_len(value) <= width:
-        return value
-    if width <= 1:
-        return "…"[:width]
-    head, tail = value[: (width - 1 + 1) // 2], value[len(value) - (width - 1) // 2:] if (width - 1) // 2 else ""
-    while cell_len(head) + cell_len(tail) + 1 > width and head:
-        head = head[:-1]
-    return head + "…" + tail
 
 
 def hanging(lead: str, body, lead_style: str = "", body_style: str = "") -> Table:

@@ -201,6 +201,17 @@ class StepSource:
             out[lo:hi] = self.read_chunk(key, lo, hi, ctype)
         return out.reshape(shape)
 
+    def fused_into(self, key: str, lo: int, hi: int, out: np.ndarray) -> bool:
+        """The hot case in one C pass: a weighted sum of two fp16 files into fp16 (`out` gets values
+        [lo, hi) of `key`, the same bits as `read_chunk` then the cast). False: not this case."""
+        d = self.decisions[key]
+        if d.action != "merge" or self.method != "weighted-sum" or len(self.inputs) != 2:
+            return False
+        if not all(isinstance(s, FileSource) and s.entries[key][1].name == "F16" for s in self.inputs):
+            return False
+        a, b = (s.cat.tensors[key].read().reshape(-1)[lo:hi] for s in self.inputs)
+        return fastcast.weighted_sum_f16(a, b, out, 1 - d.alpha, d.alpha) is not None
+
     def read_chunk(self, key: str, lo: int, hi: int, ctype) -> np.ndarray:
         d = self.decisions[key]
         if d.action == "copy":
@@ -335,8 +346,12 @@ def _loader(src, key: str, out: DType, pool: Optional[ThreadPoolExecutor]):
         n = numel(shape)
         result = np.empty(n, dtype=out.numpy)
 
+        fused = getattr(src, "fused_into", None) if ctype is np.float32 else None
+
         def fill(lo: int) -> None:
             hi = min(n, lo + CHUNK)
+            if fused is not None and fused(key, lo, hi, result[lo:hi]):
+                return
             fastcast.assign(result[lo:hi], src.read_chunk(key, lo, hi, ctype))  # the one cast
 
         if pool is None or n <= CHUNK:

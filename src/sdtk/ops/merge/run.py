@@ -16,7 +16,6 @@ from sdtk.errors import SdtkError, UsageError
 from sdtk.fileio import check_output_path
 from sdtk.formats import open_model
 from sdtk.formats.safetensors import write_safetensors
-from sdtk.hashing.simple import sha256_file
 from sdtk.ops.merge.arch import FIRST_CONV, check_compatible, describe
 from sdtk.ops.merge.plan import FileSource, StepSource, output_plan
 from sdtk.ops.merge.recipe import Recipe, dumps_canonical
@@ -47,8 +46,11 @@ def default_workers() -> int:
     return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)))
 
 
-def _placeholder(i: int) -> str:
-    return f"{'sdtk-pending-sha256-' + str(i):-<64}"
+def _placeholder(i: int, kind: str = "sha256") -> str:
+    return f"{'sdtk-pending-' + kind + '-' + str(i):-<64}"
+
+
+LINEAGE_KINDS = ("sha256", "autov3", "content_v2")  # recorded per input (sdtk.hashing.model.lineage_hashes)
 
 
 @dataclass
@@ -75,7 +77,9 @@ def _find_model(name: str, path: str, identity: dict, search_dirs: List[str]) ->
 
 
 class _Hasher(threading.Thread):
-    """Hashes the inputs in the background while the merge is written (hashlib releases the GIL)."""
+    """Hashes the inputs in the background while the merge is written (hashlib and blake3 release
+    the GIL): SHA256, AutoV3 and content hash v2 of each, one sequential read per input (the
+    hash cache answers for files hashed before by any sdtk command)."""
 
     def __init__(self, paths: List[str]):
         super().__init__(daemon=True, name="sdtk-merge-hash")
@@ -84,14 +88,15 @@ class _Hasher(threading.Thread):
 
     def run(self):
         try:
-            from sdtk.hashing.cache import cached_hashes, remember_hashes
+            from sdtk.hashing.filehash import HashingCancelled
+            from sdtk.hashing.model import lineage_hashes
 
             for p in self.paths:
-                if p not in self.results:
-                    known = cached_hashes(p).get("sha256")  # hashed before by any sdtk command
-                    self.results[p] = known or sha256_file(p, self._cancelled.is_set)
-                    if self.results[p] and not known:
-                        remember_hashes(p, {"sha256": self.results[p]})
+                if p not in self.results and not self._cancelled.is_set():
+                    try:
+                        self.results[p] = lineage_hashes(p, cancelled=self._cancelled.is_set)
+                    except HashingCancelled:
+                        return
         except BaseException as e:  # reported by the caller
             self.error = e
 
@@ -156,7 +161,8 @@ def _quick_identities(paths: Dict[str, str], stored: Dict[str, dict], hash_input
     for i, (name, path) in enumerate(paths.items()):
         ident = {"file": os.path.basename(path), "size": os.path.getsize(path)}
         if hash_inputs:
-            ident["sha256"] = _placeholder(i)
+            for kind in LINEAGE_KINDS:
+                ident[kind] = _placeholder(i, kind)
         else:
             ident["header_sha256"] = header_sha256(path)
         for k in ("size", "header_sha256"):
@@ -187,12 +193,14 @@ def _with_hashes(metadata: Dict[str, str], hasher: _Hasher, paths: Dict[str, str
         raise SdtkError(None, f"hashing the inputs failed: {hasher.error}")
     text = dict(metadata)
     for i, (name, path) in enumerate(paths.items()):
-        real = hasher.results[path]
+        found = hasher.results[path]
+        real = found["sha256"]
         want = stored.get(name, {}).get("sha256")
         if want and want != real:
             raise SdtkError(path, f"is not the file the recipe was made from (sha256 {real[:12]} != {want[:12]})")
-        identities[name]["sha256"] = real
-        text = {k: v.replace(_placeholder(i), real) for k, v in text.items()}
+        for kind in LINEAGE_KINDS:
+            identities[name][kind] = found[kind]
+            text = {k: v.replace(_placeholder(i, kind), found[kind]) for k, v in text.items()}
     return text
 
 

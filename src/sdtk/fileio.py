@@ -3,6 +3,8 @@ and renamed into place; on any error (disk full, Ctrl-C, a bad tensor) the tempo
 removed and the destination is untouched. Inputs are never written."""
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import errno
 import os
 import signal
@@ -89,11 +91,65 @@ class _EarlyWriteback(threading.Thread):
             self.join()
 
 
+class OutputGroup:
+    """Several outputs that appear together or not at all (`all_or_nothing()`): each finished
+    output waits, fsynced, in its temporary file; `commit()` renames them all into place, and
+    takes back the ones already renamed if one rename fails."""
+
+    def __init__(self):
+        self.pending: list = []  # AtomicOutput, finished and waiting
+
+    def commit(self) -> None:
+        done = []
+        try:
+            for out in self.pending:
+                out._rename_into_place()
+                done.append(out)
+        except BaseException:
+            for out in done:  # ours, just renamed: remove them so nothing of the group stays
+                with contextlib.suppress(OSError):
+                    os.unlink(out.dest)
+            self.abort()
+            raise
+        self.pending = []
+
+    def abort(self) -> None:
+        for out in self.pending:
+            out._discard()
+        self.pending = []
+
+
+_GROUP: "contextvars.ContextVar[Optional[OutputGroup]]" = contextvars.ContextVar("sdtk_output_group", default=None)
+
+
+@contextlib.contextmanager
+def all_or_nothing():
+    """Every AtomicOutput finished inside the block (this thread) is committed when the block
+    ends without error, all together; on any error none of them appears."""
+    group = OutputGroup()
+    token = _GROUP.set(group)
+    saved = _interrupt_on_termination()  # SIGTERM/SIGHUP between two outputs still cleans up
+    try:
+        try:
+            yield group
+        except BaseException:
+            group.abort()
+            raise
+        group.commit()
+    finally:
+        _GROUP.reset(token)
+        _restore_handlers(saved)
+
+
 class AtomicOutput:
-    """`with AtomicOutput(dest, inputs=[...]) as f: f.write(...)`: all or nothing."""
+    """`with AtomicOutput(dest, inputs=[...]) as f: f.write(...)`: all or nothing (inside
+    `all_or_nothing()`, the rename waits for the whole group)."""
 
     def __init__(self, dest, inputs: Iterable = (), overwrite: bool = False):
+        self.group = _GROUP.get()
         self.dest = check_output_path(dest, inputs, overwrite)
+        if self.group is not None and any(same_file(o.dest, self.dest) or o.dest == self.dest for o in self.group.pending):
+            raise OutputError(self.dest, "is written twice by one operation")
         self.overwrite = overwrite
         self.file: Optional[BinaryIO] = None
         self.temp_path: Optional[str] = None
@@ -129,10 +185,10 @@ class AtomicOutput:
                 os.fsync(self.file.fileno())
                 self.file.close()
                 os.chmod(self.temp_path, 0o644 & ~_umask())
-                if self.dest.exists() and not self.overwrite:  # appeared while we were writing
-                    raise OutputError(self.dest, "appeared while writing; pass --overwrite to replace it")
-                os.replace(self.temp_path, self.dest)
-                _fsync_dir(self.dest.parent)
+                if self.group is not None:
+                    self.group.pending.append(self)  # renamed with the rest of the group
+                    return False
+                self._rename_into_place()
                 return False
             except BaseException as e:
                 self._discard()
@@ -143,6 +199,16 @@ class AtomicOutput:
         if isinstance(exc, OSError):
             raise os_error_to_output_error(self.dest, exc) from None
         return False
+
+    def _rename_into_place(self) -> None:
+        if self.dest.exists() and not self.overwrite:  # appeared while we were writing
+            raise OutputError(self.dest, "appeared while writing; pass --overwrite to replace it")
+        try:
+            os.replace(self.temp_path, self.dest)
+        except OSError as e:
+            raise os_error_to_output_error(self.dest, e) from None
+        self.temp_path = None
+        _fsync_dir(self.dest.parent)
 
     def _discard(self) -> None:
         if getattr(self, "_writeback", None) is not None:

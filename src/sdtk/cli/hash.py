@@ -59,7 +59,13 @@ def hash_one(path: Path, style: str, content: bool, show_progress: bool, use_cac
         if catalogue is not None:
             catalogue.close()
     fh, content_value = mh.file, mh.content
-    row = {"file": str(path), "size": fh.size, **fh.formatted(style)}
+    if style == "a1111":
+        from sdtk.hashing.a1111 import a1111_autov3
+        from sdtk.hashing.styles import format_hashes
+
+        row = {"file": str(path), "size": fh.size, **format_hashes(fh, style, a1111_autov3(str(path), fh))}
+    else:
+        row = {"file": str(path), "size": fh.size, **fh.formatted(style)}
     if content:  # v1: what the library shows; v2 (BLAKE3-based): what convert/merge record as source_content_v2
         for key, value in (("Content", content_value), ("ContentV2", mh.content_v2)):
             row[key] = None if value is None else (value if style == "a1111" else value.upper())

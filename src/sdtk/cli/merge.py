@@ -148,11 +148,14 @@ def register(app: typer.Typer) -> None:
             result = run_recipe(recipe, str(output), overwrite=overwrite, hash_inputs=not no_hash,
                                 search_dirs=search, on_start=on_start, on_tensor=on_tensor, workers=threads)
         summary = {"output": result.output, "bytes": result.bytes, "tensors": result.tensors,
-                   "family": result.family, "models": result.models, "steps": result.steps}
+                   "family": result.family, "models": result.models, "steps": result.steps,
+                   "facts": result.facts, "sidecar": result.sidecar}
         if json_out:
             print_json(summary)
             return 0
         console.print(f"wrote {esc(result.output)} ({result.tensors} tensors, {result.bytes:,} bytes)")
+        if result.sidecar:
+            console.print(f"wrote {esc(result.sidecar)} (A1111 config)")
         for st in result.steps:
             copied = ", ".join(f"{v} {k}" for k, v in st["copied"].items()) or "none"
             console.print(f"  {esc(st['name'])}: {esc(st['method'])}: {st['merged']} merged, {len(st['sliced'])} channel-sliced; copied from A: {esc(copied)}")

@@ -84,3 +84,23 @@ def facts_of(ident, has_ema: Optional[bool] = None) -> ModelFacts:
                       bool(ident.has_ema if has_ema is None else has_ema), "identify", ident.prediction_confidence,
                       ident.zero_terminal_snr, ident.variant, ident.kind, list(ident.prediction_evidence),
                       [p for p in ident.problems if p.code in EVIDENCE_PROBLEMS])
+
+
+def merged_facts(inputs: List[ModelFacts]) -> ModelFacts:
+    """What is known of a merge of `inputs` (the first is the base): the architecture when every
+    input is of the same family; the prediction type with high confidence only when every input's
+    is certain and the same (a merge of a v and an epsilon model is neither for sure)."""
+    first = inputs[0]
+    same_family = all(f.family == first.family for f in inputs)
+    arch = first.architecture if same_family else None
+    types = {f.prediction_type for f in inputs}
+    if len(types) == 1 and all(f.certain for f in inputs):
+        pred, conf, source = first.prediction_type, "high", "merge (every input: " + ", ".join(sorted({f.prediction_source for f in inputs})) + ")"
+    elif len(types - {None}) == 1:
+        pred, conf, source = next(iter(types - {None})), "medium", "merge (not every input is certain)"
+    else:
+        pred, conf, source = None, "none", "merge (the inputs disagree)" if len(types - {None}) > 1 else "unknown"
+    if arch and arch in SD2_BY_PREDICTION.values() and conf != "high":
+        arch = "stable-diffusion-v2"
+    return ModelFacts(arch, pred, source, False, "merge", conf, all(f.zero_terminal_snr for f in inputs),
+                      first.variant, first.kind, [], [])

@@ -99,7 +99,8 @@ def gather(shapes_keys, metadata: Mapping[str, str], extras: Mapping, architectu
         if value is not None and value.strip() in values:
             found.append(Evidence(source, values[value.strip()], "high", f"{key}={value.strip()}"))
             break
-    if config is not None and config.usable and config.prediction in ("v", "epsilon", "edm"):
+    config_fits = config is not None and (config.family is None or family is None or config.family == family)
+    if config is not None and config.usable and config_fits and config.prediction in ("v", "epsilon", "edm"):
         name = config.path.rsplit("/", 1)[-1]
         found.append(Evidence("config", config.prediction, "high", f"{name} beside the file: {', '.join(config.details)}"))
     arch = ARCHITECTURES.get(architecture)

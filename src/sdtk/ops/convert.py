@@ -18,7 +18,7 @@ import numpy as np
 
 from sdtk.architectures.vae_keys import vae_tensors
 from sdtk.errors import OutputError, SdtkError, UsageError
-from sdtk.fileio import AtomicOutput, same_file
+from sdtk.fileio import AtomicOutput, all_or_nothing, same_file
 from sdtk.formats import open_model
 from sdtk.formats.catalogue import Catalogue
 from sdtk.formats.data_hash import DataSectionHasher
@@ -529,9 +529,11 @@ def convert_file(source: Path, opts: ConvertOptions, output: Optional[Path] = No
             if final_dest.exists() and not same_file(final_dest, source) and not opts.overwrite:
                 raise OutputError(final_dest, "already exists; pass --overwrite to replace it with the converted input")
             conv.outputs[0].dest = default_output(source, ["sdtk-new"], source.parent, taken=[final_dest])
+            write_outputs(cat, conv, opts, progress)  # verified below before it replaces the input
         else:
             choose_destinations(conv, output, out_folder, opts)
-        write_outputs(cat, conv, opts, progress)
+            with all_or_nothing():  # every part (and the yaml) appears, or none does
+                write_outputs(cat, conv, opts, progress)
         if replacing:
             out = conv.outputs[0]
             try:

@@ -10,6 +10,7 @@ import os
 import struct
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 from sdtk.errors import SdtkError, UsageError
@@ -21,6 +22,7 @@ from sdtk.ops.merge.plan import FileSource, StepSource, output_plan
 from sdtk.ops.merge.recipe import Recipe, dumps_canonical
 
 RECIPE_KEY = "sdtk.merge_recipe"
+FACTS_KEY = "sdtk.model_facts"  # what sdtk knew of the merged model, guesses with their confidence
 # A1111 interp_method names (modules/extras.py run_modelmerger), ours for the methods it lacks.
 A1111_METHOD_NAMES = {"weighted-sum": "Weighted sum", "add-difference": "Add difference"}
 
@@ -62,6 +64,8 @@ class MergeResult:
     models: Dict[str, dict]
     family: Optional[str]
     metadata: Dict[str, str] = field(default_factory=dict)
+    sidecar: Optional[str] = None  # the A1111 <name>.yaml written beside the output
+    facts: Optional[dict] = None  # what is known of the merged model (sdtk.identify.facts)
 
 
 def _find_model(name: str, path: str, identity: dict, search_dirs: List[str]) -> str:
@@ -106,7 +110,7 @@ class _Hasher(threading.Thread):
 
 def run_recipe(recipe: Recipe, dest: str, overwrite: bool = False, hash_inputs: bool = True,
                search_dirs: Optional[List[str]] = None, on_start: Optional[Callable] = None,
-               on_tensor: Optional[Callable] = None, workers: int = 0) -> MergeResult:
+               on_tensor: Optional[Callable] = None, workers: int = 0, sidecar: bool = True) -> MergeResult:
     """Evaluate `recipe` into `dest`. Everything that can be refused is refused before writing."""
     recipe.validate()
     search_dirs = search_dirs or []
@@ -130,6 +134,8 @@ def run_recipe(recipe: Recipe, dest: str, overwrite: bool = False, hash_inputs: 
         final = steps[-1]
         plan = output_plan(final, recipe.dtype, sources.get(BAKE), workers=workers or default_workers())
         metadata = _metadata(recipe, recipe.canonical(identities), cats, identities, paths, final)
+        facts = _merged_facts(recipe, cats, paths)
+        metadata.update(_facts_metadata(facts, "merge of " + " + ".join(identities[n]["file"].rsplit(".", 1)[0] for n in recipe.models)))
         if on_start is not None:
             on_start(plan)
         written = {}
@@ -140,10 +146,21 @@ def run_recipe(recipe: Recipe, dest: str, overwrite: bool = False, hash_inputs: 
 
         if hasher is not None:
             hasher.start()
-        n = write_safetensors(dest, plan, metadata, inputs=list(paths.values()), overwrite=overwrite,
-                              on_tensor=on_tensor, final_metadata=final_metadata)
+        from sdtk.fileio import AtomicOutput, all_or_nothing
+        from sdtk.ops.sidecar import sidecar_for, sidecar_path
+
+        decision = sidecar_for(facts) if sidecar else None
+        yaml_path = None
+        with all_or_nothing():  # the merge and its yaml appear together, or neither
+            n = write_safetensors(dest, plan, metadata, inputs=list(paths.values()), overwrite=overwrite,
+                                  on_tensor=on_tensor, final_metadata=final_metadata)
+            if decision is not None and decision.text:
+                yaml_path = sidecar_path(Path(dest))
+                with AtomicOutput(yaml_path, inputs=list(paths.values()), overwrite=overwrite) as f:
+                    f.write(decision.text.encode("utf-8"))
         return MergeResult(os.fspath(dest), n, len(plan), [s.report.as_dict() for s in steps], identities,
-                           final.family, written.get("metadata", metadata))
+                           final.family, written.get("metadata", metadata), str(yaml_path) if yaml_path else None,
+                           facts.as_record())
     finally:
         if hasher is not None:
             hasher.cancel()
@@ -245,6 +262,26 @@ def _metadata(recipe: Recipe, canonical: dict, cats, identities, paths, final) -
         "sd_merge_models": json.dumps(models, ensure_ascii=False),
         RECIPE_KEY: dumps_canonical(canonical),
     }
+
+
+def _merged_facts(recipe: Recipe, cats, paths):
+    """The facts convert would write, for the merge: each input's (markers, metadata, the yaml
+    beside it, shapes) combined by sdtk.identify.facts.merged_facts."""
+    from sdtk.identify.config_yaml import read_config_beside
+    from sdtk.identify.facts import merged_facts
+    from sdtk.ops.model_facts import model_facts
+
+    return merged_facts([model_facts(cats[name], config=read_config_beside(paths[name])) for name in recipe.models])
+
+
+def _facts_metadata(facts, title: str) -> Dict[str, str]:
+    """ModelSpec keys of high confidence only (as convert writes them) and our own record. The
+    title names the inputs, not the output file, so `--recipe-from` reproduces the same bytes."""
+    from sdtk.ops import lineage as lin
+
+    spec = lin.modelspec_additions({}, facts.modelspec_architecture, title, facts.modelspec_prediction, False)
+    spec[FACTS_KEY] = json.dumps(facts.as_record(), separators=(",", ":"))
+    return spec
 
 
 def _is_json(text) -> bool:

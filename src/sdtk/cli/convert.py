@@ -38,7 +38,7 @@ def register(app: typer.Typer) -> None:
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
         replace_input: bool = typer.Option(False, "--replace-input", help="After re-reading and verifying every tensor of the output, replace the input by it (<name>.safetensors)."),
         json_out: bool = typer.Option(False, "--json", help="Print a JSON summary."),
-        to: Optional[str] = typer.Option(None, "--to", help="Output format: safetensors (default) or gguf (the diffusion model, as city96's GGUF tools write it)."),
+        to: Optional[str] = typer.Option(None, "--to", help="Output format: safetensors (default), gguf (the diffusion model, as city96's GGUF tools write it) or fp8-scaled (ComfyUI's per-layer scaled fp8)."),
         quant: Optional[str] = typer.Option(None, "--quant", help="With --to gguf: Q8_0|Q6_K|Q5_K_M|Q5_K_S|Q4_K_M|Q4_K_S|Q5_0|Q5_1|Q4_0|Q4_1|Q3_K_M|Q3_K_S|Q2_K|F16|BF16."),
     ) -> int:
         """Convert model files to safetensors: precision, EMA, pruning, CLIP fixes, VAE baking, extraction.

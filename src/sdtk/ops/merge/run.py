@@ -15,6 +15,7 @@ from typing import Callable, Dict, List, Optional
 from sdtk.errors import SdtkError, UsageError
 from sdtk.fileio import check_output_path
 from sdtk.formats import open_model
+from sdtk.quant.fp8_scaled import dequantize_catalogue
 from sdtk.formats.safetensors import write_safetensors
 from sdtk.hashing.simple import sha256_file
 from sdtk.ops.merge.arch import FIRST_CONV, check_compatible, describe
@@ -118,7 +119,7 @@ def run_recipe(recipe: Recipe, dest: str, overwrite: bool = False, hash_inputs: 
     try:
         sources: Dict[str, object] = {}
         for name, path in paths.items():
-            cats[name] = cat = open_model(path)
+            cats[name] = cat = dequantize_catalogue(open_model(path))  # fp8-scaled inputs: their values
             sources[name] = FileSource(path, cat, *describe(cat)) if name != BAKE else FileSource(path, cat, None)
         identities = _quick_identities(paths, recipe.identities, hash_inputs)
         steps = _build_steps(recipe, sources)

@@ -11,7 +11,8 @@ import pytest
 from helpers_convert import write_layout, write_tensors
 from sdtk.errors import UnsupportedFormatError
 from sdtk.formats import open_model
-from sdtk.quant.fp8_scaled import dequantize_catalogue, detect
+from sdtk.quant.fp8_scaled import detect
+from sdtk.quant.views import dequantize_catalogue
 
 
 def _weights(seed=0, std=0.005, shape=(256, 512)):

@@ -203,7 +203,7 @@ def _dtype_tags(opts: ConvertOptions) -> List[str]:
 def plan_conversion(cat: Catalogue, opts: ConvertOptions, stack: contextlib.ExitStack) -> Conversion:
     """Plan every output of converting `cat` (files named by options are opened into `stack`)."""
     path = cat.path
-    from sdtk.quant.fp8_scaled import dequantize_catalogue
+    from sdtk.quant.views import dequantize_catalogue
 
     dequantize_catalogue(cat)  # an fp8-scaled input converts from its values (scales applied)
     facts = model_facts(cat)

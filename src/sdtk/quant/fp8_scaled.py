@@ -140,11 +140,3 @@ def scaled_plan(tensors: List[LazyTensor], is_model_weight) -> Tuple[List[LazyTe
         n += 1
     return plan, n
 
-
-def dequantize_catalogue(cat):
-    """In place: a scaled-fp8 catalogue's tensors become their dequantized values (a no-op for
-    other files). Returns the catalogue. For merge/diff/convert, which work on values."""
-    if detect(cat.tensors) is not None:
-        cat.tensors, notes = dequantized_view(cat.path, cat.tensors)
-        cat.notes.extend(notes)
-    return cat

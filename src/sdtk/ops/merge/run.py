@@ -15,7 +15,7 @@ from typing import Callable, Dict, List, Optional
 from sdtk.errors import SdtkError, UsageError
 from sdtk.fileio import check_output_path
 from sdtk.formats import open_model
-from sdtk.quant.fp8_scaled import dequantize_catalogue
+from sdtk.quant.views import dequantize_catalogue
 from sdtk.formats.safetensors import write_safetensors
 from sdtk.hashing.simple import sha256_file
 from sdtk.ops.merge.arch import FIRST_CONV, check_compatible, describe

@@ -308,3 +308,32 @@ def test_outputs_load_in_comfyui_gguf(sources, tmp, cli):
         assert res["arch"] in ("sd1", "flux") and res["shape_mismatch"] is None, res
         # ComfyUI-GGUF's torch kernels round through f16 in places: agreement to f16 precision
         assert res["worst_rel"] < 2e-3, res
+
+
+def test_inspect_reports_the_quantization(sources, tmp, cli):
+    out = tmp / "k-Q4_K_M.gguf"
+    _convert(cli, sources["kflux"], "Q4_K_M", out)
+    r = cli("inspect", out, "--json")
+    assert r.returncode in (0, 1), r.stderr
+    q = json.loads(r.stdout)["files"][0]["quantization"]
+    assert q["file_type"] == "Q4_K_M" and q["architecture"] == "flux" and q["main_type"] == "Q4_K"
+    reader = gguf.GGUFReader(str(out))
+    stored = sum(int(t.n_bytes) for t in reader.tensors)
+    params = sum(int(t.n_elements) for t in reader.tensors)
+    assert q["bytes"] == stored and q["bf16_bytes"] == 2 * params
+    assert q["bits_per_weight"] == round(stored * 8 / params, 3)
+    comp = next(iter(q["components"].values()))
+    assert comp["types"] == dict(sorted(__import__("collections").Counter(t.tensor_type.name for t in reader.tensors).items()))
+    # img_in (keep list, BF16) and linear2 (F16 fallback) are the high-precision weights
+    assert comp["high_precision_weights"] == 2
+    assert "AUTOMATIC1111" in q["not_loaders"] and any("ComfyUI-GGUF" in x for x in q["loaders"])
+    text = cli("inspect", out).stdout
+    assert "Quantization" in text and "bits/weight" in text and "GGUF Q4_K_M" in text
+
+
+def test_inspect_flags_the_sd_reshape_for_stable_diffusion_cpp(sources, tmp, cli):
+    out = tmp / "sd15-Q8_0.gguf"
+    _convert(cli, sources["sd15"], "Q8_0", out)
+    q = json.loads(cli("inspect", out, "--json").stdout)["files"][0]["quantization"]
+    assert not any("stable-diffusion.cpp" in x for x in q["loaders"])
+    assert any("orig_shape" in c for c in q["caveats"])

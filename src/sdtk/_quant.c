@@ -77,6 +77,13 @@ static inline int nearest_int(float fval) {
     return (i & 0x007fffff) - 0x00400000;
 }
 
+/* roundf (halves away from zero) without a libm call, exact for |v| < 2^23: v - trunc(v) is exact */
+static inline int round_away(float v) {
+    int i = (int)v;
+    float f = v - (float)i;
+    return i + (f >= 0.5f) - (f <= -0.5f);
+}
+
 /* ---- legacy 32-element blocks ------------------------------------------------------------ */
 
 static void q8_0(const float *x, uint8_t *y, int64_t nb) {
@@ -86,7 +93,7 @@ static void q8_0(const float *x, uint8_t *y, int64_t nb) {
         const float d = amax / 127;
         const float id = d ? 1.0f / d : 0.0f;
         put_f16(y, d);
-        for (int j = 0; j < 32; j++) y[2 + j] = (uint8_t)(int8_t)roundf(x[j] * id);
+        for (int j = 0; j < 32; j++) y[2 + j] = (uint8_t)(int8_t)round_away(x[j] * id);
     }
 }
 

@@ -18,6 +18,7 @@ CONVERT_TARGETS = {
     "safetensors": ("a single .safetensors file (default)", None),
     "diffusers": ("a diffusers folder (model_index.json + components) that loads offline", "_to_diffusers"),
     "gguf": ("the diffusion model as GGUF, as city96's GGUF tools write it (with --quant)", None),  # sdtk.ops.convert
+    "fp8-scaled": ("ComfyUI's per-layer scaled fp8 (weight_scale + comfy_quant)", None),  # sdtk.ops.convert
 }
 
 

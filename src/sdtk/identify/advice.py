@@ -30,11 +30,12 @@ def choose_advice(ident: Identity) -> None:
         _add(ident, "non_finite")
     if kind in ("checkpoint", "diffusion-model"):
         heavy = ident.has_ema or ident.precision.startswith(("fp32", "mixed")) or ident.training_state or "training_leftovers" in codes
+        heavy = heavy and ident.quantization is None  # a GGUF's F32 norms are by design
         if ident.has_ema:
             _add(ident, "training_checkpoint", precision=ident.precision, size=ident.file_size, target_size=generation_size(ident))
         elif heavy:
             _add(ident, "shrink_for_generation", precision=ident.precision, size=ident.file_size, target_size=generation_size(ident))
-        if ident.format != "safetensors":
+        if ident.format not in ("safetensors", "gguf"):
             _add(ident, "convert_to_safetensors")
         if kind == "diffusion-model":
             _add(ident, "diffusion_model_only", network=ident.family)

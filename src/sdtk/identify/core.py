@@ -29,6 +29,7 @@ SAFETY = {
     "torch-zip": {"verdict": "read-safely", "reason": "pickle read by sdtk's restricted reader (allowlisted tensor types only, nothing executed)"},
     "torch-legacy": {"verdict": "read-safely", "reason": "pickle read by sdtk's restricted reader (allowlisted tensor types only, nothing executed)"},
     "pickle": {"verdict": "read-safely", "reason": "pickle read by sdtk's restricted reader (allowlisted tensor types only, nothing executed)"},
+    "gguf": {"verdict": "safe", "reason": "GGUF holds only tensors and metadata; it cannot run code"},
 }
 
 
@@ -81,6 +82,8 @@ def identify(cat: Catalogue, *, deep: bool = False, config: Optional[ConfigBesid
         _identify_unknown(ident, tensors)
 
     ident.precision = precision_of(ident.components, tensors)
+    if cat.format == "gguf":
+        _describe_gguf(ident, cat)
     if scaled is not None:
         ident.problems.append(Problem("scaled_copy", "warning", "problem.scaled_copy",
                                       {"layout": scaled[0], "scale": scaled[2], "title": ident.title}))
@@ -268,6 +271,19 @@ def strip_tensors(tensors, comp: Optional[Component]):
         return {}
     n = len(comp.prefix)
     return {k[n:]: tensors[k] for k in comp.keys if k.startswith(comp.prefix)}
+
+
+def _describe_gguf(ident: Identity, cat: Catalogue) -> None:
+    """GGUF: sizes and dtypes as stored (block types), the quantization summary, its precision line."""
+    from sdtk.identify.quantized import describe_quantization, quant_precision
+
+    for comp in ident.components.values():
+        comp.bytes = sum(cat.tensors[k].stored_nbytes for k in comp.keys)
+        comp.dtypes = dict(Counter(cat.tensors[k].ggml_type.name for k in comp.keys))
+    ident.tensor_bytes = sum(t.stored_nbytes for t in cat.tensors.values())
+    ident.dtypes = dict(Counter(t.ggml_type.name for t in cat.tensors.values()))
+    ident.quantization = describe_quantization(cat, ident.components)
+    ident.precision = quant_precision(ident.quantization)
 
 
 def precision_of(components: Mapping[str, Component], tensors) -> str:

@@ -82,6 +82,7 @@ class Identity:
     deep: bool = False
     vae_comparison: Optional[Dict[str, Any]] = None
     notes: List[str] = field(default_factory=list)
+    quantization: Optional[Dict[str, Any]] = None  # GGUF (and other quantized forms): sdtk.identify.quantized
 
     @property
     def identified(self) -> bool:
@@ -114,6 +115,6 @@ class Identity:
             "safety": self.safety,
             "problems": [asdict(p) for p in self.problems],
             "advice": [asdict(a) for a in self.advice],
-            "unknown": self.unknown_summary, "deep": self.deep, "vae_comparison": self.vae_comparison,
+            "unknown": self.unknown_summary, "deep": self.deep, "vae_comparison": self.vae_comparison, "quantization": self.quantization,
             "notes": list(self.notes),
         }

@@ -123,11 +123,13 @@ def resolve_options(opts: ConvertOptions) -> ConvertOptions:
 
 def _resolve_format(opts: ConvertOptions) -> ConvertOptions:
     """--to gguf --quant Q: a format of its own; it combines with none of the safetensors options."""
-    if opts.to not in (None, "safetensors", "gguf"):
-        raise UsageError(None, f"--to {opts.to}: choose safetensors or gguf")
+    if opts.to not in (None, "safetensors", "gguf", "fp8-scaled"):
+        raise UsageError(None, f"--to {opts.to}: choose safetensors, gguf or fp8-scaled")
     if opts.to != "gguf":
         if opts.quant:
             raise UsageError(None, "--quant is for --to gguf")
+        if opts.to == "fp8-scaled" and (opts.does_anything or opts.replace_input or opts.output_hash):
+            raise UsageError(None, "--to fp8-scaled does not combine with the other conversion options")
         return opts
     from sdtk.ops.gguf_rules import QUANT_CHOICES
 
@@ -214,6 +216,9 @@ def _dtype_tags(opts: ConvertOptions) -> List[str]:
 def plan_conversion(cat: Catalogue, opts: ConvertOptions, stack: contextlib.ExitStack) -> Conversion:
     """Plan every output of converting `cat` (files named by options are opened into `stack`)."""
     path = cat.path
+    from sdtk.quant.views import dequantize_catalogue
+
+    dequantize_catalogue(cat)  # an fp8-scaled input converts from its values (scales applied)
     input_config = read_config_beside(path)  # A1111's `<model>.yaml`: evidence, and copied when it agrees
     facts = model_facts(cat, config=input_config, deep=opts.prediction_type == "auto")
     conv = Conversion(Path(path), facts, [], [], [])
@@ -519,6 +524,10 @@ def convert_file(source: Path, opts: ConvertOptions, output: Optional[Path] = No
         from sdtk.ops.to_gguf import convert_file_to_gguf
 
         return None, convert_file_to_gguf(source, opts.quant, output, out_folder, opts.overwrite, progress)
+    if opts.to == "fp8-scaled":
+        from sdtk.ops.to_fp8_scaled import convert_file_to_fp8_scaled
+
+        return None, convert_file_to_fp8_scaled(source, output, out_folder, opts.overwrite, progress)
     replacing = opts.replace_input
     with contextlib.ExitStack() as stack:
         cat = stack.enter_context(open_model(source))  # hostile or broken files are refused here

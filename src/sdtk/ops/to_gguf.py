@@ -20,7 +20,7 @@ from sdtk.quant.ggml_types import BY_NAME, FILE_TYPE, QUANT_VERSION
 from sdtk.quant.quantize import quantize
 from sdtk.tensors import LazyTensor
 
-CHUNK_ROWS_BYTES = 16 << 20  # quantize in row chunks of about this many f32 bytes (two threads)
+CHUNK_VALUES = 1 << 20  # a large tensor is cast and quantized in chunks of about this many values, on two threads
 
 
 @dataclass
@@ -38,6 +38,10 @@ def as_f32(arr: np.ndarray) -> np.ndarray:
     """Any float array as f32 (bf16 by a bit shift: exact and fast)."""
     if arr.dtype.name == "bfloat16":
         return (np.ascontiguousarray(arr).view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    if arr.dtype == np.float16:
+        from sdtk import fastcast
+
+        return fastcast.astype(arr, np.float32)  # F16C when the C extension is built; numpy's bits
     return np.ascontiguousarray(arr, dtype=np.float32)
 
 
@@ -48,12 +52,21 @@ def _producer(t: LazyTensor, ggml: str, pool: Optional[ThreadPoolExecutor]):
         arr = t.read()
         if ggml in ("F16", "BF16") and arr.dtype.name == ("float16" if ggml == "F16" else "bfloat16"):
             return np.ascontiguousarray(arr).view(np.uint8).reshape(-1)  # already stored so: copy bytes
-        values = as_f32(arr).reshape(-1)
-        if gt.quantized and pool is not None and values.nbytes > 2 * CHUNK_ROWS_BYTES:
-            step = max(gt.block, CHUNK_ROWS_BYTES // 4 // gt.block * gt.block)
-            parts = list(pool.map(lambda s: quantize(values[s:s + step], gt), range(0, values.size, step)))
-            return np.concatenate(parts)
-        return quantize(values, gt)
+        flat = np.ascontiguousarray(arr).reshape(-1)
+        if pool is None or flat.size < 2 * CHUNK_VALUES or flat.size % gt.block:
+            return quantize(as_f32(flat), gt)
+        # cast + quantize chunk by chunk on the pool (numpy casts and the C quantizer release the GIL)
+        step = CHUNK_VALUES // gt.block * gt.block
+        out = np.empty(gt.row_bytes(flat.size) if gt.quantized else flat.size * gt.nbytes, dtype=np.uint8)
+        per = (gt.nbytes * step // gt.block) if gt.quantized else step * gt.nbytes
+
+        def one(start: int) -> None:
+            chunk = quantize(as_f32(flat[start:start + step]), gt)
+            first = start // step * per
+            out[first:first + chunk.size] = chunk
+
+        list(pool.map(one, range(0, flat.size, step)))
+        return out
 
     return produce
 

@@ -151,6 +151,8 @@ def render_identity(ident: Identity, lang: str = "en", verbose: bool = False) ->
             note = _t("label.missing" if ident.kind == "checkpoint" else "label.separate", lang)
             for name in ident.missing_components:
                 parts.append(hanging("  ", Text(f"{_component_label(name, None, lang)} ({note})")))
+    if ident.quantization:
+        parts.extend(_quantization_lines(ident, lang))
     if ident.unknown_summary:
         parts.append(Text(_t("label.unknown", lang), style="bold"))
         for g in ident.unknown_summary["prefixes"]:
@@ -212,3 +214,23 @@ def _metadata_line(ident: Identity) -> str:
     if m.get("other_keys"):
         bits.append("other: " + join(m["other_keys"], 5))
     return "; ".join(bits)
+
+
+def _quantization_lines(ident: Identity, lang: str) -> List:
+    """The Quantization section: per component types, bits/weight, size vs bf16, kept weights, loaders."""
+    q = ident.quantization
+    lines: List = [Text(_t("label.quantization", lang), style="bold")]
+    for name, c in q["components"].items():
+        types = join(f"{n} {k}" for k, n in sorted(c["types"].items(), key=lambda kv: -kv[1]))
+        comp = ident.components.get(name)
+        label = _component_label(name, comp.model if comp else None, lang) if comp else name
+        lines.append(Text("  " + _t("quant.component", lang, component=label, types=types, bpw=c["bits_per_weight"],
+                                    size_h=human_bytes(c["bytes"]), bf16_h=human_bytes(c["bf16_bytes"]),
+                                    percent=round(100 * (c["size_vs_bf16"] or 0)))))
+        if c["high_precision_weights"]:
+            lines.append(Text("    " + _t("quant.kept", lang, n=c["high_precision_weights"], params_h=human_count(c["high_precision_parameters"]),
+                                          examples=join(c["high_precision_examples"], 3))))
+    lines.append(Text("  " + _t("quant.loaders", lang, loaders=join(q["loaders"]), not_loaders=join(q["not_loaders"]))))
+    for caveat in q["caveats"]:
+        lines.append(Text("  ! " + caveat, style="yellow"))
+    return lines

@@ -16,6 +16,7 @@ from typing import Callable, Dict, List, Optional
 from sdtk.errors import SdtkError, UsageError
 from sdtk.fileio import check_output_path
 from sdtk.formats import open_model
+from sdtk.quant.views import dequantize_catalogue
 from sdtk.formats.safetensors import write_safetensors
 from sdtk.ops.merge.arch import FIRST_CONV, check_compatible, describe
 from sdtk.ops.merge.plan import FileSource, StepSource, output_plan
@@ -127,7 +128,7 @@ def run_recipe(recipe: Recipe, dest: str, overwrite: bool = False, hash_inputs: 
     try:
         sources: Dict[str, object] = {}
         for name, path in paths.items():
-            cats[name] = cat = open_model(path)
+            cats[name] = cat = dequantize_catalogue(open_model(path))  # fp8-scaled inputs: their values
             sources[name] = FileSource(path, cat, *describe(cat)) if name != BAKE else FileSource(path, cat, None)
         identities = _quick_identities(paths, recipe.identities, hash_inputs)
         steps = _build_steps(recipe, sources)

@@ -1,0 +1,103 @@
+"""How a quantized file is stored, per component: block types, effective bits per weight, size
+against bf16, which weights were kept in high precision, and which programs load it.
+
+Facts on loaders: ../shared/reference/quantized-formats.md §1.5-1.7 (ComfyUI needs the
+ComfyUI-GGUF nodes; Forge reads GGUF; stable-diffusion.cpp with --diffusion-model ignores the KV
+metadata, so it cannot undo city96's SD1/SDXL conv reshape (`comfy.gguf.orig_shape.*`); stock
+ggml refuses tensors of more than 4 dimensions; A1111 reads no GGUF).
+"""
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any, Dict, List, Mapping, Optional
+
+GGUF_LOADERS = ("ComfyUI with the ComfyUI-GGUF nodes (Unet Loader (GGUF))", "Forge", "stable-diffusion.cpp (--diffusion-model)")
+GGUF_NOT = ("AUTOMATIC1111",)
+HIGH_PRECISION = {"F32", "F16", "BF16", "F64"}
+
+
+def describe_quantization(cat, components: Mapping[str, Any]) -> Optional[Dict[str, Any]]:
+    """For a GGUF catalogue: the quantization summary (None for other formats)."""
+    if getattr(cat, "format", None) != "gguf":
+        return None
+    by_component = {}
+    listed = set()
+    for name, comp in components.items():
+        keys = [k for k in comp.keys if k in cat.tensors]
+        listed.update(keys)
+        if keys:
+            by_component[name] = _summarise(cat, keys)
+    rest = [k for k in cat.tensors if k not in listed]
+    if rest:
+        by_component["other" if components else "file"] = _summarise(cat, rest)
+    overall = _summarise(cat, list(cat.tensors))
+    loaders, caveats = list(GGUF_LOADERS), []
+    if any(k.startswith("comfy.gguf.orig_shape.") for k in cat.kv):
+        loaders.remove("stable-diffusion.cpp (--diffusion-model)")
+        caveats.append("reshaped conv weights (comfy.gguf.orig_shape.*): stable-diffusion.cpp ignores that metadata and cannot load them")
+    if any(len(t.ne) > 4 for t in cat.tensors.values()):
+        caveats.append("tensors of more than 4 dimensions: stock ggml (stable-diffusion.cpp) refuses them; ComfyUI-GGUF reads them")
+        if "stable-diffusion.cpp (--diffusion-model)" in loaders:
+            loaders.remove("stable-diffusion.cpp (--diffusion-model)")
+    arch = cat.architecture
+    if arch is None:
+        caveats.append("no general.architecture: ComfyUI-GGUF loads it in compatibility mode (architecture guessed from names)")
+    ftype = cat.kv.get("general.file_type")
+    from sdtk.quant.ggml_types import FILE_TYPE_NAME
+
+    return {
+        "format": "gguf",
+        "architecture": arch,
+        "file_type": FILE_TYPE_NAME.get(ftype.value) if ftype is not None and isinstance(ftype.value, int) else None,
+        "main_type": overall["main_type"],
+        "bits_per_weight": overall["bits_per_weight"],
+        "bytes": overall["bytes"],
+        "bf16_bytes": overall["bf16_bytes"],
+        "components": by_component,
+        "loaders": loaders,
+        "not_loaders": list(GGUF_NOT),
+        "caveats": caveats,
+    }
+
+
+def _summarise(cat, keys: List[str]) -> Dict[str, Any]:
+    types: Counter = Counter()
+    params_by_type: Counter = Counter()
+    stored = params = 0
+    kept: List[str] = []
+    kept_params = 0
+    for k in keys:
+        t = cat.tensors[k]
+        name = t.ggml_type.name
+        types[name] += 1
+        params_by_type[name] += t.numel
+        stored += t.stored_nbytes
+        params += t.numel
+        if name in HIGH_PRECISION and len(t.shape) >= 2 and t.numel > 1024:
+            kept.append(k)
+            kept_params += t.numel
+    quantized = [n for n, _ in params_by_type.most_common() if n not in HIGH_PRECISION]
+    main = quantized[0] if quantized else (params_by_type.most_common(1)[0][0] if params_by_type else None)
+    return {
+        "types": dict(sorted(types.items())),
+        "main_type": main,
+        "parameters": params,
+        "bytes": stored,
+        "bits_per_weight": round(stored * 8 / params, 3) if params else None,
+        "bf16_bytes": params * 2,
+        "size_vs_bf16": round(stored / (params * 2), 4) if params else None,
+        "high_precision_weights": len(kept),
+        "high_precision_parameters": kept_params,
+        "high_precision_examples": kept[:6],
+    }
+
+
+def quant_precision(q: Dict[str, Any]) -> str:
+    """The Precision line of a quantized file: "GGUF Q4_K_S (Q4_K, 4.6 bits/weight)"."""
+    ftype = q.get("file_type")
+    main = q.get("main_type")
+    head = f"GGUF {ftype}" if ftype else f"GGUF {main}"
+    detail = [main] if main and main != ftype else []
+    if q.get("bits_per_weight"):
+        detail.append(f"{q['bits_per_weight']:.2f} bits/weight")
+    return head + (f" ({', '.join(detail)})" if detail else "")

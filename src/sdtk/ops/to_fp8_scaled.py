@@ -1,0 +1,43 @@
+"""`convert --to fp8-scaled`: ComfyUI's current per-layer scaled-fp8 form (sdtk.quant.fp8_scaled)
+for the diffusion model's Linear weights; everything else is copied as it is. Streams, atomic."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from sdtk.errors import UsageError
+from sdtk.formats.safetensors import write_safetensors
+from sdtk.ops.gguf_rules import strip_prefix
+from sdtk.quant.fp8_scaled import detect, scaled_plan
+
+
+def convert_file_to_fp8_scaled(source: Path, output: Optional[Path] = None, out_folder: Optional[Path] = None,
+                               overwrite: bool = False, progress=None) -> dict:
+    from sdtk.formats import open_model
+
+    with open_model(source) as cat:
+        if detect(cat.tensors):
+            raise UsageError(source, "is already fp8-scaled")
+        dest = output if (output is not None and not output.is_dir()) else (
+            (output if output is not None else (out_folder or source.parent)) / f"{source.stem}-fp8-scaled.safetensors")
+        if dest.suffix.lower() != ".safetensors":
+            raise UsageError(dest, "an fp8-scaled output is a .safetensors file")
+        prefix, _ = strip_prefix(list(cat.tensors))
+        in_model = (lambda name: name.startswith(prefix)) if prefix in ("model.diffusion_model.", "model.") else (lambda name: True)
+        plan, n = scaled_plan(list(cat.tensors.values()), in_model)
+        if progress is not None:
+            progress.start(dest, sum(t.nbytes for t in plan))
+        try:
+            written = write_safetensors(dest, plan, dict(cat.metadata), inputs=[cat.path], overwrite=overwrite,
+                                        on_tensor=(lambda t, done: progress.advance(done)) if progress else None)
+        finally:
+            if progress is not None:
+                progress.done()
+    return {
+        "input": str(source), "architecture": None, "prediction_type": None, "weight_set": None,
+        "operations": [f"fp8-scaled ({n} Linear weights as float8_e4m3fn + weight_scale + comfy_quant)"],
+        "outputs": [{"part": "model", "path": str(dest), "tensors": len(plan), "bytes": written, "sidecar": None}],
+        "dropped": [], "dropped_training_state": [], "overflow": {}, "sidecar": None,
+        "notes": ["norms, biases, embedders and the input/final layers keep their precision"],
+        "source_hashes": "skipped", "input_replaced": False,
+    }

@@ -45,9 +45,13 @@ def test_round_trip_is_bit_identical(layout, tmp, cli):
 
 
 def test_model_index_and_scheduler_follow_the_model(tmp, cli):
-    src = _source(tmp, "sd15-inpainting")
-    _to_folder(cli, src, tmp / "inp")
-    assert json.loads((tmp / "inp" / "model_index.json").read_text())["_class_name"] == "StableDiffusionInpaintPipeline"
+    from sdtk.ops.diffusers.write import plan_folder
+
+    full = layout_plan(load_layout("sd15-inpainting"))  # full size (scaling would shrink the 9 input channels)
+    fplan = plan_folder(full, architecture="stable-diffusion-v1-inpainting", source="inp.safetensors", metadata={},
+                        prediction="epsilon")
+    index = json.loads(next(f.data for f in fplan.files if f.relpath == "model_index.json"))
+    assert index["_class_name"] == "StableDiffusionInpaintPipeline"
     src = _source(tmp, "sd21-768-v")
     _to_folder(cli, src, tmp / "v", "--prediction-type", "v")
     sched = json.loads((tmp / "v" / "scheduler" / "scheduler_config.json").read_text())
@@ -85,8 +89,7 @@ def test_sharded_bin_and_variant_components_read_the_same(tmp, cli):
     for shard, keys in shards.items():
         write_safetensors(folder / "unet" / shard, [cat.tensors[k] for k in keys])
     index = {"metadata": {}, "weight_map": {k: s for s, keys in shards.items() for k in keys}}
-    (folder / "unet" / "diffusion_pytorch_model.safetensors.index.fp16.json").write_text("{}")
-    (folder / "unet" / "diffusion_pytorch_model.fp16.safetensors.index.json").write_text(json.dumps(index))
+    (folder / "unet" / "diffusion_pytorch_model.safetensors.index.fp16.json").write_text(json.dumps(index))
     cat.close()
     unet.unlink()
     te = folder / "text_encoder" / "model.fp16.safetensors"
@@ -100,7 +103,7 @@ def test_sharded_bin_and_variant_components_read_the_same(tmp, cli):
     assert back.read_bytes() == src.read_bytes()
     # shards that disagree with their index are refused
     index["weight_map"][names[0]] = "diffusion_pytorch_model-00002-of-00002.fp16.safetensors"
-    (folder / "unet" / "diffusion_pytorch_model.fp16.safetensors.index.json").write_text(json.dumps(index))
+    (folder / "unet" / "diffusion_pytorch_model.safetensors.index.fp16.json").write_text(json.dumps(index))
     r = cli("convert", folder, "-o", tmp / "bad.safetensors")
     assert r.returncode == 2 and "disagrees with" in r.stderr and not (tmp / "bad.safetensors").exists()
 
@@ -202,5 +205,6 @@ def test_folder_opens_as_one_catalogue_for_every_command(tmp, cli):
         assert "model.diffusion_model.label_emb.0.0.weight" in cat.tensors
         ident = identify(cat)
     assert ident.architecture == "stable-diffusion-xl-v1-base"
-    r = cli("diff", _source(tmp, "sdxl-base"), folder)
+    (tmp / "b").mkdir()
+    r = cli("diff", _source(tmp / "b", "sdxl-base"), folder)
     assert r.returncode == 0, r.stderr

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
@@ -19,6 +20,9 @@ from sdtk.tensors import LazyTensor
 SIDECAR = "sdtk_extra.safetensors"  # tensors diffusers does not keep; diffusers ignores the file
 SIDECAR_KEY = "sdtk.diffusers"  # its metadata: original key order, metadata, prefixes, created tensors
 WEIGHT_STEMS = ("diffusion_pytorch_model", "model", "pytorch_model")
+# STEM[-0000N-of-0000M][.VARIANT].EXT[.index[.VARIANT].json] (diffusers/transformers file names)
+_WEIGHT_NAME = re.compile(r"^(?:diffusion_pytorch_model|model|pytorch_model)(?:-\d+-of-\d+)?(?:\.(?P<variant>[A-Za-z0-9_]+))?"
+                          r"\.(?:safetensors|bin)(?:\.index(?:\.(?P<ivariant>[A-Za-z0-9_]+))?\.json)?$")
 TOKENIZER_FILES = (("vocab.json", "merges.txt"), ("tokenizer.json",), ("spiece.model",))
 
 
@@ -53,16 +57,17 @@ def _open_weights(folder: str, comp: str, variant: Optional[str]) -> Tuple[Dict[
 
     sub = os.path.join(folder, comp)
     names = set(os.listdir(sub))
-    variants = [variant] if variant else [None] + sorted({n.split(".")[-2] for n in names if n.count(".") >= 2
-                                                          and n.endswith((".safetensors", ".bin"))
-                                                          and n.split(".")[0] in WEIGHT_STEMS})
+    found = {m.group("variant") or m.group("ivariant") for n in names if (m := _WEIGHT_NAME.match(n))}
+    variants = [variant] if variant else [None] + sorted(v for v in found if v)
     for var in variants:
         tag = f".{var}" if var else ""
         for stem in WEIGHT_STEMS:
             for ext in ("safetensors", "bin"):
-                single, index = f"{stem}{tag}.{ext}", f"{stem}{tag}.{ext}.index.json"
-                if index in names:
-                    return _open_sharded(folder, comp, index)
+                single = f"{stem}{tag}.{ext}"
+                # sharded: diffusers writes STEM.EXT.index.VARIANT.json; transformers STEM.EXT.index.json
+                for index in (f"{stem}.{ext}.index{tag}.json", f"{stem}{tag}.{ext}.index.json"):
+                    if index in names:
+                        return _open_sharded(folder, comp, index)
                 if single in names:
                     cat = open_model(os.path.join(sub, single))
                     return dict(cat.tensors), [os.path.join(sub, single)], [cat]

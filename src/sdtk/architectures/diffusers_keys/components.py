@@ -18,7 +18,10 @@ def links_from_single(kind: str, shapes: Shapes, options: Mapping) -> List[Link]
     if kind == "vae":
         return vae.vae_links(vae.geometry_from_ldm(shapes))
     if kind == "clip-hf":
-        return text.hf_clip_links(shapes)
+        links = text.hf_clip_links(shapes)
+        if options.get("identity_projection"):  # the file's projection stays in the sidecar
+            links = [link for link in links if link.single != "text_projection.weight"]
+        return links
     if kind == "open-clip":
         n = text.open_clip_layers(shapes)
         return text.open_clip_links(shapes, n - options.get("drop_last_layers", 0), options.get("projection", False))

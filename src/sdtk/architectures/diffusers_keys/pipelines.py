@@ -96,8 +96,11 @@ PIPELINES: Dict[str, PipelineSpec] = {
     "sd3": PipelineSpec(
         "sd3", "StableDiffusion3Pipeline",
         (ComponentSpec("transformer", "sd3", (UNET_PREFIX, ""), "diffusers", "SD3Transformer2DModel"), _vae(1024),
+         # SD3 does not project CLIP-L's pooled output (SAI sd3_impls, ComfyUI): diffusers uses an identity
+         # text_projection whatever the file holds (single_file_utils create_diffusers_clip_model_from_ldm)
          ComponentSpec("text_encoder", "clip-hf", ("text_encoders.clip_l.transformer.",), "transformers",
-                       "CLIPTextModelWithProjection", {"hidden_act": "quick_gelu", "projection": True}),
+                       "CLIPTextModelWithProjection", {"hidden_act": "quick_gelu", "projection": True,
+                                                       "identity_projection": True}),
          ComponentSpec("text_encoder_2", "clip-hf", ("text_encoders.clip_g.transformer.",), "transformers",
                        "CLIPTextModelWithProjection", {"hidden_act": "gelu", "projection": True}),
          ComponentSpec("text_encoder_3", "t5", ("text_encoders.t5xxl.transformer.",), "transformers", "T5EncoderModel")),

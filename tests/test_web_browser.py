@@ -184,6 +184,9 @@ def test_block_weight_merge_has_the_cli_bytes(site):
     slider.focus()
     page.keyboard.press("ArrowRight")
     expect(page.locator("#block_preset")).to_have_value("")
+    page.get_by_role("button", name="Compare A and B per block").click()  # `sdtk diff`, beside the sliders
+    expect(page.locator("#similarity")).to_contain_text("How similar A and B are", timeout=120_000)
+    expect(page.locator("#similarity .sim")).to_have_count(26)
     page.fill("#output", "browser-merge.safetensors")
     page.get_by_role("button", name="Preview the recipe").click()
     expect(page.locator("#recipe-yaml")).to_contain_text("weighted-sum")

@@ -213,6 +213,15 @@ def create_app(settings: ServeSettings) -> Starlette:
         return Response(operations.recipe_yaml(recipe), media_type="application/x-yaml",
                         headers={"content-disposition": 'attachment; filename="recipe.yaml"'})
 
+    def merge_similarity(request: Request):
+        """The per-block similarity of A and B (a finished diff job), or the button that computes it."""
+        try:
+            a, b = int(request.query_params.get("model_a", "")), int(request.query_params.get("model_b", ""))
+        except ValueError:
+            return HTMLResponse("")
+        found = next((j for j in web.queue.jobs() if j.op == "diff" and j.params.get("file_ids") == [a, b]), None)
+        return HTMLResponse(web.fragment("_similarity.html", job=found, a=a, b=b))
+
     async def submit_job(request: Request):
         op_name = request.path_params["op"]
         op = operations.OPERATIONS.get(op_name)
@@ -304,6 +313,7 @@ def create_app(settings: ServeSettings) -> Starlette:
         Route("/merge", merge_page),
         Route("/merge/preview", merge_preview, methods=["POST"]),
         Route("/merge/recipe.yaml", merge_recipe_download),
+        Route("/merge/similarity", merge_similarity),
         Route("/jobs", jobs_page),
         Route("/jobs/{job_id:int}", job_page),
         Route("/jobs/{job_id:int}/cancel", cancel_job, methods=["POST"]),

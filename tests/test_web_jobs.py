@@ -218,3 +218,19 @@ def test_per_block_similarity_beside_the_sliders_is_the_cli_diff(lib):
     assert list(cli["blocks"]) == list(job.result["blocks"])
     for name, row in cli["blocks"].items():
         assert f"<span>{name}</span> <strong>{row['cosine']:.4f}</strong>" in html
+
+
+def test_vanished_and_unreadable_files_are_a_message_not_a_crash(lib):
+    vae = lib.sample["vae"]
+    fid = file_id(lib, vae)
+    os.unlink(vae)
+    page = lib.get(f"/model/{fid}")
+    assert page.status_code == 200 and "no longer there" in page.text
+    r = lib.post("/run/convert", data={"file": fid}, headers=HX).text
+    assert 'class="msg error"' in r and "no longer there" in r
+    emb = lib.sample["embedding"]
+    eid = file_id(lib, emb)
+    emb.write_bytes(b"PK\x03\x04 truncated")  # now a broken zip
+    page = lib.get(f"/model/{eid}").text
+    assert "Unreadable" in page or "changed" in page
+    assert lib.get("/").status_code == 200

@@ -141,8 +141,8 @@ def parse_convert(form: Form, files: Files) -> Tuple[str, Dict[str, Any]]:
     output = files.output_beside(real, one(form, "output"))
     if output and extract:
         raise UsageError(None, "--extract writes several files named after their part; leave the output name empty")
-    what = one(form, "preset") or "convert"
-    return (f"convert {os.path.basename(real)} ({what})",
+    preset = one(form, "preset")
+    return (f"convert {os.path.basename(real)}" + (f" ({preset})" if preset else ""),
             {"file_id": row["id"], "input_path": real, "size": row["size"], "mtime_ns": row["mtime_ns"],
              "options": options, "output_path": output})
 

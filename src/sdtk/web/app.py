@@ -283,7 +283,12 @@ def create_app(settings: ServeSettings) -> Starlette:
         groups = catalog.dupe_groups(web.conn, settings.roots)
         return web.render("dupes.html", request, groups=groups, history=quarantine.history(web.undo_log))
 
+    remote_refusal = ("moving files is disabled while the server listens beyond this computer (--host); "
+                      "run sdtk serve without --host to remove duplicates")
+
     async def dupes_remove(request: Request):
+        if not settings.local_only:  # destructive actions only for a local server (A1111 --listen rule)
+            return message(web, remote_refusal)
         try:
             form = await form_of(request)
             row, real = web.files().get(operations.one(form, "file"))
@@ -298,6 +303,8 @@ def create_app(settings: ServeSettings) -> Starlette:
                        kind="ok", batch=done["batch"])
 
     async def dupes_undo(request: Request):
+        if not settings.local_only:
+            return message(web, remote_refusal)
         try:
             form = await form_of(request)
             with web.undo_lock:

@@ -88,6 +88,7 @@ def test_model_page_report_languages_and_copy(site):
     expect(page.get_by_role("button", name="Copy SHA256")).to_have_text("Copied")
     page.click("a[lang=ja]")
     expect(page.locator("table.components")).to_contain_text("UNet の EMA コピー")
+    shot(page, "model-ja")
     page.click("a[lang=zh]")
     expect(page.locator("html")).to_have_attribute("lang", "zh")
 
@@ -184,6 +185,9 @@ def test_block_weight_merge_has_the_cli_bytes(site):
     slider.focus()
     page.keyboard.press("ArrowRight")
     expect(page.locator("#block_preset")).to_have_value("")
+    page.get_by_role("button", name="Compare A and B per block").click()  # `sdtk diff`, beside the sliders
+    expect(page.locator("#similarity")).to_contain_text("How similar A and B are", timeout=120_000)
+    expect(page.locator("#similarity .sim")).to_have_count(26)
     page.fill("#output", "browser-merge.safetensors")
     page.get_by_role("button", name="Preview the recipe").click()
     expect(page.locator("#recipe-yaml")).to_contain_text("weighted-sum")
@@ -225,6 +229,43 @@ def test_a_cross_site_page_cannot_act(site, tmp_path):
     assert page.locator("table.jobs tbody tr", has_text="index").count() == 1  # only the one at start: no new job
 
 
+def reindex(page):
+    """Click "Index folders" and wait for that new job to finish."""
+    cards = page.locator("aside.queue article.job", has_text="index")
+    expect(cards.first).to_be_visible()
+    before = cards.count()
+    page.get_by_role("button", name="Index folders").click()
+    expect(cards).to_have_count(before + 1)
+    expect(cards.first.locator(".state")).to_have_text("done", timeout=60_000)
+
+
+def test_duplicates_quarantine_and_undo(site):
+    import shutil
+
+    page, url, sample = site["page"], site["url"], site["sample"]
+    copy = sample["sd_b"].parent / "beta-mix (1).safetensors"  # a second download of the same file
+    shutil.copy2(sample["sd_b"], copy)
+    page.goto(url + "/dupes")
+    reindex(page)
+    page.reload()
+    expect(page.locator("#reclaimable")).to_have_text("8.56 MB")
+    group = page.locator("section.group").first
+    expect(group).to_contain_text("beta-mix (1).safetensors")
+    shot(page, "dupes")
+    page.once("dialog", lambda d: d.accept())  # "Move ... to the quarantine?"
+    group.get_by_role("button", name="Move to quarantine").first.click()
+    expect(page.locator("#dupes-msg")).to_contain_text("moved 1 file(s) to the quarantine")
+    moved = [p for p in (copy.parent, sample["sd_b"]) if not p.exists()]
+    assert len(moved) == 1  # one of the two, never both, and nothing deleted:
+    assert list((sample["root"] / ".sdtk-quarantine").rglob(moved[0].name))
+    page.reload()
+    page.get_by_role("button", name="Undo").first.click()
+    expect(page.locator("#dupes-msg")).to_contain_text("moved back")
+    assert copy.exists() and sample["sd_b"].exists()
+    os.unlink(copy)
+    reindex(page)
+
+
 def test_accessibility_no_serious_violations(site):
     from axe_playwright_python.sync_playwright import Axe
 
@@ -246,8 +287,5 @@ def test_accessibility_no_serious_violations(site):
             if v["impact"] in ("serious", "critical"):
                 problems.append((path, v["id"], v["help"], [n["target"] for n in v["nodes"]][:3]))
     assert not problems, problems
-    if SHOTS:
-        page.goto(url + "/dupes")
-        shot(page, "dupes")
-        page.goto(url + "/jobs")
-        shot(page, "jobs")
+    page.goto(url + "/jobs")
+    shot(page, "jobs")

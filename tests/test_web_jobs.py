@@ -203,3 +203,34 @@ def test_new_roots_indexed_in_the_background(tmp_path):
         job = wait_job(lib, lib.web.queue.jobs()[-1].id)
         assert job.op == "index" and job.state == "done" and job.result["seen"] == 10
         assert "10 files" in lib.get("/").text
+
+
+def test_per_block_similarity_beside_the_sliders_is_the_cli_diff(lib):
+    import json as _json
+    a, b = file_id(lib, lib.sample["sd_a"]), file_id(lib, lib.sample["sd_b"])
+    assert "Compare A and B per block" in lib.get(f"/merge/similarity?model_a={a}&model_b={b}").text
+    lib.post("/run/diff", data={"model_a": a, "model_b": b}, headers=HX)
+    job = wait_job(lib, last_job(lib).id)
+    assert job.state == "done", job.error
+    html = lib.get(f"/merge/similarity?model_a={a}&model_b={b}").text
+    r = run_cli("diff", lib.sample["sd_a"], lib.sample["sd_b"], "--json")
+    cli = _json.loads(r.stdout)
+    assert list(cli["blocks"]) == list(job.result["blocks"])
+    for name, row in cli["blocks"].items():
+        assert f"<span>{name}</span> <strong>{row['cosine']:.4f}</strong>" in html
+
+
+def test_vanished_and_unreadable_files_are_a_message_not_a_crash(lib):
+    vae = lib.sample["vae"]
+    fid = file_id(lib, vae)
+    os.unlink(vae)
+    page = lib.get(f"/model/{fid}")
+    assert page.status_code == 200 and "no longer there" in page.text
+    r = lib.post("/run/convert", data={"file": fid}, headers=HX).text
+    assert 'class="msg error"' in r and "no longer there" in r
+    emb = lib.sample["embedding"]
+    eid = file_id(lib, emb)
+    emb.write_bytes(b"PK\x03\x04 truncated")  # now a broken zip
+    page = lib.get(f"/model/{eid}").text
+    assert "Unreadable" in page or "changed" in page
+    assert lib.get("/").status_code == 200

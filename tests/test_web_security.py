@@ -232,6 +232,9 @@ def test_token_guards_every_request(tmp_path):
             assert r.status_code == 303 and "HttpOnly" in r.headers["set-cookie"] and "SameSite=Strict" in r.headers["set-cookie"]
             assert c.get("/", headers={"Cookie": f"sdtk_token={token}"}).status_code == 200
             assert c.get("/", headers={"Host": "evil.example", "Cookie": f"sdtk_token={token}"}).status_code == 421
+            r = c.post("/dupes/remove", data={"file": "1"}, headers={"Cookie": f"sdtk_token={token}", "HX-Request": "true",
+                                                                     "Origin": f"http://192.0.2.10:{PORT}"})
+            assert r.status_code == 200 and "disabled while the server listens beyond this computer" in r.text
     finally:
         app.app.state.web.queue.stop()
 

@@ -50,7 +50,13 @@ class Web:
         self.env.filters["when"] = lambda t: time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else ""
         self.env.globals.update(languages=LANGUAGE_NAMES, urlencode=urlencode)
         self._local = threading.local()
-        self.queue = JobQueue(settings, self.connect, {name: op.run for name, op in operations.OPERATIONS.items()})
+        from sdtk.web.index import LibraryIndex
+
+        self.index = LibraryIndex(self.connect, settings.roots)
+        self.index.reload()  # before the server answers: its first page then comes from the index (30,000 files: < 1 s)
+        writes = {name for name, op in operations.OPERATIONS.items() if op.writes or name == "index"}
+        self.queue = JobQueue(settings, self.connect, {name: op.run for name, op in operations.OPERATIONS.items()},
+                              after_job=lambda job: self.index.reload() if job.op in writes else None)
         self.undo_log = quarantine.open_log(settings.state_folder)
         self.undo_lock = threading.Lock()
 
@@ -93,13 +99,14 @@ def create_app(settings: ServeSettings) -> Starlette:
     # -- library ---------------------------------------------------------------------------------
     def library_page(request: Request):
         query = catalog.Query.from_params(request.query_params)
-        rows, total = catalog.page(web.conn, query, settings.roots)
-        return web.render("library.html", request, query=query, rows=rows, total=total,
-                          facets=catalog.facets(web.conn, settings.roots), sorts=list(catalog.SORTS))
+        rows, total = catalog.page(web.conn, query, settings.roots, web.index)
+        facets = web.index.facets() if web.index.ready.is_set() else catalog.facets(web.conn, settings.roots)
+        return web.render("library.html", request, query=query, rows=rows, total=total, facets=facets,
+                          sorts=list(catalog.SORTS))
 
     def library_rows(request: Request):
         query = catalog.Query.from_params(request.query_params)
-        rows, total = catalog.page(web.conn, query, settings.roots)
+        rows, total = catalog.page(web.conn, query, settings.roots, web.index)
         name = "_rows.html" if request.query_params.get("rows_only") else "_results.html"
         response = web.render(name, request, query=query, rows=rows, total=total)
         if name == "_results.html":
@@ -174,7 +181,7 @@ def create_app(settings: ServeSettings) -> Starlette:
             row, real = web.files().get(request.query_params.get("file", ""))
         except SdtkError as e:
             return web.render("error.html", request, status=404, text=str(e))
-        vaes = catalog.page(web.conn, catalog.Query(kind="vae", limit=200), settings.roots)[0]
+        vaes = catalog.page(web.conn, catalog.Query(kind="vae", limit=200), settings.roots, web.index)[0]
         return web.render("convert.html", request, rec=catalog.record(row), vaes=vaes,
                           dtypes=operations.CONVERT_DTYPES, parts=operations.EXTRACT_PARTS)
 
@@ -187,7 +194,7 @@ def create_app(settings: ServeSettings) -> Starlette:
         except SdtkError as e:
             return web.render("error.html", request, status=404, text=str(e))
         arch = row["architecture"]
-        candidates = catalog.page(web.conn, catalog.Query(architecture=arch or "", limit=500), settings.roots)[0] if arch else []
+        candidates = catalog.page(web.conn, catalog.Query(architecture=arch or "", limit=500), settings.roots, web.index)[0] if arch else []
         candidates = [c for c in candidates if c["id"] != row["id"]]
         blocks = block_view(real)
         return web.render("merge.html", request, a=catalog.record(row), candidates=candidates, methods=list(M.METHODS),
@@ -212,6 +219,15 @@ def create_app(settings: ServeSettings) -> Starlette:
             return PlainTextResponse(str(e), status_code=400)
         return Response(operations.recipe_yaml(recipe), media_type="application/x-yaml",
                         headers={"content-disposition": 'attachment; filename="recipe.yaml"'})
+
+    def merge_similarity(request: Request):
+        """The per-block similarity of A and B (a finished diff job), or the button that computes it."""
+        try:
+            a, b = int(request.query_params.get("model_a", "")), int(request.query_params.get("model_b", ""))
+        except ValueError:
+            return HTMLResponse("")
+        found = next((j for j in web.queue.jobs() if j.op == "diff" and j.params.get("file_ids") == [a, b]), None)
+        return HTMLResponse(web.fragment("_similarity.html", job=found, a=a, b=b))
 
     async def submit_job(request: Request):
         op_name = request.path_params["op"]
@@ -267,7 +283,12 @@ def create_app(settings: ServeSettings) -> Starlette:
         groups = catalog.dupe_groups(web.conn, settings.roots)
         return web.render("dupes.html", request, groups=groups, history=quarantine.history(web.undo_log))
 
+    remote_refusal = ("moving files is disabled while the server listens beyond this computer (--host); "
+                      "run sdtk serve without --host to remove duplicates")
+
     async def dupes_remove(request: Request):
+        if not settings.local_only:  # destructive actions only for a local server (A1111 --listen rule)
+            return message(web, remote_refusal)
         try:
             form = await form_of(request)
             row, real = web.files().get(operations.one(form, "file"))
@@ -275,18 +296,22 @@ def create_app(settings: ServeSettings) -> Starlette:
             names = [n for names in side.values() for n in names]
             with web.undo_lock:
                 done = quarantine.quarantine(web.undo_log, web.conn, row, names, settings.roots)
+            web.index.reload()
         except (SdtkError, OSError) as e:
             return message(web, str(e) if isinstance(e, SdtkError) else f"could not move the file: {e.strerror or e}")
         return message(web, f"moved {len(done['moves'])} file(s) to the quarantine ({done['batch']}); undo below",
                        kind="ok", batch=done["batch"])
 
     async def dupes_undo(request: Request):
+        if not settings.local_only:
+            return message(web, remote_refusal)
         try:
             form = await form_of(request)
             with web.undo_lock:
                 back = quarantine.undo(web.undo_log, operations.one(form, "batch"), settings.roots)
             for p in back:
                 web.conn.execute("UPDATE files SET status = 'present' WHERE path = ?", (os.path.normpath(p),))
+            web.index.reload()
         except (SdtkError, OSError) as e:
             return message(web, str(e) if isinstance(e, SdtkError) else f"could not move the file back: {e.strerror or e}")
         return message(web, f"moved back: {', '.join(os.path.basename(p) for p in back)}", kind="ok")
@@ -304,6 +329,7 @@ def create_app(settings: ServeSettings) -> Starlette:
         Route("/merge", merge_page),
         Route("/merge/preview", merge_preview, methods=["POST"]),
         Route("/merge/recipe.yaml", merge_recipe_download),
+        Route("/merge/similarity", merge_similarity),
         Route("/jobs", jobs_page),
         Route("/jobs/{job_id:int}", job_page),
         Route("/jobs/{job_id:int}/cancel", cancel_job, methods=["POST"]),

@@ -101,20 +101,47 @@ def where_clause(query: Query, roots: Sequence[str]) -> Tuple[str, List[Any]]:
     return " AND ".join(where), args
 
 
-def page(conn: sqlite3.Connection, query: Query, roots: Sequence[str]) -> Tuple[List[Dict[str, Any]], int]:
-    """(one page of list rows, number of matching files)."""
-    where, args = where_clause(query, roots)
-    total = conn.execute(f"SELECT COUNT(*) FROM files WHERE {where}", args).fetchone()[0]
-    order = SORTS[query.sort].replace("{kind}", KIND_SQL)
-    rows = conn.execute(f"SELECT {LIST_COLUMNS} FROM files WHERE {where} ORDER BY {order} LIMIT ? OFFSET ?",
-                        args + [query.limit, query.offset]).fetchall()
+def page(conn: sqlite3.Connection, query: Query, roots: Sequence[str], index=None) -> Tuple[List[Dict[str, Any]], int]:
+    """(one page of list rows, number of matching files): from the in-memory index
+    (sdtk.web.index) when it is loaded, else by SQL."""
+    if index is not None and index.ready.is_set():
+        ids, total = index.search(query)
+        by_id = {r["id"]: r for r in conn.execute(
+            f"SELECT {LIST_COLUMNS} FROM files WHERE id IN ({','.join('?' * len(ids))})", ids)} if ids else {}
+        rows = [by_id[i] for i in ids if i in by_id]
+    else:
+        where, args = where_clause(query, roots)
+        total = conn.execute(f"SELECT COUNT(*) FROM files WHERE {where}", args).fetchone()[0]
+        order = SORTS[query.sort].replace("{kind}", KIND_SQL)
+        rows = conn.execute(f"SELECT {LIST_COLUMNS} FROM files WHERE {where} ORDER BY {order} LIMIT ? OFFSET ?",
+                            args + [query.limit, query.offset]).fetchall()
     out = [list_row(r) for r in rows]
     for row in out:  # a thumbnail only when the first preview really is an image (16 bytes read)
         if row["has_preview"]:
-            from sdtk.web.previews import preview_file
-
-            row["has_preview"] = preview_file(row["path"], row["preview_names"], 0, roots) is not None
+            row["has_preview"] = _thumbnail_ok(row["path"], row["preview_names"][0], tuple(roots))
     return out, total
+
+
+_THUMBS: Dict[tuple, bool] = {}
+
+
+def _thumbnail_ok(model_path: str, name: str, roots: tuple) -> bool:
+    """preview_file(...) for the list, remembered per (file, size, mtime): a page of 100 rows
+    does not resolve and sniff 100 previews on every view."""
+    from sdtk.web.previews import preview_file
+
+    candidate = os.path.join(os.path.dirname(model_path), name)
+    try:
+        st = os.stat(candidate)
+    except (OSError, ValueError):
+        return False
+    key = (candidate, st.st_size, st.st_mtime_ns, st.st_ino, roots)
+    ok = _THUMBS.get(key)
+    if ok is None:
+        if len(_THUMBS) > 100_000:
+            _THUMBS.clear()
+        ok = _THUMBS[key] = preview_file(model_path, [name], 0, roots) is not None
+    return ok
 
 
 def list_row(r: sqlite3.Row) -> Dict[str, Any]:

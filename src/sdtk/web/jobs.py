@@ -105,8 +105,10 @@ class JobQueue:
     """Jobs in order; one worker thread runs them one after the other (model files are large: two
     at once would only fight over the disk)."""
 
-    def __init__(self, settings, connect: Callable, runners: Dict[str, Runner]):
+    def __init__(self, settings, connect: Callable, runners: Dict[str, Runner],
+                 after_job: Optional[Callable[[Job], None]] = None):
         self.settings = settings
+        self.after_job = after_job  # runs before a job is shown finished (the page index takes its output in)
         self.connect = connect
         self.runners = runners
         self._jobs: Dict[int, Job] = {}
@@ -218,6 +220,11 @@ class JobQueue:
             job.log.append(traceback.format_exc(limit=5))
         finally:
             ctx.close()
+        if self.after_job is not None:
+            try:
+                self.after_job(job)
+            except Exception as e:  # never lose the job's own outcome
+                job.log.append(f"after the job: {type(e).__name__}: {e}")
         with self._lock:
             self._finish(job, state, error)
             self.version += 1

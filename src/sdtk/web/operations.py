@@ -141,8 +141,8 @@ def parse_convert(form: Form, files: Files) -> Tuple[str, Dict[str, Any]]:
     output = files.output_beside(real, one(form, "output"))
     if output and extract:
         raise UsageError(None, "--extract writes several files named after their part; leave the output name empty")
-    what = one(form, "preset") or "convert"
-    return (f"convert {os.path.basename(real)} ({what})",
+    preset = one(form, "preset")
+    return (f"convert {os.path.basename(real)}" + (f" ({preset})" if preset else ""),
             {"file_id": row["id"], "input_path": real, "size": row["size"], "mtime_ns": row["mtime_ns"],
              "options": options, "output_path": output})
 
@@ -308,6 +308,34 @@ def run_index(ctx, p: Dict[str, Any]) -> Dict[str, Any]:
     return {"seen": report.seen, "new": report.new, "problems": len(report.problems)}
 
 
+def parse_diff(form: Form, files: Files) -> Tuple[str, Dict[str, Any]]:
+    (ra, pa), (rb, pb) = files.get(one(form, "model_a"), "model A"), files.get(one(form, "model_b"), "model B")
+    return (f"diff {os.path.basename(pa)} vs {os.path.basename(pb)}",
+            {"file_ids": [ra["id"], rb["id"]], "inputs": [{"path": pa, "size": ra["size"], "mtime_ns": ra["mtime_ns"]},
+                                                         {"path": pb, "size": rb["size"], "mtime_ns": rb["mtime_ns"]}]})
+
+
+def run_diff(ctx, p: Dict[str, Any]) -> Dict[str, Any]:
+    """`sdtk diff A B`: per-block and per-component similarity (shown beside the block sliders)."""
+    from sdtk.formats import open_model
+    from sdtk.ops.merge.diff import diff_models
+
+    for item in p["inputs"]:
+        check_unchanged(item, item["path"])
+    with open_model(p["inputs"][0]["path"]) as ca, open_model(p["inputs"][1]["path"]) as cb:
+        done = [0]
+        ctx.progress(0, ca.tensor_bytes, "comparing")
+
+        def on_tensor(n):
+            done[0] += n
+            ctx.progress(done[0])
+
+        result = diff_models(ca, cb, on_tensor=on_tensor)
+    t = result.total
+    ctx.log(f"cosine {t['cosine']:.6f}, relative L2 {t['relative_l2']:.6f}")
+    return {"total": t, "blocks": result.blocks, "components": result.components}
+
+
 @dataclass(frozen=True)
 class Operation:
     name: str
@@ -323,6 +351,7 @@ OPERATIONS: Dict[str, Operation] = {op.name: op for op in (
     Operation("scan", "Safety scan", parse_file_only("scan"), run_scan, False),
     Operation("hash", "Hash", parse_file_only("hash"), run_hash, False),
     Operation("index", "Index the folders", parse_index, run_index, False),
+    Operation("diff", "Compare per block", parse_diff, run_diff, False),
 )}
 
 # "What to do" advice (identify/advice.py codes) -> a one-click job: (operation, form values)

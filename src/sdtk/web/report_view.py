@@ -41,10 +41,10 @@ def report_view(ident: Identity, lang: str) -> Dict[str, Any]:
     meta = _metadata_line(ident)
     if meta:
         rows.append((text("label.metadata", lang), meta))
-    total = sum(c.bytes for c in ident.components.values()) or 1
+    largest = max((c.bytes for c in ident.components.values()), default=0) or 1  # the largest bar is full width
     components = [{"label": component_label(n, c.model, lang), "prefix": c.prefix or "-", "tensors": len(c.keys),
                    "parameters": human_count(c.parameters), "dtypes": join(sorted(c.dtypes, key=lambda d: -c.dtypes[d])),
-                   "bytes": c.bytes, "size": human_bytes(c.bytes), "share": c.bytes / total}
+                   "bytes": c.bytes, "size": human_bytes(c.bytes), "share": c.bytes / largest}
                   for n, c in ident.components.items()]
     missing = [component_label(n, None, lang) for n in ident.missing_components]
     problems = [{"severity": p.severity, "code": p.code, "message": text(p.message_key, lang, **prepare(p.details, lang))}

@@ -369,7 +369,7 @@ def hash_stream(raw, size: int, *, what: str = "<stream>", on_progress: Optional
     hashers = _Hashers(size, None, options.blake3_threads)
     run = _hash_inline if size < options.threads_from_bytes else _hash_threaded
     try:
-        done = run(raw, hashers, options, on_progress)
+        done = run(raw, hashers, options, on_progress, lambda: False)
     except OSError as e:
         raise SdtkError(what, f"read failed: {e.strerror or e}") from None
     if done != size:

@@ -128,7 +128,7 @@ def run_inspect(paths: List[Path], json_out: bool, lang: str, deep: bool, vae_re
                 if not json_out:
                     shown = os.path.relpath(bad["path"], base) if listing and base else bad["path"]
                     line = f"  ✗  {shown}: {text('label.unreadable', lang)}: {bad['problem']}"
-                    (console if listing else err_console).print(line, markup=False, highlight=False, style="red", soft_wrap=False)
+                    (console if listing else err_console).print(line, markup=False, highlight=False, style="red", soft_wrap=not listing)  # an error on stderr stays one line
     code = exit_code_for(identities, unreadable)
     if json_out:
         report = json_report(identities, unreadable, lang, code)

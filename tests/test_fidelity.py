@@ -216,12 +216,13 @@ def test_inspect_says_when_a1111_needs_the_yaml(tmp_path):
     p = xl.problem("needs_config_yaml")
     assert p and p.severity == "info" and p.details["config"] == "sd_xl_v.yaml"  # Forge/ComfyUI read the marker
     r = run_cli("inspect", tmp_path / "xl.safetensors")
-    assert "A1111 (1.10) does not read the v_pred marker" in r.stdout and "sd_xl_v.yaml" in r.stdout
+    flat = " ".join(r.stdout.split())  # reports wrap to the terminal
+    assert "A1111 (1.10) does not read the v_pred marker" in flat and "sd_xl_v.yaml" in flat
     sd2 = identify_path(write_layout(tmp_path / "sd2.safetensors", "sd21-768-v", scale=8))
     p = sd2.problem("needs_config_yaml")
     assert p.severity == "warning" and p.details["prediction"] == "unknown"
     r = run_cli("inspect", tmp_path / "sd2.safetensors")
-    assert "running the UNet once" in r.stdout  # A1111's own check, said accurately
+    assert "running the UNet once" in " ".join(r.stdout.split())  # A1111's own check, said accurately (reports wrap)
     sd2_eps = identify_path(write_layout(tmp_path / "e.safetensors", "sd21-768-v", scale=8,
                                          metadata={"modelspec.prediction_type": "epsilon"}))
     assert sd2_eps.problem("needs_config_yaml") is None

@@ -22,7 +22,7 @@ from sdtk.architectures.diffusers_keys.assemble import ComponentError, split_sin
 from sdtk.architectures.diffusers_keys.pipelines import PIPELINES, scheduler_config
 from sdtk.architectures.registry import family_of
 from sdtk.errors import OutputError, SdtkError, UsageError
-from sdtk.fileio import TEMP_SUFFIX, os_error_to_output_error
+from sdtk.fileio import TEMP_SUFFIX, _fsync_dir, _umask, os_error_to_output_error  # one atomic-write toolkit
 from sdtk.formats.diffusers import SIDECAR, SIDECAR_KEY
 from sdtk.formats.safetensors import write_safetensors
 from sdtk.ops.diffusers import tokenizers as tok
@@ -230,22 +230,3 @@ def write_folder(fplan: FolderPlan, dest: Path, *, inputs: Sequence = (), overwr
             raise os_error_to_output_error(dest, e) from None
         raise
     return done
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _fsync_dir(folder: str) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

@@ -513,14 +513,7 @@ class PickleVM:
                 raise self.bad("integer dict key longer than 4096 bits")
             if item is None or isinstance(item, (str, int, float, bytes, bool, complex)):
                 continue
-            if isinstance(item, tuple):
-                if depth >= MAX_KEY_DEPTH:
-                    raise self.bad("dict key nested too deeply")
-                if len(item) > MAX_KEY_NODES:
-                    raise self.bad(f"dict key or set item made of more than {MAX_KEY_NODES} values (hashing bomb)")
-                todo.extend((v, depth + 1) for v in item)
-                continue
-            if isinstance(item, frozenset):
+            if isinstance(item, (tuple, frozenset)):
                 if depth >= MAX_KEY_DEPTH:
                     raise self.bad("dict key nested too deeply")
                 if len(item) > MAX_KEY_NODES:

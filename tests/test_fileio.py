@@ -325,3 +325,50 @@ def test_cli_killed_during_convert_exits_130_and_leaves_nothing(tmp):
     assert proc.returncode == 130, err
     assert "Traceback" not in err
     assert listing(tmp) == ["vae.safetensors"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_just_after_the_temporary_file_is_created_leaves_nothing(tmp, monkeypatch, sig):
+    """The race CI once hit: Ctrl-C landing after mkstemp but before `with` had armed __exit__
+    left a `.sdtk-partial` behind. The signal is now held over that step and delivered after it."""
+    real_fdopen = os.fdopen
+
+    def fdopen_then_signal(fd, *a, **k):
+        os.kill(os.getpid(), sig)  # delivered at the next bytecode boundary, inside __enter__
+        return real_fdopen(fd, *a, **k)
+
+    monkeypatch.setattr(fileio.os, "fdopen", fdopen_then_signal)
+    with pytest.raises(KeyboardInterrupt):
+        with AtomicOutput(tmp / "out.bin") as f:
+            f.write(b"never")
+    assert os.listdir(tmp) == []
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # handlers restored
+
+
+def test_signals_held_delivers_a_held_ctrl_c_on_leaving():
+    seen = []
+    with pytest.raises(KeyboardInterrupt):
+        with fileio.signals_held():
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(1000):  # bytecode boundaries: the handler runs (and holds it) in here
+                seen.append(1)
+            seen.append("inside, not interrupted")
+    assert seen[-1] == "inside, not interrupted"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_signal_just_after_the_temporary_folder_is_created_leaves_nothing(tmp, monkeypatch):
+    from sdtk.ops.diffusers import write as folder_write
+
+    real_mkdtemp = folder_write.tempfile.mkdtemp
+
+    def mkdtemp_then_signal(*a, **k):
+        path = real_mkdtemp(*a, **k)
+        os.kill(os.getpid(), signal.SIGINT)
+        return path
+
+    monkeypatch.setattr(folder_write.tempfile, "mkdtemp", mkdtemp_then_signal)
+    plan = folder_write.FolderPlan(family="sd15", pipeline="StableDiffusionPipeline", files=[], components={})
+    with pytest.raises(KeyboardInterrupt):
+        folder_write.write_folder(plan, tmp / "out")
+    assert os.listdir(tmp) == []

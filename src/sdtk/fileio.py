@@ -157,17 +157,26 @@ class AtomicOutput:
     def __enter__(self) -> BinaryIO:
         parent = str(self.dest.parent) or "."
         self._saved_handlers = _interrupt_on_termination()
+        self._writeback = None
         try:
-            # short: a legal output name near the 255-byte limit must not fail once the random
-            # part and the suffix are added (the prefix keeps the start of the name, for humans)
-            fd, self.temp_path = tempfile.mkstemp(prefix="." + _name_start(self.dest.name) + ".", suffix=TEMP_SUFFIX, dir=parent)
-        except OSError as e:
+            # a Ctrl-C between the file's creation and the end of __enter__ (where `with` has not
+            # yet armed __exit__) would leave the temporary file behind: hold it until here
+            with signals_held():
+                try:
+                    # short: a legal output name near the 255-byte limit must not fail once the random
+                    # part and the suffix are added (the prefix keeps the start of the name, for humans)
+                    fd, self.temp_path = tempfile.mkstemp(prefix="." + _name_start(self.dest.name) + ".",
+                                                          suffix=TEMP_SUFFIX, dir=parent)
+                except OSError as e:
+                    raise OutputError(self.dest, f"cannot create a file in {parent}: {e.strerror}") from None
+                self.file = os.fdopen(fd, "wb")
+                self._writeback = _EarlyWriteback(fd)
+                if sys.platform.startswith("linux"):
+                    self._writeback.start()
+        except BaseException:
+            self._discard()
             _restore_handlers(self._saved_handlers)
-            raise OutputError(self.dest, f"cannot create a file in {parent}: {e.strerror}") from None
-        self.file = os.fdopen(fd, "wb")
-        self._writeback = _EarlyWriteback(fd)
-        if sys.platform.startswith("linux"):
-            self._writeback.start()
+            raise
         return self.file
 
     def __exit__(self, exc_type, exc, tb) -> bool:
@@ -257,6 +266,46 @@ def _interrupt_on_termination() -> dict:
 def _restore_handlers(saved: dict) -> None:
     for sig, handler in saved.items():
         signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
+def unwind_on_termination():
+    """SIGTERM and SIGHUP unwind like Ctrl-C inside the block (see `_interrupt_on_termination`)."""
+    saved = _interrupt_on_termination()
+    try:
+        yield
+    finally:
+        _restore_handlers(saved)
+
+
+_HELD_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n))
+
+
+@contextlib.contextmanager
+def signals_held():
+    """Hold Ctrl-C, SIGTERM and SIGHUP during a short step that must not be cut in two (create a
+    temporary file and take charge of it), then deliver them to their handlers on leaving, where
+    the caller's cleanup is in place. Main thread only (elsewhere Python delivers no signals)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list = []
+    saved = {}
+    try:
+        for sig in _HELD_SIGNALS:
+            saved[sig] = signal.signal(sig, lambda signum, frame: held.append((signum, frame)))
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+    for signum, frame in held:
+        handler = saved.get(signum)
+        if callable(handler):
+            handler(signum, frame)
+        elif handler == signal.SIG_DFL:
+            if signum == getattr(signal, "SIGINT", None):
+                raise KeyboardInterrupt
+            signal.raise_signal(signum)
 
 
 def os_error_to_output_error(dest, e: OSError) -> OutputError:

@@ -22,7 +22,8 @@ from sdtk.architectures.diffusers_keys.assemble import ComponentError, split_sin
 from sdtk.architectures.diffusers_keys.pipelines import PIPELINES, scheduler_config
 from sdtk.architectures.registry import family_of
 from sdtk.errors import OutputError, SdtkError, UsageError
-from sdtk.fileio import TEMP_SUFFIX, _fsync_dir, _umask, os_error_to_output_error  # one atomic-write toolkit
+from sdtk.fileio import (TEMP_SUFFIX, _fsync_dir, _umask, os_error_to_output_error, signals_held,
+                         unwind_on_termination)  # one atomic-write toolkit
 from sdtk.formats.diffusers import SIDECAR, SIDECAR_KEY
 from sdtk.formats.safetensors import write_safetensors
 from sdtk.ops.diffusers import tokenizers as tok
@@ -189,11 +190,23 @@ def write_folder(fplan: FolderPlan, dest: Path, *, inputs: Sequence = (), overwr
     """Write the planned folder atomically; returns the tensor bytes written."""
     dest = Path(dest)
     check_folder_output(dest, inputs, overwrite)
+    with unwind_on_termination():  # a `kill` between two files still removes the temporary folder
+        return _write_folder(fplan, dest, inputs, on_start, on_advance)
+
+
+def _write_folder(fplan: FolderPlan, dest: Path, inputs: Sequence, on_start, on_advance) -> int:
     parent = str(dest.parent) or "."
+    temp = None
     try:
-        temp = tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=TEMP_SUFFIX, dir=parent)
-    except OSError as e:
-        raise OutputError(dest, f"cannot create a folder in {parent}: {e.strerror}") from None
+        with signals_held():  # the new folder is ours to remove before Ctrl-C can land
+            try:
+                temp = tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=TEMP_SUFFIX, dir=parent)
+            except OSError as e:
+                raise OutputError(dest, f"cannot create a folder in {parent}: {e.strerror}") from None
+    except BaseException:
+        if temp is not None:
+            shutil.rmtree(temp, ignore_errors=True)
+        raise
     done = 0
     on_start(dest, fplan.tensor_bytes)
     try:

@@ -185,6 +185,36 @@ def test_damaged_database_names_the_rebuild_command(tmp, tree):
     assert json.loads(run_cli("library", "info", "--db", db, "--json").stdout)["integrity"] == "ok"
 
 
+def _open_in_step(barrier, paths, errors):
+    for path in paths:
+        barrier.wait(timeout=60)
+        try:
+            dbmod.connect(path).close()
+        except Exception as e:  # noqa: BLE001 - reported to the parent
+            errors.put(f"{path}: {e}")
+
+
+def test_two_first_opens_at_once_both_succeed(tmp):
+    """Two sdtk processes opening a new library in the same instant: SQLite fails the switch to
+    WAL at once for one of them, without its busy handler (before the fix: 8 of 30 pairs)."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    barrier, errors = ctx.Barrier(2), ctx.Queue()
+    paths = [str(tmp / f"lib{i}.db") for i in range(25)]
+    child = ctx.Process(target=_open_in_step, args=(barrier, paths, errors))
+    child.start()
+    _open_in_step(barrier, paths, errors)
+    child.join(timeout=120)
+    assert child.exitcode == 0
+    found = []
+    while not errors.empty():
+        found.append(errors.get())
+    assert found == []
+    for path in paths:
+        assert open_library(path).execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
 def test_two_scans_at_once(tmp):
     write_tiny_models(tmp / "a", 150, seed=1)
     write_tiny_models(tmp / "b", 150, seed=2)

@@ -8,59 +8,16 @@ Used by `sdtk demo`, the tests and the benchmarks:
 """
 from __future__ import annotations
 
-import gzip
-import json
 import os
-from dataclasses import dataclass
-from importlib import resources
-from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
 if TYPE_CHECKING:
     import numpy as np
 
 from sdtk.fileio import AtomicOutput
 from sdtk.formats.safetensors import build_header
+from sdtk.real_layouts import LAYOUT_NAMES, Layout, load_layout  # noqa: F401 - re-exported for callers
 from sdtk.tensors import LazyTensor, dtype, numel
-
-LAYOUT_NAMES = (
-    "sd15-full-ema", "sd15-emaonly", "sd15-inpainting", "sd21-768-v", "sdxl-base", "sdxl-vpred-ztsnr",
-    "flux1-dev", "flux1-schnell", "flux1-dev-aio", "sd3-medium-incl-clips", "vae-sd-kl-f8", "clip-l-hf",
-)
-
-
-@dataclass(frozen=True)
-class Layout:
-    name: str
-    description: str
-    tensors: Tuple[Tuple[str, Tuple[int, ...], str], ...]  # (key, shape, dtype short/torch name)
-
-    @property
-    def parameter_count(self) -> int:
-        return sum(numel(s) for _, s, _ in self.tensors)
-
-    def with_dtype(self, float_dtype: str) -> "Layout":
-        """The same layout with every float tensor stored as `float_dtype` (e.g. "float16")."""
-        rows = tuple((k, s, float_dtype if dtype(d).is_float else d) for k, s, d in self.tensors)
-        return Layout(self.name, self.description, rows)
-
-    def rename(self, mapping) -> "Layout":
-        return Layout(self.name, self.description, tuple((mapping(k), s, d) for k, s, d in self.tensors))
-
-    def without(self, predicate) -> "Layout":
-        return Layout(self.name, self.description, tuple(r for r in self.tensors if not predicate(r[0])))
-
-    def plus(self, rows: Sequence[Tuple[str, Sequence[int], str]]) -> "Layout":
-        return Layout(self.name, self.description, self.tensors + tuple((k, tuple(s), d) for k, s, d in rows))
-
-
-def load_layout(name: str) -> Layout:
-    """A real model layout by name (see LAYOUT_NAMES)."""
-    ref = resources.files("sdtk.data").joinpath("layouts", f"{name}.json.gz")
-    with ref.open("rb") as fh:
-        data = json.loads(gzip.decompress(fh.read()))
-    rows = tuple((k, tuple(s), d) for k, s, d in data["tensors"])
-    return Layout(data["name"], data["description"], rows)
-
 
 def _scaled(shape: Tuple[int, ...], scale: Optional[int]) -> Tuple[int, ...]:
     if not scale:

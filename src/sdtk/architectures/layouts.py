@@ -57,7 +57,7 @@ def _ordered(table) -> Tuple[Tuple[str, str], ...]:
 
 @lru_cache(maxsize=None)
 def _layout_components(layout_name: str, family_arch: str) -> Dict[str, FrozenSet[str]]:
-    from sdtk.samples import load_layout  # data only; no file is opened but the packaged layout
+    from sdtk.real_layouts import load_layout  # data only; no file is opened but the packaged layout
 
     ordered = prefix_order(component_prefixes(family_arch))
     found: Dict[str, set] = {}
@@ -86,6 +86,6 @@ def known_keys(architecture: str, component: str) -> Optional[FrozenSet[str]]:
 
 @lru_cache(maxsize=None)
 def _load(layout):
-    from sdtk.samples import load_layout
+    from sdtk.real_layouts import load_layout
 
     return load_layout(layout).tensors

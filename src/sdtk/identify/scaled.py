@@ -25,7 +25,7 @@ LAYOUT_ARCHITECTURE = {
 
 @lru_cache(maxsize=None)
 def _layout_shapes(name: str) -> Dict[str, Shape]:
-    from sdtk.samples import load_layout
+    from sdtk.real_layouts import load_layout
 
     return {k: tuple(s) for k, s, _ in load_layout(name).tensors}
 

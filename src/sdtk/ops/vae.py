@@ -7,7 +7,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from sdtk.architectures.vae_keys import VAE_FILE_PREFIXES, VaeTensors
 from sdtk.errors import SdtkError
-from sdtk.samples import load_layout
+from sdtk.real_layouts import load_layout
 from sdtk.tensors import LazyTensor
 
 

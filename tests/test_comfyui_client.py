@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 import helpers_identify as H
+from helpers_convert import planned_outputs
 
 CLIENTS = Path(__file__).resolve().parents[1].parent / "shared" / "clients"
 COMFY = CLIENTS / "ComfyUI"
@@ -90,23 +91,10 @@ def comfy_warnings():
         root.removeHandler(handler)
 
 
-def planned_output(src: Path, tmp: Path, **options) -> Path:
+def planned_output(src: Path, tmp: Path, **options):
     """What `sdtk convert` writes for `src` (header: names, shapes, dtypes, metadata), as a sparse file."""
-    from sdtk.fileio import AtomicOutput
-    from sdtk.formats import open_model
-    from sdtk.formats.safetensors import build_header
-    from sdtk.ops.convert import ConvertOptions, _metadata_for, choose_destinations, plan_conversion, resolve_options
-
-    opts = resolve_options(ConvertOptions(source_hashes=False, **options))
-    with contextlib.ExitStack() as stack, open_model(src) as cat:
-        conv = plan_conversion(cat, opts, stack)
-        choose_destinations(conv, None, tmp, opts)
-        out = conv.outputs[0]
-        header = build_header(out.plan, _metadata_for(cat, conv, out, opts, {}))
-        with AtomicOutput(out.dest) as f:
-            f.write(header)
-            f.truncate(len(header) + sum(t.nbytes for t in out.plan))
-        return out.dest, conv
+    conv = planned_outputs(src, tmp, **options)
+    return conv.outputs[0].dest, conv
 
 
 def meta_state_dict(torch, path: Path, real=()):

@@ -16,7 +16,7 @@ import yaml
 
 import helpers_identify as H
 from conftest import run_cli
-from helpers_convert import files_in, metadata_of, read_all, write_layout
+from helpers_convert import files_in, metadata_of, planned_outputs, read_all, write_layout
 from sdtk.errors import OutputError
 from sdtk.identify import identify_path
 from sdtk.ops.convert import ConvertOptions, convert_file, resolve_options
@@ -372,3 +372,61 @@ def test_inspect_of_every_output_says_what_the_input_said(tmp_path, layout):
     for options in ({"dtype": "bf16"}, {"preset": "generation"}, {"dtype": "fp8-e4m3fn", "allow_overflow": True}):
         conv, _ = convert(src, overwrite=True, **options)
         assert said(identify_path(conv.outputs[0].dest)) == said(before), options
+
+
+# --- extracting the UNet of a v-prediction model keeps what says so ----------------------------------
+
+
+def test_extract_unet_of_sdxl_vpred_keeps_its_markers_and_inspect_agrees(tmp_path):
+    src = write_layout(tmp_path / "noob.safetensors", "sdxl-vpred-ztsnr", scale=16)  # values: written for real
+    conv, summary = convert(src, extract=["unet", "vae", "clip-l"])
+    parts = {o.part: o.dest for o in conv.outputs}
+    unet = read_all(parts["unet"])
+    # ComfyUI's UNet loader reads these two empty tensors from the bare file (supported_models.SDXL.model_type)
+    assert unet["v_pred"].size == 0 and unet["ztsnr"].size == 0
+    assert metadata_of(parts["unet"])["modelspec.prediction_type"] == "v"
+    assert lineage_facts(parts["unet"])["prediction_type"] == "v"
+    for part in ("vae", "clip-l"):  # components without a prediction type get no marker or claim
+        assert not set(read_all(parts[part])) & {"v_pred", "ztsnr"}
+        assert "modelspec.prediction_type" not in metadata_of(parts[part])
+    assert files_in(tmp_path) == sorted(["noob.safetensors", *(p.name for p in parts.values())])  # no yaml for parts
+    # inspect of the full-size bare UNet (shapes identify it) says what the input's inspect said
+    (tmp_path / "full").mkdir()
+    full = H.write_sparse(tmp_path / "full" / "noob.safetensors", H.layout("sdxl-vpred-ztsnr"))
+    before = identify_path(full)
+    assert (before.prediction_type, before.prediction_source, before.zero_terminal_snr) == ("v", "marker", True)
+    out = planned_outputs(full, tmp_path / "full", extract=["unet"]).outputs[0].dest
+    after = identify_path(out)
+    assert (after.kind, after.prediction_type, after.prediction_confidence, after.prediction_source, after.zero_terminal_snr) == \
+        ("diffusion-model", "v", "high", "marker", True)
+    assert (after.architecture, after.variant) == (before.architecture, before.variant)
+    assert after.problem("needs_config_yaml") is None  # A1111 cannot load a bare UNet: no yaml advice for it
+    assert before.problem("needs_config_yaml") is not None  # (the checkpoint does get it)
+
+
+def test_extract_unet_with_a_stated_v_prediction_gets_the_marker(tmp_path):
+    src = H.write_sparse(tmp_path / "xl.safetensors", H.layout("sdxl-base"))  # full size, sparse; outputs: headers
+    conv = planned_outputs(src, tmp_path, extract=["unet"], prediction_type="v")
+    out = conv.outputs[0].dest
+    assert [t.name for t in conv.outputs[0].plan if "." not in t.name] == ["v_pred"]
+    assert any("add v_pred marker" in op for op in conv.operations)
+    after = identify_path(out)
+    assert (after.kind, after.prediction_type, after.prediction_source) == ("diffusion-model", "v", "marker")
+
+
+@pytest.mark.parametrize("layout,yaml_name,arch", [("sd15-emaonly", "v1-inference-v.yaml", "stable-diffusion-v1"),
+                                                    ("sd21-768-v", "v2-inference-v.yaml", "stable-diffusion-v2-768-v")])
+def test_extract_unet_of_a_v_model_known_by_its_yaml_keeps_v_in_modelspec(tmp_path, layout, yaml_name, arch):
+    src = H.write_sparse(tmp_path / "m.safetensors", H.layout(layout))
+    (tmp_path / "m.yaml").write_text(config_text(yaml_name))
+    before = identify_path(src)
+    unet = planned_outputs(src, tmp_path, extract=["unet"]).outputs[0]
+    out = unet.dest
+    meta = metadata_of(out)
+    assert meta["modelspec.prediction_type"] == "v" and meta["modelspec.architecture"] == arch
+    assert "v_pred" not in {t.name for t in unet.plan}  # SD1/SD2 have no marker tensor (no loader reads one)
+    assert not out.with_suffix(".yaml").exists()  # A1111 cannot load a bare UNet: no yaml for it
+    after = identify_path(out)
+    assert (after.kind, after.prediction_type, after.prediction_confidence, after.prediction_source) == \
+        ("diffusion-model", "v", "high", "modelspec")
+    assert (before.prediction_type, before.prediction_source, after.architecture) == ("v", "config", before.architecture)

@@ -9,10 +9,12 @@ sdtk recorded, with no missing or unexpected UNet keys. Skipped when ../shared/c
 (a user's clone) or torch is not installed."""
 from __future__ import annotations
 
+import ast
 import contextlib
 import importlib.abc
 import importlib.machinery
 import logging
+import re
 import sys
 from pathlib import Path
 from unittest import mock
@@ -72,8 +74,8 @@ def comfy():
 
 
 class _Warnings(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.WARNING)
+    def __init__(self, level=logging.WARNING):
+        super().__init__(level)
         self.messages = []
 
     def emit(self, record):
@@ -89,6 +91,28 @@ def comfy_warnings():
         yield handler.messages
     finally:
         root.removeHandler(handler)
+
+
+@contextlib.contextmanager
+def comfy_key_reports():
+    """ComfyUI's own lists of missing and unexpected keys, as its loaders log them (comfy/sd.py: VAE
+    "Missing VAE keys" warning / "Leftover VAE keys" debug; text encoders "clip missing" warning /
+    "clip unexpected" debug). Yields {"missing": [...], "unexpected": [...]}, filled on exit."""
+    handler = _Warnings(logging.DEBUG)
+    root = logging.getLogger()
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)
+    found = {"missing": [], "unexpected": []}
+    try:
+        yield found
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+    for message in handler.messages:
+        m = re.match(r"(Missing VAE keys|clip missing|Leftover VAE keys|clip unexpected)\W*(\[.*\])", message, re.S)
+        if m:
+            found["missing" if "issing" in m.group(1) else "unexpected"] += ast.literal_eval(m.group(2))
 
 
 def planned_output(src: Path, tmp: Path, **options):
@@ -162,10 +186,13 @@ def test_sd2_value_check_agrees_with_comfyui(comfy, tmp_path):
 
 UNETS = [("flux1-dev", {"dtype": "fp8-e4m3fn"}, "Flux", "FLUX"),
          ("sd15-emaonly", {"extract": ["unet"]}, "BaseModel", "EPS"),
-         ("sdxl-base", {"extract": ["unet"]}, "SDXL", "EPS")]
+         ("sdxl-base", {"extract": ["unet"]}, "SDXL", "EPS"),
+         ("sdxl-vpred-ztsnr", {"extract": ["unet"]}, "SDXL", "V_PREDICTION"),  # the markers travel with the UNet
+         ("sdxl-base", {"extract": ["unet"], "prediction_type": "v"}, "SDXL", "V_PREDICTION")]
 
 
-@pytest.mark.parametrize("layout,options,model_class,model_type", UNETS, ids=[u[0] for u in UNETS])
+@pytest.mark.parametrize("layout,options,model_class,model_type", UNETS,
+                         ids=[f"{u[0]}-{'-'.join(map(str, u[1].values()))}" for u in UNETS])
 def test_unet_loader_on_diffusion_models_alone(comfy, tmp_path, layout, options, model_class, model_type):
     from sdtk.identify import identify_path
 
@@ -175,8 +202,146 @@ def test_unet_loader_on_diffusion_models_alone(comfy, tmp_path, layout, options,
     ident = identify_path(out)
     assert ident.kind == "diffusion-model" and model_type in COMFY_TYPES[ident.prediction_type]
     sd, _ = meta_state_dict(torch, out)
+    markers = sorted(k for k in sd if "." not in k)  # (ComfyUI pops the keys it loads from `sd`)
     with comfy_warnings() as warnings, torch.device("meta"):  # the UNet loader builds on the default device
         patcher = sd_module.load_diffusion_model_state_dict(sd)
     assert patcher is not None and type(patcher.model).__name__ == model_class
     assert patcher.model.model_type.name == model_type
-    assert not [w for w in warnings if "missing" in w or "unexpected" in w], warnings
+    assert bool(patcher.model.model_config.sampling_settings.get("zsnr", False)) == ident.zero_terminal_snr
+    # the prediction markers are not parameters of the network: ComfyUI's UNet loader reads them, then
+    # lists them as "unet unexpected" (as for any v-pred UNet); nothing else may be missing or unexpected
+    expected = [f"unet unexpected: {markers}"] if markers else []
+    assert [w for w in warnings if "missing" in w or "unexpected" in w] == expected, warnings
+
+
+# --- ComfyUI's VAE loader and text-encoder (CLIP) loaders on sdtk's extracts ------------------------------
+# Which loader a user picks for each model's text encoders (nodes.py CLIPLoader / DualCLIPLoader /
+# TripleCLIPLoader: the `type` names a comfy.sd.CLIPType; "sdxl" has none and is STABLE_DIFFUSION) and the
+# text-encoder class ComfyUI builds from the files.
+TEXT_ENCODER_LOADERS = {
+    "sd15-emaonly": ("STABLE_DIFFUSION", "SD1ClipModel"),
+    "sdxl-base": ("STABLE_DIFFUSION", "SDXLClipModel"),
+    "sd21-768-v": ("STABLE_DIFFUSION", "SD2ClipModel"),
+    "sd3-medium-incl-clips": ("SD3", "SD3ClipModel_"),
+    "flux1-dev-aio": ("FLUX", "FluxClipModel_"),
+}
+# What ComfyUI reports for the files, each key accounted for: (missing, unexpected). The SD1.5, SDXL and
+# FLUX checkpoints hold no CLIP-L `text_projection.weight` (their layouts), so no extract can; ComfyUI's
+# checkpoint loader skips that key for the same reason (sd.py load_state_dict_guess_config) and none of
+# these models uses CLIP-L's projected pooled output (FLUX: return_projected_pooled=False). The CLIP-L
+# `position_ids` and the OpenCLIP `logit_scale` are kept as the source holds them; ComfyUI logs them at
+# debug level only. The real stand-alone CLIP-L layout (clip-l-hf) gets the very same report.
+CLIP_L_HF_REPORT = (["text_projection.weight"], ["text_model.embeddings.position_ids"])
+KEY_REPORTS = {
+    ("sd15-emaonly", "clip-l"): CLIP_L_HF_REPORT,
+    ("sdxl-base", "clip-l"): CLIP_L_HF_REPORT,
+    ("sdxl-base", "clip-g"): ([], ["logit_scale"]),
+    ("sd21-768-v", "open-clip-h"): ([], ["logit_scale"]),
+    ("flux1-dev-aio", "clip-l"): (["text_projection.weight"], []),
+    ("clip-l-hf", "model"): CLIP_L_HF_REPORT,
+}
+
+
+def _load_text_encoders(sd_module, torch, state_dicts, clip_type, device=None):
+    options = {"initial_device": device} if device is not None else {}
+    return sd_module.load_text_encoder_state_dicts(state_dicts, clip_type=getattr(sd_module.CLIPType, clip_type),
+                                                   model_options=options)
+
+
+@pytest.mark.parametrize("layout", list(TEXT_ENCODER_LOADERS))
+def test_vae_and_text_encoder_loaders_on_every_extract(comfy, tmp_path, layout):
+    """Full-size extracts (headers as convert writes them), ComfyUI's networks on the meta device:
+    the VAE and text-encoder classes ComfyUI picks, every key accounted for."""
+    sd_module, torch = comfy
+    src = H.write_sparse(tmp_path / f"{layout}.safetensors", H.layout(layout))
+    conv = planned_outputs(src, tmp_path, extract=["vae", "text-encoders"])
+    files = {o.part: meta_state_dict(torch, o.dest)[0] for o in conv.outputs}
+    vae_sd = files.pop("vae")
+    with comfy_key_reports() as report, torch.device("meta"):
+        vae = sd_module.VAE(sd=vae_sd)
+    assert vae.first_stage_model is not None and vae.latent_channels == (16 if layout.startswith(("sd3", "flux")) else 4)
+    assert report == {"missing": [], "unexpected": []}
+    clip_type, clip_class = TEXT_ENCODER_LOADERS[layout]
+    expected = {"missing": [], "unexpected": []}
+    for part in files:
+        missing, unexpected = KEY_REPORTS.get((layout, part), ([], []))
+        expected["missing"] += missing
+        expected["unexpected"] += unexpected
+    with comfy_key_reports() as report:
+        clip = _load_text_encoders(sd_module, torch, list(files.values()), clip_type, torch.device("meta"))
+    assert type(clip.cond_stage_model).__name__ == clip_class
+    assert sorted(report["missing"]) == sorted(expected["missing"]) and sorted(report["unexpected"]) == sorted(expected["unexpected"])
+
+
+@pytest.mark.parametrize("layout,loader", [("vae-sd-kl-f8", "vae"), ("clip-l-hf", "clip")])
+def test_stand_alone_vae_and_clip_files_converted(comfy, tmp_path, layout, loader):
+    sd_module, torch = comfy
+    src = H.write_sparse(tmp_path / f"{layout}.safetensors", H.layout(layout))
+    out, _ = planned_output(src, tmp_path, dtype="fp16")
+    sd, _ = meta_state_dict(torch, out)
+    with comfy_key_reports() as report, torch.device("meta"):
+        if loader == "vae":
+            assert type(sd_module.VAE(sd=sd).first_stage_model).__name__ == "AutoencoderKL"
+        else:
+            clip = _load_text_encoders(sd_module, torch, [sd], "STABLE_DIFFUSION", torch.device("meta"))
+            assert type(clip.cond_stage_model).__name__ == "SD1ClipModel"
+    missing, unexpected = KEY_REPORTS.get((layout, "model"), ([], []))
+    assert report == {"missing": missing, "unexpected": unexpected}
+
+
+@pytest.fixture(scope="module")
+def sd15_with_real_vae_and_clip(tmp_path_factory):
+    """An SD1.5 checkpoint at real shapes whose VAE and CLIP-L carry distinct random fp16 values
+    (83.7M + 123.1M of them, 413 MB); the UNet is a zero-filled hole."""
+    folder = tmp_path_factory.mktemp("sd15-real")
+    lay = H.layout("sd15-emaonly")
+    rng = np.random.default_rng(17)
+    values = {}
+    for key, shape, dt in lay.tensors:
+        if key.startswith(("first_stage_model.", "cond_stage_model.")) and dt.startswith("float"):
+            bits = rng.integers(0, 1 << 16, size=int(np.prod(shape)), dtype=np.uint16) & np.uint16(0xBFFF)
+            values[key] = bits.view(np.float16).reshape(shape)  # any finite fp16 below 2 in magnitude
+    src = H.write_sparse_with_values(folder / "sd15.safetensors", lay, values)
+    yield src
+    for f in folder.iterdir():
+        f.unlink()
+
+
+def test_vae_and_clip_loaders_load_the_extracts_tensor_for_tensor(comfy, sd15_with_real_vae_and_clip, tmp_path):
+    """Real allocation: `convert --extract vae,clip-l` written for real, then ComfyUI's VAELoader and
+    CLIPLoader code (load_torch_file, comfy.sd.VAE, comfy.sd.load_clip): every tensor ComfyUI holds
+    equals the input checkpoint's, read by the safetensors library."""
+    from safetensors import safe_open
+
+    from sdtk.ops.convert import ConvertOptions, convert_file, resolve_options
+
+    sd_module, torch = comfy
+    import comfy.utils
+
+    src = sd15_with_real_vae_and_clip
+    conv, _ = convert_file(src, resolve_options(ConvertOptions(source_hashes=False, extract=["vae", "clip-l"])),
+                           out_folder=tmp_path)
+    parts = {o.part: o.dest for o in conv.outputs}
+    with safe_open(str(src), "pt") as f:
+        original = {k: f.get_tensor(k) for k in f.keys() if k.startswith(("first_stage_model.", "cond_stage_model."))}
+
+    with comfy_key_reports() as report:
+        vae = sd_module.VAE(sd=comfy.utils.load_torch_file(str(parts["vae"]), safe_load=True))
+    assert report == {"missing": [], "unexpected": []}
+    held = vae.first_stage_model.state_dict()
+    assert sorted(held) == sorted(k[len("first_stage_model."):] for k in original if k.startswith("first_stage_model."))
+    for k, v in held.items():  # ComfyUI's CPU VAE dtype is fp32 (or the file's fp16): exact either way
+        assert v.dtype in (torch.float16, torch.float32) and torch.equal(v.half(), original["first_stage_model." + k]), k
+
+    with comfy_key_reports() as report:
+        clip = sd_module.load_clip([str(parts["clip-l"])], clip_type=sd_module.CLIPType.STABLE_DIFFUSION)
+    assert (report["missing"], report["unexpected"]) == CLIP_L_HF_REPORT
+    held = {k[len("clip_l.transformer."):]: v for k, v in clip.cond_stage_model.state_dict().items()
+            if k.startswith("clip_l.transformer.text_model.")}
+    te = {k[len("cond_stage_model.transformer."):]: v for k, v in original.items()
+          if k.startswith("cond_stage_model.transformer.") and not k.endswith("position_ids")}
+    assert sorted(held) == sorted(te)
+    for k, v in held.items():
+        assert v.dtype in (torch.float16, torch.float32) and torch.equal(v.half(), te[k]), k
+    for f in parts.values():
+        f.unlink()

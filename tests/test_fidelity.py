@@ -430,3 +430,47 @@ def test_extract_unet_of_a_v_model_known_by_its_yaml_keeps_v_in_modelspec(tmp_pa
     assert (after.kind, after.prediction_type, after.prediction_confidence, after.prediction_source) == \
         ("diffusion-model", "v", "high", "modelspec")
     assert (before.prediction_type, before.prediction_source, after.architecture) == ("v", "config", before.architecture)
+
+
+# --- A1111's SD2 check: one UNet forward pass (sdtk.identify.sd2_forward) ------------------------------
+
+
+def _sd2_with_forward_mean(tmp_path, name, target, norm_bias_std=None):
+    """A random-valued SD2 copy (every dim / 10: 32..128 channels, GroupNorm(32) still splits) whose
+    last bias is shifted so that A1111's mean(unet(x) - x) is `target` (the output moves with it 1:1)."""
+    from sdtk.formats import open_model
+    from sdtk.identify.sd2_forward import A1111_CONTEXT_TOKENS, unet_forward
+
+    lay = H.layout("sd21-768-v")
+    values = {NORM_BIAS: _bias_with_std(norm_bias_std, n=32)} if norm_bias_std else {}
+    path = H.write_valued(tmp_path / name, lay, values=values, scale=10, random=True)
+    with open_model(path) as cat:
+        pre = "model.diffusion_model."
+        unet = {k[len(pre):]: t for k, t in cat.tensors.items() if k.startswith(pre)}
+        ctx = np.full((A1111_CONTEXT_TOKENS, unet["input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"].shape[1]), 0.5, np.float32)
+        x = np.full((1, 4, 8, 8), 0.5, np.float32)
+        mean = float((unet_forward(unet, x, 999, ctx) - x).mean())
+        bias = np.asarray(unet["out.2.bias"].read(), np.float32)
+        values = {**values, pre + "out.2.bias": bias + np.float32(target - mean)}
+    return H.write_valued(tmp_path / name, lay, values=values, scale=10, random=True)
+
+
+@pytest.mark.parametrize("target,expected", [(-1.2, "v"), (-0.8, "epsilon")])
+def test_a1111_forward_check_each_side_of_the_rule(tmp_path, target, expected):
+    path = _sd2_with_forward_mean(tmp_path, "sd2.safetensors", target)
+    assert identify_path(path).prediction_type is None  # header only: no guess
+    deep = identify_path(path, deep=True)
+    forward = next(e for e in deep.prediction_evidence if e["detail"].startswith("forward check"))
+    assert (forward["type"], forward["confidence"]) == (expected, "medium") and f"= {target:.3f}" in forward["detail"]
+    assert (deep.prediction_type, deep.prediction_confidence, deep.prediction_source) == (expected, "medium", "heuristic")
+    conv, summary = convert(path, dtype="fp16", prediction_type="auto")
+    assert metadata_of(conv.outputs[0].dest)["modelspec.prediction_type"] == expected
+    assert any("forward check" in n and "medium confidence" in n for n in summary["notes"])
+
+
+def test_a1111_check_outweighs_comfyuis_statistic_and_the_disagreement_is_reported(tmp_path):
+    path = _sd2_with_forward_mean(tmp_path, "sd2.safetensors", -0.5, norm_bias_std=0.3)  # ComfyUI's rule: v
+    deep = identify_path(path, deep=True)
+    assert (deep.prediction_type, deep.prediction_confidence) == ("epsilon", "medium")
+    conflict = deep.problem("prediction_conflict")
+    assert conflict is not None and conflict.details["loser"] == "v" and "value check" in conflict.details["detail"]

@@ -347,3 +347,33 @@ def test_vae_and_clip_loaders_load_the_extracts_tensor_for_tensor(comfy, sd15_wi
         assert v.dtype in (torch.float16, torch.float32) and torch.equal(v.half(), te[k]), k
     for f in parts.values():
         f.unlink()
+
+
+def test_a1111_forward_pass_equals_comfyuis_unet(comfy):
+    """sdtk's numpy UNet pass (A1111's SD2 check) against ComfyUI's UNetModel (the LDM network) with
+    SD2's structure (linear transformers, attention in levels 0-2, none at the lowest), scaled down
+    (32..64 channels, 8-channel heads), random weights: the same output."""
+    sd_module, torch = comfy
+    import comfy.ops
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    from sdtk.identify.sd2_forward import unet_forward
+    from sdtk.tensors import from_array
+
+    torch.manual_seed(0)
+    with torch.device("cpu"):
+        net = UNetModel(image_size=32, in_channels=4, out_channels=4, model_channels=32, num_res_blocks=2,
+                        channel_mult=[1, 2, 2, 2], num_head_channels=8, use_spatial_transformer=True,
+                        transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0], transformer_depth_output=[1] * 9 + [0] * 3,
+                        transformer_depth_middle=1, use_linear_in_transformer=True, context_dim=16, legacy=False,
+                        dtype=torch.float32, device="cpu", operations=comfy.ops.manual_cast)
+    sd = net.state_dict()
+    for v in sd.values():
+        v.copy_(torch.randn_like(v) * (0.3 if v.ndim > 1 else 0.1))
+    net.load_state_dict(sd)
+    assert "output_blocks.11.1.transformer_blocks.0.norm1.bias" in sd and "output_blocks.0.1.transformer_blocks.0.norm1.bias" not in sd
+    x, ctx = torch.full((1, 4, 8, 8), 0.5), torch.full((1, 2, 16), 0.5)
+    with torch.no_grad():
+        ref = net(x, torch.tensor([999.0]), context=ctx).numpy()
+    out = unet_forward({k: from_array(k, v.numpy()) for k, v in sd.items()}, x.numpy(), 999, ctx[0].numpy(), head_channels=8)
+    assert np.abs(out - ref).max() <= 1e-5 * max(1.0, float(np.abs(ref).max()))

@@ -468,9 +468,9 @@ def test_a1111_forward_check_each_side_of_the_rule(tmp_path, target, expected):
     assert any("forward check" in n and "medium confidence" in n for n in summary["notes"])
 
 
-def test_a1111_check_outweighs_comfyuis_statistic_and_the_disagreement_is_reported(tmp_path):
+def test_a1111_check_outweighs_comfyuis_statistic_and_both_are_listed(tmp_path):
     path = _sd2_with_forward_mean(tmp_path, "sd2.safetensors", -0.5, norm_bias_std=0.3)  # ComfyUI's rule: v
     deep = identify_path(path, deep=True)
     assert (deep.prediction_type, deep.prediction_confidence) == ("epsilon", "medium")
-    conflict = deep.problem("prediction_conflict")
-    assert conflict is not None and conflict.details["loser"] == "v" and "value check" in conflict.details["detail"]
+    said = [(e["type"], e["confidence"], e["detail"].split(":")[0]) for e in deep.prediction_evidence]
+    assert said == [("epsilon", "medium", "forward check"), ("v", "low", "value check")]  # strongest first

@@ -61,3 +61,27 @@ def sha256_of(path: Path) -> str:
 
 def files_in(folder: Path):
     return sorted(p.name for p in folder.iterdir())
+
+
+def planned_outputs(src: Path, folder: Path, **options):
+    """What `sdtk convert` writes for `src` (every output's header: names, shapes, dtypes and
+    metadata, exactly as convert plans them; values zero, each file sparse): full-size outputs
+    in milliseconds. Returns the Conversion (its outputs' `dest` are the files)."""
+    import contextlib
+
+    from sdtk.fileio import AtomicOutput
+    from sdtk.formats import open_model
+    from sdtk.formats.safetensors import build_header
+    from sdtk.ops.convert import ConvertOptions, _metadata_for, choose_destinations, plan_conversion, resolve_options
+
+    options.setdefault("source_hashes", False)
+    opts = resolve_options(ConvertOptions(**options))
+    with contextlib.ExitStack() as stack, open_model(src) as cat:
+        conv = plan_conversion(cat, opts, stack)
+        choose_destinations(conv, None, folder, opts)
+        for out in conv.outputs:
+            header = build_header(out.plan, _metadata_for(cat, conv, out, opts, {}))
+            with AtomicOutput(out.dest, overwrite=opts.overwrite) as f:
+                f.write(header)
+                f.truncate(len(header) + sum(t.nbytes for t in out.plan))
+        return conv

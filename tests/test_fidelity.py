@@ -16,7 +16,7 @@ import yaml
 
 import helpers_identify as H
 from conftest import run_cli
-from helpers_convert import files_in, metadata_of, read_all, write_layout
+from helpers_convert import files_in, metadata_of, planned_outputs, read_all, write_layout
 from sdtk.errors import OutputError
 from sdtk.identify import identify_path
 from sdtk.ops.convert import ConvertOptions, convert_file, resolve_options
@@ -372,3 +372,105 @@ def test_inspect_of_every_output_says_what_the_input_said(tmp_path, layout):
     for options in ({"dtype": "bf16"}, {"preset": "generation"}, {"dtype": "fp8-e4m3fn", "allow_overflow": True}):
         conv, _ = convert(src, overwrite=True, **options)
         assert said(identify_path(conv.outputs[0].dest)) == said(before), options
+
+
+# --- extracting the UNet of a v-prediction model keeps what says so ----------------------------------
+
+
+def test_extract_unet_of_sdxl_vpred_keeps_its_markers_and_inspect_agrees(tmp_path):
+    src = write_layout(tmp_path / "noob.safetensors", "sdxl-vpred-ztsnr", scale=16)  # values: written for real
+    conv, summary = convert(src, extract=["unet", "vae", "clip-l"])
+    parts = {o.part: o.dest for o in conv.outputs}
+    unet = read_all(parts["unet"])
+    # ComfyUI's UNet loader reads these two empty tensors from the bare file (supported_models.SDXL.model_type)
+    assert unet["v_pred"].size == 0 and unet["ztsnr"].size == 0
+    assert metadata_of(parts["unet"])["modelspec.prediction_type"] == "v"
+    assert lineage_facts(parts["unet"])["prediction_type"] == "v"
+    for part in ("vae", "clip-l"):  # components without a prediction type get no marker or claim
+        assert not set(read_all(parts[part])) & {"v_pred", "ztsnr"}
+        assert "modelspec.prediction_type" not in metadata_of(parts[part])
+    assert files_in(tmp_path) == sorted(["noob.safetensors", *(p.name for p in parts.values())])  # no yaml for parts
+    # inspect of the full-size bare UNet (shapes identify it) says what the input's inspect said
+    (tmp_path / "full").mkdir()
+    full = H.write_sparse(tmp_path / "full" / "noob.safetensors", H.layout("sdxl-vpred-ztsnr"))
+    before = identify_path(full)
+    assert (before.prediction_type, before.prediction_source, before.zero_terminal_snr) == ("v", "marker", True)
+    out = planned_outputs(full, tmp_path / "full", extract=["unet"]).outputs[0].dest
+    after = identify_path(out)
+    assert (after.kind, after.prediction_type, after.prediction_confidence, after.prediction_source, after.zero_terminal_snr) == \
+        ("diffusion-model", "v", "high", "marker", True)
+    assert (after.architecture, after.variant) == (before.architecture, before.variant)
+    assert after.problem("needs_config_yaml") is None  # A1111 cannot load a bare UNet: no yaml advice for it
+    assert before.problem("needs_config_yaml") is not None  # (the checkpoint does get it)
+
+
+def test_extract_unet_with_a_stated_v_prediction_gets_the_marker(tmp_path):
+    src = H.write_sparse(tmp_path / "xl.safetensors", H.layout("sdxl-base"))  # full size, sparse; outputs: headers
+    conv = planned_outputs(src, tmp_path, extract=["unet"], prediction_type="v")
+    out = conv.outputs[0].dest
+    assert [t.name for t in conv.outputs[0].plan if "." not in t.name] == ["v_pred"]
+    assert any("add v_pred marker" in op for op in conv.operations)
+    after = identify_path(out)
+    assert (after.kind, after.prediction_type, after.prediction_source) == ("diffusion-model", "v", "marker")
+
+
+@pytest.mark.parametrize("layout,yaml_name,arch", [("sd15-emaonly", "v1-inference-v.yaml", "stable-diffusion-v1"),
+                                                    ("sd21-768-v", "v2-inference-v.yaml", "stable-diffusion-v2-768-v")])
+def test_extract_unet_of_a_v_model_known_by_its_yaml_keeps_v_in_modelspec(tmp_path, layout, yaml_name, arch):
+    src = H.write_sparse(tmp_path / "m.safetensors", H.layout(layout))
+    (tmp_path / "m.yaml").write_text(config_text(yaml_name))
+    before = identify_path(src)
+    unet = planned_outputs(src, tmp_path, extract=["unet"]).outputs[0]
+    out = unet.dest
+    meta = metadata_of(out)
+    assert meta["modelspec.prediction_type"] == "v" and meta["modelspec.architecture"] == arch
+    assert "v_pred" not in {t.name for t in unet.plan}  # SD1/SD2 have no marker tensor (no loader reads one)
+    assert not out.with_suffix(".yaml").exists()  # A1111 cannot load a bare UNet: no yaml for it
+    after = identify_path(out)
+    assert (after.kind, after.prediction_type, after.prediction_confidence, after.prediction_source) == \
+        ("diffusion-model", "v", "high", "modelspec")
+    assert (before.prediction_type, before.prediction_source, after.architecture) == ("v", "config", before.architecture)
+
+
+# --- A1111's SD2 check: one UNet forward pass (sdtk.identify.sd2_forward) ------------------------------
+
+
+def _sd2_with_forward_mean(tmp_path, name, target, norm_bias_std=None):
+    """A random-valued SD2 copy (every dim / 10: 32..128 channels, GroupNorm(32) still splits) whose
+    last bias is shifted so that A1111's mean(unet(x) - x) is `target` (the output moves with it 1:1)."""
+    from sdtk.formats import open_model
+    from sdtk.identify.sd2_forward import A1111_CONTEXT_TOKENS, unet_forward
+
+    lay = H.layout("sd21-768-v")
+    values = {NORM_BIAS: _bias_with_std(norm_bias_std, n=32)} if norm_bias_std else {}
+    path = H.write_valued(tmp_path / name, lay, values=values, scale=10, random=True)
+    with open_model(path) as cat:
+        pre = "model.diffusion_model."
+        unet = {k[len(pre):]: t for k, t in cat.tensors.items() if k.startswith(pre)}
+        ctx = np.full((A1111_CONTEXT_TOKENS, unet["input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"].shape[1]), 0.5, np.float32)
+        x = np.full((1, 4, 8, 8), 0.5, np.float32)
+        mean = float((unet_forward(unet, x, 999, ctx) - x).mean())
+        bias = np.asarray(unet["out.2.bias"].read(), np.float32)
+        values = {**values, pre + "out.2.bias": bias + np.float32(target - mean)}
+    return H.write_valued(tmp_path / name, lay, values=values, scale=10, random=True)
+
+
+@pytest.mark.parametrize("target,expected", [(-1.2, "v"), (-0.8, "epsilon")])
+def test_a1111_forward_check_each_side_of_the_rule(tmp_path, target, expected):
+    path = _sd2_with_forward_mean(tmp_path, "sd2.safetensors", target)
+    assert identify_path(path).prediction_type is None  # header only: no guess
+    deep = identify_path(path, deep=True)
+    forward = next(e for e in deep.prediction_evidence if e["detail"].startswith("forward check"))
+    assert (forward["type"], forward["confidence"]) == (expected, "medium") and f"= {target:.3f}" in forward["detail"]
+    assert (deep.prediction_type, deep.prediction_confidence, deep.prediction_source) == (expected, "medium", "heuristic")
+    conv, summary = convert(path, dtype="fp16", prediction_type="auto")
+    assert metadata_of(conv.outputs[0].dest)["modelspec.prediction_type"] == expected
+    assert any("forward check" in n and "medium confidence" in n for n in summary["notes"])
+
+
+def test_a1111_check_outweighs_comfyuis_statistic_and_both_are_listed(tmp_path):
+    path = _sd2_with_forward_mean(tmp_path, "sd2.safetensors", -0.5, norm_bias_std=0.3)  # ComfyUI's rule: v
+    deep = identify_path(path, deep=True)
+    assert (deep.prediction_type, deep.prediction_confidence) == ("epsilon", "medium")
+    said = [(e["type"], e["confidence"], e["detail"].split(":")[0]) for e in deep.prediction_evidence]
+    assert said == [("epsilon", "medium", "forward check"), ("v", "low", "value check")]  # strongest first

@@ -146,9 +146,9 @@ def test_migration_from_schema_1_keeps_records_and_rehashes_nothing(tmp):
     assert dbmod.schema_version(conn) == 1
     conn.close()
     conn = open_library(db)
-    assert dbmod.schema_version(conn) == dbmod.SCHEMA_VERSION == 2
-    assert [r[0] for r in conn.execute("SELECT version FROM schema_migrations ORDER BY version")] == [1, 2]
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert dbmod.schema_version(conn) == dbmod.SCHEMA_VERSION == 3
+    assert [r[0] for r in conn.execute("SELECT version FROM schema_migrations ORDER BY version")] == [1, 2, 3]
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 3
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     r = scan_library(conn, [path.parent])
     assert (r.unchanged, r.hashed, r.redescribed) == (1, 0, 1)  # described from the header, not re-hashed

@@ -10,6 +10,7 @@ read them again).
 """
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import time
@@ -18,11 +19,11 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from sdtk.batch.results import read_results
-from sdtk.library.describe import DESCRIBE_VERSION
+from sdtk.library.describe import DESCRIBE_VERSION, PREDICTION_COLUMNS, prediction_columns
 
 DATA_COLUMNS = ("problem", "hashed_at", "sha256", "autov1", "autov3", "crc32", "blake3", "format", "tensor_count",
                 "parameters", "dtypes", "precision", "architecture", "kind", "ema", "base_model", "title", "info",
-                "describe_version")
+                "describe_version") + PREDICTION_COLUMNS
 
 
 @dataclass
@@ -81,6 +82,10 @@ def _record(row: Dict[str, Any], now: float) -> Dict[str, Any]:
             rec[k] = row[k]
     if row.get("command") == "inspect" and verdict == "safe":
         rec["describe_version"] = DESCRIBE_VERSION
+        try:  # the same `info` a scan stores: the prediction type with its confidence and source
+            rec.update(prediction_columns(json.loads(row["info"]) if row.get("info") else None))
+        except (TypeError, ValueError):
+            pass
     return rec
 
 

@@ -12,7 +12,8 @@ import typer
 from sdtk.cli.common import console, err_console, error_line, esc, print_json
 from sdtk.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_PROBLEMS, SdtkError
 from sdtk.library import db as dbmod
-from sdtk.library.query import Filters, find_dupes, find_hash, list_files, parse_size, record_json, show_file
+from sdtk.library.query import (Filters, find_dupes, find_hash, list_files, parse_size, prediction_line, record_json,
+                                show_file)
 
 DB_HELP = "Library database file (default: SDTK_LIBRARY_DB, else the per-user data folder)."
 
@@ -83,6 +84,9 @@ def _print_record(rec: dict) -> None:
     for key in ("format", "kind", "architecture", "precision", "ema", "base_model", "title", "tensor_count", "parameters", "problem"):
         if rec.get(key) not in (None, ""):
             console.print(f"  {key:<13} {esc(rec[key])}")
+    prediction = prediction_line(rec.get("prediction"))
+    if prediction:
+        console.print(f"  {'prediction':<13} {esc(prediction)}")
     if rec["trained_words"]:
         console.print(f"  {'trained words':<13} {esc(', '.join(rec['trained_words']))}")
     for key, value in (rec["hashes"] or {}).items():

@@ -146,8 +146,8 @@ def check_sd2_config(ident: Identity, config) -> None:
     """Models A1111 would configure wrongly (or only by guessing) without a `<model>.yaml`:
     SD 2.x v or undetermined (A1111 guesses by running the UNet once), SD 1.x v-prediction,
     SDXL v-prediction (A1111 1.10 ignores the v_pred marker that Forge and ComfyUI read)."""
-    if config is None or config.usable or ident.kind not in ("checkpoint", "diffusion-model"):
-        return
+    if config is None or config.usable or ident.kind != "checkpoint":
+        return  # A1111 loads full checkpoints only: a yaml beside a bare UNet/DiT helps no program
     family = ident.family
     pred = ident.prediction_type if ident.prediction_type in ("v", "epsilon") else None
     if family == "sd2" and pred == "epsilon":

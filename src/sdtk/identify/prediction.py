@@ -8,12 +8,13 @@ Evidence, strongest first (a stronger one wins a contradiction; the contradictio
 | modelspec / kohya | `modelspec.prediction_type`, ComfyUI `modelspec.predict_key`, kohya `ss_v_parameterization` / `ss_base_model_version` | high |
 | config | the `<model>.yaml` beside the file (what A1111 uses first; see config_yaml.py) | high |
 | architecture | FLUX / SD3 ... are flow models by design | high |
-| heuristic | SD2 only: diffusers `global_step == 875000` (512-base, epsilon); `--deep`: ComfyUI's statistic std(output_blocks.11.1.transformer_blocks.0.norm1.bias) > 0.09 -> v | medium / low |
+| heuristic | SD2 only: diffusers `global_step == 875000` (512-base, epsilon); `--deep`: A1111's check, one UNet forward pass (sd2_forward.py: mean(unet(x) - x) < -1 -> v), and ComfyUI's statistic std(output_blocks.11.1.transformer_blocks.0.norm1.bias) > 0.09 -> v | medium / medium / low |
 | family-default | SD1 / SDXL files without any evidence are epsilon (how every loader treats them) | medium |
 
 SD2 files have no family default: 512 (epsilon) and 768-v share every shape. A1111 runs the UNet
-once when no yaml is beside the file (`is_using_v_parameterization_for_sd2`); sdtk does not run
-models, so without evidence the type stays unknown.
+once when no yaml is beside the file (`is_using_v_parameterization_for_sd2`); sdtk computes that
+same pass in numpy when asked (`inspect --deep`, `convert --prediction-type auto`: it reads the
+whole UNet), else without evidence the type stays unknown.
 """
 from __future__ import annotations
 
@@ -86,6 +87,19 @@ def sd2_value_check(unet_tensors: Mapping[str, LazyTensor]) -> Optional[Evidence
                                                f"{'above' if ptype == 'v' else 'not above'} {SD2_HEURISTIC_THRESHOLD} (ComfyUI's rule)")
 
 
+def sd2_forward_check(unet_tensors: Mapping[str, LazyTensor]) -> Optional[Evidence]:
+    """A1111's check (sd2_forward.py): one forward pass of the UNet on fixed inputs; medium
+    confidence (it is how A1111 decides, and it measures the model's behaviour, not one tensor)."""
+    from sdtk.identify.sd2_forward import A1111_THRESHOLD, a1111_forward_check
+
+    result = a1111_forward_check(unet_tensors)
+    if result is None:
+        return None
+    ptype, mean = result
+    return Evidence("heuristic", ptype, "medium", f"forward check: mean(unet(x) - x) = {mean:.3f}, "
+                                                  f"{'below' if ptype == 'v' else 'not below'} {A1111_THRESHOLD:g} (A1111's rule)")
+
+
 def gather(shapes_keys, metadata: Mapping[str, str], extras: Mapping, architecture: str, family: Optional[str],
            unet_tensors: Mapping[str, LazyTensor], config=None, deep: bool = False) -> List[Evidence]:
     """Every piece of evidence about the prediction type, strongest source first."""
@@ -111,6 +125,9 @@ def gather(shapes_keys, metadata: Mapping[str, str], extras: Mapping, architectu
         if isinstance(step, int) and not isinstance(step, bool) and step == SD2_EPSILON_GLOBAL_STEP:
             found.append(Evidence("heuristic", "epsilon", "medium", f"global_step == {SD2_EPSILON_GLOBAL_STEP} (SD 2.x 512-base)"))
         if deep:
+            forward = sd2_forward_check(unet_tensors)
+            if forward is not None:
+                found.append(forward)
             value = sd2_value_check(unet_tensors)
             if value is not None:
                 found.append(value)

@@ -69,6 +69,18 @@ MIGRATIONS: List[Tuple[int, str, str]] = [
         ALTER TABLE files ADD COLUMN describe_version INTEGER;
         CREATE INDEX files_root ON files(root);
     """),
+    # Rows described before this migration knew the type only (info.identity.prediction): it is kept,
+    # its confidence and source stay NULL ("not recorded") until the next scan re-describes the file
+    # from its header (describe.DESCRIBE_VERSION 3).
+    (3, "prediction type with its confidence and evidence", """
+        ALTER TABLE files ADD COLUMN prediction TEXT;             -- epsilon, v, flow, edm (NULL: unknown)
+        ALTER TABLE files ADD COLUMN prediction_confidence TEXT;  -- high, medium, low, none (NULL: not recorded)
+        ALTER TABLE files ADD COLUMN prediction_source TEXT;      -- marker, modelspec, kohya, config, architecture, heuristic, family-default
+        ALTER TABLE files ADD COLUMN zero_terminal_snr INTEGER;   -- 1 ztsnr marker, 0 none (NULL: not recorded)
+        UPDATE files SET prediction = json_extract(info, '$.identity.prediction')
+            WHERE info IS NOT NULL AND json_valid(info);
+        CREATE INDEX files_prediction ON files(prediction);
+    """),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 from typing import Any, Dict, List, Optional
 
-DESCRIBE_VERSION = 2  # 1: metadata only (before identify); 2: sdtk.identify
+DESCRIBE_VERSION = 3  # 1: metadata only (before identify); 2: sdtk.identify; 3: prediction confidence and evidence
+PREDICTION_COLUMNS = ("prediction", "prediction_confidence", "prediction_source", "zero_terminal_snr")
 
 # kohya `ss_base_model_version` -> base model name as Civitai spells it (kohya sd-scripts
 # library/sdxl_train_util.py, train_network.py; Civitai baseModel values)
@@ -27,9 +28,22 @@ def _trained_words_from_metadata(metadata: Dict[str, str]) -> List[str]:
     return words
 
 
+def prediction_columns(info: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    """The library's prediction columns from a description's `info` (what identify said: the type,
+    its confidence and the evidence that decided; sdtk.identify.prediction). Used by scan and by
+    `library import` of batch results, which carry the same `info`."""
+    identity = (info or {}).get("identity") or {}
+    if "prediction_confidence" not in identity:  # described by an sdtk that did not record it
+        return {}
+    return {"prediction": identity.get("prediction"), "prediction_confidence": identity.get("prediction_confidence"),
+            "prediction_source": identity.get("prediction_source"),
+            "zero_terminal_snr": int(bool(identity.get("zero_terminal_snr")))}
+
+
 def describe_for_library(catalogue, config_text: Optional[str] = None, has_config: Optional[bool] = None) -> Dict[str, Any]:
     """Library columns for an open catalogue: format, tensor_count, parameters, dtypes, precision,
-    architecture, kind, ema, base_model, title, trained_words, and `info` (metadata summary)."""
+    architecture, kind, ema, prediction (+ _confidence, _source, zero_terminal_snr), base_model, title,
+    trained_words, and `info` (metadata summary, the prediction evidence)."""
     from sdtk.identify import identify
 
     meta = catalogue.metadata or {}
@@ -54,9 +68,12 @@ def describe_for_library(catalogue, config_text: Optional[str] = None, has_confi
         })
         info["identity"] = {k: v for k, v in {
             "title": ident.title, "family": ident.family, "variant": ident.variant, "implementation": ident.implementation,
-            "prediction": ident.prediction_type, "partial": ident.partial or None,
+            "prediction": ident.prediction_type, "prediction_confidence": ident.prediction_confidence,
+            "prediction_source": ident.prediction_source, "zero_terminal_snr": ident.zero_terminal_snr or None,
+            "prediction_evidence": list(ident.prediction_evidence) or None, "partial": ident.partial or None,
             "problems": [p.code for p in ident.problems if p.counts] or None,
         }.items() if v is not None}
+        desc.update(prediction_columns(info))
         if ident.metadata:
             info["metadata"] = ident.metadata
     base = meta.get("ss_base_model_version")

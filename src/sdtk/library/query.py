@@ -69,11 +69,36 @@ def record_json(row: sqlite3.Row) -> Dict[str, Any]:
         "tensor_count": d.get("tensor_count"), "parameters": d.get("parameters"),
         "dtypes": json.loads(d["dtypes"]) if d.get("dtypes") else None,
         "trained_words": json.loads(d["trained_words"]) if d.get("trained_words") else [],
+        "prediction": _prediction(d, info),
         "hashes": hashes, "hashes_a1111": _a1111(d) if sha else None,
         "problem": d.get("problem"), "root": d.get("root"),
         "first_seen": d.get("first_seen"), "last_seen": d.get("last_seen"), "hashed_at": d.get("hashed_at"),
         "info": info,
     }
+
+
+def _prediction(d: Dict[str, Any], info: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """{"type", "confidence", "source", "zero_terminal_snr", "evidence"}: what identify said and how
+    sure it was (sdtk.identify.prediction). Confidence and source are null for a file described
+    before the library recorded them (schema < 3) until the next scan."""
+    if d.get("prediction") is None and d.get("prediction_confidence") is None:
+        return None
+    identity = info.get("identity") or {}
+    return {"type": d.get("prediction"), "confidence": d.get("prediction_confidence"), "source": d.get("prediction_source"),
+            "zero_terminal_snr": None if d.get("zero_terminal_snr") is None else bool(d["zero_terminal_snr"]),
+            "evidence": identity.get("prediction_evidence") or []}
+
+
+def prediction_line(pred: Optional[Dict[str, Any]]) -> Optional[str]:
+    """`v (high confidence, from marker), zero terminal SNR`; None when nothing is recorded."""
+    if not pred:
+        return None
+    if pred["confidence"] is None:
+        return f"{pred['type']} (confidence not recorded: run `sdtk library scan` again)"
+    if pred["type"] is None:
+        return "unknown (no evidence)"
+    line = f"{pred['type']} ({pred['confidence']} confidence, from {pred['source']})"
+    return line + (", zero terminal SNR" if pred.get("zero_terminal_snr") else "")
 
 
 def _a1111(d: Dict[str, Any]) -> Dict[str, Optional[str]]:

@@ -30,7 +30,7 @@ from sdtk.hashing.content import content_hash
 from sdtk.hashing.cache import cached_hashes, remember_hashes
 from sdtk.hashing.model import cached_model_hashes
 from sdtk.hashing.styles import crc32_civitai_hex
-from sdtk.library.describe import DESCRIBE_VERSION, describe_for_library
+from sdtk.library.describe import DESCRIBE_VERSION, PREDICTION_COLUMNS, describe_for_library
 from sdtk.library.folders import SKIP_DIRS, expand_roots, folder_kind, is_model_file
 from sdtk.library.sidecars import read_sidecars, sidecar_signature, SIDECAR_SUFFIXES
 
@@ -182,7 +182,7 @@ class Scanner:
 
         record: Dict[str, Any] = {"problem": None, "format": None, "tensor_count": None, "parameters": None,
                                   "dtypes": None, "precision": None, "architecture": None, "kind": None, "ema": None,
-                                  "title": None, "content_hash": None}
+                                  "title": None, "content_hash": None, **{c: None for c in PREDICTION_COLUMNS}}
         desc_meta: Dict[str, Any] = {}
         info: Dict[str, Any] = {}
         progress = (lambda done, total: self.on_progress(path, done, total)) if self.on_progress else None

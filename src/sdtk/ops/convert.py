@@ -334,7 +334,8 @@ def plan_conversion(cat: Catalogue, opts: ConvertOptions, stack: contextlib.Exit
     conv.prediction_type = prediction
     names = {t.name for t in plan}
     if (facts.certain and prediction == "v" and facts.family == "sdxl" and "v_pred" not in names
-            and "edm_vpred.sigma_max" not in names and not opts.extract and facts.kind in ("checkpoint", "diffusion-model")):
+            and "edm_vpred.sigma_max" not in names and (not opts.extract or "unet" in opts.extract)
+            and facts.kind in ("checkpoint", "diffusion-model")):
         plan.append(v_pred_marker())  # what ComfyUI, Forge and A1111 read to select v-prediction
         names.add("v_pred")
         conv.operations.append(f"add v_pred marker ({'--prediction-type v' if facts.prediction_source == 'stated' else facts.prediction_source})")

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Optional, Tuple
 
 from sdtk.errors import UsageError
+from sdtk.fileio import all_or_nothing
 from sdtk.formats import open_model
 from sdtk.formats.diffusers import is_diffusers_folder
 from sdtk.formats.safetensors import write_safetensors
@@ -85,7 +86,8 @@ def from_diffusers(folder: Path, opts: ConvertOptions, output: Optional[Path] = 
         opts = replace(opts, source_hashes=False)  # a folder has no file hash for the lineage record
         conv = plan_conversion(cat, opts, stack)
         choose_destinations(conv, dest, None, opts)
-        write_outputs(cat, conv, opts, progress)
+        with all_or_nothing():  # the file and its yaml (v-prediction) appear together, or neither
+            write_outputs(cat, conv, opts, progress)
         out = conv.outputs[0]
         return {"input": str(folder), "output": str(out.dest), "from": "diffusers", "tensors": len(out.plan),
                 "bytes": out.bytes_written, "operations": conv.operations, "notes": list(cat.notes) + conv.notes}

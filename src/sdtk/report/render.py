@@ -128,7 +128,7 @@ def render_identity(ident: Identity, lang: str = "en", verbose: bool = False) ->
             pred = _t("prediction.unknown", lang)
         _row(rows, _t("label.prediction", lang), pred)
     if ident.adapter:
-        for line in _adapter_lines(ident, lang):
+        for line in adapter_lines(ident, lang):
             _row(rows, _t("label.adapter", lang), line)
     verdict = ident.safety.get("verdict")
     if verdict in ("safe", "read-safely"):
@@ -136,7 +136,7 @@ def render_identity(ident: Identity, lang: str = "en", verbose: bool = False) ->
     if ident.vae_comparison:
         vc = ident.vae_comparison
         _row(rows, _t("label.vae_ref", lang), _t(vc.get("message_key", "vae.different"), lang, **prepare(vc, lang)))
-    meta = _metadata_line(ident)
+    meta = metadata_line(ident)
     if meta:
         _row(rows, _t("label.metadata", lang), meta)
     parts.append(rows)
@@ -178,7 +178,7 @@ def render_identity(ident: Identity, lang: str = "en", verbose: bool = False) ->
     return Group(*parts)
 
 
-def _adapter_lines(ident: Identity, lang: str) -> List[str]:
+def adapter_lines(ident: Identity, lang: str) -> List[str]:
     a = ident.adapter or {}
     lines = []
     if ident.kind == "lora":
@@ -199,7 +199,7 @@ def _adapter_lines(ident: Identity, lang: str) -> List[str]:
     return lines
 
 
-def _metadata_line(ident: Identity) -> str:
+def metadata_line(ident: Identity) -> str:
     m = ident.metadata
     bits = []
     spec = m.get("modelspec")

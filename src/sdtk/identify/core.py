@@ -23,6 +23,7 @@ from sdtk.identify.model import Component, Identity, Problem
 from sdtk.identify.scaled import match_scaled_layout
 from sdtk.identify.prediction import predict
 
+ADAPTER_FILE_KINDS = ("lora", "embedding", "hypernetwork")
 NOT_WEIGHTS = ("ddpm_buffers", "markers", "model_sampling")
 SAFETY = {
     "safetensors": {"verdict": "safe", "reason": "safetensors holds only tensors and text; it cannot run code"},
@@ -120,14 +121,22 @@ def identify(cat: Catalogue, *, deep: bool = False, config: Optional[ConfigBesid
     return ident
 
 
-def identify_path(path: "os.PathLike[str] | str", *, deep: bool = False, vae_ref: Optional[str] = None) -> Identity:
-    """Open a model file (or a diffusers folder) and identify it. Raises SdtkError when unreadable."""
+def identify_path(path: "os.PathLike[str] | str", *, deep: bool = False, vae_ref: Optional[str] = None,
+                  hashes: bool = True) -> Identity:
+    """Open a model file (or a diffusers folder) and identify it. Raises SdtkError when unreadable.
+    An adapter file (LoRA, embedding, hypernetwork) is also hashed (`hashes`, as A1111 and Civitai
+    show it) and scanned for NaN / inf."""
     path = os.fspath(path)
     if os.path.isdir(path) and os.path.exists(os.path.join(path, "model_index.json")):
         return identify_diffusers_folder(path, identify_path, deep=deep)
     config = read_config_beside(path)
     with open_model(path) as cat:
-        return identify(cat, deep=deep, config=config, vae_ref=vae_ref)
+        ident = identify(cat, deep=deep, config=config, vae_ref=vae_ref)
+        if ident.kind in ADAPTER_FILE_KINDS:  # a local adapter: its hashes and a NaN / inf scan (small files)
+            from sdtk.identify.adapter_file import check_adapter_file
+
+            check_adapter_file(ident, cat, hashes=hashes)
+        return ident
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,6 +230,7 @@ def _identify_adjacent(ident: Identity, m, tensors, shapes, cat: Catalogue) -> N
     base = None
     if row.kind == "lora":
         ident.adapter = adapters.analyse_lora(tensors, row.subtype, cat.metadata)
+        _describe_lora(ident, tensors, cat.metadata)
         base, suffix = ident.adapter["base_architecture"], "lora"
     elif row.kind == "embedding":
         ident.adapter = adapters.analyse_embedding(tensors, row.subtype, cat.extras)
@@ -238,6 +248,37 @@ def _identify_adjacent(ident: Identity, m, tensors, shapes, cat: Catalogue) -> N
         ident.architecture = f"{base or 'unknown'}/{suffix}"
         ident.family = ARCHITECTURES[base].family if base in ARCHITECTURES else None
         ident.title = row.kind
+
+
+def _describe_lora(ident: Identity, tensors, metadata) -> None:
+    """The deeper LoRA facts (identify/lora_facts.py) merged into ident.adapter, their problems
+    added; the base is the shapes' verdict when metadata disagrees."""
+    from sdtk.identify import lora_facts
+
+    try:
+        found = lora_facts.describe_lora(tensors, metadata)
+    except (ValueError, KeyError, IndexError, TypeError, OverflowError) as e:  # odd shapes in a hostile file: the basic analysis stands
+        ident.notes.append(f"LoRA details not available: {type(e).__name__}: {e}")
+        return
+    facts = found["facts"]
+    ident.adapter.update(facts)
+    verdict = facts["base"]
+    if verdict["architecture"] and (verdict["conflict"] or not ident.adapter.get("base_architecture")):
+        ident.adapter["base_architecture"] = verdict["architecture"]
+        ident.adapter["base_source"] = next((e["source"] for e in verdict["evidence"] if e["architecture"] == verdict["architecture"]), None)
+    ident.adapter["base_confidence"] = verdict["confidence"]
+    for code, severity, details in found["problems"]:
+        ident.problems.append(Problem(code, severity, f"problem.{code}", details))
+    try:
+        fit = lora_facts.check_against_base(found["adapter"], ident.adapter.get("base_architecture"))
+    except (ValueError, KeyError, IndexError, TypeError) as e:
+        ident.notes.append(f"LoRA keys not checked against the base layout: {type(e).__name__}: {e}")
+        fit = None
+    if fit is not None:
+        ident.adapter["claimed_base_fit"] = fit
+        if fit["unmatched"]:
+            ident.problems.append(Problem("lora_unmatched_in_base", "warning", "problem.lora_unmatched_in_base",
+                                          {**fit, "base": ident.adapter.get("base_architecture")}))
 
 
 def _identify_unknown(ident: Identity, tensors) -> None:

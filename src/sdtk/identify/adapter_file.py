@@ -21,8 +21,14 @@ MAX_SCAN_BYTES = 4 << 30  # larger "adapters" (full fine-tune diffs) are left to
 EMPTY_SHA256 = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"  # ai-toolkit #130 wrote this into every file
 
 
-def adapter_hashes(path: str, fmt: str) -> Dict[str, str]:
-    """{sha256, autov2, autov3, addnet, a1111_short} (lower-case hex); cached like `sdtk hash`."""
+# A1111's short hash per kind: LoRA = addnet (safetensors) or sha256, first 12 (Lora/network.py
+# NetworkOnDisk.set_hash); embedding = sha256, first 12 (textual_inversion.py Embedding.set_hash);
+# hypernetwork = sha256, first 10 (hypernetworks/hypernetwork.py Hypernetwork.shorthash).
+A1111_SHORT = {"lora": 12, "embedding": 12, "hypernetwork": 10}
+
+
+def adapter_hashes(path: str, fmt: str, kind: str = "lora") -> Dict[str, str]:
+    """{sha256, autov2, autov3, addnet (safetensors), a1111_short} (lower-case hex); cached like `sdtk hash`."""
     from sdtk.hashing.a1111 import a1111_autov3
     from sdtk.hashing.cache import cached_hashes, remember_hashes
     from sdtk.hashing.filehash import HashOptions, hash_file
@@ -37,9 +43,8 @@ def adapter_hashes(path: str, fmt: str) -> Dict[str, str]:
     out = {"sha256": sha, "autov2": sha[:10], "autov3": v3[:12]}
     if fmt == "safetensors":
         seen = SimpleNamespace(autov3_start=start, size=os.path.getsize(path))  # what a1111_autov3 needs of a FileHashes
-        addnet = a1111_autov3(path, seen) or v3
-        out["addnet"] = addnet
-        out["a1111_short"] = addnet[:12]
+        out["addnet"] = a1111_autov3(path, seen) or v3
+    out["a1111_short"] = (out["addnet"] if kind == "lora" and "addnet" in out else sha)[:A1111_SHORT.get(kind, 12)]
     return out
 
 
@@ -60,7 +65,7 @@ def check_adapter_file(ident: Identity, cat, hashes: bool = True) -> None:
         return
     if hashes:
         try:
-            found = adapter_hashes(cat.path, cat.format)
+            found = adapter_hashes(cat.path, cat.format, ident.kind)
         except (OSError, ValueError) as e:
             ident.notes.append(f"hashes not computed: {e}")
             found = None

@@ -234,6 +234,8 @@ def _identify_adjacent(ident: Identity, m, tensors, shapes, cat: Catalogue) -> N
         base, suffix = ident.adapter["base_architecture"], "lora"
     elif row.kind == "embedding":
         ident.adapter = adapters.analyse_embedding(tensors, row.subtype, cat.extras)
+        for code, severity, details in adapters.embedding_problems(ident.adapter):
+            ident.problems.append(Problem(code, severity, f"problem.{code}", details))
         base, suffix = ident.adapter["base_architecture"], "textual-inversion"
     elif row.kind == "hypernetwork":
         ident.adapter = adapters.analyse_hypernetwork(tensors, cat.extras)

@@ -38,10 +38,11 @@ def iter_model_files(folder: str) -> Iterator[str]:
                 yield os.path.join(root, name)
 
 
-def inspect_one(path: str, deep: bool, vae_ref: Optional[str]) -> Tuple[Optional[Identity], Optional[Dict[str, Any]]]:
-    """(identity, None) or (None, unreadable record); never raises for a bad file."""
+def inspect_one(path: str, deep: bool, vae_ref: Optional[str], adapter_scan: bool = True) -> Tuple[Optional[Identity], Optional[Dict[str, Any]]]:
+    """(identity, None) or (None, unreadable record); never raises for a bad file. `adapter_scan`:
+    hash and NaN-scan adapter files (single files; a folder listing reads headers only)."""
     try:
-        return identify_path(path, deep=deep, vae_ref=vae_ref), None
+        return identify_path(path, deep=deep, vae_ref=vae_ref, adapter_scan=adapter_scan), None
     except SdtkError as e:
         return None, {"path": path, "problem": e.problem, "error": type(e).__name__, "file_size": _size(path)}
     except (OSError, ValueError, KeyError, IndexError, TypeError, MemoryError, RecursionError) as e:  # hostile input the readers did not anticipate
@@ -128,7 +129,7 @@ def run_inspect(paths: List[Path], json_out: bool, lang: str, deep: bool, vae_re
             targets = [p]
             base = os.path.dirname(p)
         for target in targets:
-            ident, bad = inspect_one(target, deep, os.fspath(vae_ref) if vae_ref else None)
+            ident, bad = inspect_one(target, deep, os.fspath(vae_ref) if vae_ref else None, adapter_scan=not listing or deep)
             if ident is not None:
                 identities.append(ident)
                 fit_lines: List[str] = []

@@ -170,6 +170,8 @@ def analyse_embedding(tensors: Mapping[str, LazyTensor], subtype: str, extras: M
             out["token_id"] = token_id
     elif subtype == "diffusers" and tensors:
         out["token"] = next(iter(tensors))
+    elif isinstance(extras.get("token"), str):
+        out["token"] = extras["token"]
     for field in ("name", "step", "sd_checkpoint", "sd_checkpoint_name"):
         if field in extras and isinstance(extras[field], (str, int, float)):
             out[field] = extras[field]

@@ -122,17 +122,17 @@ def identify(cat: Catalogue, *, deep: bool = False, config: Optional[ConfigBesid
 
 
 def identify_path(path: "os.PathLike[str] | str", *, deep: bool = False, vae_ref: Optional[str] = None,
-                  hashes: bool = True) -> Identity:
+                  hashes: bool = True, adapter_scan: bool = True) -> Identity:
     """Open a model file (or a diffusers folder) and identify it. Raises SdtkError when unreadable.
-    An adapter file (LoRA, embedding, hypernetwork) is also hashed (`hashes`, as A1111 and Civitai
-    show it) and scanned for NaN / inf."""
+    An adapter file (LoRA, embedding, hypernetwork) is also read whole (`adapter_scan`, default;
+    adapters are small): hashed as A1111 and Civitai show it (`hashes`) and scanned for NaN / inf."""
     path = os.fspath(path)
     if os.path.isdir(path) and os.path.exists(os.path.join(path, "model_index.json")):
         return identify_diffusers_folder(path, identify_path, deep=deep)
     config = read_config_beside(path)
     with open_model(path) as cat:
         ident = identify(cat, deep=deep, config=config, vae_ref=vae_ref)
-        if ident.kind in ADAPTER_FILE_KINDS:  # a local adapter: its hashes and a NaN / inf scan (small files)
+        if adapter_scan and ident.kind in ADAPTER_FILE_KINDS:  # a local adapter: its hashes and a NaN / inf scan (small files)
             from sdtk.identify.adapter_file import check_adapter_file
 
             check_adapter_file(ident, cat, hashes=hashes)
@@ -233,7 +233,9 @@ def _identify_adjacent(ident: Identity, m, tensors, shapes, cat: Catalogue) -> N
         _describe_lora(ident, tensors, cat.metadata)
         base, suffix = ident.adapter["base_architecture"], "lora"
     elif row.kind == "embedding":
-        ident.adapter = adapters.analyse_embedding(tensors, row.subtype, cat.extras)
+        # name / step / token: pickle fields (A1111 .pt) or the text metadata sdtk embedding convert writes
+        fields = {k: v for k, v in cat.metadata.items() if k in ("name", "step", "sd_checkpoint", "sd_checkpoint_name", "token")}
+        ident.adapter = adapters.analyse_embedding(tensors, row.subtype, {**fields, **cat.extras})
         for code, severity, details in adapters.embedding_problems(ident.adapter):
             ident.problems.append(Problem(code, severity, f"problem.{code}", details))
         base, suffix = ident.adapter["base_architecture"], "textual-inversion"

@@ -204,3 +204,24 @@ def test_ss_datasets_class_tokens_are_triggers():
     words = trigger_words(meta)
     assert [(w["word"], w["source"]) for w in words] == [("sks dog", "modelspec.trigger_phrase"), ("best quality", "modelspec.trigger_phrase"),
                                                         ("dog", "ss_tag_frequency"), ("grass", "ss_tag_frequency")]
+
+
+def test_folder_listing_reads_headers_only_and_alphas_once(tmp, cli, monkeypatch):
+    folder = tmp / "loras"
+    folder.mkdir()
+    rows = H.kohya_lora("sdxl", 8)
+    H.write_valued(folder / "a.safetensors", rows, values=H.lora_alphas(rows, 4.0))
+    entry = json.loads(cli("inspect", "--json", folder).stdout)["files"][0]
+    assert entry["kind"] == "lora" and "hashes" not in entry["adapter"]  # a listing: no file read
+    single = json.loads(cli("inspect", "--json", folder / "a.safetensors").stdout)["files"][0]
+    assert single["adapter"]["hashes"]["addnet"] == data_hash(folder / "a.safetensors")
+    from sdtk.formats import open_model
+    from sdtk.identify import identify
+
+    reads = []
+    with open_model(folder / "a.safetensors") as cat:
+        for t in list(cat.tensors.values()):
+            if t.numel == 1:
+                t.loader = (lambda f, n: (lambda: (reads.append(n), f())[1]))(t.loader, t.name)
+        identify(cat)
+    assert sorted(reads) == sorted(k for k, _, _ in rows if k.endswith(".alpha"))  # each alpha read once

@@ -229,6 +229,7 @@ def _identify_adjacent(ident: Identity, m, tensors, shapes, cat: Catalogue) -> N
         ident.components["other"] = other
     base = None
     if row.kind == "lora":
+        tensors = _scalars_read_once(tensors)  # alphas are read by both analyses (one range request each when remote)
         ident.adapter = adapters.analyse_lora(tensors, row.subtype, cat.metadata)
         _describe_lora(ident, tensors, cat.metadata)
         base, suffix = ident.adapter["base_architecture"], "lora"
@@ -252,6 +253,18 @@ def _identify_adjacent(ident: Identity, m, tensors, shapes, cat: Catalogue) -> N
         ident.architecture = f"{base or 'unknown'}/{suffix}"
         ident.family = ARCHITECTURES[base].family if base in ARCHITECTURES else None
         ident.title = row.kind
+
+
+def _scalars_read_once(tensors):
+    """`tensors` with every one-element tensor's loader cached (the other tensors as they are)."""
+    import dataclasses
+    from functools import lru_cache
+
+    out = dict(tensors)
+    for key, t in tensors.items():
+        if t.numel == 1:
+            out[key] = dataclasses.replace(t, loader=lru_cache(maxsize=1)(t.loader))
+    return out
 
 
 def _describe_lora(ident: Identity, tensors, metadata) -> None:

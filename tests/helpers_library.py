@@ -22,15 +22,16 @@ def write_model(path, layout="vae-sd-kl-f8", scale=16, seed=0, metadata=None, fl
 
 
 def tiny_lora_bytes(rng, metadata=None) -> bytes:
-    """A tiny but real kohya LoRA (one module: down, up, alpha; fp16), distinct per call."""
-    module = "lora_unet_down_blocks_0_attentions_0_proj_in"
-    down = rng.standard_normal((4, 32)).astype("<f2").tobytes()
-    up = rng.standard_normal((32, 4)).astype("<f2").tobytes()
+    """A tiny but real kohya SDXL LoRA (one module of the SDXL UNet, SGM naming: down, up, alpha;
+    fp16), distinct per call."""
+    module = "lora_unet_input_blocks_4_1_proj_in"  # SDXL input_blocks.4.1.proj_in: Linear 640 -> 640
+    down = rng.standard_normal((4, 640)).astype("<f2").tobytes()
+    up = rng.standard_normal((640, 4)).astype("<f2").tobytes()
     alpha = struct.pack("<f", 4.0)
     header = {"__metadata__": metadata or {"ss_base_model_version": "sdxl_base_v1-0", "ss_network_module": "networks.lora"},
-              f"{module}.lora_down.weight": {"dtype": "F16", "shape": [4, 32], "data_offsets": [0, 256]},
-              f"{module}.lora_up.weight": {"dtype": "F16", "shape": [32, 4], "data_offsets": [256, 512]},
-              f"{module}.alpha": {"dtype": "F32", "shape": [], "data_offsets": [512, 516]}}
+              f"{module}.lora_down.weight": {"dtype": "F16", "shape": [4, 640], "data_offsets": [0, 5120]},
+              f"{module}.lora_up.weight": {"dtype": "F16", "shape": [640, 4], "data_offsets": [5120, 10240]},
+              f"{module}.alpha": {"dtype": "F32", "shape": [], "data_offsets": [10240, 10244]}}
     raw = json.dumps(header).encode()
     raw += b" " * ((-len(raw)) % 8)
     return struct.pack("<Q", len(raw)) + raw + down + up + alpha

@@ -96,6 +96,7 @@ def test_every_registered_architecture_is_reachable():
 
 # ---- adjacent file types -----------------------------------------------------------------------
 
+XL_K = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k"  # kohya SGM name of an SDXL cross-attention key (640 x 2048)
 ADJACENT_CASES = {
     # case: (rows builder, values builder or None, kind, subtype/implementation, architecture)
     "kohya-lora-sd1": (lambda: H.kohya_lora("sd1", 16), 8.0, "lora", "kohya", "stable-diffusion-v1/lora"),
@@ -105,6 +106,16 @@ ADJACENT_CASES = {
     "lokr": (lambda: H.kohya_lora("sd1", 4, "lokr"), 1.0, "lora", "lokr", "stable-diffusion-v1/lora"),
     "peft-flux": (lambda: H.peft_flux_lora(32), None, "lora", "peft", "flux-1-dev/lora"),
     "diffusers-old": (lambda: H.diffusers_old_lora(4), None, "lora", "diffusers-old", "stable-diffusion-v1/lora"),
+    "oft": (lambda: [(f"{XL_K}.oft_blocks", (4, 160, 160), "float32"), (f"{XL_K}.alpha", (), "float32")], None, "lora", "oft",
+            "stable-diffusion-xl-v1-base/lora"),
+    "ia3": (lambda: [(f"{XL_K}.weight", (640,), "float32"), (f"{XL_K}.on_input", (), "int64")], None, "lora", "ia3",
+            "stable-diffusion-xl-v1-base/lora"),
+    "glora": (lambda: [(f"{XL_K}.a1.weight", (2048, 4), "float32"), (f"{XL_K}.a2.weight", (4, 2048), "float32"),
+                       (f"{XL_K}.b1.weight", (640, 4), "float32"), (f"{XL_K}.b2.weight", (4, 2048), "float32")], None, "lora", "glora",
+              "stable-diffusion-xl-v1-base/lora"),
+    "full-diff": (lambda: [(f"{XL_K}.diff", (640, 2048), "float16"), (f"{XL_K}.diff_b", (640,), "float16")], None, "lora", "full",
+                  "stable-diffusion-xl-v1-base/lora"),
+    "ti-diffusers": (lambda: [("<cat-toy>", (768,), "float32")], None, "embedding", "diffusers", "stable-diffusion-v1/textual-inversion"),
     "ti-sdxl": (lambda: [("clip_l", (4, 768), "float32"), ("clip_g", (4, 1280), "float32")], None, "embedding", "sdxl",
                 "stable-diffusion-xl-v1-base/textual-inversion"),
     "ti-kohya-sd2": (lambda: [("emb_params", (6, 1024), "float32")], None, "embedding", "kohya", "stable-diffusion-v2/textual-inversion"),
@@ -172,8 +183,12 @@ def test_lora_base_from_kohya_metadata_and_ss_summary(tmp):
             "ss_network_alpha": "2", "ss_steps": "1200", "ss_sd_model_name": "base.safetensors", "ss_resolution": "(1024, 1024)",
             "ss_tag_frequency": '{"10_x": {"1girl": 12, " smile": 3}, "5_y": {"smile": 4}}'}
     ident = identify_path(H.write_sparse(tmp / "l.safetensors", rows, meta))
-    assert ident.architecture == "stable-diffusion-xl-v1-base/lora"
-    assert ident.adapter["base_source"] == "kohya"
+    # SD1 shapes (context width 768) with SDXL metadata: the shapes decide, the metadata is a conflict
+    assert ident.architecture == "stable-diffusion-v1/lora" and ident.adapter["base_source"] == "shapes"
+    assert ident.problem("lora_base_conflict").details["claimed"] == "stable-diffusion-xl-v1-base"
+    sdxl = identify_path(H.write_sparse(tmp / "x.safetensors", H.kohya_lora("sdxl", 4), meta))
+    assert sdxl.architecture == "stable-diffusion-xl-v1-base/lora" and sdxl.adapter["base_source"] == "kohya"
+    assert sdxl.adapter["base_confidence"] == "high" and sdxl.problem("lora_base_conflict") is None
     training = ident.metadata["training"]
     assert training["ss_steps"] == "1200" and training["top_tags"][:2] == ["1girl", "smile"]
 

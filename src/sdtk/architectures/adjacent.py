@@ -36,6 +36,16 @@ ADJACENT: Tuple[Adjacent, ...] = (
     Adjacent("lora", "diffusers-old", None, (("any", (("any_suffix", ".lora.down.weight"), ("any_suffix", "_lora.down.weight"),
                                                     ("any_suffix", ".lora_linear_layer.down.weight"))),), _BARE,
              "diffusers loaders (attn processors to_q_lora.down, lora_linear_layer.up; pre-PEFT format)"),
+    Adjacent("lora", "peft", None, (("any", (("any_suffix", ".lora_A.default.weight"), ("any_suffix", ".lora_A"))),), _BARE,
+             "huggingface/peft adapter-named keys (lora_A.default.weight); Mochi LoRAs (lora_A without .weight), ComfyUI LoRAAdapter.load"),
+    Adjacent("lora", "oft", None, (("any", (("any_suffix", ".oft_blocks"), ("any_suffix", ".oft_diag"))),), _BARE,
+             "kohya-ss/sd-scripts networks/oft.py (oft_blocks); LyCORIS diag-oft / BOFT (oft_blocks, old oft_diag)"),
+    Adjacent("lora", "ia3", None, (("any_suffix", ".on_input"),), _BARE,
+             "KohakuBlueleaf/LyCORIS lycoris/modules/ia3.py ((IA)^3: weight + on_input)"),
+    Adjacent("lora", "glora", None, (("any_suffix", ".a2.weight"), ("any_suffix", ".b2.weight")), _BARE,
+             "KohakuBlueleaf/LyCORIS lycoris/modules/glora.py (a1/a2/b1/b2)"),
+    Adjacent("lora", "full", None, (("any_suffix", ".diff"), ("any_prefix", "lora_")), _BARE,
+             "KohakuBlueleaf/LyCORIS lycoris/modules/full.py and extract_locon.py full mode (diff, diff_b)"),
     # ---- Textual inversion ---------------------------------------------------------------------
     Adjacent("embedding", "a1111", None, (("any_prefix", "string_to_param."),), _BARE,
              "A1111 modules/textual_inversion/textual_inversion.py (string_to_param, string_to_token, name, step)"),
@@ -43,6 +53,9 @@ ADJACENT: Tuple[Adjacent, ...] = (
              "A1111 textual_inversion.py (SDXL embeddings: clip_l [n,768] + clip_g [n,1280])"),
     Adjacent("embedding", "kohya", None, (("has", "emb_params"),), _BARE,
              "kohya-ss/sd-scripts train_textual_inversion.py (emb_params)"),
+    Adjacent("embedding", "diffusers", None, (("sole", (768, 1024, 1280)),), _BARE,
+             "diffusers examples/textual_inversion (learned_embeds.bin: {placeholder token: [768]}); A1111 textual_inversion.py "
+             "create_embedding_from_data 'diffuser concepts'"),
     # ---- Hypernetworks (A1111): int keys = attention widths -------------------------------------
     Adjacent("hypernetwork", "a1111", None, (("any", (("any_prefix", "768."), ("any_prefix", "1024."), ("any_prefix", "320."),
                                                        ("any_prefix", "640."), ("any_prefix", "1280."))),

@@ -14,6 +14,8 @@ A condition is a tuple; a row matches when all its conditions hold over `shapes`
     ("feature", name, value)             a per-family feature (e.g. in_channels) == value
     ("any_suffix", suffix)               some key ends with suffix
     ("any", (cond, cond, ...))           at least one of the conditions holds
+    ("sole", widths)                     exactly one tensor, 1-D or 2-D, last dim in widths
+                                         (diffusers textual-inversion files: {token: [768]})
 """
 from __future__ import annotations
 
@@ -71,6 +73,11 @@ def holds(cond: Condition, shapes: Mapping[str, Shape], features: Optional[Dict[
         return any(k.endswith(cond[1]) for k in shapes)
     if op == "any":
         return any(holds(c, shapes, features) for c in cond[1])
+    if op == "sole":
+        if len(shapes) != 1:
+            return False
+        shape = next(iter(shapes.values()))
+        return shape is not None and len(shape) in (1, 2) and _equals(shape[-1], cond[1])
     if op == "feature":
         return features is not None and _equals(features.get(cond[1]), cond[2])
     raise ValueError(f"unknown condition {cond!r}")

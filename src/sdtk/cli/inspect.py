@@ -38,10 +38,11 @@ def iter_model_files(folder: str) -> Iterator[str]:
                 yield os.path.join(root, name)
 
 
-def inspect_one(path: str, deep: bool, vae_ref: Optional[str]) -> Tuple[Optional[Identity], Optional[Dict[str, Any]]]:
-    """(identity, None) or (None, unreadable record); never raises for a bad file."""
+def inspect_one(path: str, deep: bool, vae_ref: Optional[str], adapter_scan: bool = True) -> Tuple[Optional[Identity], Optional[Dict[str, Any]]]:
+    """(identity, None) or (None, unreadable record); never raises for a bad file. `adapter_scan`:
+    hash and NaN-scan adapter files (single files; a folder listing reads headers only)."""
     try:
-        return identify_path(path, deep=deep, vae_ref=vae_ref), None
+        return identify_path(path, deep=deep, vae_ref=vae_ref, adapter_scan=adapter_scan), None
     except SdtkError as e:
         return None, {"path": path, "problem": e.problem, "error": type(e).__name__, "file_size": _size(path)}
     except (OSError, ValueError, KeyError, IndexError, TypeError, MemoryError, RecursionError) as e:  # hostile input the readers did not anticipate
@@ -86,6 +87,24 @@ def base_fit(ident: Identity, base: str, lang: str) -> Tuple[Dict[str, Any], Lis
     return record, lines
 
 
+def embedding_base_fit(ident: Identity, base: str, lang: str) -> Tuple[Dict[str, Any], List[str]]:
+    """Whether an embedding fits `base` (inspect --base): its text encoders against the base's."""
+    from sdtk.ops.embedding import fit_with_base
+    from sdtk.report.fields import title_of
+
+    base_ident = identify_path(base, hashes=False)
+    encoders = {n: c.model for n, c in base_ident.components.items() if n.startswith("text_encoder")}
+    widths = {k: v["width"] for k, v in (ident.adapter or {}).get("tensors", {}).items()}
+    if "clip_l" not in widths:
+        widths = {"emb_params": next(iter(widths.values()))} if widths else {}
+    why = fit_with_base(widths, base_ident.family, encoders)
+    title = title_of(base_ident.architecture)
+    used = ", ".join(e["encoder"] for e in (ident.adapter or {}).get("encoders", []))
+    line = (text("embedding.base.fits", lang, base=os.path.basename(base), title=title, encoders=used) if why is None else
+            text("embedding.base.misfit", lang, base=os.path.basename(base), title=title, why=why))
+    return {"base": base, "base_architecture": base_ident.architecture, "fits": why is None, "reason": why}, [line]
+
+
 def run_inspect(paths: List[Path], json_out: bool, lang: str, deep: bool, vae_ref: Optional[Path], verbose: bool,
                 base_model: Optional[Path] = None) -> int:
     if lang not in LANGUAGES:
@@ -110,12 +129,14 @@ def run_inspect(paths: List[Path], json_out: bool, lang: str, deep: bool, vae_re
             targets = [p]
             base = os.path.dirname(p)
         for target in targets:
-            ident, bad = inspect_one(target, deep, os.fspath(vae_ref) if vae_ref else None)
+            ident, bad = inspect_one(target, deep, os.fspath(vae_ref) if vae_ref else None, adapter_scan=not listing or deep)
             if ident is not None:
                 identities.append(ident)
                 fit_lines: List[str] = []
                 if base_model is not None and ident.kind == "lora":
                     fits[ident.path], fit_lines = base_fit(ident, os.fspath(base_model), lang)
+                elif base_model is not None and ident.kind == "embedding":
+                    fits[ident.path], fit_lines = embedding_base_fit(ident, os.fspath(base_model), lang)
                 if not json_out and not listing:
                     console.print(render_identity(ident, lang, verbose=verbose))
                     for line in fit_lines:
@@ -151,7 +172,7 @@ def register(app: typer.Typer) -> None:
         deep: bool = typer.Option(False, "--deep", help="Also read every tensor: inf/NaN check, SD2 prediction heuristic."),
         vae_ref: Optional[Path] = typer.Option(None, "--vae-ref", help="A VAE file: is the VAE baked into the model the same?"),
         verbose: bool = typer.Option(False, "--verbose", "-v", help="Show every finding and note."),
-        base: Optional[Path] = typer.Option(None, "--base", help="A checkpoint: how many of a LoRA's modules apply to it, which do not and why."),
+        base: Optional[Path] = typer.Option(None, "--base", help="A checkpoint: how many of a LoRA's modules apply to it, which do not and why; whether an embedding fits it."),
     ) -> int:
         """Say what a model file is, what is inside, what is wrong with it, and what to do.
 

@@ -23,7 +23,7 @@ from sdtk.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, SdtkError
 COMMAND_MODULES: Dict[str, str] = {
     "demo": "demo", "inspect": "inspect", "scan": "scan", "convert": "convert", "hash": "hash",
     "merge": "merge", "diff": "merge", "library": "library",
-    "lora": "lora", "serve": "serve", "batch": "batch",
+    "lora": "lora", "embedding": "embedding", "serve": "serve", "batch": "batch",
 }
 
 

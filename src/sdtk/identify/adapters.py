@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
-from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Tuple
 
 if TYPE_CHECKING:
     import numpy as np
@@ -135,36 +135,92 @@ def analyse_lora(tensors: Mapping[str, LazyTensor], subtype: str, metadata: Mapp
     }
 
 
+# Text-encoder names by embedding width (CLIP ViT-L/14 768, OpenCLIP ViT-H 1024, OpenCLIP ViT-bigG 1280).
+ENCODER_NAMES = {768: "CLIP-L", 1024: "OpenCLIP-H", 1280: "OpenCLIP-bigG"}
+PROMPT_CHUNK = 75  # tokens of one CLIP prompt chunk (A1111 sd_hijack_clip)
+
+
 def analyse_embedding(tensors: Mapping[str, LazyTensor], subtype: str, extras: Mapping[str, Any]) -> Dict[str, Any]:
     vectors: Dict[str, Any] = {}
     widths = set()
+    encoders = []
     for key, t in tensors.items():
         if len(t.shape) >= 1:
             n = t.shape[0] if len(t.shape) == 2 else 1
             width = t.shape[-1]
             vectors[key] = {"vectors": n, "width": width}
             widths.add(width)
+            encoders.append({"tensor": key, "encoder": ENCODER_NAMES.get(width, f"width {width}"), "width": width, "vectors": n})
     if {768, 1280} <= widths:
         base = "stable-diffusion-xl-v1-base"
     elif len(widths) == 1:
         base = EMBEDDING_WIDTH_BASE.get(next(iter(widths)))
     else:
         base = None
+    encoders.sort(key=lambda e: e["width"])
     total = max((v["vectors"] for v in vectors.values()), default=0)
-    out = {"format": subtype, "vectors": total, "tensors": vectors, "base_architecture": base, "base_source": "shapes" if base else None}
+    out = {"format": subtype, "vectors": total, "tensors": vectors, "encoders": encoders, "base_architecture": base,
+           "base_source": "shapes" if base else None}
+    terms = [k.split(".", 1)[1] for k in tensors if k.startswith("string_to_param.")]
+    if subtype == "a1111" and terms:
+        out["token"] = terms[0] if len(terms) == 1 else None
+        out["terms"] = terms
+        token_id = extras.get(f"string_to_token.{terms[0]}")
+        if isinstance(token_id, int) and not isinstance(token_id, bool):
+            out["token_id"] = token_id
+    elif subtype == "diffusers" and tensors:
+        out["token"] = next(iter(tensors))
+    elif isinstance(extras.get("token"), str):
+        out["token"] = extras["token"]
     for field in ("name", "step", "sd_checkpoint", "sd_checkpoint_name"):
         if field in extras and isinstance(extras[field], (str, int, float)):
             out[field] = extras[field]
     return out
 
 
+def embedding_problems(a: Mapping[str, Any]) -> list:
+    """[(code, severity, details)] for an analysed embedding: what A1111 refuses or mangles."""
+    out = []
+    terms = a.get("terms") or []
+    if len(terms) > 1:  # A1111 create_embedding_from_data: assert len(param_dict) == 1
+        out.append(("embedding_multiple_terms", "error", {"count": len(terms), "tokens": terms[:5]}))
+    tensors = a.get("tensors") or {}
+    if "clip_l" in tensors and "clip_g" in tensors and tensors["clip_l"]["vectors"] != tensors["clip_g"]["vectors"]:
+        out.append(("embedding_pair_mismatch", "error", {"l": tensors["clip_l"]["vectors"], "g": tensors["clip_g"]["vectors"]}))
+    if (a.get("vectors") or 0) > PROMPT_CHUNK:
+        out.append(("embedding_too_many_vectors", "warning", {"vectors": a["vectors"]}))
+    return out
+
+
 def analyse_hypernetwork(tensors: Mapping[str, LazyTensor], extras: Mapping[str, Any]) -> Dict[str, Any]:
+    """A1111 hypernetwork (modules/hypernetworks/hypernetwork.py): {width: [module_k, module_v]},
+    each module a Sequential whose Linear weights give the layer sizes (768 -> 1536 -> 768), plus
+    the training options saved beside them."""
     widths = sorted({int(k.split(".", 1)[0]) for k in tensors if k.split(".", 1)[0].isdigit()})
     base = "stable-diffusion-v2" if 1024 in widths else ("stable-diffusion-v1" if 768 in widths else None)
-    out: Dict[str, Any] = {"format": "a1111", "widths": widths, "base_architecture": base, "base_source": "shapes" if base else None}
-    for field in ("name", "step", "layer_structure", "activation_func", "is_layer_norm", "use_dropout", "sd_checkpoint_name"):
-        if field in extras and isinstance(extras[field], (str, int, float, bool, list)):
-            out[field] = extras[field]
+    sizes: Dict[str, List[int]] = {}
+    norms = False
+    for w in widths:
+        linear = []
+        for key, t in tensors.items():
+            parts = key.split(".")
+            if len(parts) == 5 and parts[0] == str(w) and parts[1] == "0" and parts[2] == "linear" and parts[3].isdigit() and parts[4] == "weight":
+                if len(t.shape) == 2:
+                    linear.append((int(parts[3]), t.shape))
+                elif len(t.shape) == 1:
+                    norms = True
+        linear.sort()
+        if linear:
+            sizes[str(w)] = [linear[0][1][1]] + [s[0] for _, s in linear]
+    out: Dict[str, Any] = {"format": "a1111", "widths": widths, "layer_sizes": sizes, "modules_per_width": 2,
+                           "base_architecture": base, "base_source": "shapes" if base else None}
+    if "is_layer_norm" not in extras and sizes:
+        out["is_layer_norm"] = norms
+    for field in ("name", "step", "layer_structure", "activation_func", "is_layer_norm", "use_dropout", "weight_initialization",
+                  "activate_output", "last_layer_dropout", "dropout_structure", "sd_checkpoint", "sd_checkpoint_name"):
+        value = extras.get(field)
+        if isinstance(value, (str, int, float, bool)) or (isinstance(value, list) and all(isinstance(v, (int, float)) for v in value)):
+            out[field] = value
     return out
 
 

@@ -79,5 +79,7 @@ def choose_advice(ident: Identity) -> None:
         _add(ident, "text_encoder", model=ident.architecture)
     elif kind == "unknown":
         _add(ident, "unknown")
-    if kind in ("lora", "embedding", "hypernetwork", "controlnet", "t2i-adapter", "vae", "text-encoder") and ident.format != "safetensors":
+    if kind == "embedding" and ident.format != "safetensors":
+        _add(ident, "convert_embedding")  # the layout A1111 and ComfyUI load from safetensors (ops/embedding.py)
+    elif kind in ("lora", "embedding", "hypernetwork", "controlnet", "t2i-adapter", "vae", "text-encoder") and ident.format != "safetensors":
         _add(ident, "convert_to_safetensors")

@@ -23,6 +23,7 @@ from sdtk.identify.model import Component, Identity, Problem
 from sdtk.identify.scaled import match_scaled_layout
 from sdtk.identify.prediction import predict
 
+ADAPTER_FILE_KINDS = ("lora", "embedding", "hypernetwork")
 NOT_WEIGHTS = ("ddpm_buffers", "markers", "model_sampling")
 SAFETY = {
     "safetensors": {"verdict": "safe", "reason": "safetensors holds only tensors and text; it cannot run code"},
@@ -120,14 +121,22 @@ def identify(cat: Catalogue, *, deep: bool = False, config: Optional[ConfigBesid
     return ident
 
 
-def identify_path(path: "os.PathLike[str] | str", *, deep: bool = False, vae_ref: Optional[str] = None) -> Identity:
-    """Open a model file (or a diffusers folder) and identify it. Raises SdtkError when unreadable."""
+def identify_path(path: "os.PathLike[str] | str", *, deep: bool = False, vae_ref: Optional[str] = None,
+                  hashes: bool = True, adapter_scan: bool = True) -> Identity:
+    """Open a model file (or a diffusers folder) and identify it. Raises SdtkError when unreadable.
+    An adapter file (LoRA, embedding, hypernetwork) is also read whole (`adapter_scan`, default;
+    adapters are small): hashed as A1111 and Civitai show it (`hashes`) and scanned for NaN / inf."""
     path = os.fspath(path)
     if os.path.isdir(path) and os.path.exists(os.path.join(path, "model_index.json")):
         return identify_diffusers_folder(path, identify_path, deep=deep)
     config = read_config_beside(path)
     with open_model(path) as cat:
-        return identify(cat, deep=deep, config=config, vae_ref=vae_ref)
+        ident = identify(cat, deep=deep, config=config, vae_ref=vae_ref)
+        if adapter_scan and ident.kind in ADAPTER_FILE_KINDS:  # a local adapter: its hashes and a NaN / inf scan (small files)
+            from sdtk.identify.adapter_file import check_adapter_file
+
+            check_adapter_file(ident, cat, hashes=hashes)
+        return ident
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,10 +229,16 @@ def _identify_adjacent(ident: Identity, m, tensors, shapes, cat: Catalogue) -> N
         ident.components["other"] = other
     base = None
     if row.kind == "lora":
+        tensors = _scalars_read_once(tensors)  # alphas are read by both analyses (one range request each when remote)
         ident.adapter = adapters.analyse_lora(tensors, row.subtype, cat.metadata)
+        _describe_lora(ident, tensors, cat.metadata)
         base, suffix = ident.adapter["base_architecture"], "lora"
     elif row.kind == "embedding":
-        ident.adapter = adapters.analyse_embedding(tensors, row.subtype, cat.extras)
+        # name / step / token: pickle fields (A1111 .pt) or the text metadata sdtk embedding convert writes
+        fields = {k: v for k, v in cat.metadata.items() if k in ("name", "step", "sd_checkpoint", "sd_checkpoint_name", "token")}
+        ident.adapter = adapters.analyse_embedding(tensors, row.subtype, {**fields, **cat.extras})
+        for code, severity, details in adapters.embedding_problems(ident.adapter):
+            ident.problems.append(Problem(code, severity, f"problem.{code}", details))
         base, suffix = ident.adapter["base_architecture"], "textual-inversion"
     elif row.kind == "hypernetwork":
         ident.adapter = adapters.analyse_hypernetwork(tensors, cat.extras)
@@ -238,6 +253,49 @@ def _identify_adjacent(ident: Identity, m, tensors, shapes, cat: Catalogue) -> N
         ident.architecture = f"{base or 'unknown'}/{suffix}"
         ident.family = ARCHITECTURES[base].family if base in ARCHITECTURES else None
         ident.title = row.kind
+
+
+def _scalars_read_once(tensors):
+    """`tensors` with every one-element tensor's loader cached (the other tensors as they are)."""
+    import dataclasses
+    from functools import lru_cache
+
+    out = dict(tensors)
+    for key, t in tensors.items():
+        if t.numel == 1:
+            out[key] = dataclasses.replace(t, loader=lru_cache(maxsize=1)(t.loader))
+    return out
+
+
+def _describe_lora(ident: Identity, tensors, metadata) -> None:
+    """The deeper LoRA facts (identify/lora_facts.py) merged into ident.adapter, their problems
+    added; the base is the shapes' verdict when metadata disagrees."""
+    from sdtk.identify import lora_facts
+
+    try:
+        found = lora_facts.describe_lora(tensors, metadata)
+    except (ValueError, KeyError, IndexError, TypeError, OverflowError) as e:  # odd shapes in a hostile file: the basic analysis stands
+        ident.notes.append(f"LoRA details not available: {type(e).__name__}: {e}")
+        return
+    facts = found["facts"]
+    ident.adapter.update(facts)
+    verdict = facts["base"]
+    if verdict["architecture"] and (verdict["conflict"] or not ident.adapter.get("base_architecture")):
+        ident.adapter["base_architecture"] = verdict["architecture"]
+        ident.adapter["base_source"] = next((e["source"] for e in verdict["evidence"] if e["architecture"] == verdict["architecture"]), None)
+    ident.adapter["base_confidence"] = verdict["confidence"]
+    for code, severity, details in found["problems"]:
+        ident.problems.append(Problem(code, severity, f"problem.{code}", details))
+    try:
+        fit = lora_facts.check_against_base(found["adapter"], ident.adapter.get("base_architecture"))
+    except (ValueError, KeyError, IndexError, TypeError) as e:
+        ident.notes.append(f"LoRA keys not checked against the base layout: {type(e).__name__}: {e}")
+        fit = None
+    if fit is not None:
+        ident.adapter["claimed_base_fit"] = fit
+        if fit["unmatched"]:
+            ident.problems.append(Problem("lora_unmatched_in_base", "warning", "problem.lora_unmatched_in_base",
+                                          {**fit, "base": ident.adapter.get("base_architecture")}))
 
 
 def _identify_unknown(ident: Identity, tensors) -> None:

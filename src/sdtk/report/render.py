@@ -128,7 +128,7 @@ def render_identity(ident: Identity, lang: str = "en", verbose: bool = False) ->
             pred = _t("prediction.unknown", lang)
         _row(rows, _t("label.prediction", lang), pred)
     if ident.adapter:
-        for line in _adapter_lines(ident, lang):
+        for line in adapter_lines(ident, lang):
             _row(rows, _t("label.adapter", lang), line)
     verdict = ident.safety.get("verdict")
     if verdict in ("safe", "read-safely"):
@@ -136,7 +136,7 @@ def render_identity(ident: Identity, lang: str = "en", verbose: bool = False) ->
     if ident.vae_comparison:
         vc = ident.vae_comparison
         _row(rows, _t("label.vae_ref", lang), _t(vc.get("message_key", "vae.different"), lang, **prepare(vc, lang)))
-    meta = _metadata_line(ident)
+    meta = metadata_line(ident)
     if meta:
         _row(rows, _t("label.metadata", lang), meta)
     parts.append(rows)
@@ -161,7 +161,7 @@ def render_identity(ident: Identity, lang: str = "en", verbose: bool = False) ->
         for t in ident.unknown_summary["largest_tensors"][:5]:
             parts.append(hanging("  ", _t("unknown.largest", lang, key=t["key"], shape=t["shape"], dtype=t["dtype"])))
     parts.append(Text(_t("label.problems", lang), style="bold"))
-    shown = [p for p in ident.problems if verbose or p.severity != "info" or p.code in ("training_state", "sdxl_vae_fp16", "extra_keys", "unknown_keys", "needs_config_yaml")]
+    shown = [p for p in ident.problems if verbose or p.severity != "info" or p.code in ("training_state", "sdxl_vae_fp16", "extra_keys", "unknown_keys", "needs_config_yaml", "lora_alpha_missing")]
     if not shown:
         parts.append(hanging("  ", _t("label.no_problems", lang), body_style="green"))
     for p in shown:
@@ -178,28 +178,164 @@ def render_identity(ident: Identity, lang: str = "en", verbose: bool = False) ->
     return Group(*parts)
 
 
-def _adapter_lines(ident: Identity, lang: str) -> List[str]:
+def adapter_lines(ident: Identity, lang: str) -> List[str]:
+    """The adapter rows of the report (LoRA, embedding, hypernetwork, ControlNet), in `lang`."""
     a = ident.adapter or {}
-    lines = []
+    lines: List[str] = []
     if ident.kind == "lora":
-        lines.append(_t("adapter.lora", lang, **prepare({k: a.get(k) for k in ("algorithm", "format", "modules", "ranks", "alphas")})))
-        if a.get("targets"):
-            lines.append(_t("adapter.targets", lang, targets=join(f"{k} ({v})" for k, v in a["targets"].items())))
+        lines += _lora_lines(ident, a, lang)
     elif ident.kind == "embedding":
-        lines.append(_t("adapter.embedding", lang, vectors=a.get("vectors")) + (f", {a['name']}" if a.get("name") else ""))
+        lines += _embedding_lines(a, lang)
     elif ident.kind == "hypernetwork":
-        lines.append(_t("adapter.hypernetwork", lang, widths=join(a.get("widths", []))))
+        lines += _hypernetwork_lines(a, lang)
     elif ident.kind in ("controlnet", "t2i-adapter"):
         lines.append(_t("adapter.controlnet", lang, format=a.get("format")))
     training = ident.metadata.get("training") or {}
-    if training.get("ss_sd_model_name") or training.get("ss_steps"):
+    if ident.kind != "lora" and (training.get("ss_sd_model_name") or training.get("ss_steps")):
         lines.append(_t("adapter.training", lang, **prepare({k: training.get(k) for k in ("ss_sd_model_name", "ss_steps", "ss_resolution")})))
-    if training.get("top_tags"):
+    if ident.kind != "lora" and training.get("top_tags"):
         lines.append(_t("adapter.tags", lang, tags=join(training["top_tags"])))
+    hashes = a.get("hashes")
+    if hashes:
+        lines.append(_t("adapter.hashes", lang, autov2=hashes["autov2"].upper(), autov3=hashes["autov3"].upper(),
+                        a1111=hashes.get("a1111_short", "-")))
     return lines
 
 
-def _metadata_line(ident: Identity) -> str:
+def _number(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _rank_text(groups, lang: str) -> str:
+    from sdtk.ops.lora.adapters import KIND_LABELS
+
+    kinds = {g["type"] for g in groups}
+    bits = []
+    for g in groups:
+        label = KIND_LABELS.get(g["type"], g["type"])
+        if g["rank"] is None:
+            bits.append(_t("lora.full_modules", lang, type=label, modules=g["modules"]))
+            continue
+        alpha = _number(g["alpha"]) if g["alpha"] is not None else _t("lora.no_alpha", lang)
+        text_ = _t("lora.rank_conv" if g["conv"] else "lora.rank", lang, rank=g["rank"], alpha=alpha, modules=g["modules"])
+        if not kinds <= {"lora", "locon"}:
+            text_ = f"{label} {text_}"
+        bits.append(text_)
+    return "; ".join(bits[:6]) + (f"; ... (+{len(bits) - 6})" if len(bits) > 6 else "")
+
+
+def _touched_text(a, lang: str) -> str:
+    from sdtk.identify.lora_facts import ranges
+
+    parts = []
+    family = None
+    base = (a.get("base") or {}).get("architecture") or a.get("base_architecture")
+    if base:
+        from sdtk.architectures import family_of
+
+        family = family_of(base)
+    for comp, n in sorted(a.get("components_touched", {}).items(), key=lambda kv: kv[0] != "unet"):
+        label = _component_label(comp, "dit" if comp == "unet" and family in ("flux", "sd3") else None, lang)
+        groups = (a.get("blocks") or {}).get(comp, {})
+        where = join((f"{g} {ranges(ix)}" if ix else g) for g, ix in groups.items() if g != "other") if groups else ""
+        if "other" in groups:
+            where = join([where, "other"]) if where else "other"
+        parts.append(f"{label} {n} ({where})" if where else f"{label} {n}")
+    return "; ".join(parts)
+
+
+def _lora_lines(ident: Identity, a, lang: str) -> List[str]:
+    lines = []
+    types = a.get("types") or {}
+    types_text = join(f"{k} {v}" for k, v in types.items()) if types else str(a.get("algorithm"))
+    lines.append(_t("lora.types", lang, types=types_text, format=a.get("format"), modules=a.get("modules")))
+    if a.get("rank_groups"):
+        lines.append(_rank_text(a["rank_groups"], lang))
+    if a.get("dora_modules"):
+        lines.append(_t("lora.dora", lang, modules=a["dora_modules"]))
+    if a.get("components_touched"):
+        lines.append(_t("lora.touches", lang, parts=_touched_text(a, lang)))
+    elif a.get("targets"):
+        lines.append(_t("adapter.targets", lang, targets=join(f"{k} ({v})" for k, v in a["targets"].items())))
+    base = a.get("base") or {}
+    if base.get("architecture"):
+        from sdtk.architectures import family_of
+
+        same = family_of(base["architecture"])
+        evidence = join(e["detail"] for e in base.get("evidence", []) if family_of(e["architecture"]) == same)
+        lines.append(_t("lora.made_for", lang, title=title_of(a.get("base_architecture") or base["architecture"]),
+                        confidence=_t(f"confidence.{base.get('confidence', 'none')}", lang), evidence=evidence or "-"))
+    elif "base" in a:
+        lines.append(_t("lora.made_for_unknown", lang))
+    fit = a.get("claimed_base_fit")
+    if fit and not fit["unmatched"]:
+        lines.append(_t("lora.fits_layout", lang, modules=fit["modules"], title=title_of(a.get("base_architecture"))))
+    if a.get("bundled_embeddings"):
+        lines.append(_t("lora.bundled", lang, names=join(a["bundled_embeddings"])))
+    triggers = a.get("trigger_words") or []
+    if triggers:
+        words = join(f"{t['word']} ({_t('trigger.' + t['source'], lang)}{', ' + str(t['count']) if 'count' in t else ''})" for t in triggers)
+        lines.append(_t("adapter.triggers", lang, words=words))
+    facts = a.get("training_facts") or {}
+    trained = [_t(f"train.{k}", lang, value=_fact(facts[k])) for k in TRAINING_SHOWN if k in facts]
+    if trained:
+        lines.append(_t("adapter.trained", lang, facts=", ".join(trained)))
+    network = [_t(f"train.{k}", lang, value=_fact(facts[k])) for k in NETWORK_SHOWN if k in facts]
+    if network:
+        lines.append(_t("adapter.network", lang, facts=", ".join(network)))
+    if facts.get("base_model"):
+        lines.append(_t("adapter.trained_on", lang, model=facts["base_model"]))
+    return lines
+
+
+# Which training facts (identify/lora_facts.py TRAINING_KEYS names) the text report shows; --json has them all.
+TRAINING_SHOWN = ("steps", "epoch", "epochs", "train_images", "dataset_images", "reg_images", "batch_size", "resolution",
+                  "learning_rate", "unet_lr", "text_encoder_lr", "optimizer", "lr_scheduler", "clip_skip", "mixed_precision")
+NETWORK_SHOWN = ("network_module", "network_dim", "network_alpha", "network_args")
+
+
+def _fact(value) -> str:
+    if isinstance(value, dict):
+        return join(f"{k}={v}" for k, v in value.items())
+    text_ = str(value)
+    return text_ if len(text_) <= 80 else text_[:77] + "..."
+
+
+def _embedding_lines(a, lang: str) -> List[str]:
+    lines = []
+    encoders = join(f"{e['encoder']} {e['width']}" for e in a.get("encoders", [])) or "?"
+    lines.append(_t("embedding.vectors", lang, vectors=a.get("vectors"), encoders=encoders))
+    if a.get("token"):
+        lines.append(_t("embedding.token", lang, token=a["token"]))
+    if any(a.get(k) is not None for k in ("name", "step", "sd_checkpoint_name", "sd_checkpoint")):
+        ckpt = a.get("sd_checkpoint_name") or "?"
+        if a.get("sd_checkpoint"):
+            ckpt += f" [{a['sd_checkpoint']}]"
+        lines.append(_t("embedding.trained", lang, name=a.get("name") or "?", step=a.get("step", "?"), checkpoint=ckpt))
+    return lines
+
+
+def _yes_no(value, lang: str) -> str:
+    if value is None:
+        return "?"
+    return _t("word.yes" if value else "word.no", lang)
+
+
+def _hypernetwork_lines(a, lang: str) -> List[str]:
+    layers = a.get("layer_sizes") or {}
+    sizes = join(f"{w}: {' -> '.join(map(str, s))}" for w, s in layers.items()) if layers else join(a.get("layer_structure") or [])
+    lines = [_t("hypernetwork.layers", lang, widths=join(a.get("widths", [])), layers=sizes or "?")]
+    lines.append(_t("hypernetwork.options", lang, activation=a.get("activation_func") or "?", layer_norm=_yes_no(a.get("is_layer_norm"), lang),
+                    dropout=_yes_no(a.get("use_dropout"), lang), init=a.get("weight_initialization") or "?"))
+    if any(a.get(k) is not None for k in ("name", "step", "sd_checkpoint_name")):
+        ckpt = a.get("sd_checkpoint_name") or "?"
+        if a.get("sd_checkpoint"):
+            ckpt += f" [{a['sd_checkpoint']}]"
+        lines.append(_t("embedding.trained", lang, name=a.get("name") or "?", step=a.get("step", "?"), checkpoint=ckpt))
+    return lines
+
+
+def metadata_line(ident: Identity) -> str:
     m = ident.metadata
     bits = []
     spec = m.get("modelspec")

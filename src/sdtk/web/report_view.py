@@ -6,7 +6,7 @@ from typing import Any, Dict, List
 from sdtk.identify.model import Identity
 from sdtk.report.fields import human_bytes, human_count, join, prepare
 from sdtk.report.messages import text
-from sdtk.report.render import _adapter_lines, _metadata_line, what_it_is
+from sdtk.report.render import adapter_lines, metadata_line, what_it_is
 
 MAX_META_VALUE = 600
 
@@ -33,12 +33,12 @@ def report_view(ident: Identity, lang: str) -> Dict[str, Any]:
         else:
             pred = text("prediction.unknown", lang)
         rows.append((text("label.prediction", lang), pred))
-    for line in _adapter_lines(ident, lang) if ident.adapter else []:
+    for line in adapter_lines(ident, lang) if ident.adapter else []:
         rows.append((text("label.adapter", lang), line))
     verdict = ident.safety.get("verdict")
     if verdict in ("safe", "read-safely"):
         rows.append((text("label.safety", lang), text(f"safety.{verdict}", lang)))
-    meta = _metadata_line(ident)
+    meta = metadata_line(ident)
     if meta:
         rows.append((text("label.metadata", lang), meta))
     largest = max((c.bytes for c in ident.components.values()), default=0) or 1  # the largest bar is full width

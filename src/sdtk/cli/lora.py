@@ -165,7 +165,7 @@ def extract_cmd(
     components: Optional[str] = typer.Option(None, "--components", help="unet,te (or te1,te2...); default: the UNet/DiT and text encoders that differ."),
     svd: str = typer.Option("randomized", "--svd", help="randomized (fast) or exact (= a full SVD's top singular vectors)."),
     niter: int = typer.Option(2, "--niter", help="Subspace iterations of the randomized SVD."),
-    clamp_quantile: float = typer.Option(0.99, "--clamp-quantile", help="kohya's clamp of the factors (1: none)."),
+    clamp_quantile: float = typer.Option(1.0, "--clamp-quantile", help="Clamp the factors at this quantile of their entries (kohya: 0.99; 1: none)."),
     min_diff: float = typer.Option(0.01, "--min-diff", help="A text encoder is extracted when it differs by more than this."),
     out_dtype: str = typer.Option("fp16", "--dtype", help="Dtype of the factors: fp16, bf16 or fp32."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),

@@ -4,7 +4,8 @@ Per module (naming.py: kohya's module set and names for the architecture): A = t
 float32 (a row third of OpenCLIP's fused in_proj for q/k/v), flattened to (out, in*kh*kw); its
 top-k singular triplets (lowrank.py: randomized, or exact through the float64 Gram matrix);
 kohya's formula (extract_lora_from_models.py, reference/lora.md §3.2): up = U diag(S), down = Vh,
-clamp both to the 0.99 quantile of their entries (numpy: no 2^24 limit), alpha = rank (scale 1).
+optionally kohya's clamp of both to the 0.99 quantile of their entries (numpy: no 2^24 limit; off by
+default: it costs accuracy, README), alpha = rank (scale 1).
 Streaming: with a fixed rank the header is known before any SVD, so each module is computed when
 the writer reaches it (memory: one module's difference and factors). A dynamic rank needs every
 module's singular values first: the factors (the output itself) are kept until written.
@@ -59,7 +60,7 @@ class ExtractOptions:
     components: Optional[Sequence[str]] = None  # None: the UNet/DiT, and text encoders that differ
     svd: str = "randomized"
     niter: int = 2
-    clamp_quantile: float = 0.99
+    clamp_quantile: float = 1.0  # kohya clamps at 0.99 (--clamp-quantile 0.99); it costs accuracy (README)
     min_diff: float = 0.01
     dtype: str = "fp16"
     seed: int = 0

@@ -41,13 +41,15 @@ class Target:
 # CLIP-G when CLIP-L exists else lora_te_ (SDXL refiner), lora_te3_ -> T5 in kohya FLUX/SD3
 # (sd-scripts networks/lora_flux.py, lora_sd3.py LORA_PREFIX_TEXT_ENCODER_T5), text_encoder(_2)(_3).
 # diffusers names (diffusers loaders/lora_pipeline.py: FLUX's text_encoder_2 is T5, SD3's is CLIP-G).
+# ComfyUI's generic TE names `text_encoders.clip_{l,h,g}.transformer.` + HF path (comfy/lora.py
+# model_lora_keys_clip over its clip_l / clip_h (SD2) / clip_g state dicts, as its LoraSave writes).
 
 UNET_PREFIXES = ("model.diffusion_model.",)
 # (checkpoint prefix of the HF-layout text model, component, kohya prefixes, diffusers prefixes).
 # `{t5}` is text_encoder_3 when a CLIP-G is present (SD3), else text_encoder_2 (FLUX).
 HF_TEXT_ENCODERS = (
-    ("cond_stage_model.transformer.", "te1", ("lora_te_", "lora_te1_"), ("text_encoder.",)),  # SD1 CLIP-L
-    ("conditioner.embedders.0.transformer.", "te1", ("lora_te1_", "lora_te_"), ("text_encoder.",)),  # SDXL CLIP-L
+    ("cond_stage_model.transformer.", "te1", ("lora_te_", "lora_te1_"), ("text_encoder.", "text_encoders.clip_l.transformer.")),  # SD1 CLIP-L
+    ("conditioner.embedders.0.transformer.", "te1", ("lora_te1_", "lora_te_"), ("text_encoder.", "text_encoders.clip_l.transformer.")),  # SDXL CLIP-L
     ("text_encoders.clip_l.transformer.", "te1", ("lora_te1_", "lora_te_"), ("text_encoder.",)),  # ComfyUI SD3/FLUX
     ("text_encoders.clip_g.transformer.", "te2", ("lora_te2_",), ("text_encoder_2.",)),  # ComfyUI SD3
     ("text_encoders.t5xxl.transformer.", "te3", ("lora_te3_",), ("{t5}",)),  # ComfyUI SD3/FLUX
@@ -55,11 +57,11 @@ HF_TEXT_ENCODERS = (
 # OpenCLIP text models stored in the LDM layout (fused attention): SD2 (OpenCLIP-H), SDXL te2
 # (OpenCLIP-bigG). LoRAs name them with HF CLIP names (kohya trains on transformers' CLIPTextModel).
 OPENCLIP_TEXT_ENCODERS = (
-    ("cond_stage_model.model.", "te1", ("lora_te_", "lora_te1_"), ("text_encoder.",)),  # SD2
-    ("conditioner.embedders.1.model.", "te2", ("lora_te2_",), ("text_encoder_2.",)),  # SDXL
+    ("cond_stage_model.model.", "te1", ("lora_te_", "lora_te1_"), ("text_encoder.", "text_encoders.clip_h.transformer.")),  # SD2
+    ("conditioner.embedders.1.model.", "te2", ("lora_te2_",), ("text_encoder_2.", "text_encoders.clip_g.transformer.")),  # SDXL
 )
 # SDXL refiner: only the OpenCLIP-bigG, which LoRAs call lora_te_ / text_encoder.
-REFINER_OPENCLIP = ("conditioner.embedders.0.model.", "te1", ("lora_te_", "lora_te1_"), ("text_encoder.",))
+REFINER_OPENCLIP = ("conditioner.embedders.0.model.", "te1", ("lora_te_", "lora_te1_"), ("text_encoder.", "text_encoders.clip_g.transformer."))
 
 # OpenCLIP -> HF CLIP module names inside one layer. Sources: A1111 networks.py
 # convert_diffusers_name_to_compvis (SD2 `mlp_fc1 -> mlp_c_fc`, `self_attn -> attn`, q/k/v onto

@@ -11,7 +11,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 from sdtk.cli.common import console, err_console, print_json
 from sdtk.errors import UsageError
 
-lora_app = typer.Typer(name="lora", help="Bake LoRA / LyCORIS adapters into models (exact, streaming).",
+lora_app = typer.Typer(name="lora", help="Bake, extract, merge, resize and convert LoRA / LyCORIS adapters (exact, streaming).",
                        no_args_is_help=True, context_settings={"help_option_names": ["-h", "--help"]})
 
 
@@ -138,6 +138,74 @@ def resize_cmd(
     worst = min((r for *_, r in rows), default=1.0)
     console.print(f"wrote {output}: {len(rows)} modules, ranks {sorted({k for _, _, k, _ in rows})}; "
                   f"Frobenius norm retained: min {worst:.4f}")
+    return 0
+
+
+def _dynamic(text: Optional[str]):
+    if not text:
+        return None
+    method, _, raw = text.partition(":")
+    try:
+        param = float(raw)
+    except ValueError:
+        raise UsageError(None, f"--dynamic {text!r}: expected METHOD:NUMBER") from None
+    if method not in ("sv_ratio", "sv_fro", "sv_cumulative"):
+        raise UsageError(None, "--dynamic must be sv_ratio:R, sv_fro:F or sv_cumulative:C")
+    return method, param
+
+
+@lora_app.command("extract")
+def extract_cmd(
+    tuned: Path = typer.Argument(..., help="The fine-tuned checkpoint (or UNet/DiT file)."),
+    base: Path = typer.Argument(..., help="The model it was tuned from."),
+    output: Path = typer.Option(..., "-o", "--output", help="Output .safetensors LoRA."),
+    rank: int = typer.Option(32, "--rank", help="Rank of Linear / 1x1 modules (the cap with --dynamic)."),
+    conv_rank: Optional[int] = typer.Option(None, "--conv-rank", help="Also extract 3x3 ResNet/sampler convs (LoCon) at this rank."),
+    dynamic: Optional[str] = typer.Option(None, "--dynamic", help="sv_ratio:R, sv_fro:F or sv_cumulative:C (kohya's conventions)."),
+    components: Optional[str] = typer.Option(None, "--components", help="unet,te (or te1,te2...); default: the UNet/DiT and text encoders that differ."),
+    svd: str = typer.Option("randomized", "--svd", help="randomized (fast) or exact (= a full SVD's top singular vectors)."),
+    niter: int = typer.Option(2, "--niter", help="Subspace iterations of the randomized SVD."),
+    clamp_quantile: float = typer.Option(1.0, "--clamp-quantile", help="Clamp the factors at this quantile of their entries (kohya: 0.99; 1: none)."),
+    min_diff: float = typer.Option(0.01, "--min-diff", help="A text encoder is extracted when it differs by more than this."),
+    out_dtype: str = typer.Option("fp16", "--dtype", help="Dtype of the factors: fp16, bf16 or fp32."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
+    json_out: bool = typer.Option(False, "--json", help="Print a JSON summary (every module's error)."),
+) -> int:
+    """Extract TUNED - BASE as a kohya LoRA (LoCon with --conv-rank), streaming, with the error per module."""
+    from sdtk.ops.lora.extract import ExtractOptions, extract
+
+    comps = [c.strip() for c in components.split(",") if c.strip()] if components else None
+    opts = ExtractOptions(rank=rank, conv_rank=conv_rank or None, dynamic=_dynamic(dynamic), components=comps, svd=svd,
+                          niter=niter, clamp_quantile=clamp_quantile, min_diff=min_diff, dtype=out_dtype, overwrite=overwrite)
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                        TimeRemainingColumn(), console=err_console, transient=True,
+                        disable=json_out or not err_console.is_terminal)
+    state = {}
+
+    def on_module(done, total, name):
+        if "task" not in state:
+            state["task"] = progress.add_task(f"extracting -> {output.name}", total=total)
+        progress.update(state["task"], completed=done)
+
+    with progress:
+        result = extract(str(tuned), str(base), str(output), opts, on_module)
+    if json_out:
+        print_json(result.as_dict())
+        return 0
+    mods = result.modules
+    ranks = sorted({m.rank for m in mods})
+    console.print(f"wrote {result.output} ({result.bytes:,} bytes): {len(mods)} modules, rank "
+                  f"{ranks[0] if len(ranks) == 1 else f'{ranks[0]}-{ranks[-1]}'}, {result.architecture}, {result.seconds:.1f} s")
+    for comp, (d, inc) in sorted(result.text_encoders.items()):
+        console.print(f"  text encoder {comp}: max |difference| {d:.3g}: " + ("included" if inc else f"not included (<= --min-diff)"))
+    changed = [m for m in mods if m.norm > 0]
+    if changed:
+        errs = sorted(m.error for m in changed)
+        worst = max(changed, key=lambda m: m.error)
+        console.print(f"  reconstruction error ||dW - up down|| / ||dW||: total {result.total_error:.4f}, "
+                      f"median {errs[len(errs) // 2]:.4f}, worst {worst.error:.4f} ({worst.name})")
+    if len(changed) < len(mods):
+        console.print(f"  {len(mods) - len(changed)} modules are identical in both models (zero factors)")
     return 0
 
 

@@ -54,3 +54,29 @@ def output_dtype(cat, requested: Optional[str] = None):
 def summary(cat) -> Dict[str, int]:
     """{source format: tensors} of what was dequantized."""
     return dict(sorted(Counter((getattr(cat, "dequantized", {}) or {}).values()).items()))
+
+
+DIFFUSION_PREFIX = "model.diffusion_model."  # LDM/ComfyUI checkpoints; GGUF files hold the bare names
+
+
+def align_names(cat, reference) -> Optional[str]:
+    """Give `cat` the naming of `reference` (another input's tensor names) when they differ only by
+    the diffusion-model prefix: a GGUF file (bare names, as city96 writes them) beside a full
+    checkpoint gets `model.diffusion_model.` added, or a checkpoint beside a GGUF file loses it
+    (its VAE/text encoders then have no counterpart). In place; returns what was done or None."""
+    ref = set(reference)
+    names = list(cat.tensors)
+    if not names or sum(k in ref for k in names) * 2 >= len(names):
+        return None
+    if not any(k.startswith(DIFFUSION_PREFIX) for k in names):
+        renamed = {DIFFUSION_PREFIX + k: k for k in names}
+        how = f"names prefixed with {DIFFUSION_PREFIX}"
+    else:
+        renamed = {k[len(DIFFUSION_PREFIX):]: k for k in names if k.startswith(DIFFUSION_PREFIX)}
+        how = f"{DIFFUSION_PREFIX} prefix dropped (its other tensors have no counterpart)"
+    if sum(k in ref for k in renamed) * 2 < len(renamed):
+        return None  # not the same model under another prefix
+    cat.tensors = {new: cat.tensors[old] for new, old in renamed.items()}
+    cat.dequantized = {new: cat.dequantized[old] for new, old in renamed.items() if old in cat.dequantized}
+    cat.notes.append(f"{how} to match the other input")
+    return how

@@ -25,7 +25,16 @@ MODS = {"lora_unet_double_blocks_0_img_attn_qkv": QKV, "lora_unet_single_blocks_
 @pytest.fixture(scope="module")
 def flux(tmp_path_factory):
     d = tmp_path_factory.mktemp("qlora")
-    return make_model(d, "flux", "flux1-dev", scale=16, dtype="bfloat16")
+    return make_model(d, "flux", "flux1-dev", scale=32, dtype="bfloat16")
+
+
+@pytest.fixture(scope="module")
+def flux_q8(flux):
+    from conftest import run_cli
+
+    out = flux.parent / "b.gguf"
+    assert run_cli("convert", flux, "--to", "gguf", "--quant", "Q8_0", "-o", out).returncode == 0
+    return out
 
 
 def _lora(tmp, shapes, seed=5):
@@ -53,16 +62,16 @@ def _gguf_values(path):
             for t in gguf.GGUFReader(str(path)).tensors}
 
 
-def test_lora_apply_onto_gguf_base(flux, tmp, cli):
-    base = tmp / "b.gguf"
-    assert cli("convert", flux, "--to", "gguf", "--quant", "Q8_0", "-o", base).returncode == 0
+def test_lora_apply_onto_gguf_base(flux_q8, tmp, cli):
+    base = flux_q8
     ref = _gguf_values(base)
     lora, lora_path = _lora(tmp, {k: ref[k][1].shape for k in MODS.values()})
     out = tmp / "o.safetensors"
     r = cli("lora", "apply", base, lora_path, "-o", out, "--json")
     assert r.returncode == 0, r.stderr
     s = json.loads(r.stdout)
-    assert s["computed"] == 2 and s["dequantized"] == {"Q8_0": 304} and s["dequantized_dtype"] == "bf16"
+    n_q8 = sum(t.tensor_type.name == "Q8_0" for t, _ in ref.values())
+    assert s["computed"] == 2 and s["dequantized"] == {"Q8_0": n_q8} and s["dequantized_dtype"] == "bf16"
     got = tensors(out)
     for name, key in MODS.items():
         assert got[key].dtype.name == "bfloat16"
@@ -73,7 +82,7 @@ def test_lora_apply_onto_gguf_base(flux, tmp, cli):
     # --dtype fp32: the dequantized values themselves
     r = cli("lora", "apply", base, lora_path, "-o", tmp / "o32.safetensors", "--dtype", "fp32")
     assert r.returncode == 0, r.stderr
-    assert "dequantized (304 Q8_0), written fp32" in r.stdout
+    assert f"dequantized ({n_q8} Q8_0), written fp32" in r.stdout
     got32 = tensors(tmp / "o32.safetensors")
     assert np.array_equal(got32[other], ref[other][1])
     _close(got32[QKV], ref[QKV][1] + _delta(lora, "lora_unet_double_blocks_0_img_attn_qkv"))
@@ -128,6 +137,7 @@ def test_lora_apply_onto_nf4_base(flux, tmp, cli):
     torch = pytest.importorskip("torch")
     F = pytest.importorskip("bitsandbytes.functional")
     from safetensors.torch import load_file, save_file
+    from test_nf4 import bnb_dequantize  # bitsandbytes' flat-block dequantization (rows of 96 here)
 
     sd = load_file(str(flux))
     want = {}
@@ -135,7 +145,7 @@ def test_lora_apply_onto_nf4_base(flux, tmp, cli):
         q, state = F.quantize_4bit(sd[P + key], blocksize=64, quant_type="nf4", compress_statistics=i % 2 == 0)
         sd[P + key] = q
         sd.update({f"{P}{key}.{k}": v for k, v in state.as_dict(packed=True).items()})
-        want[key] = F.dequantize_4bit(q, state).float().numpy()
+        want[key] = bnb_dequantize(q, state).float().numpy()
     base = tmp / "nf4.safetensors"
     save_file(sd, str(base))
     lora, lora_path = _lora(tmp, {k: want[k].shape for k in MODS.values()})
@@ -149,3 +159,61 @@ def test_lora_apply_onto_nf4_base(flux, tmp, cli):
         _close(got[P + key], want[key] + _delta(lora, name))  # bitsandbytes' values + dW
     k3 = P + "double_blocks.3.img_mlp.0.weight"
     assert np.array_equal(got[k3].astype(np.float32), want["double_blocks.3.img_mlp.0.weight"])
+
+
+def test_merge_and_diff_take_gguf_inputs_beside_checkpoints(flux, flux_q8, tmp, cli):
+    base = flux_q8
+    ref = _gguf_values(base)
+    a = tensors(flux)
+    r = cli("diff", flux, base, "--json")
+    assert r.returncode == 0, r.stderr
+    total = json.loads(r.stdout)["total"]
+    assert total["keys"] == 780 and 0 < total["relative_l2"] < 0.01  # by values, under the checkpoint's names
+    out = tmp / "m.safetensors"
+    r = cli("merge", flux, base, "-o", out, "--no-hash", "--json")
+    assert r.returncode == 0, r.stderr
+    got = tensors(out)
+    key = P + QKV
+    assert got[key].dtype.name == "bfloat16"
+    _close(got[key], np.float32(0.5) * a[key].astype(np.float32) + np.float32(0.5) * ref[QKV][1])
+    # --to gguf: the same merge, each tensor quantized as gguf-py does the merged values
+    outg = tmp / "m.gguf"
+    r = cli("merge", flux, base, "-o", outg, "--to", "gguf", "--quant", "Q8_0", "--json")
+    assert r.returncode == 0, r.stderr
+    types = {}
+    for t, _ in ref.values():
+        types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
+    assert json.loads(r.stdout)["ggml_types"] == types  # the choices convert makes
+    merged = {t.name: t for t in gguf.GGUFReader(str(outg)).tensors}
+    for name in (QKV, LINEAR1):
+        want = gguf_quantize(got[P + name].astype(np.float32), gguf.GGMLQuantizationType.Q8_0)
+        assert np.array_equal(np.asarray(merged[name].data).reshape(-1), want.reshape(-1))
+    # the GGUF file as the primary: its bare names; the checkpoint's diffusion model matched to them
+    r = cli("merge", base, flux, "-o", tmp / "m2.safetensors", "--no-hash")
+    assert r.returncode == 0, r.stderr
+    got2 = tensors(tmp / "m2.safetensors")
+    assert QKV in got2 and np.array_equal(got2[QKV], got[key])
+
+
+def test_merge_to_fp8_scaled_and_convert_from_fp8_scaled_to_gguf(flux, tmp, cli):
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import load_file
+
+    other = make_model(tmp, "flux2", "flux1-dev", scale=32, dtype="bfloat16", seed=9)
+    plain = tmp / "m.safetensors"
+    assert cli("merge", flux, other, "-o", plain, "--no-hash").returncode == 0
+    out8 = tmp / "m8.safetensors"
+    r = cli("merge", flux, other, "-o", out8, "--no-hash", "--to", "fp8-scaled")
+    assert r.returncode == 0, r.stderr
+    sd, sd8 = load_file(str(plain)), load_file(str(out8))
+    w = sd[P + QKV].float()
+    scale = sd8[P + QKV[:-7] + ".weight_scale"]
+    assert scale.item() == pytest.approx(w.abs().max().item() / 448, rel=1e-6)
+    assert torch.equal(sd8[P + QKV].view(torch.uint8), (w / scale).clamp(-448, 448).to(torch.float8_e4m3fn).view(torch.uint8))
+    # fp8-scaled -> GGUF: quantized from the dequantized values (fp8 x scale)
+    outg = tmp / "g.gguf"
+    r = cli("convert", out8, "--to", "gguf", "--quant", "Q8_0", "-o", outg)
+    assert r.returncode == 0, r.stderr
+    values = (sd8[P + QKV].float() * scale).numpy()
+    got = {t.name: t for t in gguf.GGUFReader(str(outg)).tensors}[QKV]
+    assert np.array_equal(np.asarray(got.data).reshape(-1), gguf_quantize(values, gguf.GGMLQuantizationType.Q8_0).reshape(-1))

@@ -13,11 +13,28 @@ torch = pytest.importorskip("torch")
 F = pytest.importorskip("bitsandbytes.functional")
 
 
+def bnb_dequantize(q, state):
+    """bitsandbytes' own dequantization. Its 0.50.2 native CPU kernel counts blocks per row when a
+    row is not a whole number of blocks (here 96 values, blocks of 64) and then disagrees with its
+    CUDA kernel, which Forge's files come from; its pure-torch backend (`default`) has the flat
+    blocks of CUDA, so that one is the oracle for such shapes."""
+    if state.shape[-1] % state.blocksize == 0:
+        return F.dequantize_4bit(q, state)
+    from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+    from bitsandbytes.backends.utils import _get_4bit_code
+
+    absmax = state.absmax
+    if state.nested:
+        absmax = F.dequantize_blockwise(state.absmax, state.state2) + state.offset
+    return _dequantize_4bit_compute(q.view(torch.uint8).reshape(-1), absmax.float(), _get_4bit_code(state.quant_type, q.device),
+                                    state.blocksize, state.shape, state.dtype)
+
+
 def _save_4bit(path, quant_type: str, double: bool, shape=(256, 320), blocksize=64, drop=()):
     """A Forge-style file: every quantized Linear as `L.weight` + `L.weight.<quant state keys>`."""
     from safetensors.torch import save_file
 
-    g = torch.Generator().manual_seed(hash((quant_type, double)) & 0xFFFF)
+    g = torch.Generator().manual_seed(2 * (quant_type == "fp4") + double)
     sd, want = {}, {}
     for i, shp in enumerate((shape, (64, 96), (33, 64))):  # the last: a partial final block
         w = (torch.randn(shp, generator=g) * 0.02).to(torch.bfloat16)
@@ -26,7 +43,7 @@ def _save_4bit(path, quant_type: str, double: bool, shape=(256, 320), blocksize=
         sd[name] = q
         for k, v in state.as_dict(packed=True).items():
             sd[f"{name}.{k}"] = v
-        want[name] = F.dequantize_4bit(q, state)
+        want[name] = bnb_dequantize(q, state)
     sd["model.diffusion_model.blocks.0.norm.weight"] = torch.ones(320, dtype=torch.bfloat16)
     for k in drop:
         sd.pop(k)
@@ -46,7 +63,10 @@ def test_dequantize_is_bit_identical_to_bitsandbytes(tmp, quant_type, double):
             t = cat.tensors[name]
             assert t.dtype.name == "BF16" and t.shape == tuple(ref.shape)
             got = np.asarray(t.read()).view(np.uint16)
-            assert np.array_equal(got, ref.view(torch.uint16).numpy()), name
+            want_bits = ref.view(torch.uint16).numpy()
+            if quant_type == "fp4":  # code 8 is -0.0 in bitsandbytes' CUDA kernel (and sdtk), +0.0 in some of its CPU paths
+                got = np.where(got == 0x8000, 0, got)
+            assert np.array_equal(got, want_bits), name
 
 
 def test_diff_reads_nf4_values(tmp, cli):

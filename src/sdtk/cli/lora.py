@@ -33,6 +33,9 @@ def apply_cmd(
     allow_unmatched: bool = typer.Option(False, "--allow-unmatched", help="Apply what matches; list what is skipped."),
     dora: str = typer.Option("comfyui", "--dora", help="DoRA strength convention: comfyui (= A1111) or lycoris."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Match and check only; write nothing."),
+    out_dtype: Optional[str] = typer.Option(None, "--dtype", help="Quantized base (GGUF, fp8-scaled, NF4): write its dequantized weights as fp32|bf16|fp16 (default: the dtype of its unquantized weights, usually bf16)."),
+    to: Optional[str] = typer.Option(None, "--to", help="safetensors (default), gguf (with --quant) or fp8-scaled: quantize the result again."),
+    quant: Optional[str] = typer.Option(None, "--quant", help="With --to gguf: Q8_0|Q6_K|Q5_K_M|Q5_K_S|Q4_K_M|Q4_K_S|Q5_0|Q5_1|Q4_0|Q4_1|Q3_K_M|Q3_K_S|Q2_K|F16|BF16."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
     json_out: bool = typer.Option(False, "--json", help="Print a JSON summary."),
 ) -> int:
@@ -42,8 +45,8 @@ def apply_cmd(
 
     if output is None and not dry_run:
         raise UsageError(None, "give the output file with -o OUT.safetensors (or --dry-run)")
-    if output is not None and not str(output).endswith(".safetensors"):
-        raise UsageError(output, "the output must be a .safetensors file")
+    if output is not None and not str(output).endswith(".gguf" if to == "gguf" else ".safetensors"):
+        raise UsageError(output, "the output must be a .gguf file" if to == "gguf" else "the output must be a .safetensors file")
     specs = [parse_lora_argument(a) for a in loras]
     progress = _progress(not json_out and err_console.is_terminal)
     state = {}
@@ -56,7 +59,8 @@ def apply_cmd(
 
     with progress:
         result = bake(str(base), specs, str(output) if output else None, allow_unmatched=allow_unmatched,
-                      overwrite=overwrite, dora_convention=dora, dry_run=dry_run, on_start=on_start, on_tensor=on_tensor)
+                      overwrite=overwrite, dora_convention=dora, dry_run=dry_run, on_start=on_start, on_tensor=on_tensor,
+                      dtype=out_dtype, to=to, quant=quant)
     if json_out:
         print_json(result.as_dict())
         return 0
@@ -65,6 +69,13 @@ def apply_cmd(
                       f"{result.computed} changed, {result.copied} copied unchanged")
     else:
         console.print(f"dry run on {os.path.basename(result.base)} ({result.base_title}): {result.computed} tensors would change")
+    if result.dequantized:
+        kinds = ", ".join(f"{n} {k}" for k, n in result.dequantized.items())
+        made = (f"written {result.dequantized_dtype}" if result.to == "safetensors"
+                else f"quantized again from {result.dequantized_dtype}")
+        console.print(f"  quantized base: {sum(result.dequantized.values())} weights dequantized ({kinds}), {made}")
+    if result.ggml_types:
+        console.print("  GGUF " + str(result.quant) + ": " + ", ".join(f"{n} {k}" for k, n in result.ggml_types.items()))
     for rep in result.loras:
         kinds = ", ".join(f"{v} {k}" for k, v in rep.kinds.most_common())
         comps = ", ".join(f"{k} {v}" for k, v in sorted(rep.components.items()))

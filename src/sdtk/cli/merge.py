@@ -85,7 +85,9 @@ def register(app: typer.Typer) -> None:
         vae: str = typer.Option("merge", "--vae", help="VAE: merge, A or B."),
         bake_vae: Optional[Path] = typer.Option(None, "--bake-vae", help="Replace the VAE with this VAE file."),
         exclude: Optional[str] = typer.Option(None, "--exclude", help="Regex: matching keys are copied from A, never merged."),
-        out_dtype: Optional[str] = typer.Option(None, "--dtype", help="Output float dtype (fp16, bf16, fp32, ...; default: A's)."),
+        out_dtype: Optional[str] = typer.Option(None, "--dtype", help="Output float dtype (fp16, bf16, fp32, ...; default: A's; a quantized A's weights: the dtype of its unquantized ones)."),
+        to: Optional[str] = typer.Option(None, "--to", help="safetensors (default), gguf (with --quant; the diffusion model as city96's tools write it) or fp8-scaled (ComfyUI's per-layer form)."),
+        quant: Optional[str] = typer.Option(None, "--quant", help="With --to gguf: Q8_0|Q6_K|Q5_K_M|Q5_K_S|Q4_K_M|Q4_K_S|Q5_0|Q5_1|Q4_0|Q4_1|Q3_K_M|Q3_K_S|Q2_K|F16|BF16."),
         recipe_file: Optional[Path] = typer.Option(None, "--recipe", help="A YAML recipe (multi-step merges)."),
         recipe_from: Optional[Path] = typer.Option(None, "--recipe-from", help="Redo the merge stored in this sdtk-merged file (same bytes)."),
         model_overrides: List[str] = typer.Option([], "--model", help="NAME=PATH: where a recipe's model is (with --recipe-from)."),
@@ -146,16 +148,21 @@ def register(app: typer.Typer) -> None:
 
         with progress:
             result = run_recipe(recipe, str(output), overwrite=overwrite, hash_inputs=not no_hash,
-                                search_dirs=search, on_start=on_start, on_tensor=on_tensor, workers=threads)
+                                search_dirs=search, on_start=on_start, on_tensor=on_tensor, workers=threads, to=to, quant=quant)
         summary = {"output": result.output, "bytes": result.bytes, "tensors": result.tensors,
                    "family": result.family, "models": result.models, "steps": result.steps,
-                   "facts": result.facts, "sidecar": result.sidecar}
+                   "facts": result.facts, "sidecar": result.sidecar, "to": result.to, "quant": result.quant,
+                   "ggml_types": result.ggml_types, "notes": result.notes}
         if json_out:
             print_json(summary)
             return 0
         console.print(f"wrote {esc(result.output)} ({result.tensors} tensors, {result.bytes:,} bytes)")
         if result.sidecar:
             console.print(f"wrote {esc(result.sidecar)} (A1111 config)")
+        if result.ggml_types:
+            console.print(f"  GGUF {result.quant}: " + ", ".join(f"{n} {k}" for k, n in result.ggml_types.items()))
+        for note in result.notes:
+            console.print(f"  note: {esc(note)}")
         for st in result.steps:
             copied = ", ".join(f"{v} {k}" for k, v in st["copied"].items()) or "none"
             console.print(f"  {esc(st['name'])}: {esc(st['method'])}: {st['merged']} merged, {len(st['sliced'])} channel-sliced; copied from A: {esc(copied)}")

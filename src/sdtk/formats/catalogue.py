@@ -27,6 +27,8 @@ class Catalogue:
     extras: Dict[str, Any] = field(default_factory=dict)
     file_size: int = 0
     notes: List[str] = field(default_factory=list)  # non-fatal observations by the reader
+    # name -> the quantized format it was read from (sdtk.quant.views.dequantize_catalogue)
+    dequantized: Dict[str, str] = field(default_factory=dict)
     _closers: List[Callable[[], None]] = field(default_factory=list, repr=False)
 
     def __enter__(self) -> "Catalogue":

@@ -14,10 +14,12 @@ from sdtk.quant.fp8_scaled import detect, scaled_plan
 def convert_file_to_fp8_scaled(source: Path, output: Optional[Path] = None, out_folder: Optional[Path] = None,
                                overwrite: bool = False, progress=None) -> dict:
     from sdtk.formats import open_model
+    from sdtk.quant.views import dequantize_catalogue
 
     with open_model(source) as cat:
         if detect(cat.tensors):
             raise UsageError(source, "is already fp8-scaled")
+        dequantize_catalogue(cat)  # an NF4 or GGUF input: its values
         dest = output if (output is not None and not output.is_dir()) else (
             (output if output is not None else (out_folder or source.parent)) / f"{source.stem}-fp8-scaled.safetensors")
         if dest.suffix.lower() != ".safetensors":

@@ -157,8 +157,10 @@ def convert_file_to_gguf(source: Path, quant: str, output: Optional[Path] = None
                          overwrite: bool = False, progress=None) -> dict:
     """The `sdtk convert IN --to gguf --quant Q` pipeline; returns the JSON summary convert prints."""
     from sdtk.formats import open_model
+    from sdtk.quant.views import dequantize_catalogue
 
     with open_model(source) as cat:
+        dequantize_catalogue(cat)  # an fp8-scaled or NF4 input: its values
         dest = output if (output is not None and not output.is_dir()) else default_gguf_name(
             source, quant, output if (output is not None and output.is_dir()) else out_folder)
         if progress is not None:

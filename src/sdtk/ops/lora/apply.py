@@ -268,34 +268,49 @@ class ApplyStats:
 
 
 def apply_plan(base_cat, patches: Dict[str, List[Patch]], peft_configs: Sequence[dict], lora_files: Sequence[str],
-               dora_convention: str = "comfyui", stats: Optional[ApplyStats] = None) -> List[LazyTensor]:
-    """The write plan: the base's tensors in order, touched ones computed when written."""
+               dora_convention: str = "comfyui", stats: Optional[ApplyStats] = None,
+               out_dtypes: Optional[Dict[str, object]] = None) -> List[LazyTensor]:
+    """The write plan: the base's tensors in order, touched ones computed when written.
+    `out_dtypes` (key -> DType): tensors written in another dtype than they read as (the
+    dequantized weights of a quantized base), touched or not; cast once."""
     from sdtk.ops.cast import cast_array
 
     stats = stats if stats is not None else ApplyStats()
+    out_dtypes = out_dtypes or {}
     plan: List[LazyTensor] = []
     for key, t in base_cat.tensors.items():
+        dst = out_dtypes.get(key, t.dtype)
         if key not in patches:
-            plan.append(t)
             stats.copied += 1
+            if dst == t.dtype:
+                plan.append(t)
+                continue
+
+            def cast(t=t, key=key, dst=dst):
+                out, overflow = cast_array(np.asarray(t.read()), dst)
+                if overflow:
+                    stats.overflow[key] += overflow
+                return out
+
+            plan.append(LazyTensor(key, dst, tuple(t.shape), cast))
             continue
         if not t.dtype.is_float:
             raise SdtkError(base_cat.path, f"tensor {key!r} is {t.dtype.short}; a LoRA cannot be baked into it")
         stats.computed += 1
 
-        def load(t=t, key=key):
+        def load(t=t, key=key, dst=dst):
             result = patched_array(t.read(), patches[key], peft_configs, dora_convention)
             if not np.isfinite(result).all():
                 bad = int(np.size(result) - np.count_nonzero(np.isfinite(result)))
                 files = sorted({os.path.basename(lora_files[p.lora]) for p in patches[key]})
                 raise SdtkError(files[0] if len(files) == 1 else None,
                                 f"applying it to {key} gives {bad} NaN/inf values; nothing was written")
-            out, overflow = cast_array(result, t.dtype) if t.dtype.numpy != result.dtype else (result, 0)
+            out, overflow = cast_array(result, dst) if dst.numpy != result.dtype else (result, 0)
             if overflow:
                 stats.overflow[key] += overflow
             return out
 
-        plan.append(LazyTensor(key, t.dtype, tuple(t.shape), load))
+        plan.append(LazyTensor(key, dst, tuple(t.shape), load))
     return plan
 
 

@@ -10,7 +10,6 @@ from sdtk.architectures.lora_keys import build_alias_table
 from sdtk.errors import SdtkError, UsageError
 from sdtk.fileio import check_output_path
 from sdtk.formats import open_model
-from sdtk.formats.safetensors import write_safetensors
 from sdtk.ops.lineage import LINEAGE_KEY, lineage_value, with_output_hash
 from sdtk.ops.lora.adapters import read_adapter
 from sdtk.ops.lora.apply import (ApplyStats, LoraInput, LoraReport, apply_plan, check_finite_adapters, check_reports,
@@ -30,11 +29,19 @@ class BakeResult:
     copied: int
     loras: List[LoraReport]
     overflow: Dict[str, int] = field(default_factory=dict)
+    dequantized: Dict[str, int] = field(default_factory=dict)  # source format -> weights read dequantized
+    dequantized_dtype: Optional[str] = None  # what those were written as (before any --to)
+    to: str = "safetensors"
+    quant: Optional[str] = None
+    ggml_types: Dict[str, int] = field(default_factory=dict)
+    notes: List[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
         return {"output": self.output, "base": self.base, "base_architecture": self.base_title, "bytes": self.bytes,
                 "tensors": self.tensors, "computed": self.computed, "copied": self.copied,
-                "overflow": self.overflow, "loras": [r.as_dict() for r in self.loras]}
+                "overflow": self.overflow, "loras": [r.as_dict() for r in self.loras],
+                "dequantized": self.dequantized, "dequantized_dtype": self.dequantized_dtype, "to": self.to,
+                "quant": self.quant, "ggml_types": self.ggml_types, "notes": self.notes}
 
 
 class _Lineage:
@@ -51,9 +58,15 @@ class _Lineage:
 
 def bake(base_path: str, loras: Sequence[LoraInput], dest: Optional[str], *, allow_unmatched: bool = False,
          overwrite: bool = False, dora_convention: str = "comfyui", dry_run: bool = False,
-         on_start: Optional[Callable] = None, on_tensor: Optional[Callable] = None) -> BakeResult:
-    """Bake `loras` into `base_path` and write `dest` (nothing written when refused or dry_run)."""
+         on_start: Optional[Callable] = None, on_tensor: Optional[Callable] = None, dtype: Optional[str] = None,
+         to: Optional[str] = None, quant: Optional[str] = None) -> BakeResult:
+    """Bake `loras` into `base_path` and write `dest` (nothing written when refused or dry_run).
+    A quantized base (GGUF, fp8-scaled, NF4/FP4) is read dequantized; its quantized weights are
+    written in `dtype` (default: the dtype of the base's unquantized weights, usually bf16), or
+    the whole result is quantized again with `to` ("gguf" with `quant`, or "fp8-scaled")."""
     from sdtk.ops.merge.arch import describe
+    from sdtk.ops.quantized_output import check_target, write_plan
+    from sdtk.quant import views
 
     if dora_convention not in DORA_CONVENTIONS:
         raise UsageError(None, f"--dora must be one of {', '.join(DORA_CONVENTIONS)}")
@@ -64,12 +77,18 @@ def bake(base_path: str, loras: Sequence[LoraInput], dest: Optional[str], *, all
             raise SdtkError(spec.path, "no such file")
     if not os.path.exists(base_path):
         raise SdtkError(base_path, "no such file")
+    to = check_target(to, quant, dest if not dry_run else None)
     if dest is not None and not dry_run:
         check_output_path(dest, [base_path] + [s.path for s in loras], overwrite)
     cats = []
     try:
-        base = open_model(base_path)
+        base = views.dequantize_catalogue(open_model(base_path))
         cats.append(base)
+        # dequantized weights: written in --dtype, else the base's own float dtype; quantized again
+        # (--to) straight from their f32 values unless --dtype is given
+        out_dtype = views.output_dtype(base, dtype) if (to == "safetensors" or dtype) else None
+        out_dtypes = {k: out_dtype for k in base.dequantized if out_dtype and base.tensors[k].dtype != out_dtype}
+        deq_dtype = (out_dtype.short if out_dtype else "fp32") if base.dequantized else None
         _, base_title = describe(base)
         shapes = {k: tuple(t.shape) for k, t in base.tensors.items()}
         table = build_alias_table(shapes)
@@ -84,9 +103,12 @@ def bake(base_path: str, loras: Sequence[LoraInput], dest: Optional[str], *, all
         check_reports(reports, f"{os.path.basename(base_path)} ({base_title})", allow_unmatched)
         check_finite_adapters(adapters, patches)
         stats = ApplyStats()
-        plan = apply_plan(base, patches, [a.peft_config for _, a in adapters], [s.path for s in loras], dora_convention, stats)
+        plan = apply_plan(base, patches, [a.peft_config for _, a in adapters], [s.path for s in loras], dora_convention, stats,
+                          out_dtypes=out_dtypes)
         if dry_run or dest is None:
-            return BakeResult(None, base_path, base_title, 0, len(plan), stats.computed, stats.copied, reports)
+            return BakeResult(None, base_path, base_title, 0, len(plan), stats.computed, stats.copied, reports,
+                              dequantized=views.summary(base), dequantized_dtype=deq_dtype, to=to,
+                              quant=quant)
         for rep in reports:
             rep.hashes = lora_file_facts(rep.file)
         lineage = _Lineage(os.path.basename(base_path), os.path.getsize(base_path),
@@ -99,14 +121,16 @@ def bake(base_path: str, loras: Sequence[LoraInput], dest: Optional[str], *, all
             on_start(plan)
         from sdtk.ops.prefetch import Prefetcher
 
-        ahead = Prefetcher(plan)  # the next changed tensors are computed while this one is written
+        # the next changed tensors are computed while this one is written (safetensors: every tensor is read in order)
+        ahead = Prefetcher(plan if to == "safetensors" else [])
         try:
-            n = write_safetensors(dest, ahead.plan, meta, inputs=[base_path] + [s.path for s in loras], overwrite=overwrite,
-                                  on_tensor=on_tensor)
+            written = write_plan(ahead.plan if to == "safetensors" else plan, dest, to, quant, meta, overwrite=overwrite,
+                                 inputs=[base_path] + [s.path for s in loras], on_tensor=on_tensor, label=base_path)
         finally:
             ahead.close()
-        return BakeResult(os.fspath(dest), base_path, base_title, n, len(plan), stats.computed, stats.copied, reports,
-                          dict(stats.overflow))
+        return BakeResult(os.fspath(dest), base_path, base_title, written.bytes, written.tensors, stats.computed, stats.copied,
+                          reports, dict(stats.overflow), views.summary(base), deq_dtype, to, quant,
+                          written.types, written.notes)
     finally:
         for c in cats:
             c.close()
@@ -138,7 +162,10 @@ def match_lora(lora_path: str, base_path: str) -> Tuple[LoraReport, str]:
     and the base's title; nothing is written, only names, shapes and alphas are read."""
     from sdtk.ops.merge.arch import describe
 
+    from sdtk.quant.views import dequantize_catalogue
+
     with open_model(base_path) as base, open_model(lora_path) as cat:
+        dequantize_catalogue(base)  # NF4 weights: their real shapes (only the quant states are read)
         _, title = describe(base)
         shapes = {k: tuple(t.shape) for k, t in base.tensors.items()}
         _, reports = plan_patches(shapes, [(LoraInput(lora_path), read_adapter(cat.tensors, cat.metadata))])

@@ -68,9 +68,10 @@ class DiffResult:
 
 
 def diff_models(cat_a, cat_b, on_tensor: Optional[Callable[[int], None]] = None) -> DiffResult:
-    from sdtk.quant.views import dequantize_catalogue
+    from sdtk.quant.views import align_names, dequantize_catalogue
 
-    dequantize_catalogue(cat_a), dequantize_catalogue(cat_b)  # fp8-scaled inputs compare by their values
+    dequantize_catalogue(cat_a), dequantize_catalogue(cat_b)  # quantized inputs compare by their values
+    align_names(cat_b, cat_a.tensors)  # a GGUF file against a checkpoint: by A's names
     (fam_a, title_a), (fam_b, title_b) = describe(cat_a), describe(cat_b)
     shapes_a = {k: tuple(t.shape) for k, t in cat_a.tensors.items()}
     shapes_b = {k: tuple(t.shape) for k, t in cat_b.tensors.items()}

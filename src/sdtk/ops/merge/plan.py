@@ -10,6 +10,7 @@ tensor), except for the few keys that need a whole tensor (inpainting first conv
 from __future__ import annotations
 
 import re
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -35,6 +36,17 @@ class FileSource:
         self.family = family
         self.title = title or family_label(family)
         self.entries: Dict[str, Tuple[Tuple[int, ...], DType]] = {k: (tuple(t.shape), t.dtype) for k, t in cat.tensors.items()}
+        # a quantized input (GGUF, fp8-scaled, NF4): its weights read dequantized (f32) and count as
+        # the dtype of its unquantized weights (bf16 mostly), which the output then takes
+        self.quantized = getattr(cat, "dequantized", None) or {}
+        if self.quantized:
+            from sdtk.quant.views import output_dtype
+
+            stored = output_dtype(cat)
+            for k in self.quantized:
+                self.entries[k] = (self.entries[k][0], stored)
+        self._values: Tuple[Optional[str], Optional[np.ndarray]] = (None, None)
+        self._lock = threading.Lock()
 
     def computed(self, key: str) -> bool:
         return False
@@ -45,9 +57,19 @@ class FileSource:
     def read_full(self, key: str) -> np.ndarray:
         return self.cat.tensors[key].read()
 
+    def _flat(self, key: str) -> np.ndarray:
+        """The values of `key`; a dequantized tensor is decoded once and kept while its chunks are
+        read (the last one only), not once per chunk."""
+        if key not in self.quantized:
+            return self.cat.tensors[key].read().reshape(-1)
+        with self._lock:
+            if self._values[0] != key:
+                self._values = (None, None)
+                self._values = (key, np.asarray(self.cat.tensors[key].read()).reshape(-1))
+            return self._values[1]
+
     def read_chunk(self, key: str, lo: int, hi: int, ctype) -> np.ndarray:
-        flat = self.cat.tensors[key].read().reshape(-1)
-        return fastcast.astype(flat[lo:hi], ctype)
+        return fastcast.astype(self._flat(key)[lo:hi], ctype)
 
     def span(self, key: str) -> Optional[FileSpan]:
         return self.cat.tensors[key].span
@@ -207,7 +229,7 @@ class StepSource:
         d = self.decisions[key]
         if d.action != "merge" or self.method != "weighted-sum" or len(self.inputs) != 2:
             return False
-        if not all(isinstance(s, FileSource) and s.entries[key][1].name == "F16" for s in self.inputs):
+        if not all(isinstance(s, FileSource) and s.entries[key][1].name == "F16" and key not in s.quantized for s in self.inputs):
             return False
         a, b = (s.cat.tensors[key].read().reshape(-1)[lo:hi] for s in self.inputs)
         return fastcast.weighted_sum_f16(a, b, out, 1 - d.alpha, d.alpha) is not None

@@ -16,8 +16,7 @@ from typing import Callable, Dict, List, Optional
 from sdtk.errors import SdtkError, UsageError
 from sdtk.fileio import check_output_path
 from sdtk.formats import open_model
-from sdtk.quant.views import dequantize_catalogue
-from sdtk.formats.safetensors import write_safetensors
+from sdtk.quant.views import align_names, dequantize_catalogue
 from sdtk.ops.merge.arch import FIRST_CONV, check_compatible, describe
 from sdtk.ops.merge.plan import FileSource, StepSource, output_plan
 from sdtk.ops.merge.recipe import Recipe, dumps_canonical
@@ -67,6 +66,10 @@ class MergeResult:
     metadata: Dict[str, str] = field(default_factory=dict)
     sidecar: Optional[str] = None  # the A1111 <name>.yaml written beside the output
     facts: Optional[dict] = None  # what is known of the merged model (sdtk.identify.facts)
+    to: str = "safetensors"
+    quant: Optional[str] = None
+    ggml_types: Dict[str, int] = field(default_factory=dict)  # --to gguf: ggml type -> tensors
+    notes: List[str] = field(default_factory=list)
 
 
 def _find_model(name: str, path: str, identity: dict, search_dirs: List[str]) -> str:
@@ -111,16 +114,24 @@ class _Hasher(threading.Thread):
 
 def run_recipe(recipe: Recipe, dest: str, overwrite: bool = False, hash_inputs: bool = True,
                search_dirs: Optional[List[str]] = None, on_start: Optional[Callable] = None,
-               on_tensor: Optional[Callable] = None, workers: int = 0, sidecar: bool = True) -> MergeResult:
-    """Evaluate `recipe` into `dest`. Everything that can be refused is refused before writing."""
+               on_tensor: Optional[Callable] = None, workers: int = 0, sidecar: bool = True,
+               to: Optional[str] = None, quant: Optional[str] = None) -> MergeResult:
+    """Evaluate `recipe` into `dest`. Everything that can be refused is refused before writing.
+    `to`: "safetensors" (default), "gguf" (with `quant`: the diffusion model as city96 writes it,
+    no safetensors metadata, no input hashes) or "fp8-scaled" (ComfyUI's per-layer form)."""
+    from sdtk.ops.quantized_output import check_target, write_plan
+
     recipe.validate()
+    to = check_target(to, quant, dest)
+    if to == "gguf":
+        hash_inputs, sidecar = False, False  # a GGUF file carries no metadata to record them in
     search_dirs = search_dirs or []
     paths = {n: _find_model(n, p, recipe.identities.get(n, {}), search_dirs) for n, p in recipe.models.items()}
     if recipe.bake_vae:
         paths[BAKE] = _find_model("bake_vae", recipe.bake_vae, recipe.identities.get(BAKE, {}), search_dirs)
     check_output_path(dest, paths.values(), overwrite)
     stored_hashes = any("sha256" in recipe.identities.get(n, {}) for n in recipe.models)
-    if recipe.identities and stored_hashes != hash_inputs:
+    if recipe.identities and stored_hashes != hash_inputs and to != "gguf":
         raise UsageError(None, "the stored recipe was made " + ("with" if stored_hashes else "without")
                          + " input hashes; " + ("drop --no-hash" if stored_hashes else "pass --no-hash") + " to reproduce it")
     cats: Dict[str, object] = {}
@@ -128,7 +139,13 @@ def run_recipe(recipe: Recipe, dest: str, overwrite: bool = False, hash_inputs: 
     try:
         sources: Dict[str, object] = {}
         for name, path in paths.items():
-            cats[name] = cat = dequantize_catalogue(open_model(path))  # fp8-scaled inputs: their values
+            cats[name] = dequantize_catalogue(open_model(path))  # quantized inputs (GGUF, fp8-scaled, NF4): their values
+        primary = next((n for n in recipe.steps[0].inputs if n in cats), None)
+        for name, cat in cats.items():
+            if name not in (primary, BAKE) and primary is not None:
+                align_names(cat, cats[primary].tensors)  # a GGUF file beside a checkpoint: the primary's names
+        for name, path in paths.items():
+            cat = cats[name]
             sources[name] = FileSource(path, cat, *describe(cat)) if name != BAKE else FileSource(path, cat, None)
         identities = _quick_identities(paths, recipe.identities, hash_inputs)
         steps = _build_steps(recipe, sources)
@@ -153,15 +170,16 @@ def run_recipe(recipe: Recipe, dest: str, overwrite: bool = False, hash_inputs: 
         decision = sidecar_for(facts) if sidecar else None
         yaml_path = None
         with all_or_nothing():  # the merge and its yaml appear together, or neither
-            n = write_safetensors(dest, plan, metadata, inputs=list(paths.values()), overwrite=overwrite,
-                                  on_tensor=on_tensor, final_metadata=final_metadata)
+            written_file = write_plan(plan, dest, to, quant, metadata, inputs=list(paths.values()), overwrite=overwrite,
+                                      on_tensor=on_tensor, final_metadata=final_metadata if hasher else None,
+                                      label=paths[primary] if primary else None)
             if decision is not None and decision.text:
                 yaml_path = sidecar_path(Path(dest))
                 with AtomicOutput(yaml_path, inputs=list(paths.values()), overwrite=overwrite) as f:
                     f.write(decision.text.encode("utf-8"))
-        return MergeResult(os.fspath(dest), n, len(plan), [s.report.as_dict() for s in steps], identities,
-                           final.family, written.get("metadata", metadata), str(yaml_path) if yaml_path else None,
-                           facts.as_record())
+        return MergeResult(os.fspath(dest), written_file.bytes, written_file.tensors, [s.report.as_dict() for s in steps],
+                           identities, final.family, written.get("metadata", metadata), str(yaml_path) if yaml_path else None,
+                           facts.as_record(), to, quant, written_file.types, written_file.notes)
     finally:
         if hasher is not None:
             hasher.cancel()

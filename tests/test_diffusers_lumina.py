@@ -21,14 +21,27 @@ from sdtk.formats.safetensors import read_safetensors  # noqa: E402
 CLASSES = {"lumina2": ("Lumina2Pipeline", "Lumina2Transformer2DModel"), "z-image": ("ZImagePipeline", "ZImageTransformer2DModel")}
 
 
-def _converted(family, tmp, cli):
+_BUILT = {}
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("lumina")
+
+
+def _converted(family, workdir, cli):
+    if family in _BUILT:
+        return _BUILT[family]
+    tmp = workdir / family
+    tmp.mkdir()
     models = build_models(family)
     src = tmp / "model.safetensors"
     write_single_file(src, family, models)
     folder = tmp / "folder"
     r = cli("convert", src, "--to", "diffusers", "-o", folder, "--no-source-hash")
     assert r.returncode == 0, r.stderr
-    return src, folder, models
+    _BUILT[family] = src, folder, models
+    return _BUILT[family]
 
 
 def _forward_inputs(cfg):
@@ -48,8 +61,8 @@ def _forward(family, model, x, cap):
 
 
 @pytest.mark.parametrize("family", ("lumina2", "z-image"))
-def test_folder_loads_in_diffusers_and_round_trips(family, tmp, cli):
-    src, folder, models = _converted(family, tmp, cli)
+def test_folder_loads_in_diffusers_and_round_trips(family, workdir, tmp, cli):
+    src, folder, models = _converted(family, workdir, cli)
     index = json.loads((folder / "model_index.json").read_text())
     assert index["_class_name"] == CLASSES[family][0] and index["text_encoder"] == [None, None]
     for name, model in models.items():
@@ -82,17 +95,17 @@ def _against_from_single_file(family, src, folder, model):
     assert torch.isfinite(y1).all() and torch.equal(y1, y2)
 
 
-def test_z_image_matches_diffusers_from_single_file(tmp, cli):
-    src, folder, models = _converted("z-image", tmp, cli)
+def test_z_image_matches_diffusers_from_single_file(workdir, cli):
+    src, folder, models = _converted("z-image", workdir, cli)
     _against_from_single_file("z-image", src, folder, models["transformer"])
 
 
-def test_lumina2_real_width_matches_diffusers_from_single_file(tmp, cli):
+def test_lumina2_real_width_matches_diffusers_from_single_file(workdir, tmp, cli):
     """diffusers' Lumina2 converter hard-codes the 2B model's q/k/v widths (2304/768/768): one block
     of each kind at that width. The file is a stand-alone DiT (no prefix): diffusers 0.42.1's
     converter raises KeyError on `model.diffusion_model.`-prefixed Lumina2 files (it strips the
     prefix, then looks the old names up), which sdtk reads either way."""
-    src, folder, models = _converted("lumina2-real-width", tmp, cli)
+    src, folder, models = _converted("lumina2-real-width", workdir, cli)
     cfg = json.loads((folder / "transformer" / "config.json").read_text())
     assert (cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_kv_heads"]) == (2304, 24, 8)
     _against_from_single_file("lumina2", src, folder, models["transformer"])

@@ -120,6 +120,29 @@ def _flux():
         torch.set_default_dtype(old)
 
 
+def _lumina2(real_width: bool = False):
+    """Lumina-Image 2.0's block structure; head width 96 (the released rotary axes 32+32+32).
+    `real_width`: the 2B model's attention widths (2304, 24 heads, 8 kv heads), which diffusers'
+    converter hard-codes, with one block of each kind."""
+    import diffusers
+
+    if real_width:
+        return diffusers.Lumina2Transformer2DModel(sample_size=16, patch_size=2, in_channels=16, hidden_size=2304, num_layers=1,
+                                                   num_refiner_layers=1, num_attention_heads=24, num_kv_heads=8,
+                                                   multiple_of=256, ffn_dim_multiplier=1 / 8, cap_feat_dim=32)
+    return diffusers.Lumina2Transformer2DModel(sample_size=16, patch_size=2, in_channels=16, hidden_size=192, num_layers=2,
+                                               num_refiner_layers=2, num_attention_heads=2, num_kv_heads=1, multiple_of=16,
+                                               cap_feat_dim=32)
+
+
+def _z_image():
+    """Z-Image's block structure, small; head width 128 (the released rotary axes 32+48+48)."""
+    import diffusers
+
+    return diffusers.ZImageTransformer2DModel(in_channels=16, dim=256, n_layers=2, n_refiner_layers=2, n_heads=2, n_kv_heads=2,
+                                              cap_feat_dim=32)
+
+
 def build_models(family: str, seed: int = 0) -> Dict[str, object]:
     """{diffusers folder name: torch module} of a small model of `family`, seeded."""
     if family == "sd1":
@@ -134,6 +157,12 @@ def build_models(family: str, seed: int = 0) -> Dict[str, object]:
     elif family == "sd3":
         models = {"transformer": _sd3(), "vae": _vae(16), "text_encoder": _clip(64, 2, "quick_gelu", projection=64),
                   "text_encoder_2": _clip(128, 2, "gelu", projection=64), "text_encoder_3": _t5()}
+    elif family == "lumina2":
+        models = {"transformer": _lumina2(), "vae": _vae(16)}
+    elif family == "lumina2-real-width":
+        models = {"transformer": _lumina2(real_width=True)}
+    elif family == "z-image":
+        models = {"transformer": _z_image(), "vae": _vae(16)}
     elif family == "flux1":
         models = {"transformer": _flux(), "vae": _vae(16), "text_encoder": _clip(64, 2, "quick_gelu"),
                   "text_encoder_2": _t5()}
@@ -172,12 +201,16 @@ def _extras(family: str, models, rng) -> List[LazyTensor]:
         out += [from_array("v_pred", np.zeros((0,), np.float16)), from_array("ztsnr", np.zeros((0,), np.float16))]
     if family == "sd3":
         out.append(from_array("text_encoders.clip_l.logit_scale", np.array(4.6, dtype=np.float32)))
+    if family in ("lumina2", "lumina2-real-width", "z-image"):  # unused by the original too; diffusers drops it (reference 1.8)
+        width = models["transformer"].config.get("hidden_size") or models["transformer"].config["dim"]
+        out.append(from_array("norm_final.weight" if family.endswith("-real-width") else "model.diffusion_model.norm_final.weight",
+                              f32((width,))))
     return out
 
 
 def single_file_tensors(family: str, models) -> List[LazyTensor]:
     """The models under single-file names (sdtk's own reverse maps), plus the extras real files hold."""
-    spec = PIPELINES[family]
+    spec = PIPELINES[family.replace("-real-width", "")]
     tensors: List[LazyTensor] = []
     for comp in spec.components:
         if comp.folder not in models:
@@ -189,6 +222,8 @@ def single_file_tensors(family: str, models) -> List[LazyTensor]:
         if comp.kind == "t5":
             named.pop("encoder.embed_tokens.weight", None)  # tied to shared.weight
         prefix = comp.prefixes[0] or "model.diffusion_model."
+        if family.endswith("-real-width") and comp.folder == "transformer":
+            prefix = ""  # a stand-alone DiT file (ComfyUI diffusion_models/): no prefix
         tensors += join_component(comp, prefix, named, _config_of(model))
     return tensors + _extras(family, models, np.random.default_rng(1))
 

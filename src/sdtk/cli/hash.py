@@ -14,6 +14,7 @@ from sdtk.hashing.styles import HASH_KEYS, STYLES
 
 NO_VALUE = {"AutoV1": "-  (file under 2 MiB: Civitai computes no AutoV1)", "Content": "-  (not a model file)",
             "ContentV2": "-  (not a model file)"}
+FOLDER_NOTE = "(a diffusers folder: no file hashes; the content hashes are those of its single file)"
 PROGRESS_FROM_BYTES = 256 * 1024 * 1024  # a progress bar for files from this size, on a terminal
 
 
@@ -38,8 +39,11 @@ def hash_one(path: Path, style: str, content: bool, show_progress: bool, use_cac
     A file that is not a model still gets its six hashes; its Content is null and the problem
     (the reader's one-line message) is returned. Hashes come from the shared hash cache when this
     exact file (path, size, mtime, inode) was hashed before by any sdtk command."""
+    from sdtk.formats.diffusers import is_diffusers_folder
     from sdtk.hashing.model import cached_model_hashes
 
+    if is_diffusers_folder(path):
+        return hash_folder(path, style), None
     size = os.stat(path).st_size if os.path.isfile(path) else 0
     problem, catalogue = None, None
     if content:
@@ -72,11 +76,30 @@ def hash_one(path: Path, style: str, content: bool, show_progress: bool, use_cac
     return row, problem
 
 
+def hash_folder(path: Path, style: str) -> dict:
+    """A diffusers folder has no single file to hash: its row holds only the content hashes of the
+    tensors it stands for, under single-file names (the same catalogue `convert FOLDER` writes), so
+    a folder sdtk wrote (with its sidecar) has the Content and ContentV2 of the file it came from.
+    File hashes are null (`--content` is implied)."""
+    from sdtk.formats import open_model
+    from sdtk.formats.diffusers import folder_size
+    from sdtk.hashing.folder import folder_content_hashes
+
+    with open_model(path) as cat:
+        v1, v2 = folder_content_hashes(cat)
+    row = {"file": str(path), "size": folder_size(path), "folder": "diffusers", **{k: None for k in HASH_KEYS}}
+    for key, value in (("Content", v1), ("ContentV2", v2)):
+        row[key] = value if style == "a1111" else value.upper()
+    return row
+
+
 def print_row(row: dict) -> None:
     console.print(f"[bold]{esc(row['file'])}[/]  ({row['size']:,} bytes)")
     width = 9 if "ContentV2" in row else 7
+    if row.get("folder"):
+        console.print(f"  {FOLDER_NOTE}")
     for key in HASH_KEYS + ("Content", "ContentV2"):
-        if key in row:
+        if key in row and not (row.get("folder") and key in HASH_KEYS):
             value = row[key]
             console.print(f"  {key:<{width}} {esc(value) if value is not None else NO_VALUE[key]}")
 

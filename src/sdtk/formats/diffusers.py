@@ -30,6 +30,42 @@ def is_diffusers_folder(path) -> bool:
     return os.path.isdir(path) and os.path.isfile(os.path.join(path, "model_index.json"))
 
 
+def _folder_files(path: str) -> List[str]:
+    """Every file under a folder (relative paths, sorted), hidden ones (temporaries) left out."""
+    out = []
+    for root, dirs, files in os.walk(path):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        out += [os.path.relpath(os.path.join(root, f), path) for f in files if not f.startswith(".")]
+    return sorted(out)
+
+
+def folder_size(path: str) -> int:
+    """Bytes of every file in the folder (what it takes on disk, as a file's size would)."""
+    return sum(os.path.getsize(os.path.join(path, f)) for f in _folder_files(path))
+
+
+def folder_header_sha256(path: str) -> str:
+    """A quick identity of a folder without reading its tensors (merge --no-hash records it, as
+    it records a file's header hash): sha256 over each file's relative path and size, its
+    safetensors header for .safetensors files and its bytes for small JSON/text files."""
+    import hashlib
+    import struct
+
+    h = hashlib.sha256(b"sdtk-folder-header-v1\n")
+    for rel in _folder_files(path):
+        full = os.path.join(path, rel)
+        size = os.path.getsize(full)
+        h.update(rel.encode("utf-8") + b"\x00" + str(size).encode("ascii") + b"\x00")
+        with open(full, "rb") as fh:
+            if rel.endswith(".safetensors"):
+                head = fh.read(8)
+                n = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+                h.update(head + (fh.read(n) if n < (100 << 20) else b""))
+            elif size <= (4 << 20) and rel.endswith((".json", ".txt")):
+                h.update(fh.read())
+    return h.hexdigest()
+
+
 def _json(path: str, what: str, folder: str) -> dict:
     try:
         with open(path, encoding="utf-8") as fh:

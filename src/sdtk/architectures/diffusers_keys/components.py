@@ -31,6 +31,10 @@ def links_from_single(kind: str, shapes: Shapes, options: Mapping) -> List[Link]
         return dit.sd3_links(shapes)
     if kind == "flux":
         return dit.flux_links(shapes)
+    if kind == "lumina2":
+        return dit.lumina2_links(shapes)
+    if kind == "z-image":
+        return dit.z_image_links(shapes)
     if kind == "identity":
         return [Link(k, (k,)) for k in shapes]
     raise KeyError(kind)
@@ -52,6 +56,10 @@ def links_from_diffusers(kind: str, shapes: Shapes, config: Mapping, options: Ma
         return dit.sd3_links(_sd3_probe(shapes))
     if kind == "flux":
         return dit.flux_links(_flux_probe(shapes))
+    if kind == "lumina2":
+        return dit.lumina2_links(dit.lumina_probe(shapes, dit.LUMINA2_BACK))
+    if kind == "z-image":
+        return dit.z_image_links(dit.lumina_probe(shapes, dit.Z_IMAGE_BACK))
     raise KeyError(kind)
 
 
@@ -106,4 +114,8 @@ def config_for(kind: str, single_shapes: Shapes, diffusers_shapes: Shapes, famil
         return dit.sd3_config(single_shapes)
     if kind == "flux":
         return dit.flux_config(single_shapes)
+    if kind == "lumina2":
+        return dit.lumina2_config(single_shapes)
+    if kind == "z-image":
+        return dit.z_image_config(single_shapes)
     raise KeyError(kind)

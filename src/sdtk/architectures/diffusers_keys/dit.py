@@ -141,3 +141,165 @@ def flux_config(shapes: Mapping[str, Tuple[int, ...]]) -> Dict:
         "num_single_layers": _count(shapes, r"single_blocks\.(\d+)\."), "patch_size": 1,
         "pooled_projection_dim": shapes["vector_in.in_layer.weight"][1],
     }
+
+
+# ----------------------------------------------------------------------- Lumina-Image 2.0, Z-Image
+# Both keep the original block structure (x_embedder, t_embedder, cap_embedder, noise_refiner,
+# context_refiner, layers, final_layer) and differ from diffusers by renames and a fused qkv.
+# Sources: diffusers 0.42.1 single_file_utils.py convert_lumina2_to_diffusers (l.3034) and
+# convert_z_image_transformer_checkpoint_to_diffusers (l.4080); shared reference 1.8. Each rule
+# is (regex on the single-file key, replacement), applied in order, as the diffusers converters do.
+LUMINA2_TOP = ("x_embedder.", "t_embedder.", "cap_embedder.", "noise_refiner.", "context_refiner.", "layers.",
+               "final_layer.")
+LUMINA2_RENAMES = (
+    (r"^context_refiner\.(\d+)\.attention_norm([12])\.", r"context_refiner.\1.norm\2."),  # no modulation there
+    (r"^final_layer\.adaLN_modulation\.1\.", "norm_out.linear_1."), (r"^final_layer\.linear\.", "norm_out.linear_2."),
+    (r"\.attention_norm1\.", ".norm1.norm."), (r"\.attention_norm2\.", ".norm2."),
+    (r"^cap_embedder\.", "time_caption_embed.caption_embedder."),
+    (r"^t_embedder\.mlp\.0\.", "time_caption_embed.timestep_embedder.linear_1."),
+    (r"^t_embedder\.mlp\.2\.", "time_caption_embed.timestep_embedder.linear_2."),
+    (r"\.attention\.", ".attn."), (r"\.out\.", ".to_out.0."), (r"\.k_norm\.", ".norm_k."), (r"\.q_norm\.", ".norm_q."),
+    (r"\.feed_forward\.w([123])\.", r".feed_forward.linear_\1."), (r"\.adaLN_modulation\.1\.", ".norm1.linear."),
+)
+Z_IMAGE_TOP = LUMINA2_TOP + ("x_pad_token", "cap_pad_token")
+Z_IMAGE_PATCH = "2-1"  # diffusers names the embedder and final layer by patch size 2 / frame patch 1
+Z_IMAGE_RENAMES = (
+    (r"^final_layer\.", f"all_final_layer.{Z_IMAGE_PATCH}."), (r"^x_embedder\.", f"all_x_embedder.{Z_IMAGE_PATCH}."),
+    (r"\.attention\.out\.", ".attention.to_out.0."), (r"\.attention\.k_norm\.", ".attention.norm_k."),
+    (r"\.attention\.q_norm\.", ".attention.norm_q."),
+)
+# the way back: diffusers key -> single-file key (the inverse rules, checked by the forward map)
+LUMINA2_BACK = (
+    (r"^time_caption_embed\.caption_embedder\.", "cap_embedder."),
+    (r"^time_caption_embed\.timestep_embedder\.linear_([12])\.", lambda m: f"t_embedder.mlp.{2 * int(m.group(1)) - 2}."),
+    (r"^norm_out\.linear_1\.", "final_layer.adaLN_modulation.1."), (r"^norm_out\.linear_2\.", "final_layer.linear."),
+    (r"^context_refiner\.(\d+)\.norm([12])\.", r"context_refiner.\1.attention_norm\2."),
+    (r"\.norm1\.norm\.", ".attention_norm1."), (r"\.norm1\.linear\.", ".adaLN_modulation.1."),
+    (r"^((?:layers|noise_refiner)\.\d+)\.norm2\.", r"\1.attention_norm2."),
+    (r"\.attn\.to_out\.0\.", ".attention.out."), (r"\.attn\.norm_k\.", ".attention.k_norm."),
+    (r"\.attn\.norm_q\.", ".attention.q_norm."), (r"\.attn\.to_([qkv])\.", r".attention.to_\1."),
+    (r"\.feed_forward\.linear_([123])\.", r".feed_forward.w\1."),
+)
+Z_IMAGE_BACK = (
+    (rf"^all_final_layer\.{Z_IMAGE_PATCH}\.", "final_layer."), (rf"^all_x_embedder\.{Z_IMAGE_PATCH}\.", "x_embedder."),
+    (r"\.attention\.to_out\.0\.", ".attention.out."), (r"\.attention\.norm_k\.", ".attention.k_norm."),
+    (r"\.attention\.norm_q\.", ".attention.q_norm."),
+)
+
+
+def _renamed(key: str, rules) -> str:
+    import re
+
+    for rx, rep in rules:
+        key = re.sub(rx, rep, key)
+    return key
+
+
+def _lumina_family_links(shapes: Mapping[str, Tuple[int, ...]], top, rules, kv_from_out: bool) -> List[Link]:
+    """Links of a Lumina2-style DiT. The fused `attention.qkv` splits into q, k, v: Lumina2 uses
+    grouped-query attention (q rows = the output projection's input width, k = v = the rest
+    halved; diffusers hard-codes 2304/768/768 for the 2B model), Z-Image three equal parts.
+    `norm_final.weight` (unused by the original too) and unknown keys are not linked."""
+    if "x_embedder.weight" not in shapes or "cap_embedder.1.weight" not in shapes:
+        raise GeometryError("no x_embedder.weight / cap_embedder.1.weight")
+    links: List[Link] = []
+    for key, shape in shapes.items():
+        if not key.startswith(top):
+            continue
+        if key.endswith(".attention.qkv.weight"):
+            block = key[: -len(".attention.qkv.weight")]
+            diff = _renamed(block + ".attention.", rules)
+            rows = shape[0]
+            if kv_from_out:
+                q = shapes[f"{block}.attention.out.weight"][1]
+                if (rows - q) % 2:
+                    raise GeometryError(f"{key}: {rows} rows do not split into q {q} and two equal k, v")
+                sizes = (q, (rows - q) // 2, (rows - q) // 2)
+            else:
+                if rows % 3:
+                    raise GeometryError(f"{key}: {rows} rows do not split into three")
+                sizes = (rows // 3,) * 3
+            links.append(split(key, [f"{diff}to_{p}.weight" for p in "qkv"], sizes))
+        else:
+            links.append(same(key, _renamed(key, rules)))
+    check_unique(links)
+    return links
+
+
+def lumina2_links(shapes: Mapping[str, Tuple[int, ...]]) -> List[Link]:
+    return _lumina_family_links(shapes, LUMINA2_TOP, LUMINA2_RENAMES, kv_from_out=True)
+
+
+def z_image_links(shapes: Mapping[str, Tuple[int, ...]]) -> List[Link]:
+    return _lumina_family_links(shapes, Z_IMAGE_TOP, Z_IMAGE_RENAMES, kv_from_out=False)
+
+
+def lumina_probe(shapes: Mapping[str, Tuple[int, ...]], back) -> Dict[str, Tuple[int, ...]]:
+    """The single-file keys and shapes a Lumina2/Z-Image diffusers component stands for (the
+    q, k, v parts fused back into one qkv)."""
+    probe: Dict[str, Tuple[int, ...]] = {}
+    for key, shape in shapes.items():
+        single = _renamed(key, back)
+        for p in "qkv":
+            tail = f".attention.to_{p}.weight"
+            if single.endswith(tail):
+                fused = single[: -len(tail)] + ".attention.qkv.weight"
+                rows = probe.get(fused, (0,) + tuple(shape[1:]))[0] + shape[0]
+                probe[fused] = (rows,) + tuple(shape[1:])
+                break
+        else:
+            probe[single] = tuple(shape)
+    return probe
+
+
+def _head_dim(shapes, block: str) -> int:
+    key = f"{block}.attention.q_norm.weight"
+    if key not in shapes:
+        raise GeometryError(f"no {key}: the head width is unknown")
+    return shapes[key][0]
+
+
+def lumina2_config(shapes: Mapping[str, Tuple[int, ...]]) -> Dict:
+    """Lumina2Transformer2DModel config.json (defaults: diffusers 0.42.1 transformer_lumina2.py)."""
+    width, patch_in = shapes["x_embedder.weight"]
+    hd = _head_dim(shapes, "layers.0")
+    q = shapes["layers.0.attention.out.weight"][1]
+    kv = (shapes["layers.0.attention.qkv.weight"][0] - q) // 2
+    inner = shapes["layers.0.feed_forward.w1.weight"][0]
+    base = 4 * width  # LuminaFeedForward: inner 4*dim, times ffn_dim_multiplier, rounded up to multiple_of
+    if 256 * ((base + 255) // 256) == inner:
+        multiple_of, mult = 256, None
+    else:
+        multiple_of, mult = inner, (None if base <= inner else (inner + 0.5) / base)
+    patch = 2
+    out = shapes["final_layer.linear.weight"][0] // (patch * patch)
+    return {
+        "_class_name": "Lumina2Transformer2DModel", "sample_size": 128, "patch_size": patch,
+        "in_channels": patch_in // (patch * patch), "out_channels": out, "hidden_size": width,
+        "num_layers": _count(shapes, r"layers\.(\d+)\."), "num_refiner_layers": _count(shapes, r"noise_refiner\.(\d+)\."),
+        "num_attention_heads": q // hd, "num_kv_heads": kv // hd, "multiple_of": multiple_of, "ffn_dim_multiplier": mult,
+        "norm_eps": 1e-5, "scaling_factor": 1.0, "axes_dim_rope": _rope_axes(hd, (32, 32, 32)),
+        "axes_lens": [300, 512, 512], "cap_feat_dim": shapes["cap_embedder.0.weight"][0],
+    }
+
+
+def z_image_config(shapes: Mapping[str, Tuple[int, ...]]) -> Dict:
+    """ZImageTransformer2DModel config.json (defaults: diffusers 0.42.1 transformer_z_image.py)."""
+    width, patch_in = shapes["x_embedder.weight"]
+    hd = _head_dim(shapes, "layers.0")
+    heads = shapes["layers.0.attention.qkv.weight"][0] // 3 // hd
+    return {
+        "_class_name": "ZImageTransformer2DModel", "all_patch_size": [2], "all_f_patch_size": [1],
+        "in_channels": patch_in // 4, "dim": width, "n_layers": _count(shapes, r"layers\.(\d+)\."),
+        "n_refiner_layers": _count(shapes, r"noise_refiner\.(\d+)\."), "n_heads": heads, "n_kv_heads": heads,
+        "norm_eps": 1e-5, "qk_norm": True, "cap_feat_dim": shapes["cap_embedder.0.weight"][0], "rope_theta": 256.0,
+        "t_scale": 1000.0, "axes_dims": _rope_axes(hd, (32, 48, 48)), "axes_lens": [1024, 512, 512],
+    }
+
+
+def _rope_axes(head_dim: int, released: Tuple[int, ...]) -> List[int]:
+    """The rotary axes of the released models (their head width); others cannot be guessed."""
+    if sum(released) != head_dim:
+        raise GeometryError(f"head width {head_dim}: the rotary axes are known only for the released "
+                            f"width {sum(released)} ({list(released)})")
+    return list(released)

@@ -122,6 +122,19 @@ PIPELINES: Dict[str, PipelineSpec] = {
         "qwen-image", "QwenImagePipeline",
         (ComponentSpec("transformer", "identity", (UNET_PREFIX, ""), "diffusers", "QwenImageTransformer2DModel"),),
         (), "flow-flux", {}),
+    # Lumina-Image 2.0 and Z-Image (reference 1.8): the DiT (+ the FLUX-type VAE of an all-in-one
+    # file). Their text encoders (Gemma-2 2B, Qwen3 4B) have no single-file map here: they stay in
+    # the sidecar, and the folder names them null (pass text_encoder= and tokenizer= when loading).
+    "lumina2": PipelineSpec(
+        "lumina2", "Lumina2Pipeline",
+        (ComponentSpec("transformer", "lumina2", (UNET_PREFIX, ""), "diffusers", "Lumina2Transformer2DModel"),
+         _vae(1024, ("vae.", "first_stage_model."))),
+        (), "flow-lumina2", {"text_encoder": [None, None], "tokenizer": [None, None]}),
+    "z-image": PipelineSpec(
+        "z-image", "ZImagePipeline",
+        (ComponentSpec("transformer", "z-image", (UNET_PREFIX, ""), "diffusers", "ZImageTransformer2DModel"),
+         _vae(1024, ("vae.", "first_stage_model."))),
+        (), "flow-z-image", {"text_encoder": [None, None], "tokenizer": [None, None]}),
 }
 
 # Scheduler configs (reference 2.6). Prediction type and zero-terminal SNR are set per model.
@@ -139,6 +152,10 @@ SCHEDULERS: Dict[str, Dict] = {
                   "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15, "base_image_seq_len": 256,
                   "max_image_seq_len": 4096},
 }
+# Lumina-Image-2.0 / Z-Image-Turbo scheduler_config.json on the hub [recalled, not verified here]
+SCHEDULERS["flow-lumina2"] = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 6.0}
+SCHEDULERS["flow-z-image"] = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0,
+                              "use_dynamic_shifting": False}
 FLUX_SCHNELL_SCHEDULER = {"shift": 1.0, "use_dynamic_shifting": False}  # FLUX.1-schnell scheduler_config.json
 
 # diffusers pipeline class -> family (reading folders); inpainting classes read as their base.

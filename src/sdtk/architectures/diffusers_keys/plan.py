@@ -90,4 +90,19 @@ def to_single(link: Link, parts: Sequence[LazyTensor]) -> LazyTensor:
         return LazyTensor(link.single, first.dtype, shp, lambda: np.ascontiguousarray(first.read().T))
     if link.kind == "swap":
         return LazyTensor(link.single, first.dtype, shp, lambda: _swap_halves(first.read()))
-    return LazyTensor(link.single, first.dtype, shp, lambda: np.concatenate([p.read() for p in parts]))
+    checks = [p.verify for p in parts if p.verify is not None]
+    verify = (lambda: [check() for check in checks] and None) if checks else None
+    return LazyTensor(link.single, first.dtype, shp, lambda: np.concatenate([p.read() for p in parts]), _joined_span(parts),
+                      verify)
+
+
+def _joined_span(parts: Sequence[LazyTensor]):
+    """One span for the fused tensor when its parts lie back to back, in order, in one file (as
+    in the folders sdtk writes: q, k, v follow each other), so the writer copies it file to file."""
+    spans = [p.span for p in parts]
+    if any(s is None or s.length != p.nbytes for s, p in zip(spans, parts)):
+        return None
+    for a, b in zip(spans, spans[1:]):
+        if b.path != a.path or b.offset != a.offset + a.length:
+            return None
+    return FileSpan(spans[0].path, spans[0].offset, sum(s.length for s in spans))

@@ -17,6 +17,7 @@ MID_ATTENTION = (("norm", "group_norm", "same"), ("q", "to_q", "conv1x1"), ("k",
 # Per-family config values diffusers' AutoencoderKL needs beyond the shapes (reference 2.3).
 LATENT_SCALING = {  # latent channels, family -> (scaling_factor, shift_factor)
     "sdxl": (0.13025, None), "sdxl-refiner": (0.13025, None), "sd3": (1.5305, 0.0609), "flux1": (0.3611, 0.1159),
+    "lumina2": (0.3611, 0.1159), "z-image": (0.3611, 0.1159),  # both use the FLUX.1 autoencoder
 }
 
 

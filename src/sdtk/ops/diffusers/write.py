@@ -33,7 +33,7 @@ DIFFUSERS_VERSION = "0.42.1"  # the diffusers release the written folders are te
 VARIANTS = ("fp16", "bf16", "fp32")
 # Families with no single-file <-> diffusers layout in sdtk yet, and what to do instead.
 NO_LAYOUT_ADVICE = ("convert it to safetensors (`sdtk convert FILE`) or extract its parts (`--extract`); "
-                    "diffusers layouts exist for SD1.x, SD2.x, SDXL (base, refiner, inpainting), SD3/3.5, FLUX.1, Qwen-Image")
+                    "diffusers layouts exist for SD1.x, SD2.x, SDXL (base, refiner, inpainting), SD3/3.5, FLUX.1, Qwen-Image, Lumina-Image 2.0, Z-Image")
 
 
 @dataclass
@@ -71,8 +71,10 @@ def _torch_dtype(tensors: Sequence[LazyTensor]) -> str:
     return max(by, key=by.get) if by else "float32"
 
 
-def diffusers_family(architecture: Optional[str], path) -> str:
+def diffusers_family(architecture: Optional[str], path, keys=()) -> str:
     family = family_of(architecture or "unknown")
+    if family == "lumina2":  # Lumina-2 and Z-Image share a family; Z-Image's blocks modulate through adaLN_modulation.0
+        family = "z-image" if any(k.endswith("layers.0.adaLN_modulation.0.weight") for k in keys) else "lumina2"
     if family not in PIPELINES:
         what = architecture or "an unidentified model"
         raise UsageError(path, f"{what} has no diffusers layout in sdtk; {NO_LAYOUT_ADVICE}")
@@ -82,8 +84,8 @@ def diffusers_family(architecture: Optional[str], path) -> str:
 def plan_folder(plan: Sequence[LazyTensor], *, architecture: Optional[str], source, metadata: Mapping[str, str],
                 prediction: Optional[str], variant: Optional[str] = None, tokenizers: Optional[str] = None) -> FolderPlan:
     """Plan every file of the folder (nothing is read yet)."""
-    family = diffusers_family(architecture, source)
     tensors = {t.name: t for t in plan}
+    family = diffusers_family(architecture, source, tensors)
     try:
         split = split_single_file(tensors, family)
     except ComponentError as e:
@@ -166,7 +168,7 @@ def plan_folder(plan: Sequence[LazyTensor], *, architecture: Optional[str], sour
 def _summarize(names) -> str:
     groups: Dict[str, int] = {}
     for n in names:
-        head = n.split(".")[0] if not n.startswith(("model_ema.", "cond_stage_model.", "conditioner.", "text_encoders.")) else ".".join(n.split(".")[:2])
+        head = n.split(".")[0] if not n.startswith(("model.", "model_ema.", "cond_stage_model.", "conditioner.", "text_encoders.")) else ".".join(n.split(".")[:2])
         groups[head] = groups.get(head, 0) + 1
     return ", ".join(f"{k} ({v})" if v > 1 else k for k, v in list(groups.items())[:10]) + (", ..." if len(groups) > 10 else "")
 

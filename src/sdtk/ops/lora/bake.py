@@ -111,7 +111,7 @@ def bake(base_path: str, loras: Sequence[LoraInput], dest: Optional[str], *, all
                               quant=quant)
         for rep in reports:
             rep.hashes = lora_file_facts(rep.file)
-        lineage = _Lineage(os.path.basename(base_path), os.path.getsize(base_path),
+        lineage = _Lineage(os.path.basename(os.path.normpath(base_path)), _input_size(base_path),
                            [{"file": os.path.basename(r.file), "sha256": r.hashes["sha256"], "autov3": r.hashes["autov3"],
                              "strength": r.strength, "te_strength": r.te_strength, "matched": r.matched,
                              "modules": r.modules} for r in reports], dora_convention)
@@ -134,6 +134,12 @@ def bake(base_path: str, loras: Sequence[LoraInput], dest: Optional[str], *, all
     finally:
         for c in cats:
             c.close()
+
+
+def _input_size(path) -> int:
+    from sdtk.formats.diffusers import folder_size, is_diffusers_folder
+
+    return folder_size(path) if is_diffusers_folder(path) else os.path.getsize(path)
 
 
 def _lora_base_label(cat) -> Optional[str]:

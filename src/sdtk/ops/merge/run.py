@@ -16,7 +16,9 @@ from typing import Callable, Dict, List, Optional
 from sdtk.errors import SdtkError, UsageError
 from sdtk.fileio import check_output_path
 from sdtk.formats import open_model
+from sdtk.formats.diffusers import folder_header_sha256, folder_size, is_diffusers_folder
 from sdtk.quant.views import align_names, dequantize_catalogue
+from sdtk.formats.safetensors import write_safetensors
 from sdtk.ops.merge.arch import FIRST_CONV, check_compatible, describe
 from sdtk.ops.merge.plan import FileSource, StepSource, output_plan
 from sdtk.ops.merge.recipe import Recipe, dumps_canonical
@@ -41,6 +43,19 @@ def header_sha256(path: str) -> str:
         n = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
         data = head + (f.read(n) if n < (100 << 20) else b"")
     return hashlib.sha256(data).hexdigest()
+
+
+def folder_lineage(path: str) -> Dict[str, str]:
+    """What a merge records of a diffusers folder input: its content hash v2 (under single-file
+    names; a folder has no file SHA256/AutoV3 of its own)."""
+    from sdtk.hashing.content import content_hash_v2
+
+    with open_model(path) as cat:
+        return {"content_v2": content_hash_v2(cat)}
+
+
+def input_kinds(path: str):
+    return ("content_v2",) if is_diffusers_folder(path) else LINEAGE_KINDS
 
 
 def default_workers() -> int:
@@ -102,7 +117,8 @@ class _Hasher(threading.Thread):
             for p in self.paths:
                 if p not in self.results and not self._cancelled.is_set():
                     try:
-                        self.results[p] = lineage_hashes(p, cancelled=self._cancelled.is_set)
+                        self.results[p] = (folder_lineage(p) if is_diffusers_folder(p)
+                                           else lineage_hashes(p, cancelled=self._cancelled.is_set))
                     except HashingCancelled:
                         return
         except BaseException as e:  # reported by the caller
@@ -130,7 +146,7 @@ def run_recipe(recipe: Recipe, dest: str, overwrite: bool = False, hash_inputs: 
     if recipe.bake_vae:
         paths[BAKE] = _find_model("bake_vae", recipe.bake_vae, recipe.identities.get(BAKE, {}), search_dirs)
     check_output_path(dest, paths.values(), overwrite)
-    stored_hashes = any("sha256" in recipe.identities.get(n, {}) for n in recipe.models)
+    stored_hashes = any(k in recipe.identities.get(n, {}) for n in recipe.models for k in ("sha256", "content_v2"))
     if recipe.identities and stored_hashes != hash_inputs and to != "gguf":
         raise UsageError(None, "the stored recipe was made " + ("with" if stored_hashes else "without")
                          + " input hashes; " + ("drop --no-hash" if stored_hashes else "pass --no-hash") + " to reproduce it")
@@ -195,12 +211,15 @@ def _quick_identities(paths: Dict[str, str], stored: Dict[str, dict], hash_input
     header hash are checked now (its sha256 when the hashes are known, at the end)."""
     identities = {}
     for i, (name, path) in enumerate(paths.items()):
-        ident = {"file": os.path.basename(path), "size": os.path.getsize(path)}
+        folder = is_diffusers_folder(path)
+        ident = {"file": os.path.basename(os.path.normpath(path)), "size": folder_size(path) if folder else os.path.getsize(path)}
+        if folder:
+            ident["folder"] = "diffusers"
         if hash_inputs:
-            for kind in LINEAGE_KINDS:
+            for kind in input_kinds(path):
                 ident[kind] = _placeholder(i, kind)
         else:
-            ident["header_sha256"] = header_sha256(path)
+            ident["header_sha256"] = folder_header_sha256(path) if folder else header_sha256(path)
         for k in ("size", "header_sha256"):
             if k in stored.get(name, {}) and stored[name][k] != ident.get(k):
                 raise SdtkError(path, f"is not the file the recipe was made from ({k} differs)")
@@ -230,11 +249,11 @@ def _with_hashes(metadata: Dict[str, str], hasher: _Hasher, paths: Dict[str, str
     text = dict(metadata)
     for i, (name, path) in enumerate(paths.items()):
         found = hasher.results[path]
-        real = found["sha256"]
-        want = stored.get(name, {}).get("sha256")
-        if want and want != real:
-            raise SdtkError(path, f"is not the file the recipe was made from (sha256 {real[:12]} != {want[:12]})")
-        for kind in LINEAGE_KINDS:
+        for kind in found:
+            real, want = found[kind], stored.get(name, {}).get(kind)
+            if kind in ("sha256", "content_v2") and want and want != real:
+                raise SdtkError(path, f"is not the model the recipe was made from ({kind} {real[:12]} != {want[:12]})")
+        for kind in input_kinds(path):
             identities[name][kind] = found[kind]
             text = {k: v.replace(_placeholder(i, kind), found[kind]) for k, v in text.items()}
     return text
@@ -246,7 +265,7 @@ def _metadata(recipe: Recipe, canonical: dict, cats, identities, paths, final) -
 
     def hash_of(name):
         ident = identities.get(name)
-        return (ident.get("sha256") or ident.get("header_sha256")) if ident else None
+        return (ident.get("sha256") or ident.get("content_v2") or ident.get("header_sha256")) if ident else None
 
     a1111_hashes = [hash_of(n) for n in last.inputs] + [None] * (3 - len(last.inputs))
     primary_shape = final.entries.get(FIRST_CONV, ((0, 0),))[0]
@@ -270,7 +289,8 @@ def _metadata(recipe: Recipe, canonical: dict, cats, identities, paths, final) -
     models: Dict[str, dict] = {}
     for name in recipe.models:  # A1111 run_modelmerger add_model_metadata: the entry, then its own sd_merge_models
         meta = cats[name].metadata
-        models[hash_of(name)] = {"name": identities[name]["file"], "legacy_hash": legacy_hash(paths[name]),
+        legacy = None if is_diffusers_folder(paths[name]) else legacy_hash(paths[name])  # a folder has no file
+        models[hash_of(name)] = {"name": identities[name]["file"], "legacy_hash": legacy,
                                  "sd_merge_recipe": json.loads(meta["sd_merge_recipe"]) if _is_json(meta.get("sd_merge_recipe")) else None}
         nested = json.loads(meta["sd_merge_models"]) if _is_json(meta.get("sd_merge_models")) else None
         if isinstance(nested, dict):

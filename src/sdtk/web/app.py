@@ -183,7 +183,26 @@ def create_app(settings: ServeSettings) -> Starlette:
             return web.render("error.html", request, status=404, text=str(e))
         vaes = catalog.page(web.conn, catalog.Query(kind="vae", limit=200), settings.roots, web.index)[0]
         return web.render("convert.html", request, rec=catalog.record(row), vaes=vaes,
-                          dtypes=operations.CONVERT_DTYPES, parts=operations.EXTRACT_PARTS)
+                          dtypes=operations.CONVERT_DTYPES, parts=operations.EXTRACT_PARTS,
+                          quants=operations.gguf_quants(), variants=operations.diffusers_variants())
+
+    def lora_page(request: Request):
+        """Bake LoRAs into a model: from a model's page (?base=ID) or a LoRA's (?lora=ID)."""
+        files = web.files()
+        base = lora = None
+        try:
+            if request.query_params.get("base"):
+                base = catalog.record(files.get(request.query_params["base"], "base model")[0])
+            if request.query_params.get("lora"):
+                lora = catalog.record(files.get(request.query_params["lora"], "LoRA")[0])
+        except SdtkError as e:
+            return web.render("error.html", request, status=404, text=str(e))
+        loras = catalog.page(web.conn, catalog.Query(kind="lora", limit=500), settings.roots, web.index)[0]
+        bases = [] if base else [r for kind in ("checkpoint", "diffusion-model") for r in
+                                 catalog.page(web.conn, catalog.Query(kind=kind, limit=500), settings.roots, web.index)[0]]
+        first = lora["id"] if lora else None
+        return web.render("lora.html", request, base=base, bases=bases, loras=loras, first=first,
+                          rows=range(operations.MAX_LORAS), doras=operations.DORA_CONVENTIONS)
 
     def merge_page(request: Request):
         from sdtk.ops.merge import methods as M
@@ -327,6 +346,7 @@ def create_app(settings: ServeSettings) -> Starlette:
         Route("/preview/{file_id:int}/{index:int}", preview),
         Route("/convert", convert_page),
         Route("/merge", merge_page),
+        Route("/lora", lora_page),
         Route("/merge/preview", merge_preview, methods=["POST"]),
         Route("/merge/recipe.yaml", merge_recipe_download),
         Route("/merge/similarity", merge_similarity),

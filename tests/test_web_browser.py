@@ -239,7 +239,7 @@ def reindex(page):
     expect(cards.first.locator(".state")).to_have_text("done", timeout=60_000)
 
 
-def test_duplicates_quarantine_and_undo(site):
+def test_duplicates_to_the_trash_and_undo(site):
     import shutil
 
     page, url, sample = site["page"], site["url"], site["sample"]
@@ -252,12 +252,14 @@ def test_duplicates_quarantine_and_undo(site):
     group = page.locator("section.group").first
     expect(group).to_contain_text("beta-mix (1).safetensors")
     shot(page, "dupes")
-    page.once("dialog", lambda d: d.accept())  # "Move ... to the quarantine?"
-    group.get_by_role("button", name="Move to quarantine").first.click()
-    expect(page.locator("#dupes-msg")).to_contain_text("moved 1 file(s) to the quarantine")
-    moved = [p for p in (copy.parent, sample["sd_b"]) if not p.exists()]
+    page.once("dialog", lambda d: d.accept())  # "Move to the trash: ...?"
+    group.get_by_role("button", name="Move to the trash").first.click()
+    expect(page.locator("#dupes-msg")).to_contain_text("moved 1 file(s) to the system trash")
+    moved = [p for p in (copy, sample["sd_b"]) if not p.exists()]
     assert len(moved) == 1  # one of the two, never both, and nothing deleted:
-    assert list((sample["root"] / ".sdtk-quarantine").rglob(moved[0].name))
+    trash = Path(os.environ["XDG_DATA_HOME"]) / "Trash"  # conftest's temporary XDG_DATA_HOME, inherited by the server
+    assert (trash / "files" / moved[0].name).read_bytes() == sample["sd_b"].read_bytes() if moved[0] == copy else True
+    assert (trash / "info" / (moved[0].name + ".trashinfo")).is_file()
     page.reload()
     page.get_by_role("button", name="Undo").first.click()
     expect(page.locator("#dupes-msg")).to_contain_text("moved back")

@@ -314,12 +314,13 @@ def create_app(settings: ServeSettings) -> Starlette:
             side = ((json.loads(row["info"] or "{}").get("sidecars") or {}).get("files") or {})
             names = [n for names in side.values() for n in names]
             with web.undo_lock:
-                done = quarantine.quarantine(web.undo_log, web.conn, row, names, settings.roots)
+                done = quarantine.remove(web.undo_log, web.conn, row, names, settings.roots, settings.removal)
             web.index.reload()
         except (SdtkError, OSError) as e:
             return message(web, str(e) if isinstance(e, SdtkError) else f"could not move the file: {e.strerror or e}")
-        return message(web, f"moved {len(done['moves'])} file(s) to the quarantine ({done['batch']}); undo below",
-                       kind="ok", batch=done["batch"])
+        where = "the system trash" if done["backend"] == "trash" else "the quarantine"
+        return message(web, f"moved {len(done['moves'])} file(s) to {where} ({done['batch']}); undo below"
+                       + (f" ({done['note']})" if done["note"] else ""), kind="ok", batch=done["batch"])
 
     async def dupes_undo(request: Request):
         if not settings.local_only:

@@ -467,10 +467,10 @@ OPERATIONS: Dict[str, Operation] = {op.name: op for op in (
     Operation("diff", "Compare per block", parse_diff, run_diff, False),
 )}
 
-# "What to do" advice (identify/advice.py codes) -> a one-click job: (operation, form values)
+# "What to do" advice (identify/advice.py codes) -> a one-click job: (operation, form values, label key in ui_text)
 ADVICE_ACTIONS: Dict[str, Tuple[str, Dict[str, str], str]] = {
-    "training_checkpoint": ("convert", {"preset": "generation"}, "Convert for generation"),
-    "shrink_for_generation": ("convert", {"preset": "generation"}, "Convert for generation"),
-    "convert_to_safetensors": ("convert", {}, "Convert to safetensors"),
-    "fix_clip": ("convert", {"fix_clip": "1"}, "Fix CLIP position ids"),
+    "training_checkpoint": ("convert", {"preset": "generation"}, "advice.convert_generation"),
+    "shrink_for_generation": ("convert", {"preset": "generation"}, "advice.convert_generation"),
+    "convert_to_safetensors": ("convert", {}, "advice.convert_safetensors"),
+    "fix_clip": ("convert", {"fix_clip": "1"}, "advice.fix_clip"),
 }

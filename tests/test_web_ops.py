@@ -6,18 +6,11 @@ import os
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from conftest import run_cli
-from helpers_lora import lora_family, write_tensors
+from helpers_web import matched_lora
 from helpers_webapp import HX, build, client_for, file_id, last_job, wait_job
-from sdtk.formats import open_model
-
-# kohya names of two SD1 UNet modules and the LDM keys they patch (sdtk.architectures.lora_keys)
-MODULES = {"lora_unet_down_blocks_0_attentions_0_proj_in": "model.diffusion_model.input_blocks.1.1.proj_in.weight",
-           "lora_unet_up_blocks_3_attentions_2_transformer_blocks_0_attn1_to_q":
-               "model.diffusion_model.output_blocks.11.1.transformer_blocks.0.attn1.to_q.weight"}
 
 
 @pytest.fixture
@@ -26,17 +19,6 @@ def lib(tmp_path):
     with client_for(tmp_path, sample) as client:
         client.sample, client.base = sample, tmp_path
         yield client
-
-
-def matched_lora(base_model: Path, path: Path, seed: int) -> Path:
-    """A kohya LoRA whose modules fit `base_model`'s (scaled-down) shapes."""
-    rng = np.random.default_rng(seed)
-    with open_model(base_model) as cat:
-        shapes = {k: tuple(cat.tensors[k].shape) for k in MODULES.values()}
-    tensors = {}
-    for module, key in MODULES.items():
-        tensors.update(lora_family(module, "lora", shapes[key], rng, rank=4, alpha=2.0))
-    return write_tensors(path, tensors, {"ss_network_module": "networks.lora"})
 
 
 def index_again(lib):

@@ -60,6 +60,7 @@ class Web:
                               after_job=lambda job: self.index.reload() if job.op in writes else None)
         self.undo_log = quarantine.open_log(settings.state_folder)
         self.undo_lock = threading.Lock()
+        self.precision_checks: Dict = {}  # sampled "same weights at another precision" checks, by both files' (path, size, mtime)
 
     def connect(self):
         return dbmod.connect(self.settings.db)
@@ -320,7 +321,7 @@ def create_app(settings: ServeSettings) -> Starlette:
 
     # -- duplicates ----------------------------------------------------------------------------------
     def dupes_page(request: Request):
-        groups = catalog.dupe_groups(web.conn, settings.roots)
+        groups = catalog.dupe_groups(web.conn, settings.roots, web.precision_checks)
         return web.render("dupes.html", request, groups=groups, history=quarantine.history(web.undo_log))
 
     async def dupes_remove(request: Request):

@@ -448,6 +448,28 @@ def run_diff(ctx, p: Dict[str, Any]) -> Dict[str, Any]:
     return {"total": t, "blocks": result.blocks, "components": result.components}
 
 
+def parse_verify(form: Form, files: Files) -> Tuple[str, Dict[str, Any]]:
+    (ra, pa), (rb, pb) = files.get(one(form, "model_a"), "model A"), files.get(one(form, "model_b"), "model B")
+    return (f"verify {os.path.basename(pb)} = {os.path.basename(pa)} at another precision",
+            {"file_ids": [ra["id"], rb["id"]], "inputs": [{"path": pa, "size": ra["size"], "mtime_ns": ra["mtime_ns"]},
+                                                         {"path": pb, "size": rb["size"], "mtime_ns": rb["mtime_ns"]}]})
+
+
+def run_verify(ctx, p: Dict[str, Any]) -> Dict[str, Any]:
+    """Every tensor of B equals A's cast to B's dtype (sdtk.library.precision_dupes, sample=None)."""
+    from sdtk.library.precision_dupes import same_weights
+
+    for item in p["inputs"]:
+        check_unchanged(item, item["path"])
+    a, b = p["inputs"][0]["path"], p["inputs"][1]["path"]
+    check = same_weights(a, b, sample=None, on_tensor=lambda done, total: ctx.progress(done, total, "comparing tensors"))
+    if check.same:
+        ctx.log(f"the same weights: all {check.total} tensors of {os.path.basename(b)} are {os.path.basename(a)}'s, cast")
+    else:
+        ctx.log(f"not the same weights ({check.reason}; {check.checked} of {check.total} tensors compared)")
+    return {"verdict": "same weights" if check.same else "different", "reason": check.reason or f"{check.total} tensors compared"}
+
+
 @dataclass(frozen=True)
 class Operation:
     name: str
@@ -465,6 +487,7 @@ OPERATIONS: Dict[str, Operation] = {op.name: op for op in (
     Operation("hash", "Hash", parse_file_only("hash"), run_hash, False),
     Operation("index", "Index the folders", parse_index, run_index, False),
     Operation("diff", "Compare per block", parse_diff, run_diff, False),
+    Operation("verify", "Verify same weights", parse_verify, run_verify, False),
 )}
 
 # "What to do" advice (identify/advice.py codes) -> a one-click job: (operation, form values, label key in ui_text)

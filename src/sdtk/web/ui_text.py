@@ -212,6 +212,13 @@ dupes.weights_note | The same tensors in another container or with other metadat
 dupes.weights_label | Same weights {hash} | 同じ重み {hash} | 相同权重 {hash} | Те же веса {hash}
 dupes.weights_head | Content {hash}… · up to {size} reclaimable | 内容 {hash}… · 最大 {size} 回収可能 | 内容 {hash}… · 最多可回收 {size} | Содержимое {hash}… · можно освободить до {size}
 dupes.no_weights | No file holds the same weights as another. | 同じ重みを持つファイルはありません。 | 没有文件与其他文件权重相同。 | Ни один файл не содержит тех же весов, что другой.
+dupes.precision | Same weights at another precision | 別の精度の同じ重み | 不同精度的相同权重 | Те же веса в другой точности
+dupes.precision_note | A file that is a plain cast of another (fp32 to fp16, bf16 or fp8): checked on its values, not guessed from names or sizes. | 別のファイルを単に型変換したファイル（fp32 から fp16、bf16、fp8）。名前やサイズから推測せず、値で確かめています。 | 只是另一个文件的简单类型转换（fp32 转 fp16、bf16 或 fp8）的文件：依据数值核对，而非根据名称或大小猜测。 | Файл, который является простым приведением другого (fp32 в fp16, bf16 или fp8): проверено по значениям, а не угадано по именам или размерам.
+dupes.precision_label | Same weights as {name} | {name} と同じ重み | 与 {name} 权重相同 | Те же веса, что у {name}
+dupes.precision_head | {name} and its casts · up to {size} reclaimable | {name} とその型変換 · 最大 {size} 回収可能 | {name} 及其类型转换 · 最多可回收 {size} | {name} и его приведения · можно освободить до {size}
+dupes.precision_checked | (checked on {n} of {total} tensors) | （{total} 個中 {n} 個のテンソルで確認） | （已核对 {total} 个张量中的 {n} 个） | (проверено {n} из {total} тензоров)
+dupes.verify | Verify every tensor | すべてのテンソルを確認 | 核对所有张量 | Проверить все тензоры
+dupes.no_precision | No file is another's cast to a lower precision. | 別のファイルを低い精度へ変換しただけのファイルはありません。 | 没有文件只是另一个文件转换为更低精度的结果。 | Ни один файл не является приведением другого к меньшей точности.
 dupes.undo_log | Undo log | 取り消し記録 | 撤销日志 | Журнал отмены
 dupes.undone | (undone) | （取り消し済み） | （已撤销） | (отменено)
 dupes.undo | Undo | 元に戻す | 撤销 | Отменить

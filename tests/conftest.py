@@ -22,6 +22,13 @@ if "SDTK_HASH_CACHE" not in os.environ:
 
     os.environ["SDTK_HASH_CACHE"] = os.path.join(tempfile.mkdtemp(prefix="sdtk-test-cache-"), "hashes.sqlite3")
 
+# ... nor the user's trash (sdtk serve's "remove" moves files to $XDG_DATA_HOME/Trash): a fresh one
+if not os.environ.get("SDTK_TEST_XDG_SET"):
+    import tempfile
+
+    os.environ["XDG_DATA_HOME"] = tempfile.mkdtemp(prefix="sdtk-test-xdg-")
+    os.environ["SDTK_TEST_XDG_SET"] = "1"
+
 
 def run_cli(*args, cwd=None, input=None, env=None):
     """Run `python -m sdtk ARGS` on this checkout's code; returns CompletedProcess (text)."""

@@ -81,3 +81,23 @@ def sample_library(base: Path) -> dict:
     out["embedding"] = emb
     out["hostile"] = hostile_ckpt(ck / "free-model.ckpt", out["marker"])
     return out
+
+
+# kohya names of two SD1 UNet modules and the LDM keys they patch (sdtk.architectures.lora_keys)
+LORA_MODULES = {"lora_unet_down_blocks_0_attentions_0_proj_in": "model.diffusion_model.input_blocks.1.1.proj_in.weight",
+                "lora_unet_up_blocks_3_attentions_2_transformer_blocks_0_attn1_to_q":
+                    "model.diffusion_model.output_blocks.11.1.transformer_blocks.0.attn1.to_q.weight"}
+
+
+def matched_lora(base_model: Path, path: Path, seed: int) -> Path:
+    """A kohya LoRA (rank 4, random values) whose modules fit `base_model`'s (scaled-down) shapes."""
+    from helpers_lora import lora_family, write_tensors
+    from sdtk.formats import open_model
+
+    rng = np.random.default_rng(seed)
+    with open_model(base_model) as cat:
+        shapes = {k: tuple(cat.tensors[k].shape) for k in LORA_MODULES.values()}
+    tensors = {}
+    for module, key in LORA_MODULES.items():
+        tensors.update(lora_family(module, "lora", shapes[key], rng, rank=4, alpha=2.0))
+    return write_tensors(path, tensors, {"ss_network_module": "networks.lora"})

@@ -239,7 +239,7 @@ def reindex(page):
     expect(cards.first.locator(".state")).to_have_text("done", timeout=60_000)
 
 
-def test_duplicates_quarantine_and_undo(site):
+def test_duplicates_to_the_trash_and_undo(site):
     import shutil
 
     page, url, sample = site["page"], site["url"], site["sample"]
@@ -252,18 +252,90 @@ def test_duplicates_quarantine_and_undo(site):
     group = page.locator("section.group").first
     expect(group).to_contain_text("beta-mix (1).safetensors")
     shot(page, "dupes")
-    page.once("dialog", lambda d: d.accept())  # "Move ... to the quarantine?"
-    group.get_by_role("button", name="Move to quarantine").first.click()
-    expect(page.locator("#dupes-msg")).to_contain_text("moved 1 file(s) to the quarantine")
-    moved = [p for p in (copy.parent, sample["sd_b"]) if not p.exists()]
+    page.once("dialog", lambda d: d.accept())  # "Move to the trash: ...?"
+    group.get_by_role("button", name="Move to the trash").first.click()
+    expect(page.locator("#dupes-msg")).to_contain_text("moved 1 file(s) to the system trash")
+    moved = [p for p in (copy, sample["sd_b"]) if not p.exists()]
     assert len(moved) == 1  # one of the two, never both, and nothing deleted:
-    assert list((sample["root"] / ".sdtk-quarantine").rglob(moved[0].name))
+    trash = Path(os.environ["XDG_DATA_HOME"]) / "Trash"  # conftest's temporary XDG_DATA_HOME, inherited by the server
+    remaining = copy if copy.exists() else sample["sd_b"]  # the two are identical
+    assert (trash / "files" / moved[0].name).read_bytes() == remaining.read_bytes()
+    assert (trash / "info" / (moved[0].name + ".trashinfo")).is_file()
     page.reload()
     page.get_by_role("button", name="Undo").first.click()
     expect(page.locator("#dupes-msg")).to_contain_text("moved back")
     assert copy.exists() and sample["sd_b"].exists()
     os.unlink(copy)
     reindex(page)
+
+
+def test_gguf_and_lora_jobs_in_the_browser(site):
+    """`convert --to gguf --quant Q8_0` and `lora apply` from their forms: progress to 100%, the
+    output linked into the library, the CLI's bytes."""
+    page, url, sample = site["page"], site["url"], site["sample"]
+    page.goto(url + "/?q=alpha-mix.safetensors")
+    page.click("text=alpha-mix.safetensors")
+    page.click("text=Convert…")
+    page.check("#to-gguf")
+    page.select_option("#quant", "Q8_0")
+    page.fill("#output", "browser-q8.gguf")
+    page.get_by_role("button", name="Start converting").click()
+    expect(page.locator("#convert-result")).to_contain_text("queued")
+    card = job_card(page, "to GGUF Q8_0")
+    expect(card.locator(".state")).to_have_text("done", timeout=120_000)
+    expect(card.locator(".pct")).to_have_text("100%")
+    cli = site["base"] / "cli-q8.gguf"
+    assert run_cli("convert", sample["sd_a"], "--to", "gguf", "--quant", "Q8_0", "-o", cli).returncode == 0
+    assert cli.read_bytes() == (sample["sd_a"].parent / "browser-q8.gguf").read_bytes()
+    card.get_by_role("link", name="browser-q8.gguf").click()
+    expect(page.locator("h1")).to_have_text("browser-q8.gguf")
+    # a LoRA that fits the model, indexed, baked from the model page at strength 0.7
+    from helpers_web import matched_lora
+
+    lora = matched_lora(sample["sd_a"], sample["lora"].parent / "detail.safetensors", 1)
+    reindex(page)
+    page.goto(url + "/?q=alpha-mix.safetensors")
+    page.click("text=alpha-mix.safetensors")
+    page.click("text=Bake LoRAs…")
+    value = page.locator("#lora_0 option", has_text="detail.safetensors").get_attribute("value")
+    page.select_option("#lora_0", value)
+    page.fill("#strength_0", "0.7")
+    page.fill("#output", "browser-baked.safetensors")
+    shot(page, "lora")
+    page.get_by_role("button", name="Start baking").click()
+    expect(page.locator("#lora-result")).to_contain_text("queued")
+    card = job_card(page, "browser-baked.safetensors")
+    expect(card.locator(".state")).to_have_text("done", timeout=120_000)
+    expect(card.locator(".pct")).to_have_text("100%")
+    cli = site["base"] / "cli-baked" / "browser-baked.safetensors"
+    cli.parent.mkdir()
+    r = run_cli("lora", "apply", sample["sd_a"], f"{lora}:0.7", "-o", cli)
+    assert r.returncode == 0, r.stderr
+    assert cli.read_bytes() == (sample["sd_a"].parent / "browser-baked.safetensors").read_bytes()
+    page.goto(url + "/?q=browser-baked")
+    expect(page.locator("table.files")).to_contain_text("browser-baked.safetensors")
+
+
+def test_language_menu_changes_the_labels(site):
+    page, url = site["page"], site["url"]
+    page.goto(url + "/")
+    try:
+        page.get_by_role("button", name="日本語").click()
+        expect(page.locator("html")).to_have_attribute("lang", "ja")
+        expect(page.locator("main h1")).to_have_text("ライブラリ")
+        expect(page.locator("#count")).to_have_text(re.compile(r"^[\d,]+ 件$"))
+        expect(page.get_by_role("button", name="フォルダーを索引化")).to_be_visible()
+        expect(page.locator("aside.queue .state").first).to_have_text(re.compile("完了|実行中|待機中|失敗|キャンセル済み"))
+        shot(page, "library-ja")
+        page.get_by_role("link", name="重複").click()  # the choice holds on every page
+        expect(page.locator("main h1")).to_have_text("重複")
+        page.get_by_role("button", name="Русский").click()
+        expect(page.locator("main h1")).to_have_text("Дубликаты")
+        page.goto(url + "/?q=alpha-mix.safetensors")
+        expect(page.locator("#count")).to_have_text("1 файл")
+    finally:
+        page.get_by_role("button", name="English").click()
+        expect(page.locator("html")).to_have_attribute("lang", "en")
 
 
 def test_accessibility_no_serious_violations(site):
@@ -276,7 +348,8 @@ def test_accessibility_no_serious_violations(site):
         ids[name] = page.locator("table.files a", has_text=re.compile("^" + re.escape(name) + "$")).first.get_attribute("href")
     pages = ["/", ids["v1-5-pruned.ckpt"], ids["v1-5-pruned.ckpt"] + "?lang=ja", "/jobs", "/dupes",
              "/convert?file=" + ids["alpha-mix.safetensors"].rsplit("/", 1)[1],
-             "/merge?a=" + ids["alpha-mix.safetensors"].rsplit("/", 1)[1]]
+             "/merge?a=" + ids["alpha-mix.safetensors"].rsplit("/", 1)[1],
+             "/lora?base=" + ids["alpha-mix.safetensors"].rsplit("/", 1)[1], "/?lang=ru"]
     axe = Axe()
     problems = []
     for path in pages:

@@ -172,7 +172,16 @@ def test_hash_and_scan_jobs(lib):
     assert wait_job(lib, last_job(lib).id).result["verdict"] == "safe"
 
 
-def test_duplicates_quarantine_and_undo(lib):
+@pytest.fixture
+def lib_quarantine(tmp_path):
+    sample = build(tmp_path)
+    with client_for(tmp_path, sample, removal="quarantine") as client:  # `sdtk serve --remove-to quarantine`
+        client.sample, client.base = sample, tmp_path
+        yield client
+
+
+def test_duplicates_quarantine_and_undo(lib_quarantine):
+    lib = lib_quarantine
     copy = lib.sample["sd_b"].parent / "beta-copy.safetensors"
     shutil.copy2(lib.sample["sd_b"], copy)
     lib.post("/run/index", headers=HX)

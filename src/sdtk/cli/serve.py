@@ -22,6 +22,7 @@ def register(app: typer.Typer) -> None:
         token: Optional[str] = typer.Option(None, "--token", help="Secret every request must carry (required with --host)."),
         db: Optional[Path] = typer.Option(None, "--db", help=DB_HELP),
         no_browser: bool = typer.Option(False, "--no-browser", help="Do not open a browser."),
+        remove_to: str = typer.Option("trash", "--remove-to", help="Where removing a duplicate moves it: trash (the system trash; the quarantine folder when the drive has none) or quarantine (<root>/.sdtk-quarantine). Never a permanent delete."),
     ) -> int:
         """A local web app over the library: search, model pages, convert/merge/scan/hash jobs, duplicates."""
         try:
@@ -35,6 +36,10 @@ def register(app: typer.Typer) -> None:
         from sdtk.web.settings import ServeSettings, check_listen, real_root
 
         host, token = check_listen(host, token)
+        if remove_to not in ("trash", "quarantine"):
+            from sdtk.errors import UsageError
+
+            raise UsageError(None, f"--remove-to {remove_to}: choose trash or quarantine")
         db_path = Path(db).expanduser() if db is not None else dbmod.default_db_path()
         conn = dbmod.connect(db_path)
         try:
@@ -48,7 +53,7 @@ def register(app: typer.Typer) -> None:
         new = [r for r in chosen if r not in known]
         sock = bind(host, port)
         settings = ServeSettings(db=db_path, roots=chosen, host=host, port=sock.getsockname()[1], token=token,
-                                 index_roots=new, progress_delay=float(os.environ.get("SDTK_WEB_PROGRESS_DELAY", "0") or 0))
+                                 index_roots=new, removal=remove_to, progress_delay=float(os.environ.get("SDTK_WEB_PROGRESS_DELAY", "0") or 0))
         if not settings.local_only:
             err_console.print(f"[bold yellow]warning:[/] listening on {host}: anyone who can reach this address and has "
                               "the token can read and convert your model files")

@@ -34,8 +34,9 @@ FOLDER_KINDS: Dict[str, str] = {
     "gligen": "gligen",  # ComfyUI models/gligen
 }
 
-# Model file extensions (A1111 and ComfyUI folder_paths.supported_pt_extensions, plus .sft).
-MODEL_EXTENSIONS = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pt2")
+# Model file extensions (A1111 and ComfyUI folder_paths.supported_pt_extensions, plus .sft, and .gguf,
+# which city96/ComfyUI-GGUF adds to the unet and clip folders).
+MODEL_EXTENSIONS = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pt2", ".gguf")
 SKIP_DIRS = {".git", "__pycache__", "node_modules", ".cache", ".venv", "venv"}
 
 # extra_model_paths.yaml keys -> kind (ComfyUI extra_model_paths.yaml.example, a1111 and comfyui blocks)

@@ -138,12 +138,21 @@ def gguf_summary(plan: GGUFPlan) -> Dict[str, int]:
 
 
 def convert_to_gguf(cat: Catalogue, quant: str, dest: Path, *, overwrite: bool = False, inputs=(), on_tensor=None,
-                    threads: int = 2) -> Tuple[GGUFPlan, int]:
-    """Plan and write `dest`. Returns (plan, bytes written)."""
+                    threads: int = 2, on_start=None) -> Tuple[GGUFPlan, int]:
+    """Plan and write `dest`. Returns (plan, bytes written). `on_start(total)`: once planned, the
+    bytes `on_tensor(t, done)` counts up to (the header, then each tensor padded to the alignment)."""
     if dest.suffix.lower() != ".gguf":
         raise UsageError(dest, "a GGUF output is named *.gguf")
+    from sdtk.formats.gguf import DEFAULT_ALIGNMENT, gguf_header
+
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
         plan = plan_gguf(cat, quant, pool if threads > 1 else None)
+        if on_start is not None:
+            try:
+                header, _ = gguf_header(plan.kv, plan.tensors, DEFAULT_ALIGNMENT)
+            except ValueError:  # write_gguf says what is wrong
+                header = b""
+            on_start(len(header) + sum(t.nbytes + (-t.nbytes) % DEFAULT_ALIGNMENT for t in plan.tensors))
         written = write_gguf(dest, plan.kv, plan.tensors, inputs=inputs, overwrite=overwrite, on_tensor=on_tensor)
     return plan, written
 
@@ -163,11 +172,10 @@ def convert_file_to_gguf(source: Path, quant: str, output: Optional[Path] = None
         dequantize_catalogue(cat)  # an fp8-scaled or NF4 input: its values
         dest = output if (output is not None and not output.is_dir()) else default_gguf_name(
             source, quant, output if (output is not None and output.is_dir()) else out_folder)
-        if progress is not None:
-            progress.start(dest, 0)
         try:
             plan, written = convert_to_gguf(cat, quant, dest, overwrite=overwrite, inputs=[cat.path],
-                                            on_tensor=(lambda t, done: progress.advance(done)) if progress else None)
+                                            on_tensor=(lambda t, done: progress.advance(done)) if progress else None,
+                                            on_start=(lambda total: progress.start(dest, total)) if progress else None)
         finally:
             if progress is not None:
                 progress.done()

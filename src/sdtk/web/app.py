@@ -33,8 +33,9 @@ from sdtk.web.previews import preview_file
 from sdtk.web.report_view import metadata_rows, report_view
 from sdtk.web.security import Guard, contained
 from sdtk.web.settings import ServeSettings
+from sdtk.web.ui_text import LANG_COOKIE, LANG_NAMES, LANGS, choose_language, translator, ui
 
-LANGUAGE_NAMES = {"en": "English", "ja": "日本語", "zh": "中文", "ru": "Русский"}
+LANGUAGE_NAMES = LANG_NAMES
 HASH_ORDER = ("SHA256", "AutoV1", "AutoV2", "AutoV3", "CRC32", "BLAKE3", "Content")
 
 
@@ -59,6 +60,7 @@ class Web:
                               after_job=lambda job: self.index.reload() if job.op in writes else None)
         self.undo_log = quarantine.open_log(settings.state_folder)
         self.undo_lock = threading.Lock()
+        self.precision_checks: Dict = {}  # sampled "same weights at another precision" checks, by both files' (path, size, mtime)
 
     def connect(self):
         return dbmod.connect(self.settings.db)
@@ -70,12 +72,23 @@ class Web:
             conn = self._local.conn = self.connect()
         return conn
 
-    def render(self, name: str, request: Optional[Request] = None, status: int = 200, **context) -> HTMLResponse:
-        html = self.env.get_template(name).render(request=request, settings=self.settings, **context)
-        return HTMLResponse(html, status_code=status, headers={"cache-control": "no-store"})
+    @staticmethod
+    def language(request: Optional[Request]) -> str:
+        """The page language: ?lang=, the language menu's cookie, Accept-Language, else English."""
+        if request is None:
+            return "en"
+        return choose_language(request.query_params.get("lang"), request.cookies.get(LANG_COOKIE),
+                               request.headers.get("accept-language"))
 
-    def fragment(self, name: str, **context) -> str:
-        return self.env.get_template(name).render(settings=self.settings, **context)
+    def render(self, name: str, request: Optional[Request] = None, status: int = 200, **context) -> HTMLResponse:
+        lang = context.pop("lang", None) or self.language(request)
+        html = self.env.get_template(name).render(request=request, settings=self.settings, lang=lang, t=translator(lang),
+                                                  **context)
+        return HTMLResponse(html, status_code=status, headers={"cache-control": "no-store", "content-language": lang})
+
+    def fragment(self, name: str, request: Optional[Request] = None, **context) -> str:
+        lang = self.language(request)
+        return self.env.get_template(name).render(settings=self.settings, lang=lang, t=translator(lang), **context)
 
     def files(self) -> operations.Files:
         return operations.Files(self.conn, self.settings.roots)
@@ -89,8 +102,8 @@ async def form_of(request: Request) -> Dict[str, list]:
     return parse_qs(body.decode("utf-8", "replace"), keep_blank_values=True)
 
 
-def message(web: Web, text: str, kind: str = "error", **extra) -> HTMLResponse:
-    return HTMLResponse(web.fragment("_message.html", text=text, kind=kind, **extra), headers={"cache-control": "no-store"})
+def message(web: Web, request: Request, text: str, kind: str = "error", **extra) -> HTMLResponse:
+    return HTMLResponse(web.fragment("_message.html", request, text=text, kind=kind, **extra), headers={"cache-control": "no-store"})
 
 
 def create_app(settings: ServeSettings) -> Starlette:
@@ -116,8 +129,7 @@ def create_app(settings: ServeSettings) -> Starlette:
     # -- one model -------------------------------------------------------------------------------
     def model_page(request: Request):
         file_id = request.path_params["file_id"]
-        lang = request.query_params.get("lang", "en")
-        lang = lang if lang in LANGUAGES else "en"
+        lang = web.language(request)  # the report in the page's language (?lang= links switch it)
         row = catalog.by_id(web.conn, file_id)
         if row is None:
             return web.render("error.html", request, status=404, text=f"no file {file_id} in the library")
@@ -164,6 +176,16 @@ def create_app(settings: ServeSettings) -> Starlette:
                           meta_summary=metadata, header_meta=metadata_rows(header_meta), side=side, previews=previews,
                           dupes=dupes, hashes=hashes, actions=actions, ident=ident)
 
+    async def set_language(request: Request):
+        """The language menu: remembered in a cookie (SameSite=Strict), the page reloaded."""
+        form = await form_of(request)
+        lang = operations.one(form, "lang")
+        if lang not in LANGS:
+            return message(web, request, f"unknown language {lang!r}")
+        response = Response("", status_code=200, headers={"hx-refresh": "true", "cache-control": "no-store"})
+        response.set_cookie(LANG_COOKIE, lang, max_age=365 * 24 * 3600, path="/", samesite="strict", httponly=True)
+        return response
+
     def preview(request: Request):
         row = catalog.by_id(web.conn, request.path_params["file_id"])
         if row is None:
@@ -183,7 +205,26 @@ def create_app(settings: ServeSettings) -> Starlette:
             return web.render("error.html", request, status=404, text=str(e))
         vaes = catalog.page(web.conn, catalog.Query(kind="vae", limit=200), settings.roots, web.index)[0]
         return web.render("convert.html", request, rec=catalog.record(row), vaes=vaes,
-                          dtypes=operations.CONVERT_DTYPES, parts=operations.EXTRACT_PARTS)
+                          dtypes=operations.CONVERT_DTYPES, parts=operations.EXTRACT_PARTS,
+                          quants=operations.gguf_quants(), variants=operations.diffusers_variants())
+
+    def lora_page(request: Request):
+        """Bake LoRAs into a model: from a model's page (?base=ID) or a LoRA's (?lora=ID)."""
+        files = web.files()
+        base = lora = None
+        try:
+            if request.query_params.get("base"):
+                base = catalog.record(files.get(request.query_params["base"], "base model")[0])
+            if request.query_params.get("lora"):
+                lora = catalog.record(files.get(request.query_params["lora"], "LoRA")[0])
+        except SdtkError as e:
+            return web.render("error.html", request, status=404, text=str(e))
+        loras = catalog.page(web.conn, catalog.Query(kind="lora", limit=500), settings.roots, web.index)[0]
+        bases = [] if base else [r for kind in ("checkpoint", "diffusion-model") for r in
+                                 catalog.page(web.conn, catalog.Query(kind=kind, limit=500), settings.roots, web.index)[0]]
+        first = lora["id"] if lora else None
+        return web.render("lora.html", request, base=base, bases=bases, loras=loras, first=first,
+                          rows=range(operations.MAX_LORAS), doras=operations.DORA_CONVENTIONS)
 
     def merge_page(request: Request):
         from sdtk.ops.merge import methods as M
@@ -207,8 +248,8 @@ def create_app(settings: ServeSettings) -> Starlette:
             form = await form_of(request)
             recipe, rows, _ = operations.merge_recipe_from_form(form, web.files())
         except SdtkError as e:
-            return message(web, str(e))
-        return HTMLResponse(web.fragment("_recipe.html", yaml=operations.recipe_yaml(recipe), form=urlencode(
+            return message(web, request, str(e))
+        return HTMLResponse(web.fragment("_recipe.html", request, yaml=operations.recipe_yaml(recipe), form=urlencode(
             [(k, v) for k, vs in form.items() for v in vs])))
 
     def merge_recipe_download(request: Request):
@@ -227,26 +268,26 @@ def create_app(settings: ServeSettings) -> Starlette:
         except ValueError:
             return HTMLResponse("")
         found = next((j for j in web.queue.jobs() if j.op == "diff" and j.params.get("file_ids") == [a, b]), None)
-        return HTMLResponse(web.fragment("_similarity.html", job=found, a=a, b=b))
+        return HTMLResponse(web.fragment("_similarity.html", request, job=found, a=a, b=b))
 
     async def submit_job(request: Request):
         op_name = request.path_params["op"]
         op = operations.OPERATIONS.get(op_name)
         if op is None:
-            return message(web, f"unknown operation {op_name!r}")
+            return message(web, request, f"unknown operation {op_name!r}")
         try:
             form = await form_of(request)
             title, params = op.parse(form, web.files())
             job = web.queue.submit(op_name, title, params)
         except SdtkError as e:
-            return message(web, str(e))
-        return message(web, f"queued: {job.title}", kind="ok", job=job)
+            return message(web, request, str(e))
+        return message(web, request, ui("msg.queued", web.language(request), title=job.title), kind="ok", job=job)
 
     async def cancel_job(request: Request):
         job = web.queue.cancel(request.path_params["job_id"])
         if job is None:
-            return message(web, "no such job")
-        return HTMLResponse(web.fragment("_job.html", job=job))
+            return message(web, request, "no such job")
+        return HTMLResponse(web.fragment("_job.html", request, job=job))
 
     def jobs_page(request: Request):
         return web.render("jobs.html", request, jobs=web.queue.jobs())
@@ -267,7 +308,7 @@ def create_app(settings: ServeSettings) -> Starlette:
                 version = web.queue.version
                 if version != seen:
                     seen = version
-                    html = web.fragment("_queue.html", jobs=web.queue.jobs()[:30])
+                    html = web.fragment("_queue.html", request, jobs=web.queue.jobs()[:30])
                     yield "event: jobs\n" + "".join(f"data: {line}\n" for line in html.splitlines()) + "\n"
                     last_sent = time.monotonic()
                 elif time.monotonic() - last_sent > 15:
@@ -280,31 +321,30 @@ def create_app(settings: ServeSettings) -> Starlette:
 
     # -- duplicates ----------------------------------------------------------------------------------
     def dupes_page(request: Request):
-        groups = catalog.dupe_groups(web.conn, settings.roots)
+        groups = catalog.dupe_groups(web.conn, settings.roots, web.precision_checks)
         return web.render("dupes.html", request, groups=groups, history=quarantine.history(web.undo_log))
-
-    remote_refusal = ("moving files is disabled while the server listens beyond this computer (--host); "
-                      "run sdtk serve without --host to remove duplicates")
 
     async def dupes_remove(request: Request):
         if not settings.local_only:  # destructive actions only for a local server (A1111 --listen rule)
-            return message(web, remote_refusal)
+            return message(web, request, ui("msg.remote", web.language(request)))
         try:
             form = await form_of(request)
             row, real = web.files().get(operations.one(form, "file"))
             side = ((json.loads(row["info"] or "{}").get("sidecars") or {}).get("files") or {})
             names = [n for names in side.values() for n in names]
             with web.undo_lock:
-                done = quarantine.quarantine(web.undo_log, web.conn, row, names, settings.roots)
+                done = quarantine.remove(web.undo_log, web.conn, row, names, settings.roots, settings.removal)
             web.index.reload()
         except (SdtkError, OSError) as e:
-            return message(web, str(e) if isinstance(e, SdtkError) else f"could not move the file: {e.strerror or e}")
-        return message(web, f"moved {len(done['moves'])} file(s) to the quarantine ({done['batch']}); undo below",
-                       kind="ok", batch=done["batch"])
+            return message(web, request, str(e) if isinstance(e, SdtkError) else f"could not move the file: {e.strerror or e}")
+        lang = web.language(request)
+        text = ui("msg.moved_" + done["backend"], lang, n=len(done["moves"]), batch=done["batch"])
+        return message(web, request, text + (f" ({ui('msg.no_trash', lang)})" if done["note"] else ""), kind="ok",
+                       batch=done["batch"])
 
     async def dupes_undo(request: Request):
         if not settings.local_only:
-            return message(web, remote_refusal)
+            return message(web, request, ui("msg.remote", web.language(request)))
         try:
             form = await form_of(request)
             with web.undo_lock:
@@ -313,8 +353,9 @@ def create_app(settings: ServeSettings) -> Starlette:
                 web.conn.execute("UPDATE files SET status = 'present' WHERE path = ?", (os.path.normpath(p),))
             web.index.reload()
         except (SdtkError, OSError) as e:
-            return message(web, str(e) if isinstance(e, SdtkError) else f"could not move the file back: {e.strerror or e}")
-        return message(web, f"moved back: {', '.join(os.path.basename(p) for p in back)}", kind="ok")
+            return message(web, request, str(e) if isinstance(e, SdtkError) else f"could not move the file back: {e.strerror or e}")
+        return message(web, request, ui("msg.moved_back", web.language(request), names=", ".join(os.path.basename(p) for p in back)),
+                       kind="ok")
 
     def not_found(request: Request, exc=None):
         return web.render("error.html", request, status=404, text="no such page")
@@ -327,6 +368,7 @@ def create_app(settings: ServeSettings) -> Starlette:
         Route("/preview/{file_id:int}/{index:int}", preview),
         Route("/convert", convert_page),
         Route("/merge", merge_page),
+        Route("/lora", lora_page),
         Route("/merge/preview", merge_preview, methods=["POST"]),
         Route("/merge/recipe.yaml", merge_recipe_download),
         Route("/merge/similarity", merge_similarity),
@@ -338,6 +380,7 @@ def create_app(settings: ServeSettings) -> Starlette:
         Route("/dupes", dupes_page),
         Route("/dupes/remove", dupes_remove, methods=["POST"]),
         Route("/dupes/undo", dupes_undo, methods=["POST"]),
+        Route("/lang", set_language, methods=["POST"]),
         Mount("/static", app=static, name="static"),
     ]
     app = Starlette(routes=routes, exception_handlers={404: not_found})

@@ -194,14 +194,25 @@ def same_hash(conn: sqlite3.Connection, row: sqlite3.Row) -> List[sqlite3.Row]:
     return out
 
 
-def dupe_groups(conn: sqlite3.Connection, roots: Sequence[str]) -> Dict[str, Any]:
+def dupe_groups(conn: sqlite3.Connection, roots: Sequence[str], cache: Optional[Dict] = None) -> Dict[str, Any]:
     """Duplicate groups (sdtk.library.query.find_dupes) restricted to the roots, with the
     reclaimable size: identical files beyond the first (hard links counted once); same weights in
-    other files beyond the smallest."""
+    other files beyond the smallest; the same weights at another precision
+    (sdtk.library.precision_dupes, values checked on a sample of tensors), beyond the smallest."""
+    from sdtk.library.precision_dupes import precision_groups
     from sdtk.web.security import contained
 
     groups = find_dupes(conn)
-    out: Dict[str, Any] = {"identical_files": [], "identical_weights": [], "reclaimable": 0}
+    out: Dict[str, Any] = {"identical_files": [], "identical_weights": [], "reclaimable": 0, "precisions": []}
+    for g in precision_groups(conn, lambda r: contained(r["path"], roots) is not None, cache):
+        sizes = sorted(r["size"] for r in g["rows"])
+        files = []
+        for r in g["rows"]:
+            rec = record(r)
+            check = g["checks"].get(r["id"])
+            rec["checked"] = (check.checked, check.total) if check else None
+            files.append(rec)
+        out["precisions"].append({"lead": g["lead"]["id"], "reclaimable": sum(sizes[1:]), "files": files})
     for g in groups["identical_files"]:
         rows = [r for r in g["rows"] if contained(r["path"], roots)]
         if len(rows) < 2:

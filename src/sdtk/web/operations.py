@@ -72,14 +72,16 @@ class Files:
             raise SdtkError(row["path"], "is no longer there (vanished since it was indexed); re-index its folder")
         return row, real
 
-    def output_beside(self, source_real: str, name_text: str) -> Optional[str]:
-        """The output path for a user-given file name, in the source's folder (None: default name)."""
+    def output_beside(self, source_real: str, name_text: str, suffixes: Optional[Tuple[str, ...]] = (".safetensors",)) -> Optional[str]:
+        """The output path for a user-given file name, in the source's folder (None: default name).
+        `suffixes`: the endings allowed (None: a folder name, for a diffusers folder)."""
         if not name_text.strip():
             return None
-        name = output_name(name_text)
+        name = output_name(name_text, suffixes)
         if name is None:
-            raise UsageError(None, f"output name {name_text!r}: give a plain file name ending in .safetensors "
-                                   "(no folders); it is written beside the input")
+            what = ("a plain folder name" if suffixes is None else
+                    "a plain file name ending in " + " or ".join(suffixes))
+            raise UsageError(None, f"output name {name_text!r}: give {what} (no folders); it is written beside the input")
         dest = os.path.join(os.path.dirname(source_real), name)
         if contained(os.path.dirname(dest), self.roots) is None:
             raise SdtkError(dest, "is outside the folders this server serves; refused")
@@ -107,6 +109,13 @@ def index_outputs(ctx, paths: List[str]) -> List[Dict[str, Any]]:
         scan_library(ctx.conn, roots, content=True)
     out = []
     for p in paths:
+        if os.path.isdir(p):  # a diffusers folder: the folder, then each model file the library holds in it
+            out.append({"path": p, "name": os.path.basename(p) + "/", "id": None})
+            base = os.path.normpath(p) + os.sep
+            for row in ctx.conn.execute("SELECT id, path FROM files WHERE path >= ? AND path < ? AND status = 'present' "
+                                        "ORDER BY path", (base, base[:-1] + chr(ord(os.sep) + 1))):
+                out.append({"path": row["path"], "name": os.path.relpath(row["path"], os.path.dirname(p)), "id": row["id"]})
+            continue
         row = ctx.conn.execute("SELECT id FROM files WHERE path = ?", (os.path.normpath(p),)).fetchone()
         out.append({"path": p, "name": os.path.basename(p), "id": row["id"] if row else None})
     return out
@@ -115,18 +124,37 @@ def index_outputs(ctx, paths: List[str]) -> List[Dict[str, Any]]:
 # -- convert ---------------------------------------------------------------------------------
 CONVERT_DTYPES = ("fp32", "fp16", "bf16", "fp8-e4m3fn", "fp8-e5m2")
 EXTRACT_PARTS = ("vae", "unet", "clip-l", "clip-g", "open-clip-h", "t5xxl", "text-encoders")
+# `convert --to` (sdtk.cli.convert.CONVERT_TARGETS): target -> the output's allowed endings (None: a folder)
+CONVERT_TARGETS: Dict[str, Optional[Tuple[str, ...]]] = {
+    "safetensors": (".safetensors",), "gguf": (".gguf",), "fp8-scaled": (".safetensors",), "diffusers": None,
+}
+
+
+def gguf_quants() -> Tuple[str, ...]:
+    from sdtk.ops.gguf_rules import QUANT_CHOICES
+
+    return QUANT_CHOICES
+
+
+def diffusers_variants() -> Tuple[str, ...]:
+    from sdtk.ops.diffusers.write import VARIANTS
+
+    return VARIANTS
 
 
 def parse_convert(form: Form, files: Files) -> Tuple[str, Dict[str, Any]]:
     from sdtk.ops.convert import ConvertOptions, resolve_options
 
     row, real = files.get(one(form, "file"))
+    to = optional(form, "to", tuple(CONVERT_TARGETS)) or "safetensors"
     bake = one(form, "bake_vae")
     bake_path = files.get(bake, "VAE to bake")[1] if bake else None
     extract = [p for p in form.get("extract", []) if p]
     for p in extract:
         if p not in EXTRACT_PARTS:
             raise UsageError(None, f"extract: {p!r} is not one of {', '.join(EXTRACT_PARTS)}")
+    quant = optional(form, "quant", gguf_quants()) if to == "gguf" else None
+    variant = optional(form, "variant", diffusers_variants()) if to == "diffusers" else None
     options = dict(
         dtype=optional(form, "dtype", CONVERT_DTYPES), unet_dtype=optional(form, "unet_dtype", CONVERT_DTYPES),
         vae_dtype=optional(form, "vae_dtype", CONVERT_DTYPES), te_dtype=optional(form, "te_dtype", CONVERT_DTYPES),
@@ -136,18 +164,27 @@ def parse_convert(form: Form, files: Files) -> Tuple[str, Dict[str, Any]]:
         prediction_type=optional(form, "prediction_type", ("epsilon", "v")), sidecar=not flag(form, "no_sidecar"),
         source_hashes=not flag(form, "no_source_hash"), output_hash=flag(form, "hash_output"),
         overwrite=flag(form, "overwrite"),
+        to=to if to in ("gguf", "fp8-scaled") else None, quant=quant,
     )
-    resolve_options(ConvertOptions(**options))  # conflicts refused now, in the page
-    output = files.output_beside(real, one(form, "output"))
+    if to == "diffusers" and extract:
+        raise UsageError(None, "--to diffusers writes one folder; it cannot be combined with --extract")
+    resolve_options(ConvertOptions(**options))  # conflicts refused now, in the page (the CLI's own checks)
+    output = files.output_beside(real, one(form, "output"), CONVERT_TARGETS[to])
     if output and extract:
         raise UsageError(None, "--extract writes several files named after their part; leave the output name empty")
+    if output is None and to == "diffusers":
+        from sdtk.ops.diffusers.convert import default_folder
+
+        output = str(default_folder(Path(real)))
     preset = one(form, "preset")
-    return (f"convert {os.path.basename(real)}" + (f" ({preset})" if preset else ""),
+    what = {"gguf": f" to GGUF {quant}", "fp8-scaled": " to fp8-scaled", "diffusers": " to a diffusers folder"}.get(to, "")
+    return (f"convert {os.path.basename(real)}{what}" + (f" ({preset})" if preset else ""),
             {"file_id": row["id"], "input_path": real, "size": row["size"], "mtime_ns": row["mtime_ns"],
-             "options": options, "output_path": output})
+             "options": options, "output_path": output, "to": to, "variant": variant})
 
 
 def run_convert(ctx, p: Dict[str, Any]) -> Dict[str, Any]:
+    """`sdtk convert IN [--to safetensors|gguf|fp8-scaled|diffusers]`: the library calls the CLI makes."""
     from sdtk.ops.convert import ConvertOptions, Progress, convert_file, resolve_options
 
     check_unchanged(p, p["input_path"])
@@ -156,12 +193,18 @@ def run_convert(ctx, p: Dict[str, Any]) -> Dict[str, Any]:
                         advance=lambda done: ctx.progress(done),
                         hashing=lambda source, done, total: ctx.check())
     output = Path(p["output_path"]) if p.get("output_path") else None
-    _, summary = convert_file(Path(p["input_path"]), opts, output=output, progress=progress)
+    if p.get("to") == "diffusers":
+        from sdtk.ops.diffusers.convert import to_diffusers
+
+        summary = to_diffusers(Path(p["input_path"]), opts, output, variant=p.get("variant"), progress=progress)
+        written = [summary["output"]]
+    else:
+        _, summary = convert_file(Path(p["input_path"]), opts, output=output, progress=progress)
+        written = [o["path"] for o in summary["outputs"]]
     for op in summary["operations"]:
         ctx.log(f"done: {op}")
     for note in summary["notes"]:
         ctx.log(note)
-    written = [o["path"] for o in summary["outputs"]]
     return {"outputs": index_outputs(ctx, written), "summary": summary}
 
 
@@ -240,6 +283,75 @@ def run_merge(ctx, p: Dict[str, Any]) -> Dict[str, Any]:
     for st in result.steps:
         ctx.log(f"{st['name']}: {st['method']}: {st['merged']} merged")
     return {"outputs": index_outputs(ctx, [result.output]), "recipe": recipe_yaml(recipe)}
+
+
+# -- lora apply --------------------------------------------------------------------------------
+MAX_LORAS = 6  # LoRA rows on the form (the CLI takes any number)
+DORA_CONVENTIONS = ("comfyui", "lycoris")
+
+
+def _strength(form: Form, key: str, default: Optional[float]) -> Optional[float]:
+    import math
+
+    value = number(form, key)
+    if value is None:
+        return default
+    if not math.isfinite(value):
+        raise UsageError(None, f"{key}: give a finite number")
+    return value
+
+
+def parse_lora_apply(form: Form, files: Files) -> Tuple[str, Dict[str, Any]]:
+    """`sdtk lora apply BASE LORA[:S[:TE]]... -o OUT`: base and LoRAs by library id, in order."""
+    base_row, base = files.get(one(form, "base"), "base model")
+    loras = []
+    for i in range(MAX_LORAS):
+        value = one(form, f"lora_{i}")
+        if not value:
+            continue
+        row, real = files.get(value, f"LoRA {i + 1}")
+        loras.append({"path": real, "size": row["size"], "mtime_ns": row["mtime_ns"],
+                      "strength": _strength(form, f"strength_{i}", 1.0), "te_strength": _strength(form, f"te_strength_{i}", None)})
+    if not loras:
+        raise UsageError(None, "choose at least one LoRA")
+    if any(item["path"] == base for item in loras):
+        raise UsageError(None, "the base model cannot also be one of the LoRAs")
+    dora = optional(form, "dora", DORA_CONVENTIONS) or "comfyui"
+    name = one(form, "output")
+    if not name:
+        stems = "-".join(Path(item["path"]).stem for item in loras)[:120]
+        name = f"{Path(base).stem}-{stems}.safetensors"
+    output = files.output_beside(base, name)
+    title = f"lora apply {', '.join(os.path.basename(item['path']) for item in loras)} -> {os.path.basename(output)}"
+    return title, {"file_id": base_row["id"], "input_path": base, "size": base_row["size"], "mtime_ns": base_row["mtime_ns"],
+                   "loras": loras, "allow_unmatched": flag(form, "allow_unmatched"), "dora": dora,
+                   "output_path": output, "overwrite": flag(form, "overwrite")}
+
+
+def run_lora_apply(ctx, p: Dict[str, Any]) -> Dict[str, Any]:
+    from sdtk.ops.lora.apply import LoraInput
+    from sdtk.ops.lora.bake import bake
+
+    check_unchanged(p, p["input_path"])
+    for item in p["loras"]:
+        check_unchanged(item, item["path"])
+    ctx.progress(0, 0, "matching the LoRAs to the base")
+    specs = [LoraInput(item["path"], item["strength"], item["te_strength"]) for item in p["loras"]]
+    result = bake(p["input_path"], specs, p["output_path"], allow_unmatched=p["allow_unmatched"], overwrite=p["overwrite"],
+                  dora_convention=p["dora"],
+                  on_start=lambda plan: ctx.progress(0, sum(t.nbytes for t in plan), "baking"),
+                  on_tensor=lambda t, done: ctx.progress(done))
+    ctx.log(f"wrote {os.path.basename(result.output)} ({result.tensors} tensors): {result.computed} changed, "
+            f"{result.copied} copied unchanged")
+    for rep in result.loras:
+        kinds = ", ".join(f"{v} {k}" for k, v in rep.kinds.most_common())
+        ctx.log(f"{os.path.basename(rep.file)} x{rep.strength:g} (te x{rep.te_strength:g}): "
+                f"{rep.matched} of {rep.modules} modules ({kinds})")
+        if rep.unmatched:
+            ctx.log(f"  skipped {len(rep.unmatched)}: " + ", ".join(f"{m} ({why})" for m, why in rep.unmatched[:5]))
+    if result.overflow:
+        ctx.log(f"warning: {sum(result.overflow.values())} values did not fit {len(result.overflow)} tensors' dtype")
+    return {"outputs": index_outputs(ctx, [result.output]), "computed": result.computed, "copied": result.copied}
 
 
 # -- scan, hash, index ---------------------------------------------------------------------------
@@ -336,6 +448,28 @@ def run_diff(ctx, p: Dict[str, Any]) -> Dict[str, Any]:
     return {"total": t, "blocks": result.blocks, "components": result.components}
 
 
+def parse_verify(form: Form, files: Files) -> Tuple[str, Dict[str, Any]]:
+    (ra, pa), (rb, pb) = files.get(one(form, "model_a"), "model A"), files.get(one(form, "model_b"), "model B")
+    return (f"verify {os.path.basename(pb)} = {os.path.basename(pa)} at another precision",
+            {"file_ids": [ra["id"], rb["id"]], "inputs": [{"path": pa, "size": ra["size"], "mtime_ns": ra["mtime_ns"]},
+                                                         {"path": pb, "size": rb["size"], "mtime_ns": rb["mtime_ns"]}]})
+
+
+def run_verify(ctx, p: Dict[str, Any]) -> Dict[str, Any]:
+    """Every tensor of B equals A's cast to B's dtype (sdtk.library.precision_dupes, sample=None)."""
+    from sdtk.library.precision_dupes import same_weights
+
+    for item in p["inputs"]:
+        check_unchanged(item, item["path"])
+    a, b = p["inputs"][0]["path"], p["inputs"][1]["path"]
+    check = same_weights(a, b, sample=None, on_tensor=lambda done, total: ctx.progress(done, total, "comparing tensors"))
+    if check.same:
+        ctx.log(f"the same weights: all {check.total} tensors of {os.path.basename(b)} are {os.path.basename(a)}'s, cast")
+    else:
+        ctx.log(f"not the same weights ({check.reason}; {check.checked} of {check.total} tensors compared)")
+    return {"verdict": "same weights" if check.same else "different", "reason": check.reason or f"{check.total} tensors compared"}
+
+
 @dataclass(frozen=True)
 class Operation:
     name: str
@@ -348,16 +482,18 @@ class Operation:
 OPERATIONS: Dict[str, Operation] = {op.name: op for op in (
     Operation("convert", "Convert", parse_convert, run_convert, True),
     Operation("merge", "Merge", parse_merge, run_merge, True),
+    Operation("lora-apply", "Bake LoRAs", parse_lora_apply, run_lora_apply, True),
     Operation("scan", "Safety scan", parse_file_only("scan"), run_scan, False),
     Operation("hash", "Hash", parse_file_only("hash"), run_hash, False),
     Operation("index", "Index the folders", parse_index, run_index, False),
     Operation("diff", "Compare per block", parse_diff, run_diff, False),
+    Operation("verify", "Verify same weights", parse_verify, run_verify, False),
 )}
 
-# "What to do" advice (identify/advice.py codes) -> a one-click job: (operation, form values)
+# "What to do" advice (identify/advice.py codes) -> a one-click job: (operation, form values, label key in ui_text)
 ADVICE_ACTIONS: Dict[str, Tuple[str, Dict[str, str], str]] = {
-    "training_checkpoint": ("convert", {"preset": "generation"}, "Convert for generation"),
-    "shrink_for_generation": ("convert", {"preset": "generation"}, "Convert for generation"),
-    "convert_to_safetensors": ("convert", {}, "Convert to safetensors"),
-    "fix_clip": ("convert", {"fix_clip": "1"}, "Fix CLIP position ids"),
+    "training_checkpoint": ("convert", {"preset": "generation"}, "advice.convert_generation"),
+    "shrink_for_generation": ("convert", {"preset": "generation"}, "advice.convert_generation"),
+    "convert_to_safetensors": ("convert", {}, "advice.convert_safetensors"),
+    "fix_clip": ("convert", {"fix_clip": "1"}, "advice.fix_clip"),
 }

@@ -1,15 +1,18 @@
-"""Removing duplicates without ever deleting: a file (and its sidecars) moves to the quarantine
-folder of its root, `<root>/.sdtk-quarantine/<time>/<path inside the root>` (same file system:
-a rename, instant, nothing copied; the library scan skips dot-folders), and every move is recorded
-in an undo log (SQLite, in the server's state folder). Undo moves it back, unless something new
-took its place."""
+"""Removing duplicates without ever deleting. A file (and its sidecars) moves to
+- the system trash (`sdtk.library.trash`, the freedesktop.org spec: the home trash or the
+  volume's `.Trash-$UID`), the default; the file manager can restore it too;
+- or, when no trash on the file's own device can be used (or `--remove-to quarantine`), the
+  quarantine folder of its root, `<root>/.sdtk-quarantine/<time>/<path inside the root>`.
+Both are renames on the same file system: instant, nothing copied (the library scan skips
+dot-folders). Every move is recorded in an undo log (SQLite, in the server's state folder). Undo
+moves it back, unless something new took its place."""
 from __future__ import annotations
 
 import os
 import sqlite3
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 from sdtk.errors import SdtkError
 from sdtk.web.security import contained
@@ -23,8 +26,11 @@ SCHEMA = """CREATE TABLE IF NOT EXISTS moves (
     moved_to TEXT NOT NULL,
     file_id INTEGER,
     moved_at REAL NOT NULL,
-    undone_at REAL
+    undone_at REAL,
+    backend TEXT NOT NULL DEFAULT 'quarantine',  -- trash | quarantine
+    info TEXT                     -- the trash's .trashinfo file
 )"""
+BACKENDS = ("trash", "quarantine")
 
 
 def open_log(state_folder: "os.PathLike[str] | str") -> sqlite3.Connection:
@@ -34,6 +40,10 @@ def open_log(state_folder: "os.PathLike[str] | str") -> sqlite3.Connection:
     conn.row_factory = sqlite3.Row
     conn.execute("PRAGMA journal_mode = WAL")
     conn.execute(SCHEMA)
+    have = {r["name"] for r in conn.execute("PRAGMA table_info(moves)")}
+    for column, decl in (("backend", "TEXT NOT NULL DEFAULT 'quarantine'"), ("info", "TEXT")):
+        if column not in have:  # an undo log from before the trash backend
+            conn.execute(f"ALTER TABLE moves ADD COLUMN {column} {decl}")
     return conn
 
 
@@ -44,8 +54,12 @@ def _root_of(real: str, roots: Sequence[str]) -> str:
     raise SdtkError(real, "is outside the folders this server serves; refused")
 
 
-def quarantine(log: sqlite3.Connection, library: sqlite3.Connection, row, sidecars: List[str], roots: Sequence[str]) -> Dict[str, Any]:
-    """Move a model file (library row) and its sidecar files to the quarantine; record the moves."""
+def remove(log: sqlite3.Connection, library: sqlite3.Connection, row, sidecars: List[str], roots: Sequence[str],
+           backend: str = "trash", env: Mapping[str, str] = os.environ) -> Dict[str, Any]:
+    """Move a model file (library row) and its sidecar files to the system trash (or the
+    quarantine); record the moves. Returns {"batch", "backend", "moves", "note"}."""
+    from sdtk.library import trash as T
+
     real = contained(row["path"], roots)
     if real is None:
         raise SdtkError(row["path"], "is outside the folders this server serves; refused")
@@ -55,39 +69,55 @@ def quarantine(log: sqlite3.Connection, library: sqlite3.Connection, row, sideca
     if (st.st_size, st.st_mtime_ns) != (row["size"], row["mtime_ns"]):
         raise SdtkError(real, "changed since it was indexed; nothing was moved (re-index, then decide again)")
     root = _root_of(real, roots)
+    note = None
+    bin_ = T.choose_trash(real, env) if backend == "trash" else None
+    if backend == "trash" and bin_ is None:
+        note = "no system trash on this file's drive can be used; moved to the quarantine folder instead"
     batch = time.strftime("%Y%m%d-%H%M%S") + f"-{row['id']}"
     moves = []
     for path in [real] + [os.path.join(os.path.dirname(real), n) for n in sidecars]:
         p = contained(path, roots)
         if p is None or not os.path.isfile(p) or (p != real and os.path.dirname(p) != os.path.dirname(real)):
             continue
-        target = os.path.join(root, QUARANTINE, batch, os.path.relpath(p, root))
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        if os.path.exists(target):
-            raise SdtkError(target, "already exists in the quarantine; nothing more was moved")
-        os.rename(p, target)  # same file system (inside the root): atomic, nothing copied
-        log.execute("INSERT INTO moves (batch, original, moved_to, file_id, moved_at) VALUES (?, ?, ?, ?, ?)",
-                    (batch, p, target, row["id"], time.time()))
+        info = None
+        if bin_ is not None:
+            done = T.trash_file(p, bin_)
+            target, info = done.moved_to, done.info
+        else:
+            target = os.path.join(root, QUARANTINE, batch, os.path.relpath(p, root))
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            if os.path.exists(target):
+                raise SdtkError(target, "already exists in the quarantine; nothing more was moved")
+            os.rename(p, target)  # same file system (inside the root): atomic, nothing copied
+        log.execute("INSERT INTO moves (batch, original, moved_to, file_id, moved_at, backend, info) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (batch, p, target, row["id"], time.time(), "trash" if bin_ is not None else "quarantine", info))
         moves.append({"from": p, "to": target})
     library.execute("UPDATE files SET status = 'missing' WHERE id = ?", (row["id"],))
-    return {"batch": batch, "moves": moves}
+    return {"batch": batch, "backend": "trash" if bin_ is not None else "quarantine", "moves": moves, "note": note}
 
 
 def undo(log: sqlite3.Connection, batch: str, roots: Sequence[str]) -> List[str]:
     """Move a batch back. Refuses (changing nothing) when an original place is taken again."""
+    from sdtk.library import trash as T
+
     rows = log.execute("SELECT * FROM moves WHERE batch = ? AND undone_at IS NULL ORDER BY id", (batch,)).fetchall()
     if not rows:
         raise SdtkError(None, f"nothing to undo for {batch}")
     for r in rows:
+        where = "trash" if r["backend"] == "trash" else "quarantine"
         if os.path.exists(r["original"]):
             raise SdtkError(r["original"], "exists again; undo refused (nothing was moved back)")
         if contained(r["original"], roots) is None and contained(os.path.dirname(r["original"]), roots) is None:
             raise SdtkError(r["original"], "is outside the folders this server serves; refused")
         if not os.path.isfile(r["moved_to"]):
-            raise SdtkError(r["moved_to"], "is no longer in the quarantine; undo refused")
+            raise SdtkError(r["moved_to"], f"is no longer in the {where} (restored or emptied elsewhere); undo refused")
     back = []
     for r in rows:
-        os.rename(r["moved_to"], r["original"])
+        if r["backend"] == "trash":
+            T.restore(T.Trashed(r["original"], r["moved_to"], r["info"]))
+        else:
+            T.move_no_replace(r["moved_to"], r["original"])
         log.execute("UPDATE moves SET undone_at = ? WHERE id = ?", (time.time(), r["id"]))
         back.append(r["original"])
     return back
@@ -97,6 +127,6 @@ def history(log: sqlite3.Connection, limit: int = 50) -> List[Dict[str, Any]]:
     batches: Dict[str, Dict[str, Any]] = {}
     for r in log.execute("SELECT * FROM moves ORDER BY id DESC LIMIT ?", (limit * 8,)):
         b = batches.setdefault(r["batch"], {"batch": r["batch"], "moved_at": r["moved_at"], "undone": r["undone_at"] is not None,
-                                            "files": []})
+                                            "backend": r["backend"], "files": []})
         b["files"].append({"original": r["original"], "moved_to": r["moved_to"]})
     return list(batches.values())[:limit]

@@ -12,14 +12,14 @@
   - security headers on every response: a strict CSP (scripts and styles only from this server),
     `nosniff`, no referrer, no cross-origin embedding.
 - `contained(path, roots)`: the real path (symlinks resolved) when it lies inside a root, else None.
-- `output_name(text)`: a bare `*.safetensors` file name for an output (no folders, no `..`).
+- `output_name(text, suffixes)`: a bare output file (or folder) name (no folders, no `..`).
 """
 from __future__ import annotations
 
 import os
 import secrets
 from http.cookies import SimpleCookie
-from typing import Iterable, List, Optional
+from typing import Iterable, List, Optional, Tuple
 from urllib.parse import parse_qs
 
 SAFE_METHODS = ("GET", "HEAD")
@@ -145,12 +145,17 @@ def contained(path: "os.PathLike[str] | str", roots: Iterable[str]) -> Optional[
     return None
 
 
-def output_name(text: str) -> Optional[str]:
-    """A bare output file name ending in .safetensors, or None: no folder separators, no `..`, no
-    NUL, no leading dot, not absolute, at most 200 characters."""
+def output_name(text: str, suffixes: Optional[Tuple[str, ...]] = (".safetensors",)) -> Optional[str]:
+    """A bare output name, or None: no folder separators, no `..`, no NUL, no leading dot, not
+    absolute, at most 200 characters; ending in one of `suffixes` (None: a folder name, e.g. a
+    diffusers folder, which must not end in a model file's extension)."""
     name = (text or "").strip()
     if not name or len(name) > 200 or any(c in name for c in ("/", "\\", "\x00", ":")) or name.startswith("."):
         return None
-    if not name.lower().endswith(".safetensors") or name in (".", ".."):
+    if name in (".", ".."):
+        return None
+    if suffixes is None:
+        return None if name.lower().endswith((".safetensors", ".gguf", ".ckpt", ".pt", ".bin")) else name
+    if not name.lower().endswith(tuple(suffixes)):
         return None
     return name

@@ -22,6 +22,7 @@ class ServeSettings:
     token: Optional[str] = None  # required on every request when not on loopback
     state_dir: Optional[Path] = None  # undo log, job log (default: beside the database)
     index_roots: List[str] = field(default_factory=list)  # roots to (re)index in the background at start
+    removal: str = "trash"  # where "remove" moves files: the system trash (quarantine when none), or quarantine
     progress_delay: float = 0.0  # tests only: seconds of sleep per progress report (makes cancel testable)
 
     @property

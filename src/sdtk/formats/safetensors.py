@@ -227,8 +227,20 @@ def _as_le_bytes(t: LazyTensor, arr: np.ndarray) -> memoryview:
     return memoryview(arr.reshape(-1).view(np.uint8)) if arr.size else memoryview(b"")
 
 
+def _direct(header: bytes, plan: Sequence[LazyTensor], data_hasher) -> bool:
+    """Write past the page cache (sdtk.directio): large outputs, unless the data section is read
+    back while it is written (`data_hasher` reads the file as it grows)."""
+    from sdtk import directio
+
+    return data_hasher is None and directio.enabled() and len(header) + sum(t.nbytes for t in plan) >= directio.MIN_BYTES
+
+
 def _copy_span(src_span: FileSpan, out, length: int) -> None:
     """Copy raw bytes file to file; the kernel does it when it can (copy_file_range)."""
+    if hasattr(out, "copy_from"):  # sdtk.directio.DirectWriter: read into its staging buffers
+        with open(src_span.path, "rb") as src:
+            out.copy_from(src.fileno(), src_span.offset, length)
+        return
     out.flush()
     with open(src_span.path, "rb") as src:
         in_fd, out_fd = src.fileno(), out.fileno()
@@ -287,7 +299,7 @@ def write_safetensors(
         raise OutputError(dest, str(e)) from None
     total = len(header)
     checks = []  # integrity checks of file-to-file copies, run on the other core meanwhile
-    atomic = AtomicOutput(dest, inputs=inputs, overwrite=overwrite)
+    atomic = AtomicOutput(dest, inputs=inputs, overwrite=overwrite, direct=_direct(header, plan, data_hasher))
     with atomic as out, ThreadPoolExecutor(max_workers=1) as checker:
         out.write(header)
         if data_hasher is not None:

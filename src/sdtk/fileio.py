@@ -145,8 +145,9 @@ class AtomicOutput:
     """`with AtomicOutput(dest, inputs=[...]) as f: f.write(...)`: all or nothing (inside
     `all_or_nothing()`, the rename waits for the whole group)."""
 
-    def __init__(self, dest, inputs: Iterable = (), overwrite: bool = False):
+    def __init__(self, dest, inputs: Iterable = (), overwrite: bool = False, direct: bool = False):
         self.group = _GROUP.get()
+        self.direct = direct  # a large output: written past the page cache (sdtk.directio)
         self.dest = check_output_path(dest, inputs, overwrite)
         if self.group is not None and any(same_file(o.dest, self.dest) or o.dest == self.dest for o in self.group.pending):
             raise OutputError(self.dest, "is written twice by one operation")
@@ -169,9 +170,14 @@ class AtomicOutput:
                                                           suffix=TEMP_SUFFIX, dir=parent)
                 except OSError as e:
                     raise OutputError(self.dest, f"cannot create a file in {parent}: {e.strerror}") from None
-                self.file = os.fdopen(fd, "wb")
+                if self.direct:
+                    from sdtk.directio import DirectWriter
+
+                    self.file = DirectWriter(fd)
+                else:
+                    self.file = os.fdopen(fd, "wb")
                 self._writeback = _EarlyWriteback(fd)
-                if sys.platform.startswith("linux"):
+                if sys.platform.startswith("linux") and not self.direct:
                     self._writeback.start()
         except BaseException:
             self._discard()

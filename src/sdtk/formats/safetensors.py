@@ -228,6 +228,14 @@ def _as_le_bytes(t: LazyTensor, arr: np.ndarray) -> memoryview:
     return memoryview(arr.reshape(-1).view(np.uint8)) if arr.size else memoryview(b"")
 
 
+def _direct(header: bytes, plan: Sequence[LazyTensor], data_hasher) -> bool:
+    """Write past the page cache (sdtk.directio): large outputs, unless the data section is read
+    back while it is written (`data_hasher` reads the file as it grows)."""
+    from sdtk import directio
+
+    return data_hasher is None and directio.enabled() and len(header) + sum(t.nbytes for t in plan) >= directio.MIN_BYTES
+
+
 def _next_data(fd: int, offset: int, end: int) -> int:
     """Where the source's next data lies at or after `offset` (`end` if only a hole is left):
     SEEK_DATA, so a sparse source's holes are skipped, not read as zeros."""
@@ -253,6 +261,10 @@ def _copy_span(src_span: FileSpan, out, length: int) -> None:
     sparse source stay holes in the output (it is written front to back, so the skipped range
     reads as zeros), as `cp --sparse=auto` does: a zero-filled test or benchmark file costs no
     I/O, and a dense file costs two lseek calls."""
+    if hasattr(out, "copy_from"):  # sdtk.directio.DirectWriter: read into its staging buffers
+        with open(src_span.path, "rb") as src:
+            out.copy_from(src.fileno(), src_span.offset, length)
+        return
     out.flush()
     with open(src_span.path, "rb") as src:
         in_fd, out_fd = src.fileno(), out.fileno()
@@ -322,7 +334,7 @@ def write_safetensors(
         raise OutputError(dest, str(e)) from None
     total = len(header)
     checks = []  # integrity checks of file-to-file copies, run on the other core meanwhile
-    atomic = AtomicOutput(dest, inputs=inputs, overwrite=overwrite)
+    atomic = AtomicOutput(dest, inputs=inputs, overwrite=overwrite, direct=_direct(header, plan, data_hasher))
     with atomic as out, ThreadPoolExecutor(max_workers=1) as checker:
         out.write(header)
         if data_hasher is not None:

@@ -233,7 +233,25 @@ def _direct(header: bytes, plan: Sequence[LazyTensor], data_hasher) -> bool:
     back while it is written (`data_hasher` reads the file as it grows)."""
     from sdtk import directio
 
-    return data_hasher is None and directio.enabled() and len(header) + sum(t.nbytes for t in plan) >= directio.MIN_BYTES
+    return (data_hasher is None and directio.enabled() and len(header) + sum(t.nbytes for t in plan) >= directio.MIN_BYTES
+            and not _copies_from_sparse_files(plan))
+
+
+def _copies_from_sparse_files(plan: Sequence[LazyTensor]) -> bool:
+    """A plan that copies spans of a sparse file keeps its holes only through the page cache
+    (`_copy_span`); a direct write would fill them with zeros on disk."""
+    seen = set()
+    for t in plan:
+        if t.span is None or t.span.path in seen:
+            continue
+        seen.add(t.span.path)
+        try:
+            st = os.stat(t.span.path)
+        except OSError:
+            continue
+        if getattr(st, "st_blocks", None) is not None and st.st_blocks * 512 < st.st_size // 2:
+            return True
+    return False
 
 
 def _next_data(fd: int, offset: int, end: int) -> int:

@@ -233,7 +233,10 @@ def test_sdxl_sgm_names_openclip_thirds_and_unchanged_text_encoder(tmp, cli):
 
 
 def test_flux_names_and_dynamic_rank(tmp, cli):
-    base_path = make_model(tmp, "flux", "flux1-dev", scale=16, dtype="float32")
+    import re
+
+    few = re.compile(r"\.(double_blocks\.([1-9]|1\d)|single_blocks\.([2-9]|[1-3]\d))\.")  # blocks 0 and 0-1 kept (test speed)
+    base_path = make_model(tmp, "flux", "flux1-dev", scale=16, dtype="float32", transform=lambda lay: lay.without(lambda k: bool(few.search(k))))
     base = tensors(base_path)
     qkv = UNET + "double_blocks.0.img_attn.qkv.weight"
     lin1 = UNET + "single_blocks.1.linear1.weight"
@@ -241,7 +244,7 @@ def test_flux_names_and_dynamic_rank(tmp, cli):
     tuned_path = write_tensors(tmp / "tuned.safetensors", tuned)
     out = tmp / "lora.safetensors"
     r = cli("lora", "extract", tuned_path, base_path, "-o", out, "--rank", "16", "--dynamic", "sv_fro:0.999",
-            "--svd", "exact", "--json", "--dtype", "fp32")
+            "--json", "--dtype", "fp32")
     assert r.returncode == 0, r.stderr
     rep = json.loads(r.stdout)
     by = {m["key"]: m for m in rep["modules"]}

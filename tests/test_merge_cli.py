@@ -180,7 +180,7 @@ def test_recipe_from_detects_a_different_input(cli, models, tmp_path):
     make_model(tmp_path, "b", seed=99, scale=32)
     again = tmp_path / "again.safetensors"
     r = cli("merge", "--recipe-from", out, "-o", again, "--model", f"A={m['a']}")
-    assert r.returncode == 2 and "not the file the recipe was made from" in r.stderr
+    assert r.returncode == 2 and "the recipe was made from" in r.stderr and "b.safetensors" in r.stderr
     assert not again.exists()
     assert other.exists()
 

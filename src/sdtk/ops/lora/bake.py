@@ -97,19 +97,30 @@ def bake(base_path: str, loras: Sequence[LoraInput], dest: Optional[str], *, all
         meta[LINEAGE_KEY] = lineage_value(base.metadata.get(LINEAGE_KEY), lineage)
         if on_start is not None:
             on_start(plan)
+        from sdtk import blas
         from sdtk.ops.prefetch import Prefetcher
 
-        ahead = Prefetcher(plan)  # the next changed tensors are computed while this one is written
-        try:
-            n = write_safetensors(dest, ahead.plan, meta, inputs=[base_path] + [s.path for s in loras], overwrite=overwrite,
-                                  on_tensor=on_tensor)
-        finally:
-            ahead.close()
+        # the next changed tensors are computed while this one is written, one per core, each on
+        # one BLAS thread (thin products: OpenBLAS's own threads mostly spin, see sdtk.blas)
+        with blas.limited(1):
+            ahead = Prefetcher(plan, depth=3, workers=_cores())
+            try:
+                n = write_safetensors(dest, ahead.plan, meta, inputs=[base_path] + [s.path for s in loras], overwrite=overwrite,
+                                      on_tensor=on_tensor)
+            finally:
+                ahead.close()
         return BakeResult(os.fspath(dest), base_path, base_title, n, len(plan), stats.computed, stats.copied, reports,
                           dict(stats.overflow))
     finally:
         for c in cats:
             c.close()
+
+
+def _cores() -> int:
+    """Tensors computed at once: the cores this process may use, at most 2 (memory: each is a
+    float32 working copy of a weight and its adapter's product, up to ~120 MB on SDXL)."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(2, n))
 
 
 def _lora_base_label(cat) -> Optional[str]:

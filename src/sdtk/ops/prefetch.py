@@ -3,7 +3,9 @@
 The writer calls each computed tensor's loader in plan order; a cast tensor costs CPU (numpy)
 and writing costs I/O, and both release the GIL, so one worker thread that computes up to
 `depth` tensors ahead overlaps the two. Tensors the writer copies file to file (raw spans) are
-left alone. Memory: at most `depth` + 1 computed tensors at a time.
+left alone. Memory: at most `depth` + 1 computed tensors at a time. `workers` > 1 computes that
+many tensors at once (callers whose loaders are single-threaded, e.g. `lora apply` with BLAS
+limited to one thread, see sdtk.blas).
 """
 from __future__ import annotations
 
@@ -23,12 +25,12 @@ def _copied_by_writer(t: LazyTensor) -> bool:
 class Prefetcher:
     """`plan = Prefetcher(plan).plan`; call `close()` when the write is over (or failed)."""
 
-    def __init__(self, plan: Sequence[LazyTensor], depth: int = 2):
-        self.depth = depth
+    def __init__(self, plan: Sequence[LazyTensor], depth: int = 2, workers: int = 1):
+        self.depth = max(depth, workers)
         self.computed: List[LazyTensor] = [t for t in plan if not _copied_by_writer(t)]
         self.index: Dict[int, int] = {id(t): i for i, t in enumerate(self.computed)}
         self.futures: Dict[int, Future] = {}
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sdtk-prefetch")
+        self.pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="sdtk-prefetch")
         self.lock = threading.Lock()
         self.plan = [t if _copied_by_writer(t) else self._wrapped(t) for t in plan]
 

@@ -242,11 +242,17 @@ def _put(full: np.ndarray, t: Target, role: str, value: np.ndarray) -> None:
 
 
 def patched_array(base: np.ndarray, patches: Sequence[Patch], peft_configs: Sequence[dict],
-                  dora_convention: str = "comfyui") -> np.ndarray:
-    """The float32 result of applying `patches` in order to `base`."""
+                  dora_convention: str = "comfyui", reuse: bool = False) -> np.ndarray:
+    """The float32 result of applying `patches` in order to `base`: a new array, or with `reuse`
+    this thread's working buffer (sdtk.ops.lora.scratch; valid until its next bake step)."""
     from sdtk import fastcast
+    from sdtk.ops.lora.scratch import scratch
 
-    full = fastcast.astype(base, F32)  # always a new, writable array (base may be a read-only mmap view)
+    if reuse:
+        full = scratch(base.size).reshape(base.shape)
+        fastcast.assign(full, base)
+    else:
+        full = fastcast.astype(base, F32)  # always a new, writable array (base may be a read-only mmap view)
     for p in patches:
         view = _view(full, p.target, p.role)
         if p.role == "bias":
@@ -299,19 +305,28 @@ def apply_plan(base_cat, patches: Dict[str, List[Patch]], peft_configs: Sequence
         stats.computed += 1
 
         def load(t=t, key=key, dst=dst):
-            result = patched_array(t.read(), patches[key], peft_configs, dora_convention)
-            if not np.isfinite(result).all():
+            result = patched_array(t.read(), patches[key], peft_configs, dora_convention, reuse=True)
+            if not _all_finite(result):
                 bad = int(np.size(result) - np.count_nonzero(np.isfinite(result)))
                 files = sorted({os.path.basename(lora_files[p.lora]) for p in patches[key]})
                 raise SdtkError(files[0] if len(files) == 1 else None,
                                 f"applying it to {key} gives {bad} NaN/inf values; nothing was written")
-            out, overflow = cast_array(result, dst) if dst.numpy != result.dtype else (result, 0)
+            out, overflow = cast_array(result, dst) if dst.numpy != result.dtype else (result.copy(), 0)
             if overflow:
                 stats.overflow[key] += overflow
             return out
 
         plan.append(LazyTensor(key, dst, tuple(t.shape), load))
     return plan
+
+
+def _all_finite(a: np.ndarray) -> bool:
+    """No NaN or inf in `a`. A finite sum (no temporary array) proves it: NaN and inf propagate
+    through a sum; an infinite or NaN sum of finite values (overflow) is checked value by value."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        if np.isfinite(np.add.reduce(a, axis=None)):
+            return True
+    return bool(np.isfinite(a).all())
 
 
 def check_finite_adapters(adapters: Sequence[Tuple[LoraInput, Adapter]], used: Dict[str, List[Patch]]) -> None:

@@ -119,15 +119,19 @@ def bake(base_path: str, loras: Sequence[LoraInput], dest: Optional[str], *, all
         meta[LINEAGE_KEY] = lineage_value(base.metadata.get(LINEAGE_KEY), lineage)
         if on_start is not None:
             on_start(plan)
+        from sdtk import blas
         from sdtk.ops.prefetch import Prefetcher
 
-        # the next changed tensors are computed while this one is written (safetensors: every tensor is read in order)
-        ahead = Prefetcher(plan if to == "safetensors" else [])
-        try:
-            written = write_plan(ahead.plan if to == "safetensors" else plan, dest, to, quant, meta, overwrite=overwrite,
-                                 inputs=[base_path] + [s.path for s in loras], on_tensor=on_tensor, label=base_path)
-        finally:
-            ahead.close()
+        # the next changed tensors are computed while this one is written, one per core, each on
+        # one BLAS thread (thin products: OpenBLAS's own threads mostly spin, see sdtk.blas);
+        # safetensors: every tensor is read in order
+        with blas.limited(1):
+            ahead = Prefetcher(plan if to == "safetensors" else [], depth=3, workers=_cores())
+            try:
+                written = write_plan(ahead.plan if to == "safetensors" else plan, dest, to, quant, meta, overwrite=overwrite,
+                                     inputs=[base_path] + [s.path for s in loras], on_tensor=on_tensor, label=base_path)
+            finally:
+                ahead.close()
         return BakeResult(os.fspath(dest), base_path, base_title, written.bytes, written.tensors, stats.computed, stats.copied,
                           reports, dict(stats.overflow), views.summary(base), deq_dtype, to, quant,
                           written.types, written.notes)
@@ -140,6 +144,13 @@ def _input_size(path) -> int:
     from sdtk.formats.diffusers import folder_size, is_diffusers_folder
 
     return folder_size(path) if is_diffusers_folder(path) else os.path.getsize(path)
+
+
+def _cores() -> int:
+    """Tensors computed at once: the cores this process may use, at most 2 (memory: each is a
+    float32 working copy of a weight and its adapter's product, up to ~120 MB on SDXL)."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(2, n))
 
 
 def _lora_base_label(cat) -> Optional[str]:

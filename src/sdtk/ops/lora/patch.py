@@ -12,6 +12,7 @@ import numpy as np
 
 from sdtk.ops.lora import math as M
 from sdtk.ops.lora.adapters import Module
+from sdtk.ops.lora.scratch import scratch
 
 F32 = np.float32
 
@@ -98,6 +99,11 @@ def patch_weight(m: Module, weight: np.ndarray, strength: float, peft: Dict[str,
     if k in ("lora", "locon") and "mid" not in m.parts and not m.dora and weight.flags.c_contiguous \
             and m.parts["up"].shape[0] == weight.shape[0]:
         M.add_product(weight, _f32(m, "up"), _f32(m, "down"), strength * module_scale(m, peft))
+        return weight
+    if k == "loha" and not m.dora and "hada_t1" not in m.parts and weight.flags.c_contiguous \
+            and m.parts["hada_w1_a"].shape[0] == weight.shape[0]:
+        M.add_hadamard(weight, _f32(m, "hada_w1_a"), _f32(m, "hada_w1_b"), _f32(m, "hada_w2_a"), _f32(m, "hada_w2_b"),
+                       F32(strength * module_scale(m, peft)), buffers=scratch)
         return weight
     delta = additive_delta(m, weight)
     if delta is None:

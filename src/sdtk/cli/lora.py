@@ -131,15 +131,7 @@ def resize_cmd(
     """Resize a LoRA through QR + a small SVD of its factors (the same singular values as a full SVD)."""
     from sdtk.ops.lora.resize import resize_file
 
-    method, param = None, 0.0
-    if dynamic:
-        method, _, raw = dynamic.partition(":")
-        try:
-            param = float(raw)
-        except ValueError:
-            raise UsageError(None, f"--dynamic {dynamic!r}: expected METHOD:NUMBER") from None
-        if method not in ("sv_ratio", "sv_fro", "sv_cumulative"):
-            raise UsageError(None, "--dynamic must be sv_ratio:R, sv_fro:F or sv_cumulative:C")
+    method, param = _dynamic(dynamic) or (None, 0.0)
     if rank < 1:
         raise UsageError(None, "--rank must be at least 1")
     rows = resize_file(str(lora), str(output), rank, method, param, overwrite)

@@ -18,7 +18,6 @@ from sdtk.fileio import check_output_path
 from sdtk.formats import open_model
 from sdtk.formats.diffusers import folder_header_sha256, folder_size, is_diffusers_folder
 from sdtk.quant.views import align_names, dequantize_catalogue
-from sdtk.formats.safetensors import write_safetensors
 from sdtk.ops.merge.arch import FIRST_CONV, check_compatible, describe
 from sdtk.ops.merge.plan import FileSource, StepSource, output_plan
 from sdtk.ops.merge.recipe import Recipe, dumps_canonical

@@ -12,11 +12,12 @@ from sdtk.architectures.adjacent import ADJACENT, CONTEXT_WIDTH_BASE, EMBEDDING_
 from sdtk.architectures.layouts import is_optional, known_keys, split_key
 from sdtk.architectures.prefixes import (COMPONENT_ORDER, DDPM_BUFFERS, FAMILY_PREFIXES, MARKER_KEYS,
                                          component_prefixes, ema_key_for, ema_map)
-from sdtk.architectures.registry import ARCHITECTURES, Architecture, architecture, family_of
+from sdtk.architectures.registry import ARCHITECTURES, Architecture, architecture, family_of, title_of
 from sdtk.architectures.signatures import FAMILIES, VARIANTS, Family, Variant
 
 __all__ = [
     "ADJACENT", "ARCHITECTURES", "Adjacent", "Architecture", "COMPONENT_ORDER", "CONTEXT_WIDTH_BASE", "DDPM_BUFFERS",
     "EMBEDDING_WIDTH_BASE", "FAMILIES", "FAMILY_PREFIXES", "Family", "KOHYA_BASE", "MARKER_KEYS", "VARIANTS", "Variant",
     "architecture", "component_prefixes", "ema_key_for", "ema_map", "family_of", "is_optional", "known_keys", "split_key",
+    "title_of",
 ]

@@ -82,6 +82,15 @@ def architecture(arch_id: str) -> Optional[Architecture]:
     return ARCHITECTURES.get(arch_id.split("/", 1)[0])
 
 
+def title_of(arch) -> str:
+    """The human title of an architecture id ("stable-diffusion-v1/lora" -> its family's title);
+    the id itself when unknown, "?" when empty."""
+    if not arch:
+        return "?"
+    a = architecture(str(arch))
+    return a.title if a else str(arch)
+
+
 def _check_tables() -> None:  # every variant row names a registered architecture
     missing = {v.architecture for v in VARIANTS} - set(ARCHITECTURES)
     assert not missing, f"variant rows name unregistered architectures: {missing}"

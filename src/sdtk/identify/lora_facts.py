@@ -378,7 +378,7 @@ def describe_lora(tensors: Mapping[str, LazyTensor], metadata: Mapping[str, str]
     if adapter.unknown:
         problems.append(("lora_unknown_keys", "warning", {"count": len(adapter.unknown), "examples": adapter.unknown[:3]}))
     if base["conflict"]:
-        from sdtk.report.fields import title_of
+        from sdtk.architectures import title_of
 
         c = base["conflict"]
         problems.append(("lora_base_conflict", "warning", {**c, "claimed_title": title_of(c["claimed"]), "detected_title": title_of(c["detected"])}))

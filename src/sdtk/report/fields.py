@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, Iterable
 
-from sdtk.architectures import ARCHITECTURES
+from sdtk.architectures import title_of  # noqa: F401 - re-exported (the report and the CLI import it here)
 
 MAX_ITEMS = 8
 
@@ -30,13 +30,6 @@ def join(items: Iterable[Any], limit: int = MAX_ITEMS) -> str:
     if len(items) > limit:
         return ", ".join(items[:limit]) + f", ... (+{len(items) - limit})"
     return ", ".join(items)
-
-
-def title_of(arch: Any) -> str:
-    if not arch:
-        return "?"
-    a = ARCHITECTURES.get(str(arch).split("/", 1)[0])
-    return a.title if a else str(arch)
 
 
 COMPONENT_FIELDS = ("component", "components", "missing")

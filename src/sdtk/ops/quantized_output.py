@@ -77,7 +77,7 @@ def write_plan(plan: Sequence[LazyTensor], dest, to: str, quant: Optional[str], 
         return Written(n, len(gp.tensors), to, quant, gguf_summary(gp), notes=notes)
     layers = 0
     if to == "fp8-scaled":
-        from sdtk.quant.fp8_scaled import scaled_plan
+        from sdtk.ops.to_fp8_scaled import scaled_plan
 
         plan, layers = scaled_plan(plan, in_diffusion_model([t.name for t in plan]))
     n = write_safetensors(dest, plan, metadata, inputs=inputs, overwrite=overwrite, on_tensor=on_tensor,

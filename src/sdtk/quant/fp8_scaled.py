@@ -104,39 +104,3 @@ def dequantized_view(path: str, tensors: Dict[str, LazyTensor]) -> Tuple[Dict[st
 def keep_high_precision(name: str, shape) -> bool:
     return len(shape) != 2 or not name.endswith(".weight") or any(s in name for s in KEEP_SUBSTRINGS)
 
-
-def scaled_plan(tensors: List[LazyTensor], is_model_weight) -> Tuple[List[LazyTensor], int]:
-    """The current ComfyUI form for every 2-D float Linear weight `is_model_weight(name)` accepts:
-    weight (fp8 e4m3fn), weight_scale (f32 scalar), comfy_quant (uint8 JSON). Returns (plan, n)."""
-    from sdtk.ops.cast import cast_array
-
-    plan: List[LazyTensor] = []
-    n = 0
-    for t in tensors:
-        if not (t.dtype.is_float and is_model_weight(t.name)) or keep_high_precision(t.name, t.shape):
-            plan.append(t)
-            continue
-        layer = t.name[: -len(".weight")]
-        state: Dict[str, np.ndarray] = {}
-
-        def compute(t=t, state=state):
-            if "q" not in state:
-                w = np.asarray(t.read(), dtype=np.float32)
-                amax = float(np.max(np.abs(w))) if w.size else 0.0
-                scale = np.float32(amax / E4M3_MAX) if amax > 0 else np.float32(1.0)
-                q, _ = cast_array(w / scale, DTYPES["F8_E4M3"])
-                state["q"], state["s"] = q, np.array(scale, dtype=np.float32)
-            return state
-
-        def weight(compute=compute, state=state):
-            q = compute()["q"]
-            state.pop("q")  # the scale (written next) stays; the weight is not kept
-            return q
-
-        plan.append(LazyTensor(t.name, DTYPES["F8_E4M3"], tuple(t.shape), weight))
-        plan.append(LazyTensor(layer + ".weight_scale", DTYPES["F32"], (), lambda state=state: state["s"]))
-        plan.append(LazyTensor(layer + ".comfy_quant", DTYPES["U8"], (len(FORMAT_JSON),),
-                               lambda: np.frombuffer(FORMAT_JSON, dtype=np.uint8).copy()))
-        n += 1
-    return plan, n
-

@@ -187,6 +187,7 @@ def test_sd2_value_check_agrees_with_comfyui(comfy, tmp_path):
 
 
 UNETS = [("flux1-dev", {"dtype": "fp8-e4m3fn"}, "Flux", "FLUX"),
+         ("flux1-schnell", {"dtype": "bf16"}, "Flux", "FLOW"),  # no guidance_in: ComfyUI FluxSchnell (plain flow, shift 1)
          ("sd15-emaonly", {"extract": ["unet"]}, "BaseModel", "EPS"),
          ("sdxl-base", {"extract": ["unet"]}, "SDXL", "EPS"),
          ("sdxl-vpred-ztsnr", {"extract": ["unet"]}, "SDXL", "V_PREDICTION"),  # the markers travel with the UNet

@@ -474,3 +474,69 @@ def test_a1111_check_outweighs_comfyuis_statistic_and_both_are_listed(tmp_path):
     assert (deep.prediction_type, deep.prediction_confidence) == ("epsilon", "medium")
     said = [(e["type"], e["confidence"], e["detail"].split(":")[0]) for e in deep.prediction_evidence]
     assert said == [("epsilon", "medium", "forward check"), ("v", "low", "value check")]  # strongest first
+
+
+# --- when A1111's and ComfyUI's SD2 rules disagree, the report says so ---------------------------------
+
+
+def test_programs_disagree_when_a1111s_check_and_comfyuis_statistic_differ(tmp_path):
+    path = _sd2_with_forward_mean(tmp_path, "sd2.safetensors", -0.5, norm_bias_std=0.3)  # A1111: epsilon, ComfyUI: v
+    deep = identify_path(path, deep=True)
+    p = deep.problem("programs_disagree")
+    assert p and p.severity == "warning"
+    assert (p.details["a1111"], p.details["comfyui"], p.details["winner"]) == ("epsilon", "v", "epsilon")
+    assert p.details["a1111_how"].startswith("forward check") and p.details["comfyui_how"].startswith("value check")
+    assert deep.problem("prediction_conflict") is None  # the same disagreement is not said twice
+    r = run_cli("inspect", "--deep", path)
+    flat = " ".join(r.stdout.split())
+    assert "A1111 loads this file as epsilon" in flat and "ComfyUI as v" in flat
+    conv, summary = convert(path, dtype="fp16", prediction_type="auto")
+    assert any("A1111 would load the input as epsilon" in n and "ComfyUI as v" in n for n in summary["notes"])
+
+
+def test_programs_agreeing_raise_nothing(tmp_path):
+    path = _sd2_with_forward_mean(tmp_path, "sd2.safetensors", -1.2, norm_bias_std=0.3)  # both: v
+    deep = identify_path(path, deep=True)
+    assert deep.prediction_type == "v" and deep.problem("programs_disagree") is None
+
+
+def test_a_v_yaml_beside_an_sd2_file_comfyui_reads_as_epsilon_is_reported_without_deep(tmp_path):
+    lay = H.layout("sd21-768-v")
+    path = H.write_valued(tmp_path / "sd2.safetensors", lay, values={NORM_BIAS: _bias_with_std(0.01)}, scale=16, random=True)
+    (tmp_path / "sd2.yaml").write_text(config_text("v2-inference-v.yaml"))
+    ident = identify_path(path)  # header + one 5 kB tensor: ComfyUI's statistic needs no --deep
+    assert (ident.prediction_type, ident.prediction_source) == ("v", "config")
+    p = ident.problem("programs_disagree")
+    assert p and (p.details["a1111"], p.details["comfyui"]) == ("v", "epsilon")
+    assert p.details["a1111_how"] == "sd2.yaml beside the file"
+    (tmp_path / "sd2.yaml").unlink()
+    assert identify_path(path).problem("programs_disagree") is None  # without the yaml, A1111's choice needs --deep
+
+
+def test_sd2_inpainting_is_epsilon_in_comfyui_whatever_its_statistic(tmp_path):
+    from sdtk.identify.checks import _comfyui_sd2_choice
+    from sdtk.identify.prediction import Evidence
+    from sdtk.tensors import LazyTensor  # noqa: F401  (the mapping holds LazyTensors; a stand-in with .shape is enough)
+
+    class Conv:
+        shape = (320, 9, 3, 3)
+
+    stat = Evidence("heuristic", "v", "low", "value check: ...", method="comfyui-statistic")
+    assert _comfyui_sd2_choice([stat], {"input_blocks.0.0.weight": Conv()})[0] == "epsilon"
+    Conv.shape = (320, 4, 3, 3)
+    assert _comfyui_sd2_choice([stat], {"input_blocks.0.0.weight": Conv()})[0] == "v"
+
+
+def test_v_prediction_advice_says_comfyui_reads_sdxl_markers_but_not_sd1_yaml(tmp_path):
+    xl = identify_path(write_layout(tmp_path / "xl.safetensors", "sdxl-vpred-ztsnr", scale=16))
+    codes = [a.code for a in xl.advice]
+    assert "vpred_marked" in codes and "vpred_settings" not in codes  # ComfyUI's SDXL class reads v_pred / ztsnr
+    r = run_cli("inspect", tmp_path / "xl.safetensors")
+    flat = " ".join(r.stdout.split())
+    assert "ComfyUI and Forge read them and sample it as v-prediction + zsnr" in flat
+    src = write_layout(tmp_path / "sd15-v.safetensors", "sd15-emaonly", scale=16)
+    (tmp_path / "sd15-v.yaml").write_text(config_text("v1-inference-v.yaml"))
+    sd1 = identify_path(src)  # v from the yaml: ComfyUI reads no yaml and loads SD1 as epsilon
+    codes = [a.code for a in sd1.advice]
+    assert "vpred_settings" in codes and "vpred_marked" not in codes
+    assert "ModelSamplingDiscrete" in " ".join(run_cli("inspect", src).stdout.split())

@@ -8,6 +8,10 @@ from sdtk.identify.model import Advice, Identity
 # Header bytes per tensor in a safetensors file (architectures reference: ~150-200 bytes per key).
 HEADER_BYTES_PER_KEY = 160
 GENERATION_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "text_encoder_3", "markers")
+# Families whose ComfyUI model class reads the prediction markers (`v_pred`, `ztsnr`, `edm_vpred.*`)
+# and samples accordingly with no setting: ComfyUI comfy/supported_models.py, SDXL.model_type (its
+# subclasses too). SD15 has no model_type (always EPS); SD20 uses a value statistic, not the markers.
+COMFYUI_READS_MARKERS = ("sdxl",)
 
 
 def _add(ident: Identity, code: str, **details) -> None:
@@ -46,7 +50,10 @@ def choose_advice(ident: Identity) -> None:
             _add(ident, "needs_config_yaml", prediction=need.get("prediction"), config=need.get("config"),
                  why_key=f"why.advice_config.{need.get('family')}")
         if ident.prediction_type == "v":
-            _add(ident, "vpred_settings", ztsnr=ident.zero_terminal_snr)
+            if ident.prediction_source == "marker" and ident.family in COMFYUI_READS_MARKERS:
+                _add(ident, "vpred_marked", ztsnr=ident.zero_terminal_snr)
+            else:
+                _add(ident, "vpred_settings", ztsnr=ident.zero_terminal_snr)
         if "markers" in ident.components:
             _add(ident, "keep_markers")
         if "sdxl_vae_fp16" in codes:

@@ -161,21 +161,77 @@ def check_sd2_config(ident: Identity, config) -> None:
          config=yaml_name, why_key=f"why.needs_config_yaml.{family}{'' if pred else '_unknown'}")
 
 
-def check_config_beside(ident: Identity, config, conflicts) -> None:
-    """The `<model>.yaml` beside the file: unreadable, describing other weights, or saying
-    another prediction type than stronger evidence (reported; the stronger evidence wins)."""
+def _config_name(config) -> Optional[str]:
     if config is None or not config.exists:
+        return None
+    return config.path.replace("\\", "/").rsplit("/", 1)[-1]
+
+
+def check_config_beside(ident: Identity, config) -> None:
+    """The `<model>.yaml` beside the file: unreadable, or describing other weights."""
+    name = _config_name(config)
+    if name is None:
         return
-    name = config.path.replace("\\", "/").rsplit("/", 1)[-1]
     if config.error:
         _add(ident, "config_unreadable", "warning", config=name, error=config.error)
         return
     if config.family and ident.family and config.family != ident.family:
         _add(ident, "config_mismatch", "warning", config=name, context_dim=config.context_dim,
              config_family=config.family, family=ident.family)
+
+
+# What ComfyUI's SD2 model class decides (comfy/supported_models.py SD20.model_type): inpainting
+# UNets (in_channels != 4) are always EPS; else the statistic of one norm bias (prediction.sd2_statistic).
+SD2_FIRST_CONV = "input_blocks.0.0.weight"
+
+
+def _comfyui_sd2_choice(evidence, unet_tensors: Mapping[str, LazyTensor]):
+    from sdtk.identify.prediction import sd2_statistic
+
+    first = unet_tensors.get(SD2_FIRST_CONV)
+    if first is not None and len(first.shape) == 4 and first.shape[1] != 4:
+        return "epsilon", "an inpainting UNet: always epsilon"
+    stat = next((e for e in evidence if e.method == "comfyui-statistic"), None) or sd2_statistic(unet_tensors, _small_values)
+    return (stat.type, stat.detail) if stat is not None else (None, None)
+
+
+def _a1111_sd2_choice(evidence, config_name: Optional[str]):
+    """A1111 takes the yaml beside the file first, else runs its forward check (only known with --deep)."""
+    yaml = next((e for e in evidence if e.source == "config"), None)
+    if yaml is not None:
+        return yaml.type, f"{config_name} beside the file"
+    forward = next((e for e in evidence if e.method == "a1111-forward"), None)
+    return (forward.type, forward.detail) if forward is not None else (None, None)
+
+
+def check_programs_agree_sd2(ident: Identity, evidence, unet_tensors: Mapping[str, LazyTensor], config) -> bool:
+    """SD 2.x: A1111 and ComfyUI decide the prediction type by different rules (neither reads the
+    v_pred marker for SD2). When what each will do is known and they differ, say so: one of them
+    will sample the model wrongly unless set by hand. True when the problem was added."""
+    if ident.family != "sd2":
+        return False
+    a1111, a1111_how = _a1111_sd2_choice(evidence, _config_name(config))
+    if a1111 is None:
+        return False
+    comfyui, comfyui_how = _comfyui_sd2_choice(evidence, unet_tensors)
+    if comfyui is None or comfyui == a1111:
+        return False
+    _add(ident, "programs_disagree", "warning", a1111=a1111, a1111_how=a1111_how, comfyui=comfyui,
+         comfyui_how=comfyui_how, winner=ident.prediction_type or "unknown", winner_source=ident.prediction_source or "none")
+    return True
+
+
+def check_prediction_conflicts(ident: Identity, conflicts, config, programs_reported: bool = False) -> None:
+    """Evidence that says another prediction type than the stronger evidence that decided
+    (reported; the stronger evidence wins). The two programs' SD2 rules, when already reported
+    as disagreeing, are not repeated."""
+    name = _config_name(config)
     for lost in conflicts:
+        if programs_reported and lost.method in ("comfyui-statistic", "a1111-forward"):
+            continue
         _add(ident, "prediction_conflict", "warning", winner=ident.prediction_type, winner_source=ident.prediction_source,
-             loser=lost.type, loser_source=lost.source, detail=lost.detail, config=name if lost.source == "config" or ident.prediction_source == "config" else None)
+             loser=lost.type, loser_source=lost.source, detail=lost.detail,
+             config=name if lost.source == "config" or ident.prediction_source == "config" else None)
 
 
 def check_sdxl_vae_fp16(ident: Identity) -> None:

@@ -89,15 +89,18 @@ def identify(cat: Catalogue, *, deep: bool = False, config: Optional[ConfigBesid
         ident.problems.append(Problem("scaled_copy", "warning", "problem.scaled_copy",
                                       {"layout": scaled[0], "scale": scaled[2], "title": ident.title}))
     if ident.kind in ("checkpoint", "diffusion-model"):
+        unet_tensors = strip_tensors(tensors, ident.components.get("unet"))
         pred = predict(set(shapes), cat.metadata, cat.extras, ident.architecture, ident.family,
-                       strip_tensors(tensors, ident.components.get("unet")), config, deep or deep_prediction)
+                       unet_tensors, config, deep or deep_prediction)
         ident.prediction_type, ident.prediction_confidence = pred.type, pred.confidence
         ident.prediction_source, ident.zero_terminal_snr = pred.source, pred.zero_terminal_snr
         ident.prediction_evidence = [e.as_dict() for e in pred.evidence]
         if pred.detail:
             ident.notes.append(f"prediction: {pred.detail}")
         _refine_by_prediction(ident)
-        checks.check_config_beside(ident, config, pred.conflicts)
+        checks.check_config_beside(ident, config)
+        programs = checks.check_programs_agree_sd2(ident, pred.evidence, unet_tensors, config)
+        checks.check_prediction_conflicts(ident, pred.conflicts, config, programs)
         checks.check_components(ident, _expected_components(ident))
         checks.check_known_keys(ident, table)
         checks.check_old_clip_keys(ident, tensors)

@@ -16,7 +16,7 @@ MODELSPEC_PREDICTIONS = ("epsilon", "v")
 FAMILY_OF_PREFIX = (("flux", "flux"), ("stable-diffusion-v3", "sd3"), ("stable-diffusion-xl", "sdxl"),
                     ("stable-diffusion-v2", "sd2"), ("stable-diffusion-v1", "sd1"))
 # identify's SD2 names -> ModelSpec's (ModelSpec README architecture list)
-EVIDENCE_PROBLEMS = ("config_unreadable", "config_mismatch", "prediction_conflict")
+EVIDENCE_PROBLEMS = ("config_unreadable", "config_mismatch", "prediction_conflict", "programs_disagree")
 SD2_BY_PREDICTION = {"v": "stable-diffusion-v2-768-v", "epsilon": "stable-diffusion-v2-512"}
 
 

@@ -18,6 +18,7 @@ whole UNet), else without evidence the type stays unknown.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import List, Mapping, Optional
 
@@ -33,6 +34,7 @@ class Evidence:
     type: str
     confidence: str
     detail: str
+    method: Optional[str] = None  # heuristics: which program's rule ("a1111-forward", "comfyui-statistic", "global-step")
 
     def as_dict(self) -> dict:
         return {"source": self.source, "type": self.type, "confidence": self.confidence, "detail": self.detail}
@@ -75,16 +77,7 @@ def sd2_value_check(unet_tensors: Mapping[str, LazyTensor]) -> Optional[Evidence
     bias of the last output block; above 0.09 -> v. Reads one 1280-value tensor (5 kB)."""
     import numpy as np
 
-    t = unet_tensors.get(SD2_HEURISTIC_KEY)
-    if t is None or not t.dtype.is_float or t.numel == 0:
-        return None
-    values = np.asarray(t.read()).astype(np.float64)
-    std = float(values.std())
-    if not np.isfinite(std) or std == 0:
-        return None  # zero-filled or broken: no information
-    ptype = "v" if std > SD2_HEURISTIC_THRESHOLD else "epsilon"
-    return Evidence("heuristic", ptype, "low", f"value check: std({SD2_HEURISTIC_KEY}) = {std:.4f}, "
-                                               f"{'above' if ptype == 'v' else 'not above'} {SD2_HEURISTIC_THRESHOLD} (ComfyUI's rule)")
+    return sd2_statistic(unet_tensors, lambda t: np.asarray(t.read()).astype(np.float64).reshape(-1).tolist())
 
 
 def sd2_forward_check(unet_tensors: Mapping[str, LazyTensor]) -> Optional[Evidence]:
@@ -96,8 +89,24 @@ def sd2_forward_check(unet_tensors: Mapping[str, LazyTensor]) -> Optional[Eviden
     if result is None:
         return None
     ptype, mean = result
-    return Evidence("heuristic", ptype, "medium", f"forward check: mean(unet(x) - x) = {mean:.3f}, "
+    return Evidence("heuristic", ptype, "medium", method="a1111-forward", detail=f"forward check: mean(unet(x) - x) = {mean:.3f}, "
                                                   f"{'below' if ptype == 'v' else 'not below'} {A1111_THRESHOLD:g} (A1111's rule)")
+
+
+def sd2_statistic(unet_tensors: Mapping[str, LazyTensor], read_values) -> Optional[Evidence]:
+    """ComfyUI's SD2 statistic computed without numpy (1280 values through `read_values`): what
+    ComfyUI's loader will decide, for comparing the programs even when `--deep` is not given."""
+    t = unet_tensors.get(SD2_HEURISTIC_KEY)
+    if t is None or not t.dtype.is_float or t.numel == 0:
+        return None
+    values = [float(v) for v in read_values(t)]
+    mean = math.fsum(values) / len(values)
+    std = math.sqrt(math.fsum((v - mean) ** 2 for v in values) / len(values))
+    if not math.isfinite(std) or std == 0:
+        return None
+    ptype = "v" if std > SD2_HEURISTIC_THRESHOLD else "epsilon"
+    return Evidence("heuristic", ptype, "low", method="comfyui-statistic", detail=f"value check: std({SD2_HEURISTIC_KEY}) = {std:.4f}, "
+                    f"{'above' if ptype == 'v' else 'not above'} {SD2_HEURISTIC_THRESHOLD} (ComfyUI's rule)")
 
 
 def gather(shapes_keys, metadata: Mapping[str, str], extras: Mapping, architecture: str, family: Optional[str],
@@ -123,7 +132,8 @@ def gather(shapes_keys, metadata: Mapping[str, str], extras: Mapping, architectu
     if family == "sd2":
         step = extras.get("global_step")
         if isinstance(step, int) and not isinstance(step, bool) and step == SD2_EPSILON_GLOBAL_STEP:
-            found.append(Evidence("heuristic", "epsilon", "medium", f"global_step == {SD2_EPSILON_GLOBAL_STEP} (SD 2.x 512-base)"))
+            found.append(Evidence("heuristic", "epsilon", "medium", f"global_step == {SD2_EPSILON_GLOBAL_STEP} (SD 2.x 512-base)",
+                                  method="global-step"))
         if deep:
             forward = sd2_forward_check(unet_tensors)
             if forward is not None:

@@ -369,6 +369,9 @@ def fact_notes(facts: ModelFacts) -> List[str]:
         elif p.code == "prediction_conflict":
             notes.append(f"prediction type: {d['loser_source']} says {d['loser']} ({d['detail']}) but "
                          f"{d['winner_source']} says {d['winner']}; followed {d['winner_source']} (the stronger evidence)")
+        elif p.code == "programs_disagree":
+            notes.append(f"prediction type: A1111 would load the input as {d['a1111']} ({d['a1111_how']}), ComfyUI as "
+                         f"{d['comfyui']} ({d['comfyui_how']}); recorded {d['winner']} ({d['winner_source']})")
     return notes
 
 

@@ -28,7 +28,7 @@ def _short(items, n=5) -> str:
 @lora_app.command("apply")
 def apply_cmd(
     base: Path = typer.Argument(..., help="Checkpoint or stand-alone UNet/DiT file to bake into."),
-    loras: List[str] = typer.Argument(..., help="LORA[:STRENGTH[:TE_STRENGTH]] (repeatable; applied in order)."),
+    loras: List[str] = typer.Argument(..., help="LORA[:STRENGTH[:TE_STRENGTH]][:lbw=BLOCK_WEIGHTS] (repeatable; applied in order). BLOCK_WEIGHTS: 17 or 26 numbers (SD 1.x/2.x), 12 or 20 (SDXL), or IN04=0.5,MID=0,... (LoRA Block Weight convention)."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Output .safetensors file."),
     allow_unmatched: bool = typer.Option(False, "--allow-unmatched", help="Apply what matches; list what is skipped."),
     dora: str = typer.Option("comfyui", "--dora", help="DoRA strength convention: comfyui (= A1111) or lycoris."),
@@ -82,6 +82,8 @@ def apply_cmd(
         made = f" [{rep.base_guess}]" if rep.base_guess else ""
         console.print(f"  {os.path.basename(rep.file)}{made} x{rep.strength:g} (te x{rep.te_strength:g}): "
                       f"{rep.matched} of {rep.modules} modules ({kinds}; {comps})")
+        if rep.block_weights:
+            console.print("    block weights: " + ", ".join(f"{b} x{v:g}" for b, v in rep.block_weights.items()) + " (other blocks x1)")
         if rep.unmatched:
             console.print(f"    skipped {len(rep.unmatched)}: " + _short(f"{m} ({why})" for m, why in rep.unmatched))
         if rep.ignored:

@@ -20,6 +20,7 @@ import numpy as np
 from sdtk.architectures.lora_keys import AliasTable, Target, build_alias_table, name_component
 from sdtk.errors import SdtkError, UsageError
 from sdtk.ops.lora.adapters import KIND_LABELS, Adapter, Module, natural_shape, read_adapter
+from sdtk.ops.lora.block_weights import BlockWeights, block_of, check_fits, describe, parse_block_weights, unet_layout
 from sdtk.ops.lora.patch import patch_bias, patch_weight, touches_bias, touches_weight
 from sdtk.tensors import LazyTensor
 
@@ -28,11 +29,12 @@ F32 = np.float32
 
 @dataclass
 class LoraInput:
-    """One `LORA[:STRENGTH[:TE_STRENGTH]]` argument."""
+    """One `LORA[:STRENGTH[:TE_STRENGTH]][:lbw=BLOCK_WEIGHTS]` argument."""
 
     path: str
     strength: float = 1.0
     te_strength: Optional[float] = None  # None: the same as `strength`
+    block_weights: Optional[BlockWeights] = None  # LoRA Block Weight factors (block_weights.py)
 
     @property
     def text_strength(self) -> float:
@@ -40,26 +42,34 @@ class LoraInput:
 
 
 def parse_lora_argument(text: str) -> LoraInput:
-    """`path`, `path:0.8` or `path:0.8:0.5`. The path is the longest `:`-joined prefix that names
-    an existing file (paths may hold colons); what follows must be one or two finite numbers."""
+    """`path`, `path:0.8`, `path:0.8:0.5`, each optionally followed by `:lbw=1,0,...` (A1111's
+    `<lora:name:0.8:lbw=...>` syntax). The path is the longest `:`-joined prefix that names an
+    existing file (paths may hold colons); what follows must be one or two finite numbers."""
     if os.path.exists(text):
         return LoraInput(text)
     parts = text.split(":")
+    blocks = None
+    if len(parts) > 1 and parts[-1].lower().startswith("lbw="):
+        blocks = parse_block_weights(parts[-1][4:])
+        parts = parts[:-1]
+        if os.path.exists(":".join(parts)):
+            return LoraInput(":".join(parts), block_weights=blocks)
     for n in (1, 2):
         if len(parts) > n and os.path.exists(":".join(parts[:-n])):
             path, extra = ":".join(parts[:-n]), parts[-n:]
             break
     else:
         numbers = [p for p in parts[-2:] if _number(p) is not None]
-        path = ":".join(parts[: len(parts) - len(numbers)]) if numbers and len(parts) > len(numbers) else text
+        path = ":".join(parts[: len(parts) - len(numbers)]) if numbers and len(parts) > len(numbers) else ":".join(parts)
         raise SdtkError(path, "no such file")
     values = [_number(x) for x in extra]
     for raw, value in zip(extra, values):
         if value is None:
-            raise UsageError(None, f"{text!r}: strength {raw!r} is not a number; strengths must be numbers (LORA[:STRENGTH[:TE_STRENGTH]])")
+            raise UsageError(None, f"{text!r}: strength {raw!r} is not a number; strengths must be numbers "
+                                   f"(LORA[:STRENGTH[:TE_STRENGTH]][:lbw=BLOCK_WEIGHTS])")
         if not np.isfinite(value):
             raise UsageError(None, f"{text!r}: strength {raw!r} is not a finite number")
-    return LoraInput(path, values[0], values[1] if len(values) > 1 else None)
+    return LoraInput(path, values[0], values[1] if len(values) > 1 else None, blocks)
 
 
 def _number(text: str) -> Optional[float]:
@@ -93,13 +103,15 @@ class LoraReport:
     ignored: List[str] = field(default_factory=list)
     base_guess: Optional[str] = None  # what the LoRA says it was made for (identify)
     hashes: Dict[str, str] = field(default_factory=dict)
+    block_weights: Dict[str, float] = field(default_factory=dict)  # factors other than 1, by block id
 
     def as_dict(self) -> dict:
         return {"file": self.file, "strength": self.strength, "te_strength": self.te_strength,
                 "modules": self.modules, "matched": self.matched, "kinds": dict(self.kinds),
                 "components": dict(self.components),
                 "unmatched": [{"module": m, "reason": r} for m, r in self.unmatched],
-                "ignored": len(self.ignored), "made_for": self.base_guess, **({"hashes": self.hashes} if self.hashes else {})}
+                "ignored": len(self.ignored), "made_for": self.base_guess, **({"hashes": self.hashes} if self.hashes else {}),
+                **({"block_weights": self.block_weights} if self.block_weights else {})}
 
 
 def _target_shape(target: Target, shape: Tuple[int, ...]) -> Tuple[int, ...]:
@@ -149,8 +161,12 @@ def plan_patches(base_shapes: Dict[str, Tuple[int, ...]], adapters: Sequence[Tup
     table = table or build_alias_table(base_shapes)
     patches: Dict[str, List[Patch]] = {}
     reports: List[LoraReport] = []
+    layout = unet_layout(base_shapes) if any(spec.block_weights for spec, _ in adapters) else None
     for i, (spec, adapter) in enumerate(adapters):
         rep = LoraReport(spec.path, spec.strength, spec.text_strength)
+        if spec.block_weights is not None:
+            check_fits(spec.block_weights, layout, "the base", spec.path)
+            rep.block_weights = dict(describe(spec.block_weights))
         rep.ignored = list(adapter.ignored)
         for key in adapter.unknown:
             rep.unmatched.append((key, "unknown tensor (not an adapter suffix sdtk knows)"))
@@ -172,6 +188,8 @@ def plan_patches(base_shapes: Dict[str, Tuple[int, ...]], adapters: Sequence[Tup
                 rep.unmatched.append((name, problem))
                 continue
             strength = spec.strength if target.component == "unet" else spec.text_strength
+            if spec.block_weights is not None:
+                strength *= spec.block_weights.factor(block_of(target.component, target.weight))
             rep.matched += 1
             rep.kinds[m.kind + ("+dora" if m.dora else "")] += 1
             rep.components[target.component] += 1

@@ -51,7 +51,9 @@ class _Lineage:
         self.base, self.size, self.loras, self.dora = base, size, loras, dora_convention
 
     def as_dict(self) -> dict:
-        ops = [f"lora apply {l['file']} strength {l['strength']} te {l['te_strength']}" for l in self.loras]
+        ops = [f"lora apply {l['file']} strength {l['strength']} te {l['te_strength']}"
+               + (f" lbw {','.join(f'{b}={v:g}' for b, v in l['block_weights'].items())}" if l.get("block_weights") else "")
+               for l in self.loras]
         return {"tool": f"sdtk {__version__}", "source": self.base, "source_size": self.size,
                 "operations": ops, "loras": self.loras, "dora_convention": self.dora}
 
@@ -114,7 +116,8 @@ def bake(base_path: str, loras: Sequence[LoraInput], dest: Optional[str], *, all
         lineage = _Lineage(os.path.basename(os.path.normpath(base_path)), _input_size(base_path),
                            [{"file": os.path.basename(r.file), "sha256": r.hashes["sha256"], "autov3": r.hashes["autov3"],
                              "strength": r.strength, "te_strength": r.te_strength, "matched": r.matched,
-                             "modules": r.modules} for r in reports], dora_convention)
+                             "modules": r.modules, **({"block_weights": r.block_weights} if r.block_weights else {})}
+                            for r in reports], dora_convention)
         meta = with_output_hash(dict(base.metadata), None)
         meta[LINEAGE_KEY] = lineage_value(base.metadata.get(LINEAGE_KEY), lineage)
         if on_start is not None:

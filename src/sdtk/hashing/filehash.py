@@ -37,6 +37,7 @@ import blake3
 
 from sdtk.errors import FormatError, SdtkError
 from sdtk.fileio import open_input
+from sdtk.hashing import sha2pair
 
 from sdtk.crc import IMPLEMENTATION as CRC32_IMPLEMENTATION  # isal when installed, else zlib
 from sdtk.crc import crc32 as _crc32
@@ -145,7 +146,7 @@ class _Hashers:
     asked for are computed (a lineage pass needs SHA256, AutoV3 and the BLAKE3 span digests)."""
 
     def __init__(self, size: int, spans: Optional[Sequence[TensorSpan]], blake3_threads: int = 1,
-                 kinds: Sequence[str] = FILE_KINDS, span_kinds: Sequence[str] = ("sha256",)):
+                 kinds: Sequence[str] = FILE_KINDS, span_kinds: Sequence[str] = ("sha256",), pair_streams: bool = True):
         self.size = size
         self.kinds = frozenset(kinds)
         self.sha256 = hashlib.sha256() if "sha256" in self.kinds else None
@@ -155,6 +156,9 @@ class _Hashers:
         self.blake3 = None
         if "blake3" in self.kinds:
             self.blake3 = blake3.blake3(max_threads=blake3_threads) if blake3_threads != 1 else blake3.blake3()
+        self.pair = False  # SHA256 and AutoV3 in one interleaved pass (sdtk._sha2), when the CPU has SHA-NI
+        if self.sha256 is not None and self.autov3 is not None and sha2pair.available() and pair_streams:
+            self.sha256, self.autov3, self.pair = sha2pair.Sha256(), sha2pair.Sha256(), True
         self.window = bytearray()
         self.spans = _SpanHasher(spans, "sha256") if spans is not None and "sha256" in span_kinds else None
         self.spans_blake3 = _SpanHasher(spans, "blake3") if spans is not None and "blake3" in span_kinds else None
@@ -181,6 +185,17 @@ class _Hashers:
         if self.blake3 is not None:
             self.blake3.update(view)
 
+    def work_pair(self, offset: int, view: memoryview) -> None:
+        """SHA256 and AutoV3 in one pass over the buffer (two messages interleaved), then CRC32."""
+        end = offset + len(view)
+        tail = view[max(0, self.v3_start - offset):] if end > self.v3_start else view[:0]
+        sha2pair.update_pair(self.sha256, view, self.autov3, tail)
+        if self.crc is not None:
+            self.crc = _crc32(view, self.crc)
+
+    def work_blake3(self, offset: int, view: memoryview) -> None:
+        self.blake3.update(view)
+
     def work_spans(self, offset: int, view: memoryview) -> None:
         if self.spans is not None:
             self.spans.update(offset, view)
@@ -190,9 +205,13 @@ class _Hashers:
     def works(self) -> list:
         """The units of work with something to do, one thread each."""
         out = []
-        if self.sha256 is not None or self.crc is not None:
+        if self.pair:
+            out.append(self.work_pair)
+            if self.blake3 is not None:
+                out.append(self.work_blake3)
+        elif self.sha256 is not None or self.crc is not None:
             out.append(self.work_full)
-        if self.autov3 is not None or self.blake3 is not None:
+        if not self.pair and (self.autov3 is not None or self.blake3 is not None):
             out.append(self.work_v3)
         if self.spans is not None or self.spans_blake3 is not None:
             out.append(self.work_spans)
@@ -383,6 +402,6 @@ def hash_bytes(data: bytes) -> FileHashes:
     view = memoryview(data)
     hashers.first_bytes(bytes(view[:8]))
     hashers.take_window(0, view)
-    hashers.work_full(0, view)
-    hashers.work_v3(0, view)
+    for work in hashers.works():
+        work(0, view)
     return hashers.result("<bytes>")

@@ -58,9 +58,24 @@ def test_kernel_checks_its_arguments():
 
 def test_environment_switch_turns_the_kernel_off(monkeypatch):
     monkeypatch.setenv("SDTK_SHA2", "off")
-    assert not sha2pair.available()
+    assert not sha2pair.available() and not sha2pair.worth_pairing()
 
 
+@needs_kernel
+def test_pairing_is_chosen_by_the_measured_gain(monkeypatch):
+    monkeypatch.delenv("SDTK_SHA2", raising=False)
+    gain = sha2pair.pair_gain()
+    assert gain > 0.5
+    assert sha2pair.worth_pairing() == (gain >= sha2pair.PAIR_WORTH_IT)
+    monkeypatch.setattr(sha2pair, "_pair_gain", 1.6)
+    assert sha2pair.worth_pairing()
+    monkeypatch.setattr(sha2pair, "_pair_gain", 1.05)
+    assert not sha2pair.worth_pairing()
+    monkeypatch.setenv("SDTK_SHA2", "pair")
+    assert sha2pair.worth_pairing()
+
+
+@needs_kernel
 @pytest.mark.parametrize("size", [5_000_000, 40 * 1024 * 1024 + 77])  # inline and threaded paths
 def test_file_hashes_equal_the_hashlib_path(tmp_path, monkeypatch, size):
     from sdtk.hashing.filehash import FileHashes, hash_file
@@ -72,7 +87,10 @@ def test_file_hashes_equal_the_hashlib_path(tmp_path, monkeypatch, size):
     spans = [(8 + 1234, 1 << 20, "a"), (8 + 1234 + (1 << 20), size - 8 - 1234 - (1 << 20), "b")]
     monkeypatch.setenv("SDTK_SHA2", "off")
     ref = hash_file(path, tensor_spans=spans)
-    monkeypatch.delenv("SDTK_SHA2")
+    monkeypatch.setenv("SDTK_SHA2", "pair")  # the interleaved kernel, whatever this CPU gains from it
+    from sdtk.hashing.filehash import _Hashers
+
+    assert _Hashers(size, None).pair  # this run goes through the kernel
     got = hash_file(path, tensor_spans=spans)
     data = path.read_bytes()
     assert ref.sha256 == hashlib.sha256(data).hexdigest() and ref.autov3 == hashlib.sha256(data[8 + 1234:]).hexdigest()

@@ -9,6 +9,10 @@ ISA-L release the GIL on large buffers:
     worker 2: AutoV3 (sha256 from the AutoV3 start offset) + BLAKE3
     worker 3: only with `tensor_spans`: one sha256 per tensor (content hash in the same read)
 
+or, where the two-stream SHA-NI kernel pays (`sha2pair.worth_pairing()`: CPUs whose SHA round
+instruction is latency-bound), worker 1 computes SHA256 and AutoV3 together (+ CRC32) and
+worker 2 BLAKE3 alone.
+
 AutoV1 needs only the 64 KiB at 1 MiB; the reader copies that window as it passes by.
 A buffer goes back to the pool when every worker is done with it. Small files (under
 `threads_from_bytes`) are hashed inline in the calling thread (no threads to start).
@@ -146,7 +150,7 @@ class _Hashers:
     asked for are computed (a lineage pass needs SHA256, AutoV3 and the BLAKE3 span digests)."""
 
     def __init__(self, size: int, spans: Optional[Sequence[TensorSpan]], blake3_threads: int = 1,
-                 kinds: Sequence[str] = FILE_KINDS, span_kinds: Sequence[str] = ("sha256",), pair_streams: bool = True):
+                 kinds: Sequence[str] = FILE_KINDS, span_kinds: Sequence[str] = ("sha256",)):
         self.size = size
         self.kinds = frozenset(kinds)
         self.sha256 = hashlib.sha256() if "sha256" in self.kinds else None
@@ -156,8 +160,8 @@ class _Hashers:
         self.blake3 = None
         if "blake3" in self.kinds:
             self.blake3 = blake3.blake3(max_threads=blake3_threads) if blake3_threads != 1 else blake3.blake3()
-        self.pair = False  # SHA256 and AutoV3 in one interleaved pass (sdtk._sha2), when the CPU has SHA-NI
-        if self.sha256 is not None and self.autov3 is not None and sha2pair.available() and pair_streams:
+        self.pair = False  # SHA256 and AutoV3 in one interleaved pass (sdtk._sha2) where that pays
+        if self.sha256 is not None and self.autov3 is not None and sha2pair.worth_pairing():
             self.sha256, self.autov3, self.pair = sha2pair.Sha256(), sha2pair.Sha256(), True
         self.window = bytearray()
         self.spans = _SpanHasher(spans, "sha256") if spans is not None and "sha256" in span_kinds else None

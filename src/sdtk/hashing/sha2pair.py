@@ -4,17 +4,22 @@ A first conversion records the input's SHA256 and AutoV3: the sha256 of the whol
 the same bytes from a small offset (8 for a .ckpt, 8 + header length for safetensors). hashlib
 runs one stream per call at about 1 GB/s per core here, bound by the latency of the SHA-NI round
 instruction; `sdtk._sha2.compress` interleaves the rounds of the two messages, so one core
-computes both in about 0.65x the time of two hashlib passes (bench/bench_hash.py). The digests
+computes both in less time than two hashlib passes: about 0.65x on CPUs whose SHA round
+instruction is latency-bound (AMD Zen), only 0.88x on the Xeon of this repo's benchmarks, whose
+SHA unit one stream already keeps busy (bench/bench_hash.py prints the gain). The digests
 are plain SHA-256 (FIPS 180-4): tests compare them with hashlib's on random data of many lengths
 and offsets.
 
 `available()` is False without the C extension, on a CPU without SHA-NI, or with
 SDTK_SHA2=off in the environment; callers then use hashlib (filehash.py: one thread per stream).
+`worth_pairing()` says whether pairing pays on this CPU (it measures it once): pairing puts both
+streams on one core, which only wins when it makes them clearly faster than one after the other.
 """
 from __future__ import annotations
 
 import os
 import struct
+import time
 from typing import Optional
 
 try:  # built by setup.py when a C compiler is present; optional by design
@@ -31,6 +36,41 @@ def available() -> bool:
     if _ext is None or os.environ.get("SDTK_SHA2", "").lower() in ("off", "0", "no"):
         return False
     return bool(_ext.has_sha_ni())
+
+
+PAIR_WORTH_IT = 1.3  # interleaving must make the two streams this much faster than one after the other
+_pair_gain: Optional[float] = None
+
+
+def pair_gain() -> float:
+    """How much faster `update_pair` hashes two streams than two single passes on this CPU
+    (measured once per process on 256 KiB, best of 3: about 2 ms). Where SHA256RNDS2 is latency-
+    bound (AMD Zen: about 1.5x) pairing pays; where one stream already saturates the SHA unit (the
+    Xeon of bench/results/convert_stream.md: 1.13x) it would put both streams on one core for
+    nothing, and two hashlib threads (one core each) finish sooner."""
+    global _pair_gain
+    if _pair_gain is None:
+        data = memoryview(bytes(range(256)) * 1024)
+        one, two = float("inf"), float("inf")
+        for _ in range(3):
+            a, b = bytearray(32), bytearray(32)
+            t = time.perf_counter()
+            _ext.compress(a, data)
+            _ext.compress(b, data[64:])
+            one = min(one, time.perf_counter() - t)
+            t = time.perf_counter()
+            _ext.compress(a, data, b, data[64:])
+            two = min(two, time.perf_counter() - t)
+        _pair_gain = one / two
+    return _pair_gain
+
+
+def worth_pairing() -> bool:
+    """Whether SHA256 + AutoV3 should run as one interleaved stream here (SDTK_SHA2=pair forces it,
+    =off never): the kernel is available and pays (`pair_gain() >= PAIR_WORTH_IT`)."""
+    if not available():
+        return False
+    return os.environ.get("SDTK_SHA2", "").lower() == "pair" or pair_gain() >= PAIR_WORTH_IT
 
 
 class Sha256:

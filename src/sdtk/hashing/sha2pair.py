@@ -4,9 +4,9 @@ A first conversion records the input's SHA256 and AutoV3: the sha256 of the whol
 the same bytes from a small offset (8 for a .ckpt, 8 + header length for safetensors). hashlib
 runs one stream per call at about 1 GB/s per core here, bound by the latency of the SHA-NI round
 instruction; `sdtk._sha2.compress` interleaves the rounds of the two messages, so one core
-computes both in less time than two hashlib passes: about 0.65x on CPUs whose SHA round
-instruction is latency-bound (AMD Zen), only 0.88x on the Xeon of this repo's benchmarks, whose
-SHA unit one stream already keeps busy (bench/bench_hash.py prints the gain). The digests
+computes both in less time than two hashlib passes: about 0.65x (an earlier prototype, 1.55x) on CPUs whose SHA round
+instruction is latency-bound, only 0.9x on the Xeon of this repo's benchmarks, whose
+SHA unit one stream already keeps busy (bench/bench_sha2.py prints the gain). The digests
 are plain SHA-256 (FIPS 180-4): tests compare them with hashlib's on random data of many lengths
 and offsets.
 
@@ -45,8 +45,8 @@ _pair_gain: Optional[float] = None
 def pair_gain() -> float:
     """How much faster `update_pair` hashes two streams than two single passes on this CPU
     (measured once per process on 256 KiB, best of 3: about 2 ms). Where SHA256RNDS2 is latency-
-    bound (AMD Zen: about 1.5x) pairing pays; where one stream already saturates the SHA unit (the
-    Xeon of bench/results/convert_stream.md: 1.13x) it would put both streams on one core for
+    bound pairing pays; where one stream already saturates the SHA unit (the
+    Xeon of bench/results/sha2.md: 1.06-1.13x) it would put both streams on one core for
     nothing, and two hashlib threads (one core each) finish sooner."""
     global _pair_gain
     if _pair_gain is None:

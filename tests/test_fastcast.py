@@ -177,3 +177,14 @@ def test_fused_fp16_weighted_sum_equals_the_unfused_float32_steps(alpha):
     assert np.array_equal(out.view(np.uint16)[~nan], want.view(np.uint16)[~nan])
     assert np.isnan(out[nan]).all()
     assert overflow == int(np.count_nonzero(np.isfinite(wide) & ~np.isfinite(want)))
+
+
+def test_cast_finite_max_table_equals_ml_dtypes():
+    """ops.cast decides overflow from a table (no ml_dtypes import): every entry equals ml_dtypes/numpy."""
+    import ml_dtypes
+
+    from sdtk.ops.cast import FINITE_MAX
+    from sdtk.tensors import dtype
+
+    for name, value in FINITE_MAX.items():
+        assert value == float(ml_dtypes.finfo(dtype(name).numpy).max), name

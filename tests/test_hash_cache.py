@@ -3,6 +3,7 @@ hashed once, and again whenever it changes."""
 import os
 
 import numpy as np
+import pytest
 
 from sdtk.formats.safetensors import write_safetensors
 from sdtk.hashing import cache as hash_cache
@@ -125,13 +126,16 @@ def test_library_fills_the_cache_for_hash(tmp, monkeypatch):
     assert len(calls) == 1 and row["Content"]
 
 
-def test_lineage_hashes_equal_sdtk_hash_of_the_same_file(tmp, monkeypatch):
+@pytest.mark.parametrize("sha2", ["pair", "off"])
+def test_lineage_hashes_equal_sdtk_hash_of_the_same_file(tmp, monkeypatch, sha2):
     """What convert/merge record (source_sha256, source_autov3, source_content_v2) is byte for byte
-    what `sdtk hash --content --style a1111 --json` prints for the input, computed either way first."""
+    what `sdtk hash --content --style a1111 --json` prints for the input, computed either way first,
+    with the two-stream SHA-NI kernel or hashlib (the fresh `sdtk hash` always with hashlib)."""
     import json
 
     from conftest import run_cli
 
+    monkeypatch.setenv("SDTK_SHA2", sha2)
     for order in ("lineage first", "hash first"):
         cache = tmp / f"{order}.sqlite3"
         monkeypatch.setenv("SDTK_HASH_CACHE", str(cache))
@@ -145,7 +149,8 @@ def test_lineage_hashes_equal_sdtk_hash_of_the_same_file(tmp, monkeypatch):
         row = json.loads(r.stdout)[0]
         if order == "hash first":
             recorded = lineage.source_hashes(str(path))
-        fresh = run_cli("hash", "--content", "--style", "a1111", "--json", "--rehash", path, env={"SDTK_HASH_CACHE": "off"})
+        fresh = run_cli("hash", "--content", "--style", "a1111", "--json", "--rehash", path,
+                        env={"SDTK_HASH_CACHE": "off", "SDTK_SHA2": "off"})
         again = json.loads(fresh.stdout)[0]
         for got in (row, again):
             assert recorded == {"sha256": got["SHA256"], "autov3": got["AutoV3"], "content_v2": got["ContentV2"]}

@@ -158,3 +158,24 @@ def test_position_ids_read_without_numpy_match_numpy(tmp_path):
             got = _small_values(t)
             want = arr.astype(np.float64 if arr.dtype.kind == "f" else np.int64).tolist()
             assert [str(v) for v in got] == [str(v) for v in want]
+
+
+@pytest.mark.parametrize("extra", [[], ["--dtype", "fp16"]])
+def test_converting_fp32_or_casting_to_fp16_imports_no_ml_dtypes(tmp_path, extra):
+    """A container change or an fp16 cast touches tensor values but never bf16/fp8 ones: ops.cast
+    decides overflow from its finite-max table, so ml_dtypes (1.5 s with 0.7) is not imported."""
+    import numpy as np
+
+    from sdtk.formats.safetensors import read_safetensors
+    from sdtk.formats.torchzip_write import write_torch_zip
+    from sdtk.tensors import from_array
+
+    src, out = tmp_path / "m.ckpt", tmp_path / "m.safetensors"
+    values = np.linspace(-3, 3, 4096, dtype=np.float32).reshape(64, 64)
+    write_torch_zip(src, [from_array("model.diffusion_model.w", values)], wrap="state_dict", overwrite=True)
+    code, modules, _ = loaded_modules(["convert", str(src), "-o", str(out), "--no-source-hash", *extra])
+    assert code == 0 and out.exists()
+    assert "ml_dtypes" not in modules and "numpy" in modules  # values were touched
+    with read_safetensors(out) as cat:
+        got = cat.tensors["model.diffusion_model.w"].read()
+    assert got.tobytes() == (values.astype(np.float16) if extra else values).tobytes()

@@ -9,6 +9,10 @@ ISA-L release the GIL on large buffers:
     worker 2: AutoV3 (sha256 from the AutoV3 start offset) + BLAKE3
     worker 3: only with `tensor_spans`: one sha256 per tensor (content hash in the same read)
 
+or, where the two-stream SHA-NI kernel pays (`sha2pair.worth_pairing()`: CPUs whose SHA round
+instruction is latency-bound), worker 1 computes SHA256 and AutoV3 together (+ CRC32) and
+worker 2 BLAKE3 alone.
+
 AutoV1 needs only the 64 KiB at 1 MiB; the reader copies that window as it passes by.
 A buffer goes back to the pool when every worker is done with it. Small files (under
 `threads_from_bytes`) are hashed inline in the calling thread (no threads to start).
@@ -37,6 +41,7 @@ import blake3
 
 from sdtk.errors import FormatError, SdtkError
 from sdtk.fileio import open_input
+from sdtk.hashing import sha2pair
 
 from sdtk.crc import IMPLEMENTATION as CRC32_IMPLEMENTATION  # isal when installed, else zlib
 from sdtk.crc import crc32 as _crc32
@@ -155,6 +160,9 @@ class _Hashers:
         self.blake3 = None
         if "blake3" in self.kinds:
             self.blake3 = blake3.blake3(max_threads=blake3_threads) if blake3_threads != 1 else blake3.blake3()
+        self.pair = False  # SHA256 and AutoV3 in one interleaved pass (sdtk._sha2) where that pays
+        if self.sha256 is not None and self.autov3 is not None and sha2pair.worth_pairing():
+            self.sha256, self.autov3, self.pair = sha2pair.Sha256(), sha2pair.Sha256(), True
         self.window = bytearray()
         self.spans = _SpanHasher(spans, "sha256") if spans is not None and "sha256" in span_kinds else None
         self.spans_blake3 = _SpanHasher(spans, "blake3") if spans is not None and "blake3" in span_kinds else None
@@ -181,6 +189,17 @@ class _Hashers:
         if self.blake3 is not None:
             self.blake3.update(view)
 
+    def work_pair(self, offset: int, view: memoryview) -> None:
+        """SHA256 and AutoV3 in one pass over the buffer (two messages interleaved), then CRC32."""
+        end = offset + len(view)
+        tail = view[max(0, self.v3_start - offset):] if end > self.v3_start else view[:0]
+        sha2pair.update_pair(self.sha256, view, self.autov3, tail)
+        if self.crc is not None:
+            self.crc = _crc32(view, self.crc)
+
+    def work_blake3(self, offset: int, view: memoryview) -> None:
+        self.blake3.update(view)
+
     def work_spans(self, offset: int, view: memoryview) -> None:
         if self.spans is not None:
             self.spans.update(offset, view)
@@ -190,9 +209,13 @@ class _Hashers:
     def works(self) -> list:
         """The units of work with something to do, one thread each."""
         out = []
-        if self.sha256 is not None or self.crc is not None:
+        if self.pair:
+            out.append(self.work_pair)
+            if self.blake3 is not None:
+                out.append(self.work_blake3)
+        elif self.sha256 is not None or self.crc is not None:
             out.append(self.work_full)
-        if self.autov3 is not None or self.blake3 is not None:
+        if not self.pair and (self.autov3 is not None or self.blake3 is not None):
             out.append(self.work_v3)
         if self.spans is not None or self.spans_blake3 is not None:
             out.append(self.work_spans)
@@ -383,6 +406,6 @@ def hash_bytes(data: bytes) -> FileHashes:
     view = memoryview(data)
     hashers.first_bytes(bytes(view[:8]))
     hashers.take_window(0, view)
-    hashers.work_full(0, view)
-    hashers.work_v3(0, view)
+    for work in hashers.works():
+        work(0, view)
     return hashers.result("<bytes>")

@@ -77,7 +77,8 @@ def lineage_hashes(path: "os.PathLike[str] | str", *, on_progress: Optional[Prog
     """{sha256, autov3, content_v2} of a model file (64 lower-case hex each), for lineage records.
 
     Taken from the hash cache when known; else computed in ONE sequential read of the file with
-    only what is needed: SHA256 and AutoV3 (two sha256 streams, one worker thread each) and the
+    only what is needed: SHA256 and AutoV3 (two sha256 streams, one worker thread each, or one
+    interleaved pass where that pays: sdtk.hashing.sha2pair) and the
     BLAKE3 digest of each tensor's bytes (content hash v2) when the tensors lie in the file as raw
     bytes; otherwise the tensors are read once more through the reader for the content hash. The
     values are remembered in one transaction at the end (an interrupted pass leaves no entry);

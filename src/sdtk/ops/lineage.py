@@ -10,7 +10,8 @@ Source hashes (SHA256, AutoV3: what Civitai finds the source by; sdtk's content 
 `source_content_v2`: the same weights in any container) are computed by
 `sdtk.hashing.model.lineage_hashes` in a background thread while the output is written: one
 sequential read of the input (the pages the conversion maps come from the same page cache, so the
-disk is read once), SHA256 and AutoV3 on one worker thread each, BLAKE3 per tensor on a third;
+disk is read once), SHA256 and AutoV3 on one worker thread each (or both on one core with the
+two-stream SHA-NI kernel, where it pays: sdtk.hashing.sha2pair), BLAKE3 per tensor on a third;
 then patched into the header before the output is committed. Files written before issue 10 carry
 `source_content` (content hash version 1, sha256-based) instead.
 """

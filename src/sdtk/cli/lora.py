@@ -98,26 +98,52 @@ def apply_cmd(
 def merge_cmd(
     loras: List[str] = typer.Argument(..., help="LORA[:WEIGHT] (two or more)."),
     output: Path = typer.Option(..., "-o", "--output", help="Output .safetensors file."),
+    rank: Optional[int] = typer.Option(None, "--rank", help="Re-factor each module to this rank (QR + small SVD of the stacked factors; the cap with --dynamic). Default: exact, ranks concatenated."),
+    dynamic: Optional[str] = typer.Option(None, "--dynamic", help="With --rank: sv_ratio:R, sv_fro:F or sv_cumulative:C (kohya's conventions)."),
     out_dtype: Optional[str] = typer.Option(None, "--dtype", help="Output dtype (default: the widest input's)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
     json_out: bool = typer.Option(False, "--json", help="Print a JSON summary."),
 ) -> int:
-    """Merge LoRAs exactly: ranks concatenated, so applying the result equals applying each input at its weight."""
+    """Merge LoRAs: exactly (ranks concatenated: applying the result equals applying each input at its weight), or to a rank with --rank (the truncated SVD of the exact sum; error reported)."""
     from sdtk.ops.lora.apply import parse_lora_argument
-    from sdtk.ops.lora.merge import concat_merge
+    from sdtk.ops.lora.merge import concat_merge, rank_merge
 
     specs = [parse_lora_argument(a) for a in loras]
     if len(specs) < 2:
         raise UsageError(None, "lora merge takes two or more LoRAs")
     if any(s.te_strength is not None for s in specs):
         raise UsageError(None, "lora merge takes LORA[:WEIGHT] (one weight per LoRA)")
-    result = concat_merge([(s.path, s.strength) for s in specs], str(output), overwrite=overwrite, out_dtype=out_dtype)
+    if dynamic and rank is None:
+        raise UsageError(None, "--dynamic needs --rank (the cap)")
+    if rank is not None and rank < 1:
+        raise UsageError(None, "--rank must be at least 1")
+    pairs = [(s.path, s.strength) for s in specs]
+    if rank is None:
+        result, rows = concat_merge(pairs, str(output), overwrite=overwrite, out_dtype=out_dtype), None
+    else:
+        method, param = _dynamic(dynamic) or (None, 0.0)
+        result, rows = rank_merge(pairs, str(output), rank, method, param, overwrite=overwrite, out_dtype=out_dtype)
     if json_out:
-        print_json({"output": result.output, "modules": result.modules, "ranks": result.ranks,
-                    "inputs": [{"file": p, "weight": w} for p, w in result.inputs]})
+        out = {"output": result.output, "modules": result.modules, "ranks": result.ranks,
+               "inputs": [{"file": p, "weight": w} for p, w in result.inputs]}
+        if rows is not None:
+            out["exact"] = False
+            out["per_module"] = [r.as_dict() for r in rows]
+        print_json(out)
         return 0
     ranks = ", ".join(f"rank {r}: {n}" for r, n in sorted(result.ranks.items()))
-    console.print(f"wrote {result.output}: {result.modules} modules ({ranks}), exact (ranks concatenated, alpha = rank)")
+    if rows is None:
+        console.print(f"wrote {result.output}: {result.modules} modules ({ranks}), exact (ranks concatenated, alpha = rank)")
+        return 0
+    dense = sum(r.dense for r in rows)
+    console.print(f"wrote {result.output}: {result.modules} modules ({ranks}), alpha = rank"
+                  + (f"; {dense} made dense (Tucker / LoHa / LoKr / full diff inputs)" if dense else ""))
+    changed = [r for r in rows if r.error > 0 or r.retained < 1]
+    if rows:
+        worst = max(rows, key=lambda r: r.error)
+        errs = sorted(r.error for r in rows)
+        console.print(f"  truncation error ||M - M_k|| / ||M||: median {errs[len(errs) // 2]:.4f}, worst {worst.error:.4f} ({worst.name}); "
+                      f"{len(rows) - len(changed)} modules exact")
     return 0
 
 

@@ -4,8 +4,9 @@ versions. A folder holds no one file, so it has no SHA256/AutoV1-V3/CRC32/BLAKE3
 
 Relation to the single file (docs/hash.md): a folder written by `sdtk convert --to diffusers`
 keeps what diffusers drops in its sidecar, so its content hashes equal the source file's; a
-folder without the sidecar (written by diffusers) stands for fewer tensors (no schedule buffers,
-EMA, position_ids, ...) and has the content hash of the file `sdtk convert FOLDER` writes from it.
+folder without the sidecar (written by diffusers) stands for the tensors `sdtk convert FOLDER`
+recreates (position_ids, markers, SD1/SD2 schedule buffers) but not the rest (EMA, SD2's last
+text-encoder layer, ...), and has the content hash of the file that command writes from it.
 """
 from __future__ import annotations
 

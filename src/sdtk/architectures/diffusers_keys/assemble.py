@@ -146,8 +146,8 @@ def join_component(spec: ComponentSpec, prefix: str, tensors: Mapping[str, LazyT
 def regenerated(family: str, prefixes: Mapping[str, str], configs: Mapping[str, Mapping],
                 scheduler: Mapping) -> Tuple[List[LazyTensor], List[str]]:
     """Without a sidecar: the tensors a single file of `family` holds that can be recreated exactly
-    (CLIP position_ids 0..n-1 int64; v_pred / ztsnr markers from the scheduler config), and the
-    names of what cannot (listed for people)."""
+    (CLIP position_ids 0..n-1 int64; v_pred / ztsnr markers from the scheduler config; SD1/SD2's
+    DDPM schedule buffers from its betas), and the names of what cannot (listed for people)."""
     from sdtk.tensors import DTYPES
 
     out: List[LazyTensor] = []
@@ -169,7 +169,36 @@ def regenerated(family: str, prefixes: Mapping[str, str], configs: Mapping[str, 
             out.append(LazyTensor("v_pred", DTYPES["F16"], (0,), lambda: np.zeros((0,), np.float16)))
         if scheduler.get("rescale_betas_zero_snr"):
             out.append(LazyTensor("ztsnr", DTYPES["F16"], (0,), lambda: np.zeros((0,), np.float16)))
-    if family in ("sd1", "sd2"):
-        notes.append("DDPM schedule buffers (alphas_cumprod, betas, ...) are not in a diffusers folder; left out "
-                     "(A1111 and ComfyUI compute them from the schedule)")
+    if family in ("sd1", "sd2"):  # every SD1/SD2 checkpoint LDM saves has them (shared layouts sd15-*, sd21-*)
+        made, note = _schedule_buffers(scheduler)
+        out += made
+        if note:
+            notes.append(note)
     return out, notes
+
+
+def _schedule_buffers(scheduler: Mapping) -> Tuple[List[LazyTensor], Optional[str]]:
+    """LDM's twelve DDPM buffers from the scheduler config's betas (ddpm_schedule.py), float32 as
+    LDM stores them; or why not."""
+    from sdtk.architectures.ddpm_schedule import BUFFER_NAMES, ldm_buffers, schedule_of
+    from sdtk.tensors import DTYPES
+
+    sched = schedule_of(scheduler)
+    if sched is None:
+        return [], ("DDPM schedule buffers (alphas_cumprod, betas, ...) not recreated: the scheduler's betas "
+                    f"({scheduler.get('beta_schedule')!r}) are not an LDM linear schedule (A1111 and ComfyUI "
+                    "compute them from the schedule)")
+    cache: Dict[str, np.ndarray] = {}
+
+    def value(name: str) -> np.ndarray:
+        if not cache:
+            cache.update(ldm_buffers(**sched))
+        return cache[name]
+
+    n = sched["timesteps"]
+    made = [LazyTensor(name, DTYPES["F32"], (n,), lambda name=name: value(name)) for name in BUFFER_NAMES]
+    note = None
+    if scheduler.get("rescale_betas_zero_snr"):
+        note = ("DDPM schedule buffers recreated from the plain schedule, as LDM stores them (zero terminal SNR "
+                "is the sampler's rescaling, not in the file)")
+    return made, note

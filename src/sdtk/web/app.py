@@ -14,7 +14,7 @@ import os
 import threading
 import time
 from importlib import resources
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 from urllib.parse import parse_qs, urlencode
 
 from starlette.applications import Starlette
@@ -226,6 +226,28 @@ def create_app(settings: ServeSettings) -> Starlette:
         return web.render("lora.html", request, base=base, bases=bases, loras=loras, first=first,
                           rows=range(operations.MAX_LORAS), doras=operations.DORA_CONVENTIONS)
 
+    def lora_merge_page(request: Request):
+        """Merge LoRAs exactly (rank concatenation): from a LoRA's page (?lora=ID)."""
+        first = None
+        try:
+            if request.query_params.get("lora"):
+                first = catalog.record(web.files().get(request.query_params["lora"], "LoRA")[0])
+        except SdtkError as e:
+            return web.render("error.html", request, status=404, text=str(e))
+        loras = catalog.page(web.conn, catalog.Query(kind="lora", limit=500), settings.roots, web.index)[0]
+        return web.render("lora_merge.html", request, first_rec=first, loras=loras, rows=range(operations.MAX_LORAS),
+                          dtypes=operations.LORA_MERGE_DTYPES)
+
+    def lora_resize_page(request: Request):
+        """Resize one LoRA (?file=ID): its current ranks read from the header, half the largest suggested."""
+        try:
+            row, real = web.files().get(request.query_params.get("file", ""), "LoRA")
+        except SdtkError as e:
+            return web.render("error.html", request, status=404, text=str(e))
+        ranks = lora_ranks(real)
+        return web.render("lora_resize.html", request, rec=catalog.record(row), ranks=ranks,
+                          suggested=max(1, max(ranks) // 2) if ranks else 8, dynamics=operations.RESIZE_DYNAMIC)
+
     def merge_page(request: Request):
         from sdtk.ops.merge import methods as M
 
@@ -369,6 +391,8 @@ def create_app(settings: ServeSettings) -> Starlette:
         Route("/convert", convert_page),
         Route("/merge", merge_page),
         Route("/lora", lora_page),
+        Route("/lora/merge", lora_merge_page),
+        Route("/lora/resize", lora_resize_page),
         Route("/merge/preview", merge_preview, methods=["POST"]),
         Route("/merge/recipe.yaml", merge_recipe_download),
         Route("/merge/similarity", merge_similarity),
@@ -388,6 +412,19 @@ def create_app(settings: ServeSettings) -> Starlette:
     for root in settings.index_roots:
         web.queue.submit("index", "index " + os.path.basename(root), {"roots": [root]})
     return Guard(app, settings.allowed_hosts(), settings.token)
+
+
+def lora_ranks(path: str) -> List[int]:
+    """The ranks of a LoRA's modules (from its header: no tensor read), [] when it is not one."""
+    from sdtk.formats import open_model
+    from sdtk.ops.lora.adapters import read_adapter
+
+    try:
+        with open_model(path) as cat:
+            adapter = read_adapter(cat.tensors, cat.metadata)
+            return sorted({m.parts["down"].shape[0] for m in adapter.modules.values() if "down" in m.parts})
+    except (SdtkError, KeyError, ValueError):
+        return []
 
 
 def block_view(model_path: str) -> Optional[Dict[str, Any]]:

@@ -354,6 +354,92 @@ def run_lora_apply(ctx, p: Dict[str, Any]) -> Dict[str, Any]:
     return {"outputs": index_outputs(ctx, [result.output]), "computed": result.computed, "copied": result.copied}
 
 
+# -- lora merge, lora resize ----------------------------------------------------------------------
+LORA_MERGE_DTYPES = ("fp32", "fp16", "bf16")  # `lora merge --dtype` (empty: the widest input's)
+RESIZE_DYNAMIC = ("sv_ratio", "sv_fro", "sv_cumulative")  # `lora resize --dynamic METHOD:X` (kohya's conventions)
+
+
+def _default_name(stems: Sequence[str], suffix: str) -> str:
+    return "-".join(stems)[:120] + suffix
+
+
+def parse_lora_merge(form: Form, files: Files) -> Tuple[str, Dict[str, Any]]:
+    """`sdtk lora merge LORA[:WEIGHT]... -o OUT [--dtype D]`: two or more LoRAs by library id."""
+    loras = []
+    for i in range(MAX_LORAS):
+        value = one(form, f"lora_{i}")
+        if not value:
+            continue
+        row, real = files.get(value, f"LoRA {i + 1}")
+        loras.append({"path": real, "size": row["size"], "mtime_ns": row["mtime_ns"],
+                      "weight": _strength(form, f"weight_{i}", 1.0)})
+    if len(loras) < 2:
+        raise UsageError(None, "lora merge takes two or more LoRAs: choose at least two")
+    if len({item["path"] for item in loras}) != len(loras):
+        raise UsageError(None, "the same LoRA is chosen twice; give it one weight instead")
+    name = one(form, "output") or _default_name([Path(item["path"]).stem for item in loras], "-merged.safetensors")
+    output = files.output_beside(loras[0]["path"], name)
+    if any(os.path.realpath(output) == item["path"] for item in loras):
+        raise UsageError(None, "the output cannot be one of the LoRAs being merged")
+    title = f"lora merge {', '.join(os.path.basename(item['path']) for item in loras)} -> {os.path.basename(output)}"
+    return title, {"inputs": loras, "dtype": optional(form, "dtype", LORA_MERGE_DTYPES), "output_path": output,
+                   "overwrite": flag(form, "overwrite")}
+
+
+def run_lora_merge(ctx, p: Dict[str, Any]) -> Dict[str, Any]:
+    from sdtk.ops.lora.merge import concat_merge
+
+    for item in p["inputs"]:
+        check_unchanged(item, item["path"])
+    ctx.progress(0, 0, "reading the LoRAs")
+    result = concat_merge([(item["path"], item["weight"]) for item in p["inputs"]], p["output_path"],
+                          overwrite=p["overwrite"], out_dtype=p["dtype"],
+                          on_start=lambda plan: ctx.progress(0, sum(t.nbytes for t in plan), "merging"),
+                          on_tensor=lambda t, done: ctx.progress(done))
+    ranks = ", ".join(f"rank {r}: {n}" for r, n in sorted(result.ranks.items()))
+    ctx.log(f"wrote {os.path.basename(result.output)}: {result.modules} modules ({ranks}), exact (ranks concatenated, alpha = rank)")
+    return {"outputs": index_outputs(ctx, [result.output]), "modules": result.modules,
+            "ranks": {str(r): n for r, n in result.ranks.items()}}
+
+
+def parse_lora_resize(form: Form, files: Files) -> Tuple[str, Dict[str, Any]]:
+    """`sdtk lora resize LORA -o OUT --rank R [--dynamic METHOD:X]`."""
+    import math
+
+    row, real = files.get(one(form, "file"), "LoRA")
+    try:
+        rank = int(one(form, "rank"))
+    except ValueError:
+        raise UsageError(None, "rank: give a whole number (the new rank, or the cap with a dynamic method)") from None
+    if rank < 1:
+        raise UsageError(None, "--rank must be at least 1")
+    method = optional(form, "dynamic", RESIZE_DYNAMIC)
+    param = number(form, "dynamic_param")
+    if method and (param is None or not math.isfinite(param)):
+        raise UsageError(None, f"--dynamic {method}: give its number (e.g. {method}:{'0.9' if method != 'sv_ratio' else '2'})")
+    name = one(form, "output") or f"{Path(real).stem}-rank{rank}" + (f"-{method}" if method else "") + ".safetensors"
+    output = files.output_beside(real, name)
+    if os.path.realpath(output) == real:
+        raise UsageError(None, "the output cannot be the LoRA itself; give another name")
+    return (f"lora resize {os.path.basename(real)} to rank {rank}" + (f" ({method} {param:g})" if method else ""),
+            {"file_id": row["id"], "input_path": real, "size": row["size"], "mtime_ns": row["mtime_ns"], "rank": rank,
+             "method": method, "param": param if method else 0.0, "output_path": output, "overwrite": flag(form, "overwrite")})
+
+
+def run_lora_resize(ctx, p: Dict[str, Any]) -> Dict[str, Any]:
+    from sdtk.ops.lora.resize import resize_file
+
+    check_unchanged(p, p["input_path"])
+    rows = resize_file(p["input_path"], p["output_path"], p["rank"], p["method"], p["param"], p["overwrite"],
+                       on_module=lambda done, total: ctx.progress(done, total, f"factorizing module {done} of {total}"),
+                       on_start=lambda plan: ctx.progress(0, sum(t.nbytes for t in plan), "writing"),
+                       on_tensor=lambda t, done: ctx.progress(done))
+    worst = min((r for *_, r in rows), default=1.0)
+    ctx.log(f"wrote {os.path.basename(p['output_path'])}: {len(rows)} modules, ranks {sorted({k for _, _, k, _ in rows})}; "
+            f"Frobenius norm retained: min {worst:.4f}")
+    return {"outputs": index_outputs(ctx, [p["output_path"]]), "modules": len(rows), "retained_min": worst}
+
+
 # -- scan, hash, index ---------------------------------------------------------------------------
 def parse_file_only(op: str) -> Callable[[Form, Files], Tuple[str, Dict[str, Any]]]:
     def parse(form: Form, files: Files):
@@ -483,6 +569,8 @@ OPERATIONS: Dict[str, Operation] = {op.name: op for op in (
     Operation("convert", "Convert", parse_convert, run_convert, True),
     Operation("merge", "Merge", parse_merge, run_merge, True),
     Operation("lora-apply", "Bake LoRAs", parse_lora_apply, run_lora_apply, True),
+    Operation("lora-merge", "Merge LoRAs", parse_lora_merge, run_lora_merge, True),
+    Operation("lora-resize", "Resize a LoRA", parse_lora_resize, run_lora_resize, True),
     Operation("scan", "Safety scan", parse_file_only("scan"), run_scan, False),
     Operation("hash", "Hash", parse_file_only("hash"), run_hash, False),
     Operation("index", "Index the folders", parse_index, run_index, False),

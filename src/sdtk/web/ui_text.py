@@ -97,6 +97,8 @@ model.convert | Convert… | 変換… | 转换… | Конвертироват�
 model.merge | Merge with… | マージ… | 合并… | Слить с…
 model.bake_loras | Bake LoRAs… | LoRA を焼き込む… | 烘焙 LoRA… | Вшить LoRA…
 model.bake_into | Bake into a model… | モデルに焼き込む… | 烘焙进模型… | Вшить в модель…
+model.merge_loras | Merge with other LoRAs… | 他の LoRA とマージ… | 与其他 LoRA 合并… | Слить с другими LoRA…
+model.resize_lora | Resize… | ランクを変更… | 调整秩… | Изменить ранг…
 model.scan | Safety scan | 安全性スキャン | 安全扫描 | Проверка безопасности
 model.hash | Hash again | 再ハッシュ | 重新计算哈希 | Пересчитать хеши
 model.hashes | Hashes | ハッシュ | 哈希 | Хеши
@@ -241,6 +243,22 @@ lora.options | Options and output | オプションと出力 | 选项与输出 |
 lora.dora | DoRA strength convention | DoRA の強度の扱い | DoRA 强度约定 | Соглашение о силе DoRA
 lora.allow_unmatched | apply what matches, skip the rest | 合うものだけ適用し、残りは飛ばす | 只应用匹配的部分，跳过其余 | применить подходящее, остальное пропустить
 lora.output | Output file name (beside the base; empty: named after the base and the LoRAs) | 出力ファイル名（ベースの隣。空欄ならベースと LoRA の名前から） | 输出文件名（与基础模型放在同一位置；留空则按基础模型和 LoRA 命名） | Имя выходного файла (рядом с базой; пусто — по именам базы и LoRA)
+lmerge.title | Merge LoRAs | LoRA をマージ | 合并 LoRA | Слияние LoRA
+lmerge.intro | The same as sdtk lora merge LORA:WEIGHT… -o OUT: the ranks are concatenated, so applying the result equals applying each LoRA at its weight (exact, no SVD). Only LoRA/LoCon modules of the same shapes can be merged; nothing is written otherwise. | sdtk lora merge LORA:WEIGHT… -o OUT と同じです。ランクを連結するので、結果を適用することは各 LoRA をその重みで適用することと同じです（厳密、SVD なし）。同じ形の LoRA/LoCon モジュールだけをマージでき、そうでなければ何も書き込みません。 | 与 sdtk lora merge LORA:WEIGHT… -o OUT 相同：秩被拼接，因此应用结果等同于按各自权重应用每个 LoRA（精确，无 SVD）。只能合并形状相同的 LoRA/LoCon 模块，否则不写入任何内容。 | То же, что sdtk lora merge LORA:WEIGHT… -o OUT: ранги объединяются, поэтому применение результата равно применению каждой LoRA с её весом (точно, без SVD). Сливать можно только модули LoRA/LoCon одинаковой формы; иначе ничего не записывается.
+lmerge.weight | Weight | 重み | 权重 | Вес
+lmerge.dtype | Output precision | 出力の精度 | 输出精度 | Точность результата
+lmerge.widest | the widest input's | 入力のうち最も広いもの | 输入中最宽的 | как у самого широкого входа
+lmerge.output | Output file name (beside the first LoRA; empty: named after the LoRAs) | 出力ファイル名（最初の LoRA の隣。空欄なら LoRA の名前から） | 输出文件名（与第一个 LoRA 放在同一位置；留空则按 LoRA 命名） | Имя выходного файла (рядом с первой LoRA; пусто — по именам LoRA)
+lmerge.start | Start merging | マージを開始 | 开始合并 | Начать слияние
+lresize.title | Resize {name} | {name} のランクを変更 | 调整 {name} 的秩 | Изменить ранг {name}
+lresize.intro | The same as sdtk lora resize LORA -o OUT --rank R [--dynamic METHOD:X]: each module is factorized through QR and a small SVD (the singular values of a full SVD) and truncated. A dynamic method chooses each module's rank, up to the rank given, with kohya's conventions. | sdtk lora resize LORA -o OUT --rank R [--dynamic METHOD:X] と同じです。各モジュールを QR と小さな SVD（完全な SVD と同じ特異値）で分解して切り詰めます。動的な方法では、指定したランクを上限に kohya の規則で各モジュールのランクを選びます。 | 与 sdtk lora resize LORA -o OUT --rank R [--dynamic METHOD:X] 相同：每个模块经 QR 和小型 SVD（与完整 SVD 的奇异值相同）分解后截断。动态方法按 kohya 的约定为每个模块选择秩，上限为给定的秩。 | То же, что sdtk lora resize LORA -o OUT --rank R [--dynamic METHOD:X]: каждый модуль раскладывается через QR и малое SVD (сингулярные числа полного SVD) и усекается. Динамический метод выбирает ранг каждого модуля, не выше заданного, по соглашениям kohya.
+lresize.rank | New rank (the cap with a dynamic method) | 新しいランク（動的な方法では上限） | 新的秩（动态方法时为上限） | Новый ранг (предел при динамическом методе)
+lresize.current | Current rank: {rank} | 現在のランク: {rank} | 当前秩：{rank} | Текущий ранг: {rank}
+lresize.dynamic | Dynamic rank | 動的なランク | 动态秩 | Динамический ранг
+lresize.fixed | none (the same rank everywhere) | なし（すべて同じランク） | 无（处处相同的秩） | нет (везде один ранг)
+lresize.param | Its number (sv_ratio: R, sv_fro / sv_cumulative: a fraction such as 0.9) | その数値（sv_ratio は R、sv_fro / sv_cumulative は 0.9 などの割合） | 其数值（sv_ratio 为 R，sv_fro / sv_cumulative 为 0.9 之类的比例） | Его число (sv_ratio: R, sv_fro / sv_cumulative: доля, например 0.9)
+lresize.output | Output file name (beside the LoRA; empty: name-rankR.safetensors) | 出力ファイル名（LoRA の隣。空欄なら name-rankR.safetensors） | 输出文件名（与 LoRA 放在同一位置；留空则为 name-rankR.safetensors） | Имя выходного файла (рядом с LoRA; пусто — name-rankR.safetensors)
+lresize.start | Start resizing | ランク変更を開始 | 开始调整 | Начать
 lora.start | Start baking | 焼き込みを開始 | 开始烘焙 | Начать вшивание
 error.title_tag | Not found | 見つかりません | 未找到 | Не найдено
 error.title | Sorry | 申し訳ありません | 抱歉 | Извините

@@ -46,8 +46,10 @@ class MergeSummary:
 
 
 def concat_merge(inputs: Sequence[Tuple[str, float]], dest: str, overwrite: bool = False,
-                 out_dtype: Optional[str] = None) -> MergeSummary:
-    """Write the exact rank-concatenated merge of `inputs` ((path, weight), ...) to `dest`."""
+                 out_dtype: Optional[str] = None, on_start=None, on_tensor=None) -> MergeSummary:
+    """Write the exact rank-concatenated merge of `inputs` ((path, weight), ...) to `dest`.
+    `on_start(plan)` before writing, `on_tensor(t, bytes_done)` after each tensor (progress; an
+    exception raised there unwinds the writer: no partial file)."""
     cats = []
     try:
         adapters = []
@@ -97,7 +99,9 @@ def concat_merge(inputs: Sequence[Tuple[str, float]], dest: str, overwrite: bool
         for key in ("ss_base_model_version", "ss_v2", "modelspec.architecture", "modelspec.implementation"):
             if key in cats[0].metadata:
                 meta[key] = cats[0].metadata[key]
-        write_safetensors(dest, plan, meta, inputs=[p for p, _ in inputs], overwrite=overwrite)
+        if on_start is not None:
+            on_start(plan)
+        write_safetensors(dest, plan, meta, inputs=[p for p, _ in inputs], overwrite=overwrite, on_tensor=on_tensor)
         return MergeSummary(os.fspath(dest), len(names), ranks, list(inputs))
     finally:
         for c in cats:

@@ -57,8 +57,10 @@ def resize_factors(up: np.ndarray, down: np.ndarray, rank: int, method: Optional
 
 
 def resize_file(src: str, dest: str, rank: int, method: Optional[str] = None, param: float = 0.0,
-                overwrite: bool = False):
-    """Resize every LoRA/LoCon module of `src`; returns [(module, old rank, new rank, retained)]."""
+                overwrite: bool = False, on_module=None, on_start=None, on_tensor=None):
+    """Resize every LoRA/LoCon module of `src`; returns [(module, old rank, new rank, retained)].
+    Progress: `on_module(done, total)` after each module's SVD, `on_start(plan)` before writing,
+    `on_tensor(t, bytes_done)` after each tensor written (an exception there: no partial file)."""
     import os
 
     from sdtk.errors import SdtkError
@@ -83,6 +85,8 @@ def resize_file(src: str, dest: str, rank: int, method: Optional[str] = None, pa
             s0 = (alpha / old) if alpha else 1.0
             new_up, new_down, k, retained = resize_factors(up, down, rank, method, param)
             rows.append((name, old, k, retained))
+            if on_module is not None:
+                on_module(len(rows), len(adapter.modules))
             dt = down_t.dtype
             shape_down = (k,) + tuple(down_t.shape[1:])
             shape_up = (up_t.shape[0], k) + tuple(up_t.shape[2:])
@@ -97,5 +101,7 @@ def resize_file(src: str, dest: str, rank: int, method: Optional[str] = None, pa
             meta.pop(stale, None)
         meta["ss_training_comment"] = f"resized by sdtk to rank {rank}" + (f" ({method} {param})" if method else "") + \
             ("; " + meta["ss_training_comment"] if meta.get("ss_training_comment") else "")
-        write_safetensors(dest, plan, meta, inputs=[src], overwrite=overwrite)
+        if on_start is not None:
+            on_start(plan)
+        write_safetensors(dest, plan, meta, inputs=[src], overwrite=overwrite, on_tensor=on_tensor)
     return rows

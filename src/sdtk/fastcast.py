@@ -39,8 +39,10 @@ def _init() -> None:
         _F16 = np.dtype("<f2")
         _BF16 = _UNLOADED = np.dtype("V2")  # matches no array's dtype until ml_dtypes is loaded
         _F32 = np.dtype("<f4")
-    if _BF16 is _UNLOADED and "ml_dtypes" in sys.modules:
-        ml_dtypes = sys.modules["ml_dtypes"]
+    ml_dtypes = sys.modules.get("ml_dtypes") if _BF16 is _UNLOADED else None
+    # another thread may be importing it right now (a partly initialised module in sys.modules):
+    # then no bf16/fp8 array exists yet either, and the types are looked up on a later cast
+    if ml_dtypes is not None and all(hasattr(ml_dtypes, n) for n in ("float8_e4m3fn", "float8_e5m2", "bfloat16")):
         _FP8_KIND = {np.dtype(ml_dtypes.float8_e4m3fn): 0, np.dtype(ml_dtypes.float8_e5m2): 1}
         _BF16 = np.dtype(ml_dtypes.bfloat16)
 

@@ -516,8 +516,6 @@ def test_a_v_yaml_beside_an_sd2_file_comfyui_reads_as_epsilon_is_reported_withou
 def test_sd2_inpainting_is_epsilon_in_comfyui_whatever_its_statistic(tmp_path):
     from sdtk.identify.checks import _comfyui_sd2_choice
     from sdtk.identify.prediction import Evidence
-    from sdtk.tensors import LazyTensor  # noqa: F401  (the mapping holds LazyTensors; a stand-in with .shape is enough)
-
     class Conv:
         shape = (320, 9, 3, 3)
 

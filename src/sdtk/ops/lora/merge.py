@@ -45,6 +45,34 @@ class MergeSummary:
     inputs: List[Tuple[str, float]]
 
 
+def _open_inputs(inputs: Sequence[Tuple[str, float]], cats: list, refuse, out_dtype: Optional[str]):
+    """Open every input (appended to `cats`, which the caller closes), read its adapter, refuse the
+    modules `refuse(path, name, module)` rejects; -> ([(adapter, weight, path)], output dtype
+    (`out_dtype`, else the widest float dtype of the inputs), module names in first-seen order)."""
+    adapters = []
+    for path, weight in inputs:
+        cat = open_model(path)
+        cats.append(cat)
+        adapter = read_adapter(cat.tensors, cat.metadata)
+        for name, m in adapter.modules.items():
+            refuse(path, name, m)
+        if adapter.unknown:
+            raise SdtkError(path, f"holds tensors that are not LoRA factors (e.g. {adapter.unknown[0]})")
+        adapters.append((adapter, weight, path))
+    widest = max((t.dtype for c in cats for t in c.tensors.values() if t.dtype.is_float), key=lambda d: d.itemsize)
+    dt = dtype_named(out_dtype) if out_dtype else widest
+    names: List[str] = []
+    for adapter, _, _ in adapters:
+        names += [n for n in adapter.modules if n not in names]
+    return adapters, dt, names
+
+
+def _refuse_for_concat(path: str, name: str, m) -> None:
+    if m.kind not in ("lora", "locon") or "mid" in m.parts or m.dora:
+        what = "DoRA" if m.dora else ("Tucker LoCon" if "mid" in m.parts else m.kind)
+        raise SdtkError(path, f"module {name} is {what}: only LoRA/LoCon modules can be merged exactly by concatenation")
+
+
 def concat_merge(inputs: Sequence[Tuple[str, float]], dest: str, overwrite: bool = False,
                  out_dtype: Optional[str] = None, on_start=None, on_tensor=None) -> MergeSummary:
     """Write the exact rank-concatenated merge of `inputs` ((path, weight), ...) to `dest`.
@@ -52,23 +80,7 @@ def concat_merge(inputs: Sequence[Tuple[str, float]], dest: str, overwrite: bool
     exception raised there unwinds the writer: no partial file)."""
     cats = []
     try:
-        adapters = []
-        for path, weight in inputs:
-            cat = open_model(path)
-            cats.append(cat)
-            adapter = read_adapter(cat.tensors, cat.metadata)
-            for name, m in adapter.modules.items():
-                if m.kind not in ("lora", "locon") or "mid" in m.parts or m.dora:
-                    what = "DoRA" if m.dora else ("Tucker LoCon" if "mid" in m.parts else m.kind)
-                    raise SdtkError(path, f"module {name} is {what}: only LoRA/LoCon modules can be merged exactly by concatenation")
-            if adapter.unknown:
-                raise SdtkError(path, f"holds tensors that are not LoRA factors (e.g. {adapter.unknown[0]})")
-            adapters.append((adapter, weight, path))
-        widest = max((t.dtype for c in cats for t in c.tensors.values() if t.dtype.is_float), key=lambda d: d.itemsize)
-        dt = dtype_named(out_dtype) if out_dtype else widest
-        names: List[str] = []
-        for adapter, _, _ in adapters:
-            names += [n for n in adapter.modules if n not in names]
+        adapters, dt, names = _open_inputs(inputs, cats, _refuse_for_concat, out_dtype)
         plan: List[LazyTensor] = []
         ranks: Dict[int, int] = {}
         for name in names:
@@ -157,21 +169,7 @@ def rank_merge(inputs: Sequence[Tuple[str, float]], dest: str, rank: int, method
         raise SdtkError(None, "--rank must be at least 1")
     cats = []
     try:
-        adapters = []
-        for path, weight in inputs:
-            cat = open_model(path)
-            cats.append(cat)
-            adapter = read_adapter(cat.tensors, cat.metadata)
-            for name, m in adapter.modules.items():
-                _refuse(path, name, m)
-            if adapter.unknown:
-                raise SdtkError(path, f"holds tensors that are not LoRA factors (e.g. {adapter.unknown[0]})")
-            adapters.append((adapter, weight, path))
-        widest = max((t.dtype for c in cats for t in c.tensors.values() if t.dtype.is_float), key=lambda d: d.itemsize)
-        dt = dtype_named(out_dtype) if out_dtype else widest
-        names: List[str] = []
-        for adapter, _, _ in adapters:
-            names += [n for n in adapter.modules if n not in names]
+        adapters, dt, names = _open_inputs(inputs, cats, _refuse, out_dtype)
         plan: List[LazyTensor] = []
         rows: List[RankMergeModule] = []
         ranks: Dict[int, int] = {}

@@ -14,7 +14,7 @@ from helpers_merge import make_model, metadata, tensors
 from sdtk.architectures.lora_keys import build_alias_table
 from sdtk.errors import UsageError
 from sdtk.formats import open_model
-from sdtk.ops.lora.block_weights import BLOCK_IDS, block_of, parse_block_weights, unet_layout
+from sdtk.adapters.block_weights import BLOCK_IDS, block_of, parse_block_weights, unet_layout
 
 # kohya's rule, restated: 0 = BASE (text encoder), 1..12 IN00..IN11, 13 MID, 14..25 OUT00..OUT11, -1 none
 _UPDOWN = re.compile(r"(up|down)_blocks_(\d+)_(resnets|upsamplers|downsamplers|attentions)_(\d+)_")

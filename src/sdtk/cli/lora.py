@@ -40,7 +40,7 @@ def apply_cmd(
     json_out: bool = typer.Option(False, "--json", help="Print a JSON summary."),
 ) -> int:
     """Bake LoRAs into BASE: touched tensors computed in fp32 and cast once, the rest copied byte for byte."""
-    from sdtk.ops.lora.apply import parse_lora_argument
+    from sdtk.adapters.matching import parse_lora_argument
     from sdtk.ops.lora.bake import bake
 
     if output is None and not dry_run:
@@ -105,7 +105,7 @@ def merge_cmd(
     json_out: bool = typer.Option(False, "--json", help="Print a JSON summary."),
 ) -> int:
     """Merge LoRAs: exactly (ranks concatenated: applying the result equals applying each input at its weight), or to a rank with --rank (the truncated SVD of the exact sum; error reported)."""
-    from sdtk.ops.lora.apply import parse_lora_argument
+    from sdtk.adapters.matching import parse_lora_argument
     from sdtk.ops.lora.merge import concat_merge, rank_merge
 
     specs = [parse_lora_argument(a) for a in loras]

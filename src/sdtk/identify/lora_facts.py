@@ -343,7 +343,7 @@ def training_facts(metadata: Mapping[str, str]) -> Dict[str, Any]:
 
 def describe_lora(tensors: Mapping[str, LazyTensor], metadata: Mapping[str, str]) -> Dict[str, Any]:
     """The deeper LoRA facts (JSON-ready) plus the raw problems [(code, severity, details)]."""
-    from sdtk.ops.lora.adapters import KIND_LABELS, read_adapter
+    from sdtk.adapters.reading import KIND_LABELS, read_adapter
 
     adapter = read_adapter(tensors, metadata)
     modules = list(adapter.modules.values())
@@ -408,7 +408,7 @@ def check_against_base(adapter, architecture: Optional[str]) -> Optional[Dict[st
     name = BASE_LAYOUTS.get(architecture or "")
     if name is None:
         return None
-    from sdtk.ops.lora.apply import LoraInput, plan_patches
+    from sdtk.adapters.matching import LoraInput, plan_patches
 
     shapes, table = _layout_table(name)
     _, reports = plan_patches(shapes, [(LoraInput("lora"), adapter)], table)

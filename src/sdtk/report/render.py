@@ -207,7 +207,7 @@ def _number(value) -> str:
 
 
 def _rank_text(groups, lang: str) -> str:
-    from sdtk.ops.lora.adapters import KIND_LABELS
+    from sdtk.adapters.reading import KIND_LABELS
 
     kinds = {g["type"] for g in groups}
     bits = []

@@ -417,7 +417,7 @@ def create_app(settings: ServeSettings) -> Starlette:
 def lora_ranks(path: str) -> List[int]:
     """The ranks of a LoRA's modules (from its header: no tensor read), [] when it is not one."""
     from sdtk.formats import open_model
-    from sdtk.ops.lora.adapters import read_adapter
+    from sdtk.adapters.reading import read_adapter
 
     try:
         with open_model(path) as cat:

@@ -329,7 +329,7 @@ def parse_lora_apply(form: Form, files: Files) -> Tuple[str, Dict[str, Any]]:
 
 
 def run_lora_apply(ctx, p: Dict[str, Any]) -> Dict[str, Any]:
-    from sdtk.ops.lora.apply import LoraInput
+    from sdtk.adapters.matching import LoraInput
     from sdtk.ops.lora.bake import bake
 
     check_unchanged(p, p["input_path"])

@@ -11,9 +11,9 @@ from sdtk.errors import SdtkError, UsageError
 from sdtk.fileio import check_output_path
 from sdtk.formats import open_model
 from sdtk.ops.lineage import LINEAGE_KEY, lineage_value, with_output_hash
-from sdtk.ops.lora.adapters import read_adapter
-from sdtk.ops.lora.apply import (ApplyStats, LoraInput, LoraReport, apply_plan, check_finite_adapters, check_reports,
-                                 lora_file_facts, plan_patches)
+from sdtk.adapters.reading import read_adapter
+from sdtk.adapters.matching import LoraInput, LoraReport, check_reports, plan_patches
+from sdtk.ops.lora.apply import ApplyStats, apply_plan, check_finite_adapters, lora_file_facts
 
 DORA_CONVENTIONS = ("comfyui", "lycoris")
 

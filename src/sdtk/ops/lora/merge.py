@@ -29,7 +29,7 @@ import numpy as np
 from sdtk.errors import SdtkError
 from sdtk.formats import open_model
 from sdtk.formats.safetensors import write_safetensors
-from sdtk.ops.lora.adapters import read_adapter
+from sdtk.adapters.reading import read_adapter
 from sdtk.ops.lora.patch import module_scale
 from sdtk.tensors import LazyTensor, dtype as dtype_named
 
@@ -138,7 +138,7 @@ MERGEABLE = ("lora", "locon", "loha", "lokr", "full")
 
 
 def _refuse(path: str, name: str, m) -> None:
-    from sdtk.ops.lora.adapters import KIND_LABELS
+    from sdtk.adapters.reading import KIND_LABELS
 
     if m.dora:
         raise SdtkError(path, f"module {name} has DoRA: DoRA is not linear, so it cannot be merged into a LoRA")
@@ -161,7 +161,7 @@ def rank_merge(inputs: Sequence[Tuple[str, float]], dest: str, rank: int, method
                param: float = 0.0, overwrite: bool = False, out_dtype: Optional[str] = None):
     """Write the rank-`rank` merge of `inputs` ((path, weight), ...) to `dest` (see the module
     docstring); returns (MergeSummary, [RankMergeModule])."""
-    from sdtk.ops.lora.adapters import natural_shape
+    from sdtk.adapters.reading import natural_shape
     from sdtk.ops.lora.lowrank import svd_exact
     from sdtk.ops.lora.resize import dynamic_rank, factor_svd
 

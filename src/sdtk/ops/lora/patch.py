@@ -11,7 +11,7 @@ from typing import Dict, Optional
 import numpy as np
 
 from sdtk.ops.lora import math as M
-from sdtk.ops.lora.adapters import Module
+from sdtk.adapters.reading import Module
 from sdtk.ops.lora.scratch import scratch
 
 F32 = np.float32
@@ -132,11 +132,3 @@ def patch_bias(m: Module, bias: np.ndarray, strength: float) -> np.ndarray:
         return bias
     bias += F32(strength) * d.reshape(bias.shape)
     return bias
-
-
-def touches_bias(m: Module) -> bool:
-    return "diff_b" in m.parts or "b_norm" in m.parts
-
-
-def touches_weight(m: Module) -> bool:
-    return not (m.kind in ("full", "norm") and "diff" not in m.parts and "w_norm" not in m.parts)

@@ -66,7 +66,7 @@ def resize_file(src: str, dest: str, rank: int, method: Optional[str] = None, pa
     from sdtk.errors import SdtkError
     from sdtk.formats import open_model
     from sdtk.formats.safetensors import write_safetensors
-    from sdtk.ops.lora.adapters import read_adapter
+    from sdtk.adapters.reading import read_adapter
     from sdtk.tensors import LazyTensor
 
     rows = []

@@ -210,3 +210,13 @@ def natural_shape(m: Module) -> Optional[Tuple[int, ...]]:
     if m.kind == "full" and "diff" in p:
         return tuple(p["diff"].shape)
     return None
+
+
+# What a module changes: its weight, its bias, or both.
+
+def touches_bias(m: Module) -> bool:
+    return "diff_b" in m.parts or "b_norm" in m.parts
+
+
+def touches_weight(m: Module) -> bool:
+    return not (m.kind in ("full", "norm") and "diff" not in m.parts and "w_norm" not in m.parts)

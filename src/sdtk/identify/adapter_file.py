@@ -1,6 +1,8 @@
 """What `inspect` reads of a local adapter file (LoRA, embedding, hypernetwork) beyond its header:
 the hashes A1111 and Civitai show for it, the hashes its metadata claims checked against them,
-and every tensor scanned for NaN / inf (adapter files are small: 10-200 MB, one pass).
+and every tensor scanned for NaN / inf (adapter files are small: 10-200 MB, one pass). kohya's
+`sshs_legacy_hash` (a 64 KiB window of kohya's own serialisation) is recomputed by
+hashing/kohya_legacy.py.
 
 Hash definitions (reference/lora.md §4.2, reference/hashes.md): SHA256 of the file (Civitai
 AutoV2 = first 10 hex); Civitai AutoV3 = first 12 hex of sha256 after the safetensors header
@@ -73,6 +75,8 @@ def check_adapter_file(ident: Identity, cat, hashes: bool = True) -> None:
             ident.adapter = dict(ident.adapter or {})
             ident.adapter["hashes"] = found
             _check_claimed_hashes(ident, cat.metadata, found)
+            if cat.format == "safetensors":
+                _check_legacy_hash(ident, cat)
     if not ident.deep and ident.tensor_bytes <= MAX_SCAN_BYTES:
         from sdtk.identify import checks
 
@@ -88,3 +92,21 @@ def _check_claimed_hashes(ident: Identity, metadata, found: Dict[str, str]) -> N
             details: Dict[str, Any] = {"key": key, "claimed": value[:12], "actual": actual[:12],
                                        "empty": value == EMPTY_SHA256}
             ident.problems.append(Problem("adapter_hash_mismatch", "warning", "problem.adapter_hash_mismatch", details))
+
+
+def _check_legacy_hash(ident: Identity, cat) -> None:
+    """kohya's `sshs_legacy_hash` against the value recomputed from the file (hashing/kohya_legacy.py)."""
+    claimed = str((cat.metadata or {}).get("sshs_legacy_hash") or "").strip().lower()
+    if not claimed:
+        return
+    from sdtk.hashing.kohya_legacy import legacy_hash_candidates
+
+    try:
+        candidates = legacy_hash_candidates(cat)
+    except OSError as e:
+        ident.notes.append(f"sshs_legacy_hash not checked: {e}")
+        return
+    if candidates and claimed not in candidates:
+        details: Dict[str, Any] = {"key": "sshs_legacy_hash", "claimed": claimed[:12], "actual": candidates[0],
+                                   "empty": False}
+        ident.problems.append(Problem("adapter_hash_mismatch", "warning", "problem.adapter_hash_mismatch", details))

@@ -137,9 +137,12 @@ def _resolve_format(opts: ConvertOptions) -> ConvertOptions:
     if quant not in QUANT_CHOICES:
         what = f"--quant {opts.quant}: not a GGUF type sdtk writes" if opts.quant else "--to gguf needs --quant"
         raise UsageError(None, f"{what}; choose one of {', '.join(QUANT_CHOICES)}")
-    if opts.does_anything or opts.replace_input or opts.output_hash:
+    if replace(opts, extract=[]).does_anything or opts.replace_input or opts.output_hash:
         raise UsageError(None, "--to gguf writes the diffusion model as GGUF; it does not combine with --dtype, --prune, "
-                               "--ema, --extract, --replace, --bake-vae, --fix-clip, --for, --replace-input or --hash-output")
+                               "--ema, --replace, --bake-vae, --fix-clip, --for, --replace-input or --hash-output")
+    if "unet" in opts.extract:
+        raise UsageError(None, "--to gguf: the GGUF is the diffusion model; --extract names the other parts to write "
+                               "beside it as safetensors (vae, text-encoders, clip-l, ...)")
     return replace(opts, quant=quant)
 
 
@@ -521,12 +524,45 @@ def verify_output(dest: Path, plan: Sequence[LazyTensor]) -> None:
                 raise OutputError(dest, f"verification failed: {t.name} differs from its planned values")
 
 
+def _gguf_with_parts(source: Path, opts: ConvertOptions, output: Optional[Path], out_folder: Optional[Path],
+                     progress: Progress) -> dict:
+    """`--to gguf --extract vae,text-encoders`: the diffusion model as GGUF and the parts a GGUF
+    leaves out (city96's files hold the diffusion model alone) as the stand-alone safetensors files
+    ComfyUI's VAE and CLIP loaders take, in one folder. Nothing is written when a part is missing."""
+    from sdtk.ops.to_gguf import convert_file_to_gguf
+
+    if output is not None and not output.is_dir():
+        raise UsageError(output, "several outputs (--to gguf with --extract): give a folder with -o, or no -o")
+    with open_model(source) as cat:  # a part the model lacks is refused before anything is written
+        extract_plans(list(cat.tensors.values()), opts.extract, str(source))
+    summary = convert_file_to_gguf(source, opts.quant, output, out_folder, opts.overwrite, progress)
+    try:
+        _, parts = convert_file(source, replace(opts, to=None, quant=None), output=output, out_folder=out_folder,
+                                progress=progress)
+    except BaseException:  # full disk, Ctrl-C: no half set of outputs
+        Path(summary["outputs"][0]["path"]).unlink(missing_ok=True)
+        raise
+    extracted = {o["part"] for o in parts["outputs"]}
+    summary["outputs"] += parts["outputs"]
+    summary["operations"] += parts["operations"]
+    summary["dropped"] = [d for d in summary["dropped"] if component_of(d["key"]) not in extracted]
+    summary["source_hashes"] = parts["source_hashes"]
+    left = len(summary["dropped"])
+    summary["notes"] = [n for n in summary["notes"] if not n.startswith("left out ")] + parts["notes"]
+    if left:
+        summary["notes"].append(f"left out {left} tensors that are in neither output (schedule buffers, parts not "
+                                f"asked for with --extract)")
+    return summary
+
+
 def convert_file(source: Path, opts: ConvertOptions, output: Optional[Path] = None, out_folder: Optional[Path] = None,
                  progress: Progress = Progress()) -> Tuple[Conversion, dict]:
     """Convert one file; returns the conversion and its JSON summary."""
     if opts.to == "gguf":
         from sdtk.ops.to_gguf import convert_file_to_gguf
 
+        if opts.extract:
+            return None, _gguf_with_parts(source, opts, output, out_folder, progress)
         return None, convert_file_to_gguf(source, opts.quant, output, out_folder, opts.overwrite, progress)
     if opts.to == "fp8-scaled":
         from sdtk.ops.to_fp8_scaled import convert_file_to_fp8_scaled

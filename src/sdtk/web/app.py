@@ -224,7 +224,8 @@ def create_app(settings: ServeSettings) -> Starlette:
                                  catalog.page(web.conn, catalog.Query(kind=kind, limit=500), settings.roots, web.index)[0]]
         first = lora["id"] if lora else None
         return web.render("lora.html", request, base=base, bases=bases, loras=loras, first=first,
-                          rows=range(operations.MAX_LORAS), doras=operations.DORA_CONVENTIONS)
+                          rows=range(operations.MAX_LORAS), doras=operations.DORA_CONVENTIONS,
+                          lbw_presets=operations.LBW_PRESETS)
 
     def lora_merge_page(request: Request):
         """Merge LoRAs exactly (rank concatenation): from a LoRA's page (?lora=ID)."""

@@ -301,6 +301,55 @@ def _strength(form: Form, key: str, default: Optional[float]) -> Optional[float]
     return value
 
 
+# LoRA Block Weight presets: the A1111 extension's defaults (hako-mikan/sd-webui-lora-block-weight,
+# scripts/lora_block_weight.py DEF_WEIGHT_PRESET); 17 values, SD 1.x/2.x (BASE, IN01..IN08, MID, OUT03..OUT11)
+LBW_PRESETS: Dict[str, str] = {
+    "NONE": "0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0",
+    "ALL": "1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1",
+    "INS": "1,1,1,1,0,0,0,0,0,0,0,0,0,0,0,0,0",
+    "IND": "1,0,0,0,1,1,1,0,0,0,0,0,0,0,0,0,0",
+    "INALL": "1,1,1,1,1,1,1,0,0,0,0,0,0,0,0,0,0",
+    "MIDD": "1,0,0,0,1,1,1,1,1,1,1,1,0,0,0,0,0",
+    "OUTD": "1,0,0,0,0,0,0,0,1,1,1,1,0,0,0,0,0",
+    "OUTS": "1,0,0,0,0,0,0,0,0,0,0,0,1,1,1,1,1",
+    "OUTALL": "1,0,0,0,0,0,0,0,1,1,1,1,1,1,1,1,1",
+    "ALL0.5": "0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5",
+}
+
+
+def block_weights_text(text: str, what: str) -> Optional[str]:
+    """The `lbw=` part of `LORA:S:lbw=...` from the form (a preset name, `lbw=...` or the bare list),
+    checked with the CLI's parser; None when empty."""
+    from sdtk.adapters.block_weights import parse_block_weights
+
+    text = text.strip()
+    if text.lower().startswith("lbw="):
+        text = text[4:].strip()
+    if not text:
+        return None
+    text = LBW_PRESETS.get(text.upper(), text)
+    try:
+        parse_block_weights(text)
+    except UsageError as e:
+        raise UsageError(None, f"{what}: {e.problem}") from None
+    return text
+
+
+def check_block_weights_fit(base: str, loras: List[Dict[str, Any]]) -> None:
+    """Block weights the base's U-Net cannot take, refused in the page (reads the header only)."""
+    from sdtk.adapters.block_weights import check_fits, parse_block_weights, unet_layout
+    from sdtk.formats import open_model
+
+    with open_model(base) as cat:
+        layout = unet_layout(cat.tensors)
+    for i, item in enumerate(loras):
+        if item["lbw"]:
+            try:
+                check_fits(parse_block_weights(item["lbw"]), layout, os.path.basename(base))
+            except UsageError as e:
+                raise UsageError(None, f"{os.path.basename(item['path'])}: {e.problem}") from None
+
+
 def parse_lora_apply(form: Form, files: Files) -> Tuple[str, Dict[str, Any]]:
     """`sdtk lora apply BASE LORA[:S[:TE]]... -o OUT`: base and LoRAs by library id, in order."""
     base_row, base = files.get(one(form, "base"), "base model")
@@ -311,11 +360,14 @@ def parse_lora_apply(form: Form, files: Files) -> Tuple[str, Dict[str, Any]]:
             continue
         row, real = files.get(value, f"LoRA {i + 1}")
         loras.append({"path": real, "size": row["size"], "mtime_ns": row["mtime_ns"],
-                      "strength": _strength(form, f"strength_{i}", 1.0), "te_strength": _strength(form, f"te_strength_{i}", None)})
+                      "strength": _strength(form, f"strength_{i}", 1.0), "te_strength": _strength(form, f"te_strength_{i}", None),
+                      "lbw": block_weights_text(one(form, f"lbw_{i}"), f"LoRA {i + 1}")})
     if not loras:
         raise UsageError(None, "choose at least one LoRA")
     if any(item["path"] == base for item in loras):
         raise UsageError(None, "the base model cannot also be one of the LoRAs")
+    if any(item["lbw"] for item in loras):
+        check_block_weights_fit(base, loras)
     dora = optional(form, "dora", DORA_CONVENTIONS) or "comfyui"
     name = one(form, "output")
     if not name:
@@ -329,6 +381,7 @@ def parse_lora_apply(form: Form, files: Files) -> Tuple[str, Dict[str, Any]]:
 
 
 def run_lora_apply(ctx, p: Dict[str, Any]) -> Dict[str, Any]:
+    from sdtk.adapters.block_weights import parse_block_weights
     from sdtk.adapters.matching import LoraInput
     from sdtk.ops.lora.bake import bake
 
@@ -336,7 +389,8 @@ def run_lora_apply(ctx, p: Dict[str, Any]) -> Dict[str, Any]:
     for item in p["loras"]:
         check_unchanged(item, item["path"])
     ctx.progress(0, 0, "matching the LoRAs to the base")
-    specs = [LoraInput(item["path"], item["strength"], item["te_strength"]) for item in p["loras"]]
+    specs = [LoraInput(item["path"], item["strength"], item["te_strength"],
+                       parse_block_weights(item["lbw"]) if item.get("lbw") else None) for item in p["loras"]]
     result = bake(p["input_path"], specs, p["output_path"], allow_unmatched=p["allow_unmatched"], overwrite=p["overwrite"],
                   dora_convention=p["dora"],
                   on_start=lambda plan: ctx.progress(0, sum(t.nbytes for t in plan), "baking"),
@@ -347,6 +401,8 @@ def run_lora_apply(ctx, p: Dict[str, Any]) -> Dict[str, Any]:
         kinds = ", ".join(f"{v} {k}" for k, v in rep.kinds.most_common())
         ctx.log(f"{os.path.basename(rep.file)} x{rep.strength:g} (te x{rep.te_strength:g}): "
                 f"{rep.matched} of {rep.modules} modules ({kinds})")
+        if rep.block_weights:
+            ctx.log("  block weights: " + ", ".join(f"{b} x{v:g}" for b, v in rep.block_weights.items()) + " (other blocks x1)")
         if rep.unmatched:
             ctx.log(f"  skipped {len(rep.unmatched)}: " + ", ".join(f"{m} ({why})" for m, why in rep.unmatched[:5]))
     if result.overflow:

@@ -200,3 +200,38 @@ def test_cancelled_gguf_and_diffusers_jobs_leave_nothing(tmp_path, form, leftove
         assert wait_job(lib, job.id).state == "cancelled"
         assert set(os.listdir(folder)) == before, set(os.listdir(folder)) - before
         assert not partials(folder)
+
+
+def test_convert_replace_parts_has_the_cli_bytes(lib):
+    """`convert --replace vae=FILE --replace unet=FILE` from the convert form: the donors chosen
+    from the library, the bytes the CLI writes; bad rows refused in the page."""
+    a, b, vae = lib.sample["sd_a"], lib.sample["sd_b"], lib.sample["vae"]
+    fid = file_id(lib, a)
+    page = lib.get(f"/convert?file={fid}").text
+    assert 'name="replace_part_0"' in page and 'name="replace_file_0"' in page and "kl-f8.safetensors" in page
+    form = {"file": fid, "replace_part_0": "vae", "replace_file_0": file_id(lib, vae),
+            "replace_part_1": "unet", "replace_file_1": file_id(lib, b), "output": "swapped.safetensors"}
+    assert "queued" in lib.post("/run/convert", data=form, headers=HX).text
+    job = wait_job(lib, last_job(lib).id)
+    assert job.state == "done", job.error
+    out = job.result["outputs"][0]
+    assert job.percent == 100 and out["id"] and out["name"] == "swapped.safetensors"
+    (lib.base / "cli").mkdir()
+    cli = lib.base / "cli" / "swapped.safetensors"
+    r = run_cli("convert", a, "--replace", f"vae={vae}", "--replace", f"unet={b}", "-o", cli)
+    assert r.returncode == 0, r.stderr
+    assert cli.read_bytes() == Path(out["path"]).read_bytes()
+    plain = lib.base / "cli" / "plain.safetensors"
+    assert run_cli("convert", a, "-o", plain).returncode == 0 and plain.read_bytes() != cli.read_bytes()
+    folder = a.parent
+    before = set(os.listdir(folder))
+    for bad, words in (({"replace_part_0": "vae"}, "choose both"),
+                       ({"replace_file_0": file_id(lib, vae)}, "choose both"),
+                       ({"replace_part_0": "lora", "replace_file_0": file_id(lib, vae)}, "is not one of"),
+                       ({"replace_part_0": "vae", "replace_file_0": fid}, "another file than the model itself"),
+                       ({"replace_part_0": "vae", "replace_file_0": "999999"}, "no file 999999"),
+                       ({"replace_part_0": "vae", "replace_file_0": file_id(lib, vae), "bake_vae": file_id(lib, vae)},
+                        "both replace the VAE")):
+        r = html.unescape(lib.post("/run/convert", data={"file": fid, "output": "no.safetensors", **bad}, headers=HX).text)
+        assert 'class="msg error"' in r and words in r, (bad, r)
+    assert set(os.listdir(folder)) == before

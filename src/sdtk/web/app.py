@@ -204,7 +204,11 @@ def create_app(settings: ServeSettings) -> Starlette:
         except SdtkError as e:
             return web.render("error.html", request, status=404, text=str(e))
         vaes = catalog.page(web.conn, catalog.Query(kind="vae", limit=200), settings.roots, web.index)[0]
-        return web.render("convert.html", request, rec=catalog.record(row), vaes=vaes,
+        donors = [r for kind in operations.REPLACE_DONOR_KINDS for r in
+                  catalog.page(web.conn, catalog.Query(kind=kind, limit=500), settings.roots, web.index)[0]
+                  if r["id"] != row["id"]]
+        return web.render("convert.html", request, rec=catalog.record(row), vaes=vaes, donors=donors,
+                          replace_parts=operations.REPLACE_PARTS, replace_rows=range(operations.MAX_REPLACE),
                           dtypes=operations.CONVERT_DTYPES, parts=operations.EXTRACT_PARTS,
                           quants=operations.gguf_quants(), variants=operations.diffusers_variants())
 

@@ -124,6 +124,9 @@ def index_outputs(ctx, paths: List[str]) -> List[Dict[str, Any]]:
 # -- convert ---------------------------------------------------------------------------------
 CONVERT_DTYPES = ("fp32", "fp16", "bf16", "fp8-e4m3fn", "fp8-e5m2")
 EXTRACT_PARTS = ("vae", "unet", "clip-l", "clip-g", "open-clip-h", "t5xxl", "text-encoders")
+REPLACE_PARTS = ("vae", "unet", "clip-l", "clip-g", "open-clip-h", "t5xxl")  # `--replace` (sdtk.ops.extract.EXTRACTABLE)
+REPLACE_DONOR_KINDS = ("checkpoint", "vae", "text-encoder", "diffusion-model")  # library kinds offered as the file
+MAX_REPLACE = 3  # `--replace` rows on the form (the CLI takes one per component)
 # `convert --to` (sdtk.cli.convert.CONVERT_TARGETS): target -> the output's allowed endings (None: a folder)
 CONVERT_TARGETS: Dict[str, Optional[Tuple[str, ...]]] = {
     "safetensors": (".safetensors",), "gguf": (".gguf",), "fp8-scaled": (".safetensors",), "diffusers": None,
@@ -153,6 +156,20 @@ def parse_convert(form: Form, files: Files) -> Tuple[str, Dict[str, Any]]:
     for p in extract:
         if p not in EXTRACT_PARTS:
             raise UsageError(None, f"extract: {p!r} is not one of {', '.join(EXTRACT_PARTS)}")
+    replace, donors = [], []
+    for i in range(MAX_REPLACE):  # `--replace COMPONENT=FILE`: a part taken from another library file
+        part, donor_id = one(form, f"replace_part_{i}"), one(form, f"replace_file_{i}")
+        if not part and not donor_id:
+            continue
+        if not part or not donor_id:
+            raise UsageError(None, "replace: choose both the part and the file to take it from")
+        if part not in REPLACE_PARTS:
+            raise UsageError(None, f"replace: {part!r} is not one of {', '.join(REPLACE_PARTS)}")
+        donor_row, donor = files.get(donor_id, f"file to take the {part} from")
+        if donor == real:
+            raise UsageError(None, f"replace {part}: choose another file than the model itself")
+        replace.append(f"{part}={donor}")
+        donors.append({"path": donor, "size": donor_row["size"], "mtime_ns": donor_row["mtime_ns"]})
     quant = optional(form, "quant", gguf_quants()) if to == "gguf" else None
     variant = optional(form, "variant", diffusers_variants()) if to == "diffusers" else None
     options = dict(
@@ -160,7 +177,7 @@ def parse_convert(form: Form, files: Files) -> Tuple[str, Dict[str, Any]]:
         vae_dtype=optional(form, "vae_dtype", CONVERT_DTYPES), te_dtype=optional(form, "te_dtype", CONVERT_DTYPES),
         allow_overflow=flag(form, "allow_overflow"), ema=optional(form, "ema", ("keep", "drop", "use")),
         prune=flag(form, "prune"), keep_unknown=flag(form, "keep_unknown"), fix_clip=flag(form, "fix_clip"),
-        bake_vae=bake_path, extract=extract, preset=optional(form, "preset", ("generation", "training")),
+        bake_vae=bake_path, extract=extract, replace=replace, preset=optional(form, "preset", ("generation", "training")),
         prediction_type=optional(form, "prediction_type", ("epsilon", "v")), sidecar=not flag(form, "no_sidecar"),
         source_hashes=not flag(form, "no_source_hash"), output_hash=flag(form, "hash_output"),
         overwrite=flag(form, "overwrite"),
@@ -180,7 +197,7 @@ def parse_convert(form: Form, files: Files) -> Tuple[str, Dict[str, Any]]:
     what = {"gguf": f" to GGUF {quant}", "fp8-scaled": " to fp8-scaled", "diffusers": " to a diffusers folder"}.get(to, "")
     return (f"convert {os.path.basename(real)}{what}" + (f" ({preset})" if preset else ""),
             {"file_id": row["id"], "input_path": real, "size": row["size"], "mtime_ns": row["mtime_ns"],
-             "options": options, "output_path": output, "to": to, "variant": variant})
+             "options": options, "output_path": output, "to": to, "variant": variant, "donors": donors})
 
 
 def run_convert(ctx, p: Dict[str, Any]) -> Dict[str, Any]:
@@ -188,6 +205,8 @@ def run_convert(ctx, p: Dict[str, Any]) -> Dict[str, Any]:
     from sdtk.ops.convert import ConvertOptions, Progress, convert_file, resolve_options
 
     check_unchanged(p, p["input_path"])
+    for donor in p.get("donors", []):
+        check_unchanged(donor, donor["path"])
     opts = resolve_options(ConvertOptions(**p["options"]))
     progress = Progress(start=lambda dest, total: ctx.progress(0, total, f"writing {Path(dest).name}"),
                         advance=lambda done: ctx.progress(done),

@@ -146,6 +146,10 @@ convert.prediction | Prediction type | 予測タイプ | 预测类型 | Тип �
 convert.as_detected | as detected | 検出どおり | 按检测结果 | как определено
 convert.parts | VAE and parts | VAE とパーツ | VAE 与部件 | VAE и части
 convert.bake_vae | Bake this VAE in | この VAE を焼き込む | 烘焙此 VAE | Вшить этот VAE
+convert.replace | Replace a part | パーツの差し替え | 替换部件 | Заменить часть
+convert.replace_part | Take the | 差し替えるパーツ | 替换部件 | Взять часть
+convert.replace_from | from | 取り出すファイル | 来自文件 | из файла
+convert.replace_note | The same as --replace COMPONENT=FILE: the part's tensors are taken from the other file (LDM or diffusers layout; every tensor must be there with its shape), the rest of the model is kept. | --replace COMPONENT=FILE と同じです。そのパーツのテンソルを別のファイル（LDM または diffusers の形式。すべてのテンソルが同じ形で必要）から取り、モデルの残りはそのままです。 | 与 --replace COMPONENT=FILE 相同：该部件的张量取自另一个文件（LDM 或 diffusers 布局；每个张量都须存在且形状一致），模型其余部分保持不变。 | То же, что --replace COMPONENT=FILE: тензоры части берутся из другого файла (раскладка LDM или diffusers; каждый тензор должен быть там с той же формой), остальная модель сохраняется.
 convert.extract | Extract as separate files: | 別ファイルとして抽出: | 提取为单独文件： | Извлечь в отдельные файлы:
 convert.output_name | File name (beside the input; empty: named after what was done; .gguf for GGUF, a folder name for diffusers) | ファイル名（入力の隣。空欄なら処理内容から命名。GGUF は .gguf、diffusers はフォルダー名） | 文件名（与输入放在同一位置；留空则按所做操作命名；GGUF 用 .gguf，diffusers 用文件夹名） | Имя файла (рядом с исходным; пусто — по выполненным действиям; .gguf для GGUF, имя папки для diffusers)
 convert.no_sidecar | no A1111 .yaml | A1111 用の .yaml を作らない | 不写 A1111 .yaml | без .yaml для A1111

@@ -104,6 +104,7 @@ model.hash | Hash again | 再ハッシュ | 重新计算哈希 | Пересчи�
 model.hashes | Hashes | ハッシュ | 哈希 | Хеши
 model.sidecars | From the files beside it | 隣のファイルから | 来自旁边的文件 | Из соседних файлов
 model.trigger_words | Trigger words | トリガーワード | 触发词 | Триггерные слова
+model.base_model | Base model | ベースモデル | 基础模型 | Базовая модель
 model.civitai_ids | model {model}, version {version} | モデル {model}、バージョン {version} | 模型 {model}，版本 {version} | модель {model}, версия {version}
 model.preview_alt | Preview {i} of {name} | {name} のプレビュー {i} | {name} 的预览 {i} | Превью {i}: {name}
 model.lineage | Lineage and recipes | 由来とレシピ | 来源与配方 | Происхождение и рецепты

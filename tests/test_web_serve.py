@@ -121,3 +121,27 @@ def test_a_failed_job_is_said_in_the_page_and_in_the_job_log(tmp_path):
         mine = [e for e in lines if e["id"] == job.id]
         assert mine and mine[-1]["state"] == "failed" and "changed since it was indexed" in mine[-1]["error"]
         assert lib.get("/").status_code == 200  # the server keeps running
+
+
+def test_two_tabs_removing_both_copies_keep_one(tmp_path):
+    """Two tabs show the same duplicate group; each removes a different copy. The second removal
+    is refused (no other copy is left), in the page; the model stays in place."""
+    import shutil
+
+    sample = build(tmp_path)
+    with client_for(tmp_path, sample, removal="quarantine") as lib:
+        b = sample["sd_b"]
+        copy = b.parent / "beta-copy.safetensors"
+        shutil.copy2(b, copy)
+        lib.post("/run/index", headers=HX)
+        assert wait_job(lib, last_job(lib).id).state == "done"
+        keep, gone = file_id(lib, copy), file_id(lib, b)  # the group lists beta-copy first: beta-mix has the button
+        assert f'name="file" value="{gone}"' in lib.get("/dupes").text  # both tabs loaded this page
+        assert "moved 1 file(s)" in lib.post("/dupes/remove", data={"file": gone}, headers=HX).text
+        # the other tab (or a same-weights group, where every file has the button) removes the other copy
+        r = html.unescape(lib.post("/dupes/remove", data={"file": keep}, headers=HX).text)
+        assert 'class="msg error"' in r and "no other copy of it is left" in r and "nothing was moved" in r
+        assert copy.is_file() and not b.exists()
+        r = html.unescape(lib.post("/dupes/remove", data={"file": gone}, headers=HX).text)  # the first tab again
+        assert 'class="msg error"' in r and "is no longer there" in r
+        assert lib.get("/").status_code == 200

@@ -357,6 +357,9 @@ def create_app(settings: ServeSettings) -> Starlette:
         try:
             form = await form_of(request)
             row, real = web.files().get(operations.one(form, "file"))
+            if not catalog.other_copies(catalog.dupe_groups(web.conn, settings.roots, web.precision_checks), row["id"]):
+                raise SdtkError(real, "is no longer a duplicate: no other copy of it is left (removed from another tab, "
+                                      "or vanished); nothing was moved")
             side = ((json.loads(row["info"] or "{}").get("sidecars") or {}).get("files") or {})
             names = [n for names in side.values() for n in names]
             with web.undo_lock:

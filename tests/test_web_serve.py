@@ -145,3 +145,43 @@ def test_two_tabs_removing_both_copies_keep_one(tmp_path):
         r = html.unescape(lib.post("/dupes/remove", data={"file": gone}, headers=HX).text)  # the first tab again
         assert 'class="msg error"' in r and "is no longer there" in r
         assert lib.get("/").status_code == 200
+
+
+def test_pip_install_brings_every_template_and_asset():
+    """Every file the app serves or renders is in the wheel (pyproject package-data): no Node
+    build, nothing fetched at run time."""
+    import fnmatch
+    import tomllib
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    globs = tomllib.loads((repo / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["sdtk.web"]
+    web = repo / "src" / "sdtk" / "web"
+    files = [p.relative_to(web).as_posix() for d in ("templates", "static") for p in (web / d).rglob("*") if p.is_file()]
+    assert any(f.endswith(".html") for f in files) and any("vendor/htmx" in f for f in files)
+    missing = [f for f in files if not any(fnmatch.fnmatchcase(f, g) for g in globs)]
+    assert not missing, missing
+
+
+def test_model_page_metadata_hashes_and_duplicates(tmp_path):
+    """The model page's header metadata (ModelSpec, kohya `ss_*`), hashes with copy buttons, and
+    the other files with the same bytes (linked)."""
+    import shutil
+
+    sample = build(tmp_path)
+    b = sample["sd_b"]
+    shutil.copy2(b, b.parent / "beta-copy.safetensors")
+    with client_for(tmp_path, sample) as lib:
+        lib.post("/run/index", headers=HX)
+        assert wait_job(lib, last_job(lib).id).state == "done"
+        ink = html.unescape(lib.get(f"/model/{file_id(lib, sample['lora'])}").text)
+        assert "<code>ss_base_model_version</code></th><td>sdxl_base_v1-0" in ink
+        assert "<code>modelspec.trigger_phrase</code></th><td>inkwash style" in ink
+        alpha = html.unescape(lib.get(f"/model/{file_id(lib, sample['sd_a'])}").text)
+        assert "<code>modelspec.title</code></th><td>Alpha Mix" in alpha
+        row = lib.web.conn.execute("SELECT sha256 FROM files WHERE id = ?", (file_id(lib, sample["sd_a"]),)).fetchone()
+        assert row["sha256"].upper() in alpha and 'aria-label="Copy SHA256"' in alpha
+        beta = html.unescape(lib.get(f"/model/{file_id(lib, b)}").text)
+        dupes = beta[beta.index('id="dupes-title"'):]
+        assert f'href="/model/{file_id(lib, b.parent / "beta-copy.safetensors")}">beta-copy.safetensors' in dupes
+        assert "alpha-mix" not in dupes[:dupes.index("</section>")]

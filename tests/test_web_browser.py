@@ -341,6 +341,36 @@ def test_language_menu_changes_the_labels(site):
         expect(page.locator("html")).to_have_attribute("lang", "en")
 
 
+def tab_to(page, test_js: str, limit: int = 80):
+    """Press Tab until the focused element passes `test_js` (a function of the element)."""
+    for _ in range(limit):
+        page.keyboard.press("Tab")
+        if page.evaluate(f"(({test_js}))(document.activeElement)"):
+            return
+    raise AssertionError(f"no focusable element matched {test_js} within {limit} Tab presses")
+
+
+def test_keyboard_only_search_open_and_run_a_job(site):
+    """The library, a model page and a job with the keyboard alone: the skip link first, the
+    search field, a result link, an action button."""
+    page, url = site["page"], site["url"]
+    page.goto(url + "/")
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.textContent.trim()") == "Skip to content"
+    page.keyboard.press("Enter")
+    assert page.url.endswith("#main")
+    tab_to(page, "e => e.id === 'q'")
+    page.keyboard.type("kl-f8")
+    expect(page.locator("#count")).to_have_text("1 file")
+    tab_to(page, "e => e.tagName === 'A' && e.textContent.trim() === 'kl-f8.safetensors'")
+    page.keyboard.press("Enter")
+    expect(page.locator("h1")).to_have_text("kl-f8.safetensors")
+    tab_to(page, "e => e.tagName === 'BUTTON' && e.textContent.trim() === 'Safety scan'")
+    page.keyboard.press("Enter")
+    card = job_card(page, "scan kl-f8.safetensors")
+    expect(card.locator(".state")).to_have_text("done", timeout=60_000)
+
+
 def test_accessibility_no_serious_violations(site):
     from axe_playwright_python.sync_playwright import Axe
 

@@ -300,6 +300,7 @@ def test_gguf_and_lora_jobs_in_the_browser(site):
     value = page.locator("#lora_0 option", has_text="detail.safetensors").get_attribute("value")
     page.select_option("#lora_0", value)
     page.fill("#strength_0", "0.7")
+    page.fill("#lbw_0", "OUTS")  # a LoRA Block Weight preset, as the CLI's :lbw=<its 17 values>
     page.fill("#output", "browser-baked.safetensors")
     shot(page, "lora")
     page.get_by_role("button", name="Start baking").click()
@@ -309,7 +310,9 @@ def test_gguf_and_lora_jobs_in_the_browser(site):
     expect(card.locator(".pct")).to_have_text("100%")
     cli = site["base"] / "cli-baked" / "browser-baked.safetensors"
     cli.parent.mkdir()
-    r = run_cli("lora", "apply", sample["sd_a"], f"{lora}:0.7", "-o", cli)
+    from sdtk.web.operations import LBW_PRESETS
+
+    r = run_cli("lora", "apply", sample["sd_a"], f"{lora}:0.7:lbw={LBW_PRESETS['OUTS']}", "-o", cli)
     assert r.returncode == 0, r.stderr
     assert cli.read_bytes() == (sample["sd_a"].parent / "browser-baked.safetensors").read_bytes()
     page.goto(url + "/?q=browser-baked")
@@ -338,18 +341,50 @@ def test_language_menu_changes_the_labels(site):
         expect(page.locator("html")).to_have_attribute("lang", "en")
 
 
+def tab_to(page, test_js: str, limit: int = 80):
+    """Press Tab until the focused element passes `test_js` (a function of the element)."""
+    for _ in range(limit):
+        page.keyboard.press("Tab")
+        if page.evaluate(f"(({test_js}))(document.activeElement)"):
+            return
+    raise AssertionError(f"no focusable element matched {test_js} within {limit} Tab presses")
+
+
+def test_keyboard_only_search_open_and_run_a_job(site):
+    """The library, a model page and a job with the keyboard alone: the skip link first, the
+    search field, a result link, an action button."""
+    page, url = site["page"], site["url"]
+    page.goto(url + "/")
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.textContent.trim()") == "Skip to content"
+    page.keyboard.press("Enter")
+    assert page.url.endswith("#main")
+    tab_to(page, "e => e.id === 'q'")
+    page.keyboard.type("kl-f8")
+    expect(page.locator("#count")).to_have_text("1 file")
+    tab_to(page, "e => e.tagName === 'A' && e.textContent.trim() === 'kl-f8.safetensors'")
+    page.keyboard.press("Enter")
+    expect(page.locator("h1")).to_have_text("kl-f8.safetensors")
+    tab_to(page, "e => e.tagName === 'BUTTON' && e.textContent.trim() === 'Safety scan'")
+    page.keyboard.press("Enter")
+    card = job_card(page, "scan kl-f8.safetensors")
+    expect(card.locator(".state")).to_have_text("done", timeout=60_000)
+
+
 def test_accessibility_no_serious_violations(site):
     from axe_playwright_python.sync_playwright import Axe
 
     page, url = site["page"], site["url"]
     ids = {}
     page.goto(url + "/")
-    for name in ("v1-5-pruned.ckpt", "alpha-mix.safetensors"):
+    for name in ("v1-5-pruned.ckpt", "alpha-mix.safetensors", "inkwash.safetensors"):
         ids[name] = page.locator("table.files a", has_text=re.compile("^" + re.escape(name) + "$")).first.get_attribute("href")
     pages = ["/", ids["v1-5-pruned.ckpt"], ids["v1-5-pruned.ckpt"] + "?lang=ja", "/jobs", "/dupes",
              "/convert?file=" + ids["alpha-mix.safetensors"].rsplit("/", 1)[1],
              "/merge?a=" + ids["alpha-mix.safetensors"].rsplit("/", 1)[1],
-             "/lora?base=" + ids["alpha-mix.safetensors"].rsplit("/", 1)[1], "/?lang=ru"]
+             "/lora?base=" + ids["alpha-mix.safetensors"].rsplit("/", 1)[1], "/?lang=ru",
+             "/lora/merge?lora=" + ids["inkwash.safetensors"].rsplit("/", 1)[1],
+             "/lora/resize?file=" + ids["inkwash.safetensors"].rsplit("/", 1)[1]]
     axe = Axe()
     problems = []
     for path in pages:

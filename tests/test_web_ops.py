@@ -2,6 +2,7 @@
 (base + LoRAs with strengths), `convert --to gguf --quant`, `--to fp8-scaled` and `--to diffusers`.
 Each job gives the bytes the CLI gives for the same options (the web is a thin layer over the same
 library calls), reaches 100%, links its output into the library, and a cancelled job leaves no file."""
+import html
 import os
 import time
 from pathlib import Path
@@ -54,6 +55,55 @@ def test_lora_apply_job_has_the_cli_bytes(lib):
     r = run_cli("lora", "apply", lib.sample["sd_a"], f"{one}:0.7", f"{two}:-0.25:0.5", "-o", cli)
     assert r.returncode == 0, r.stderr
     assert cli.read_bytes() == Path(out["path"]).read_bytes()
+
+
+def test_lora_apply_block_weights_job_has_the_cli_bytes(lib):
+    """Block weights per LoRA (`LORA:S:lbw=...` on the CLI): named blocks, and a preset name the
+    form resolves to the LoRA Block Weight extension's list; the bytes equal the CLI's."""
+    from sdtk.web.operations import LBW_PRESETS
+
+    loras = lib.sample["lora"].parent
+    one, two = matched_lora(lib.sample["sd_a"], loras / "detail.safetensors", 1), matched_lora(lib.sample["sd_a"], loras / "style.safetensors", 2)
+    index_again(lib)
+    base = file_id(lib, lib.sample["sd_a"])
+    page = lib.get(f"/lora?base={base}").text
+    assert 'name="lbw_0"' in page and 'list="lbw-presets"' in page and '<option value="OUTS">' in page
+    form = {"base": base, "lora_0": file_id(lib, one), "strength_0": "0.7", "lbw_0": "lbw=IN01=0.5,OUT11=0",
+            "lora_1": file_id(lib, two), "strength_1": "-0.25", "te_strength_1": "0.5", "lbw_1": "outs",
+            "output": "blocks.safetensors"}
+    assert "queued" in lib.post("/run/lora-apply", data=form, headers=HX).text
+    job = wait_job(lib, last_job(lib).id)
+    assert job.state == "done", job.error
+    assert job.percent == 100 and job.result["outputs"][0]["id"]
+    assert any("block weights: IN01 x0.5, OUT11 x0" in line for line in job.log), job.log
+    web_bytes = Path(job.result["outputs"][0]["path"]).read_bytes()
+    (lib.base / "cli").mkdir()
+    cli, plain = lib.base / "cli" / "blocks.safetensors", lib.base / "cli" / "plain.safetensors"
+    r = run_cli("lora", "apply", lib.sample["sd_a"], f"{one}:0.7:lbw=IN01=0.5,OUT11=0",
+                f"{two}:-0.25:0.5:lbw={LBW_PRESETS['OUTS']}", "-o", cli)
+    assert r.returncode == 0, r.stderr
+    assert cli.read_bytes() == web_bytes
+    r = run_cli("lora", "apply", lib.sample["sd_a"], f"{one}:0.7", f"{two}:-0.25:0.5", "-o", plain)
+    assert r.returncode == 0 and plain.read_bytes() != web_bytes  # the block weights took effect
+
+
+def test_bad_block_weights_are_refused_in_the_page(lib):
+    loras = lib.sample["lora"].parent
+    one = matched_lora(lib.sample["sd_a"], loras / "detail.safetensors", 1)
+    index_again(lib)
+    base, lora = file_id(lib, lib.sample["sd_a"]), file_id(lib, one)
+    folder = lib.sample["sd_a"].parent
+    before = set(os.listdir(folder)), len(lib.web.queue.jobs())
+    for lbw, words in (("1,0,1", "LoRA 1: block weights '1,0,1': 3 values"),
+                       ("IN99=1", "unknown block 'IN99'"),
+                       ("IN04=x", "'x' is not a number"),
+                       ("1,0,IN04=1", "not both"),
+                       ("NOPE", "'NOPE'"),
+                       (",".join(["1"] * 12), "are for SDXL, but alpha-mix")):
+        r = html.unescape(lib.post("/run/lora-apply", data={"base": base, "lora_0": lora, "lbw_0": lbw,
+                                                            "output": "no.safetensors"}, headers=HX).text)
+        assert 'class="msg error"' in r and words in r, (lbw, r)
+    assert (set(os.listdir(folder)), len(lib.web.queue.jobs())) == before
 
 
 def test_lora_that_fits_nothing_is_refused_and_nothing_written(lib):
@@ -150,3 +200,38 @@ def test_cancelled_gguf_and_diffusers_jobs_leave_nothing(tmp_path, form, leftove
         assert wait_job(lib, job.id).state == "cancelled"
         assert set(os.listdir(folder)) == before, set(os.listdir(folder)) - before
         assert not partials(folder)
+
+
+def test_convert_replace_parts_has_the_cli_bytes(lib):
+    """`convert --replace vae=FILE --replace unet=FILE` from the convert form: the donors chosen
+    from the library, the bytes the CLI writes; bad rows refused in the page."""
+    a, b, vae = lib.sample["sd_a"], lib.sample["sd_b"], lib.sample["vae"]
+    fid = file_id(lib, a)
+    page = lib.get(f"/convert?file={fid}").text
+    assert 'name="replace_part_0"' in page and 'name="replace_file_0"' in page and "kl-f8.safetensors" in page
+    form = {"file": fid, "replace_part_0": "vae", "replace_file_0": file_id(lib, vae),
+            "replace_part_1": "unet", "replace_file_1": file_id(lib, b), "output": "swapped.safetensors"}
+    assert "queued" in lib.post("/run/convert", data=form, headers=HX).text
+    job = wait_job(lib, last_job(lib).id)
+    assert job.state == "done", job.error
+    out = job.result["outputs"][0]
+    assert job.percent == 100 and out["id"] and out["name"] == "swapped.safetensors"
+    (lib.base / "cli").mkdir()
+    cli = lib.base / "cli" / "swapped.safetensors"
+    r = run_cli("convert", a, "--replace", f"vae={vae}", "--replace", f"unet={b}", "-o", cli)
+    assert r.returncode == 0, r.stderr
+    assert cli.read_bytes() == Path(out["path"]).read_bytes()
+    plain = lib.base / "cli" / "plain.safetensors"
+    assert run_cli("convert", a, "-o", plain).returncode == 0 and plain.read_bytes() != cli.read_bytes()
+    folder = a.parent
+    before = set(os.listdir(folder))
+    for bad, words in (({"replace_part_0": "vae"}, "choose both"),
+                       ({"replace_file_0": file_id(lib, vae)}, "choose both"),
+                       ({"replace_part_0": "lora", "replace_file_0": file_id(lib, vae)}, "is not one of"),
+                       ({"replace_part_0": "vae", "replace_file_0": fid}, "another file than the model itself"),
+                       ({"replace_part_0": "vae", "replace_file_0": "999999"}, "no file 999999"),
+                       ({"replace_part_0": "vae", "replace_file_0": file_id(lib, vae), "bake_vae": file_id(lib, vae)},
+                        "both replace the VAE")):
+        r = html.unescape(lib.post("/run/convert", data={"file": fid, "output": "no.safetensors", **bad}, headers=HX).text)
+        assert 'class="msg error"' in r and words in r, (bad, r)
+    assert set(os.listdir(folder)) == before

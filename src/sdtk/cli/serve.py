@@ -24,7 +24,7 @@ def register(app: typer.Typer) -> None:
         no_browser: bool = typer.Option(False, "--no-browser", help="Do not open a browser."),
         remove_to: str = typer.Option("trash", "--remove-to", help="Where removing a duplicate moves it: trash (the system trash; the quarantine folder when the drive has none) or quarantine (<root>/.sdtk-quarantine). Never a permanent delete."),
     ) -> int:
-        """A local web app over the library: search, model pages, convert/merge/scan/hash jobs, duplicates."""
+        """A local web app over the library: search, model pages, convert/merge/scan/hash and LoRA apply/merge/resize jobs, duplicates."""
         try:
             import jinja2  # noqa: F401
             import starlette  # noqa: F401

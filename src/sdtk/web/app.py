@@ -204,7 +204,11 @@ def create_app(settings: ServeSettings) -> Starlette:
         except SdtkError as e:
             return web.render("error.html", request, status=404, text=str(e))
         vaes = catalog.page(web.conn, catalog.Query(kind="vae", limit=200), settings.roots, web.index)[0]
-        return web.render("convert.html", request, rec=catalog.record(row), vaes=vaes,
+        donors = [r for kind in operations.REPLACE_DONOR_KINDS for r in
+                  catalog.page(web.conn, catalog.Query(kind=kind, limit=500), settings.roots, web.index)[0]
+                  if r["id"] != row["id"]]
+        return web.render("convert.html", request, rec=catalog.record(row), vaes=vaes, donors=donors,
+                          replace_parts=operations.REPLACE_PARTS, replace_rows=range(operations.MAX_REPLACE),
                           dtypes=operations.CONVERT_DTYPES, parts=operations.EXTRACT_PARTS,
                           quants=operations.gguf_quants(), variants=operations.diffusers_variants())
 
@@ -224,7 +228,8 @@ def create_app(settings: ServeSettings) -> Starlette:
                                  catalog.page(web.conn, catalog.Query(kind=kind, limit=500), settings.roots, web.index)[0]]
         first = lora["id"] if lora else None
         return web.render("lora.html", request, base=base, bases=bases, loras=loras, first=first,
-                          rows=range(operations.MAX_LORAS), doras=operations.DORA_CONVENTIONS)
+                          rows=range(operations.MAX_LORAS), doras=operations.DORA_CONVENTIONS,
+                          lbw_presets=operations.LBW_PRESETS)
 
     def lora_merge_page(request: Request):
         """Merge LoRAs exactly (rank concatenation): from a LoRA's page (?lora=ID)."""
@@ -352,6 +357,9 @@ def create_app(settings: ServeSettings) -> Starlette:
         try:
             form = await form_of(request)
             row, real = web.files().get(operations.one(form, "file"))
+            if not catalog.other_copies(catalog.dupe_groups(web.conn, settings.roots, web.precision_checks), row["id"]):
+                raise SdtkError(real, "is no longer a duplicate: no other copy of it is left (removed from another tab, "
+                                      "or vanished); nothing was moved")
             side = ((json.loads(row["info"] or "{}").get("sidecars") or {}).get("files") or {})
             names = [n for names in side.values() for n in names]
             with web.undo_lock:

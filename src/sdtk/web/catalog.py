@@ -233,3 +233,14 @@ def dupe_groups(conn: sqlite3.Connection, roots: Sequence[str], cache: Optional[
         reclaim = sum(sizes[1:])
         out["identical_weights"].append({"content": g["Content"], "reclaimable": reclaim, "files": [record(r) for r in rows]})
     return out
+
+
+def other_copies(groups: Dict[str, Any], file_id: int) -> List[str]:
+    """The other files of `file_id`'s duplicate groups (dupe_groups) still on disk: removing a
+    duplicate needs one (two tabs removing both copies of a model must not leave none)."""
+    out: List[str] = []
+    for key in ("identical_files", "identical_weights", "precisions"):
+        for g in groups[key]:
+            if any(f["id"] == file_id for f in g["files"]):
+                out += [f["path"] for f in g["files"] if f["id"] != file_id and os.path.isfile(f["path"])]
+    return sorted(set(out))

@@ -124,6 +124,9 @@ def index_outputs(ctx, paths: List[str]) -> List[Dict[str, Any]]:
 # -- convert ---------------------------------------------------------------------------------
 CONVERT_DTYPES = ("fp32", "fp16", "bf16", "fp8-e4m3fn", "fp8-e5m2")
 EXTRACT_PARTS = ("vae", "unet", "clip-l", "clip-g", "open-clip-h", "t5xxl", "text-encoders")
+REPLACE_PARTS = ("vae", "unet", "clip-l", "clip-g", "open-clip-h", "t5xxl")  # `--replace` (sdtk.ops.extract.EXTRACTABLE)
+REPLACE_DONOR_KINDS = ("checkpoint", "vae", "text-encoder", "diffusion-model")  # library kinds offered as the file
+MAX_REPLACE = 3  # `--replace` rows on the form (the CLI takes one per component)
 # `convert --to` (sdtk.cli.convert.CONVERT_TARGETS): target -> the output's allowed endings (None: a folder)
 CONVERT_TARGETS: Dict[str, Optional[Tuple[str, ...]]] = {
     "safetensors": (".safetensors",), "gguf": (".gguf",), "fp8-scaled": (".safetensors",), "diffusers": None,
@@ -153,6 +156,20 @@ def parse_convert(form: Form, files: Files) -> Tuple[str, Dict[str, Any]]:
     for p in extract:
         if p not in EXTRACT_PARTS:
             raise UsageError(None, f"extract: {p!r} is not one of {', '.join(EXTRACT_PARTS)}")
+    replace, donors = [], []
+    for i in range(MAX_REPLACE):  # `--replace COMPONENT=FILE`: a part taken from another library file
+        part, donor_id = one(form, f"replace_part_{i}"), one(form, f"replace_file_{i}")
+        if not part and not donor_id:
+            continue
+        if not part or not donor_id:
+            raise UsageError(None, "replace: choose both the part and the file to take it from")
+        if part not in REPLACE_PARTS:
+            raise UsageError(None, f"replace: {part!r} is not one of {', '.join(REPLACE_PARTS)}")
+        donor_row, donor = files.get(donor_id, f"file to take the {part} from")
+        if donor == real:
+            raise UsageError(None, f"replace {part}: choose another file than the model itself")
+        replace.append(f"{part}={donor}")
+        donors.append({"path": donor, "size": donor_row["size"], "mtime_ns": donor_row["mtime_ns"]})
     quant = optional(form, "quant", gguf_quants()) if to == "gguf" else None
     variant = optional(form, "variant", diffusers_variants()) if to == "diffusers" else None
     options = dict(
@@ -160,7 +177,7 @@ def parse_convert(form: Form, files: Files) -> Tuple[str, Dict[str, Any]]:
         vae_dtype=optional(form, "vae_dtype", CONVERT_DTYPES), te_dtype=optional(form, "te_dtype", CONVERT_DTYPES),
         allow_overflow=flag(form, "allow_overflow"), ema=optional(form, "ema", ("keep", "drop", "use")),
         prune=flag(form, "prune"), keep_unknown=flag(form, "keep_unknown"), fix_clip=flag(form, "fix_clip"),
-        bake_vae=bake_path, extract=extract, preset=optional(form, "preset", ("generation", "training")),
+        bake_vae=bake_path, extract=extract, replace=replace, preset=optional(form, "preset", ("generation", "training")),
         prediction_type=optional(form, "prediction_type", ("epsilon", "v")), sidecar=not flag(form, "no_sidecar"),
         source_hashes=not flag(form, "no_source_hash"), output_hash=flag(form, "hash_output"),
         overwrite=flag(form, "overwrite"),
@@ -180,7 +197,7 @@ def parse_convert(form: Form, files: Files) -> Tuple[str, Dict[str, Any]]:
     what = {"gguf": f" to GGUF {quant}", "fp8-scaled": " to fp8-scaled", "diffusers": " to a diffusers folder"}.get(to, "")
     return (f"convert {os.path.basename(real)}{what}" + (f" ({preset})" if preset else ""),
             {"file_id": row["id"], "input_path": real, "size": row["size"], "mtime_ns": row["mtime_ns"],
-             "options": options, "output_path": output, "to": to, "variant": variant})
+             "options": options, "output_path": output, "to": to, "variant": variant, "donors": donors})
 
 
 def run_convert(ctx, p: Dict[str, Any]) -> Dict[str, Any]:
@@ -188,6 +205,8 @@ def run_convert(ctx, p: Dict[str, Any]) -> Dict[str, Any]:
     from sdtk.ops.convert import ConvertOptions, Progress, convert_file, resolve_options
 
     check_unchanged(p, p["input_path"])
+    for donor in p.get("donors", []):
+        check_unchanged(donor, donor["path"])
     opts = resolve_options(ConvertOptions(**p["options"]))
     progress = Progress(start=lambda dest, total: ctx.progress(0, total, f"writing {Path(dest).name}"),
                         advance=lambda done: ctx.progress(done),
@@ -301,6 +320,55 @@ def _strength(form: Form, key: str, default: Optional[float]) -> Optional[float]
     return value
 
 
+# LoRA Block Weight presets: the A1111 extension's defaults (hako-mikan/sd-webui-lora-block-weight,
+# scripts/lora_block_weight.py DEF_WEIGHT_PRESET); 17 values, SD 1.x/2.x (BASE, IN01..IN08, MID, OUT03..OUT11)
+LBW_PRESETS: Dict[str, str] = {
+    "NONE": "0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0",
+    "ALL": "1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1",
+    "INS": "1,1,1,1,0,0,0,0,0,0,0,0,0,0,0,0,0",
+    "IND": "1,0,0,0,1,1,1,0,0,0,0,0,0,0,0,0,0",
+    "INALL": "1,1,1,1,1,1,1,0,0,0,0,0,0,0,0,0,0",
+    "MIDD": "1,0,0,0,1,1,1,1,1,1,1,1,0,0,0,0,0",
+    "OUTD": "1,0,0,0,0,0,0,0,1,1,1,1,0,0,0,0,0",
+    "OUTS": "1,0,0,0,0,0,0,0,0,0,0,0,1,1,1,1,1",
+    "OUTALL": "1,0,0,0,0,0,0,0,1,1,1,1,1,1,1,1,1",
+    "ALL0.5": "0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5",
+}
+
+
+def block_weights_text(text: str, what: str) -> Optional[str]:
+    """The `lbw=` part of `LORA:S:lbw=...` from the form (a preset name, `lbw=...` or the bare list),
+    checked with the CLI's parser; None when empty."""
+    from sdtk.adapters.block_weights import parse_block_weights
+
+    text = text.strip()
+    if text.lower().startswith("lbw="):
+        text = text[4:].strip()
+    if not text:
+        return None
+    text = LBW_PRESETS.get(text.upper(), text)
+    try:
+        parse_block_weights(text)
+    except UsageError as e:
+        raise UsageError(None, f"{what}: {e.problem}") from None
+    return text
+
+
+def check_block_weights_fit(base: str, loras: List[Dict[str, Any]]) -> None:
+    """Block weights the base's U-Net cannot take, refused in the page (reads the header only)."""
+    from sdtk.adapters.block_weights import check_fits, parse_block_weights, unet_layout
+    from sdtk.formats import open_model
+
+    with open_model(base) as cat:
+        layout = unet_layout(cat.tensors)
+    for i, item in enumerate(loras):
+        if item["lbw"]:
+            try:
+                check_fits(parse_block_weights(item["lbw"]), layout, os.path.basename(base))
+            except UsageError as e:
+                raise UsageError(None, f"{os.path.basename(item['path'])}: {e.problem}") from None
+
+
 def parse_lora_apply(form: Form, files: Files) -> Tuple[str, Dict[str, Any]]:
     """`sdtk lora apply BASE LORA[:S[:TE]]... -o OUT`: base and LoRAs by library id, in order."""
     base_row, base = files.get(one(form, "base"), "base model")
@@ -311,11 +379,14 @@ def parse_lora_apply(form: Form, files: Files) -> Tuple[str, Dict[str, Any]]:
             continue
         row, real = files.get(value, f"LoRA {i + 1}")
         loras.append({"path": real, "size": row["size"], "mtime_ns": row["mtime_ns"],
-                      "strength": _strength(form, f"strength_{i}", 1.0), "te_strength": _strength(form, f"te_strength_{i}", None)})
+                      "strength": _strength(form, f"strength_{i}", 1.0), "te_strength": _strength(form, f"te_strength_{i}", None),
+                      "lbw": block_weights_text(one(form, f"lbw_{i}"), f"LoRA {i + 1}")})
     if not loras:
         raise UsageError(None, "choose at least one LoRA")
     if any(item["path"] == base for item in loras):
         raise UsageError(None, "the base model cannot also be one of the LoRAs")
+    if any(item["lbw"] for item in loras):
+        check_block_weights_fit(base, loras)
     dora = optional(form, "dora", DORA_CONVENTIONS) or "comfyui"
     name = one(form, "output")
     if not name:
@@ -329,6 +400,7 @@ def parse_lora_apply(form: Form, files: Files) -> Tuple[str, Dict[str, Any]]:
 
 
 def run_lora_apply(ctx, p: Dict[str, Any]) -> Dict[str, Any]:
+    from sdtk.adapters.block_weights import parse_block_weights
     from sdtk.adapters.matching import LoraInput
     from sdtk.ops.lora.bake import bake
 
@@ -336,7 +408,8 @@ def run_lora_apply(ctx, p: Dict[str, Any]) -> Dict[str, Any]:
     for item in p["loras"]:
         check_unchanged(item, item["path"])
     ctx.progress(0, 0, "matching the LoRAs to the base")
-    specs = [LoraInput(item["path"], item["strength"], item["te_strength"]) for item in p["loras"]]
+    specs = [LoraInput(item["path"], item["strength"], item["te_strength"],
+                       parse_block_weights(item["lbw"]) if item.get("lbw") else None) for item in p["loras"]]
     result = bake(p["input_path"], specs, p["output_path"], allow_unmatched=p["allow_unmatched"], overwrite=p["overwrite"],
                   dora_convention=p["dora"],
                   on_start=lambda plan: ctx.progress(0, sum(t.nbytes for t in plan), "baking"),
@@ -347,6 +420,8 @@ def run_lora_apply(ctx, p: Dict[str, Any]) -> Dict[str, Any]:
         kinds = ", ".join(f"{v} {k}" for k, v in rep.kinds.most_common())
         ctx.log(f"{os.path.basename(rep.file)} x{rep.strength:g} (te x{rep.te_strength:g}): "
                 f"{rep.matched} of {rep.modules} modules ({kinds})")
+        if rep.block_weights:
+            ctx.log("  block weights: " + ", ".join(f"{b} x{v:g}" for b, v in rep.block_weights.items()) + " (other blocks x1)")
         if rep.unmatched:
             ctx.log(f"  skipped {len(rep.unmatched)}: " + ", ".join(f"{m} ({why})" for m, why in rep.unmatched[:5]))
     if result.overflow:

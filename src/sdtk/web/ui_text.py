@@ -104,6 +104,7 @@ model.hash | Hash again | 再ハッシュ | 重新计算哈希 | Пересчи�
 model.hashes | Hashes | ハッシュ | 哈希 | Хеши
 model.sidecars | From the files beside it | 隣のファイルから | 来自旁边的文件 | Из соседних файлов
 model.trigger_words | Trigger words | トリガーワード | 触发词 | Триггерные слова
+model.base_model | Base model | ベースモデル | 基础模型 | Базовая модель
 model.civitai_ids | model {model}, version {version} | モデル {model}、バージョン {version} | 模型 {model}，版本 {version} | модель {model}, версия {version}
 model.preview_alt | Preview {i} of {name} | {name} のプレビュー {i} | {name} 的预览 {i} | Превью {i}: {name}
 model.lineage | Lineage and recipes | 由来とレシピ | 来源与配方 | Происхождение и рецепты
@@ -146,6 +147,10 @@ convert.prediction | Prediction type | 予測タイプ | 预测类型 | Тип �
 convert.as_detected | as detected | 検出どおり | 按检测结果 | как определено
 convert.parts | VAE and parts | VAE とパーツ | VAE 与部件 | VAE и части
 convert.bake_vae | Bake this VAE in | この VAE を焼き込む | 烘焙此 VAE | Вшить этот VAE
+convert.replace | Replace a part | パーツの差し替え | 替换部件 | Заменить часть
+convert.replace_part | Take the | 差し替えるパーツ | 替换部件 | Взять часть
+convert.replace_from | from | 取り出すファイル | 来自文件 | из файла
+convert.replace_note | The same as --replace COMPONENT=FILE: the part's tensors are taken from the other file (LDM or diffusers layout; every tensor must be there with its shape), the rest of the model is kept. | --replace COMPONENT=FILE と同じです。そのパーツのテンソルを別のファイル（LDM または diffusers の形式。すべてのテンソルが同じ形で必要）から取り、モデルの残りはそのままです。 | 与 --replace COMPONENT=FILE 相同：该部件的张量取自另一个文件（LDM 或 diffusers 布局；每个张量都须存在且形状一致），模型其余部分保持不变。 | То же, что --replace COMPONENT=FILE: тензоры части берутся из другого файла (раскладка LDM или diffusers; каждый тензор должен быть там с той же формой), остальная модель сохраняется.
 convert.extract | Extract as separate files: | 別ファイルとして抽出: | 提取为单独文件： | Извлечь в отдельные файлы:
 convert.output_name | File name (beside the input; empty: named after what was done; .gguf for GGUF, a folder name for diffusers) | ファイル名（入力の隣。空欄なら処理内容から命名。GGUF は .gguf、diffusers はフォルダー名） | 文件名（与输入放在同一位置；留空则按所做操作命名；GGUF 用 .gguf，diffusers 用文件夹名） | Имя файла (рядом с исходным; пусто — по выполненным действиям; .gguf для GGUF, имя папки для diffusers)
 convert.no_sidecar | no A1111 .yaml | A1111 用の .yaml を作らない | 不写 A1111 .yaml | без .yaml для A1111
@@ -259,6 +264,9 @@ lresize.fixed | none (the same rank everywhere) | なし（すべて同じラン
 lresize.param | Its number (sv_ratio: R, sv_fro / sv_cumulative: a fraction such as 0.9) | その数値（sv_ratio は R、sv_fro / sv_cumulative は 0.9 などの割合） | 其数值（sv_ratio 为 R，sv_fro / sv_cumulative 为 0.9 之类的比例） | Его число (sv_ratio: R, sv_fro / sv_cumulative: доля, например 0.9)
 lresize.output | Output file name (beside the LoRA; empty: name-rankR.safetensors) | 出力ファイル名（LoRA の隣。空欄なら name-rankR.safetensors） | 输出文件名（与 LoRA 放在同一位置；留空则为 name-rankR.safetensors） | Имя выходного файла (рядом с LoRA; пусто — name-rankR.safetensors)
 lresize.start | Start resizing | ランク変更を開始 | 开始调整 | Начать
+lora.lbw | Block weights (lbw) | ブロック別の重み (lbw) | 分块权重 (lbw) | Веса по блокам (lbw)
+lora.lbw_none | all blocks x1 | 全ブロック x1 | 所有块 x1 | все блоки x1
+lora.lbw_hint | Block weights, as in LORA:STRENGTH:lbw=… of the CLI and A1111's LoRA Block Weight extension: 17 or 26 numbers (SD 1.x/2.x), 12 or 20 (SDXL), IN04=0.5,MID=0,… (the other blocks x1), or a preset name (NONE, ALL, INS, IND, INALL, MIDD, OUTD, OUTS, OUTALL, ALL0.5: the extension's SD 1.x presets). | CLI の LORA:STRENGTH:lbw=… や A1111 の LoRA Block Weight 拡張と同じブロック別の重みです。17 または 26 個の数値（SD 1.x/2.x）、12 または 20 個（SDXL）、IN04=0.5,MID=0,…（他のブロックは x1）、またはプリセット名（NONE, ALL, INS, IND, INALL, MIDD, OUTD, OUTS, OUTALL, ALL0.5：拡張の SD 1.x 用プリセット）。 | 分块权重，与 CLI 的 LORA:STRENGTH:lbw=… 及 A1111 的 LoRA Block Weight 扩展相同：17 或 26 个数（SD 1.x/2.x），12 或 20 个（SDXL），IN04=0.5,MID=0,…（其余块 x1），或预设名（NONE, ALL, INS, IND, INALL, MIDD, OUTD, OUTS, OUTALL, ALL0.5：该扩展的 SD 1.x 预设）。 | Веса по блокам, как LORA:STRENGTH:lbw=… в CLI и в расширении LoRA Block Weight для A1111: 17 или 26 чисел (SD 1.x/2.x), 12 или 20 (SDXL), IN04=0.5,MID=0,… (остальные блоки x1) или имя пресета (NONE, ALL, INS, IND, INALL, MIDD, OUTD, OUTS, OUTALL, ALL0.5 — пресеты расширения для SD 1.x).
 lora.start | Start baking | 焼き込みを開始 | 开始烘焙 | Начать вшивание
 error.title_tag | Not found | 見つかりません | 未找到 | Не найдено
 error.title | Sorry | 申し訳ありません | 抱歉 | Извините

@@ -240,5 +240,35 @@ def extract_cmd(
     return 0
 
 
+@lora_app.command("convert")
+def convert_cmd(
+    lora: Path = typer.Argument(..., help="A LoRA / LyCORIS file (any naming convention)."),
+    to: str = typer.Option(..., "--to", help="kohya, diffusers (= PEFT-based loaders) or comfyui (alias comfy)."),
+    output: Path = typer.Option(..., "-o", "--output", help="Output .safetensors file."),
+    base: Optional[Path] = typer.Option(None, "--base", help="The base model (names and shapes only); default: the shipped layout of the architecture the LoRA was made for."),
+    allow_unmatched: bool = typer.Option(False, "--allow-unmatched", help="Leave out modules that match nothing in the base."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
+    json_out: bool = typer.Option(False, "--json", help="Print a JSON summary."),
+) -> int:
+    """Rename a LoRA into another convention (FLUX qkv / linear1 split or fused, alpha folded for diffusers): applying the result gives the same weights."""
+    from sdtk.ops.lora.convert import convert_lora, normalise_target
+
+    conv = normalise_target(to)
+    if not str(output).endswith(".safetensors"):
+        raise UsageError(output, "the output must be a .safetensors file")
+    result = convert_lora(str(lora), str(output), conv, base=str(base) if base else None, overwrite=overwrite,
+                          allow_unmatched=allow_unmatched)
+    if json_out:
+        print_json(result.as_dict())
+        return 0
+    console.print(f"wrote {result.output} ({result.bytes:,} bytes): {result.modules_in} modules -> {result.modules_out} "
+                  f"{result.to} modules (base: {result.base})")
+    console.print(f"  {result.renamed} renamed, {result.split} fused modules split, {result.fused} fused from parts, "
+                  f"alpha/rank folded into the factors of {result.folded}")
+    if result.skipped:
+        console.print(f"  skipped {len(result.skipped)}: " + _short(f"{m} ({why})" for m, why in result.skipped))
+    return 0
+
+
 def register(app: typer.Typer) -> None:
     app.add_typer(lora_app, name="lora")

@@ -1,0 +1,264 @@
+"""`sdtk lora convert`: kohya <-> diffusers <-> ComfyUI names on real layouts (SD1.5, SDXL with
+OpenCLIP in_proj slices, FLUX fused qkv / linear1), judged by what matters: `lora apply` of each
+converted file onto the same base gives the same tensors as applying the original. Oracles:
+diffusers' own loader + fuse_lora on our diffusers output, ComfyUI's key map on our comfyui output.
+Bad input: one line, exit 2, nothing written."""
+from __future__ import annotations
+
+import json
+import zlib
+
+import numpy as np
+import pytest
+
+from helpers_lora import lora_family, write_tensors
+from helpers_merge import make_model, metadata, tensors
+
+from sdtk.ops.lora.convert import scale_split
+from sdtk.ops.lora.naming import base_units
+
+
+def _kohya_lora(base_path, pick, rng, rank=4, alpha=2.0, kinds=None):
+    """A kohya LoRA over the base's own kohya units (naming.base_units) chosen by `pick(unit)`;
+    `kinds(unit)` gives (family, options) per module (default plain LoRA)."""
+    base = tensors(base_path)
+    shapes = {k: v.shape for k, v in base.items()}
+    out = {}
+    for u in base_units(shapes, "kohya"):
+        if not pick(u):
+            continue
+        shape = base[u.target.weight].shape
+        if u.target.rows:
+            shape = (u.target.rows[1],) + tuple(shape[1:])
+        if u.target.transpose:
+            shape = tuple(reversed(shape))
+        kind, opts = kinds(u) if kinds else ("lora", {})
+        out.update(lora_family(u.name, kind, shape, rng, rank=rank, alpha=alpha, **opts))
+    return out
+
+
+def _applied(cli, tmp, base_path, lora_path, tag):
+    out = tmp / f"applied-{tag}.safetensors"
+    r = cli("lora", "apply", base_path, lora_path, "-o", out)
+    assert r.returncode == 0, r.stderr
+    return tensors(out)
+
+
+def _max_rel(a, b):
+    worst = 0.0
+    for k in a:
+        d = float(np.max(np.abs(a[k].astype(np.float64) - b[k].astype(np.float64)))) if a[k].size else 0.0
+        worst = max(worst, d / (float(np.max(np.abs(a[k]))) or 1.0))
+    return worst
+
+
+def _convert(cli, src, to, dest, base):
+    r = cli("lora", "convert", src, "--to", to, "-o", dest, "--base", base, "--json")
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def _round_trips(cli, tmp, base_path, lora, label, expect_split=0):
+    src = write_tensors(tmp / f"{label}-kohya.safetensors", lora, {"ss_network_dim": "4", "ss_base_model_version": "x"})
+    want = _applied(cli, tmp, base_path, src, "orig")
+    base = tensors(base_path)
+    changed = [k for k in want if want[k].tobytes() != base[k].tobytes()]
+    assert changed
+    report = {}
+    for to in ("diffusers", "comfyui"):
+        mid = tmp / f"{label}-{to}.safetensors"
+        back = tmp / f"{label}-{to}-kohya.safetensors"
+        info = _convert(cli, src, to, mid, base_path)
+        _convert(cli, mid, "kohya", back, base_path)
+        keys = tensors(mid)
+        if to == "diffusers":
+            assert all(".lora_A.weight" in k or ".lora_B.weight" in k for k in keys), sorted(keys)[:3]
+            assert all(k.startswith(("unet.", "transformer.", "text_encoder")) for k in keys)
+            assert info["split"] == expect_split
+        else:
+            assert all(k.startswith(("diffusion_model.", "text_encoders.")) for k in keys), sorted(keys)[:3]
+        assert tensors(back).keys() == lora.keys() if not expect_split else True
+        for f, tag in ((mid, to), (back, to + "-back")):
+            got = _applied(cli, tmp, base_path, f, tag)
+            assert got.keys() == want.keys()
+            rel = _max_rel(want, got)
+            report[tag] = rel
+            assert rel <= 2e-6, (tag, rel)
+            for k in want:
+                if k not in changed:
+                    assert got[k].tobytes() == want[k].tobytes(), k
+    print(f"{label}: max relative difference of the applied results: " + ", ".join(f"{k} {v:.1e}" for k, v in report.items()))
+    return src
+
+
+def test_scale_split_is_kohyas():
+    # start (s, 1); while 2 * down < up: double down, halve up (sd-scripts convert_flux_lora.py)
+    assert scale_split(1.0) == (1.0, 1.0)
+    assert scale_split(4.0) == (4.0, 1.0)
+    d, u = scale_split(1 / 16)
+    assert d * u == 1 / 16 and d == 0.25 and u == 0.25
+    d, u = scale_split(0.3)
+    assert abs(d * u - 0.3) < 1e-15 and not d * 2 < u
+
+
+def test_sd15_round_trips(tmp, cli):
+    base_path = make_model(tmp, "sd15", "sd15-emaonly", scale=8, dtype="float32")
+    rng = np.random.default_rng(3)
+    # attention Linears, 1x1 proj_in convs, 3x3 resnet convs (LoCon), text encoder; alpha != rank
+    pick = lambda u: u.group in ("attn", "te") and zlib.crc32(u.name.encode()) % 3 == 0 or u.name.endswith(("resnets_0_conv1", "proj_in"))  # noqa: E731
+    lora = _kohya_lora(base_path, pick, rng, alpha=1.0)
+    assert any(k.startswith("lora_te_") for k in lora) and any("conv1" in k for k in lora)
+    _round_trips(cli, tmp, base_path, lora, "sd15")
+
+
+def test_sdxl_round_trips_with_openclip_slices(tmp, cli):
+    base_path = make_model(tmp, "sdxl", "sdxl-base", scale=16, dtype="float32")
+    rng = np.random.default_rng(4)
+    pick = lambda u: (u.group == "attn" and ("input_blocks_4_" in u.name or "middle_block" in u.name)) or (  # noqa: E731
+        u.group == "te" and ("layers_1_" in u.name or "layers_3_" in u.name))
+    lora = _kohya_lora(base_path, pick, rng, alpha=8.0)
+    assert "lora_te2_text_model_encoder_layers_3_self_attn_k_proj.lora_down.weight" in lora
+    _round_trips(cli, tmp, base_path, lora, "sdxl")
+    names = tensors(tmp / "sdxl-diffusers.safetensors")
+    assert "text_encoder_2.text_model.encoder.layers.3.self_attn.k_proj.lora_A.weight" in names
+
+
+def _flux_pick(u):
+    return (u.name.startswith(("lora_unet_double_blocks_0_", "lora_unet_single_blocks_1_"))
+            and "norm" not in u.name) or u.name in ("lora_unet_final_layer_adaLN_modulation_1", "lora_unet_img_in",
+                                                    "lora_te1_text_model_encoder_layers_0_self_attn_q_proj")
+
+
+def test_flux_round_trips_split_and_fuse(tmp, cli):
+    base_path = make_model(tmp, "flux", "flux1-dev-aio", scale=32, dtype="float32")
+    base = tensors(base_path)
+    hidden = base["model.diffusion_model.single_blocks.1.linear2.weight"].shape[0]
+    assert hidden != 3072  # the split sizes come from the base, not FLUX.1's width
+    rng = np.random.default_rng(5)
+    lora = _kohya_lora(base_path, _flux_pick, rng, alpha=3.0)
+    assert "lora_unet_single_blocks_1_linear1.lora_up.weight" in lora
+    _round_trips(cli, tmp, base_path, lora, "flux", expect_split=3)  # img qkv, txt qkv, linear1
+    mid = tensors(tmp / "flux-diffusers.safetensors")
+    # linear1 = [q; k; v; mlp]: to_q rows = hidden, proj_mlp = the rest
+    assert mid["transformer.single_transformer_blocks.1.attn.to_q.lora_B.weight"].shape == (hidden, 4)
+    mlp = base["model.diffusion_model.single_blocks.1.linear1.weight"].shape[0] - 3 * hidden
+    assert mid["transformer.single_transformer_blocks.1.proj_mlp.lora_B.weight"].shape == (mlp, 4)
+    back = tensors(tmp / "flux-diffusers-kohya.safetensors")
+    # fused again: downs stacked (rank 4 x 4 parts), alpha = the rank sum
+    assert back["lora_unet_single_blocks_1_linear1.lora_down.weight"].shape[0] == 16
+    assert float(back["lora_unet_single_blocks_1_linear1.alpha"]) == 16.0
+    # diffusers -> kohya -> diffusers: the block-diagonal fuse is chunked, not copied (ranks kept)
+    again = tmp / "flux-again.safetensors"
+    _convert(cli, tmp / "flux-diffusers-kohya.safetensors", "diffusers", again, base_path)
+    a = tensors(again)
+    for k, v in mid.items():
+        assert a[k].shape == v.shape, k
+        assert np.allclose(a[k], v, rtol=1e-6, atol=1e-7), k
+
+
+def test_diffusers_input_with_header_alpha(tmp, cli):
+    """A diffusers file whose scale is in its header (lora_adapter_metadata): the kohya output's
+    alpha carries it (the header is not copied), and the applied result is unchanged."""
+    base_path = make_model(tmp, "sd15", "sd15-emaonly", scale=8, dtype="float32")
+    base = tensors(base_path)
+    shapes = {k: v.shape for k, v in base.items()}
+    rng = np.random.default_rng(6)
+    lora = {}
+    for u in base_units(shapes, "diffusers")[:40:7]:
+        w = base[u.target.weight].shape
+        lora[u.name + ".lora_A.weight"] = (rng.standard_normal((2,) + tuple(w[1:])) * 0.1).astype(np.float32)
+        lora[u.name + ".lora_B.weight"] = (rng.standard_normal((w[0], 2) + (1,) * (len(w) - 2)) * 0.1).astype(np.float32)
+    src = write_tensors(tmp / "peft.safetensors", lora, {"lora_adapter_metadata": json.dumps({"r": 2, "lora_alpha": 5})})
+    want = _applied(cli, tmp, base_path, src, "src")
+    out = tmp / "k.safetensors"
+    _convert(cli, src, "kohya", out, base_path)
+    got = tensors(out)
+    assert "lora_adapter_metadata" not in metadata(out)
+    assert {float(v) for k, v in got.items() if k.endswith(".alpha")} == {5.0}
+    assert _max_rel(want, _applied(cli, tmp, base_path, out, "k")) == 0.0
+
+
+def test_lycoris_types_rename_to_kohya_and_comfyui_but_not_diffusers(tmp, cli):
+    base_path = make_model(tmp, "sd15", "sd15-emaonly", scale=8, dtype="float32")
+    rng = np.random.default_rng(7)
+    kinds = {"attn1_to_q": ("loha", {}), "attn2_to_v": ("lokr", {"factors": (4, 4), "w2_factorised": True}),
+             "resnets_0_conv1": ("tucker", {})}
+
+    def kind(u):
+        return next((v for k, v in kinds.items() if u.name.endswith(k)), ("lora", {"dora": "out"}))
+
+    pick = lambda u: "down_blocks_1_" in u.name and (u.group == "attn" or u.name.endswith("resnets_0_conv1"))  # noqa: E731
+    lora = _kohya_lora(base_path, pick, rng, kinds=kind)
+    src = write_tensors(tmp / "lyco.safetensors", lora)
+    want = _applied(cli, tmp, base_path, src, "src")
+    comfy = tmp / "comfy.safetensors"
+    _convert(cli, src, "comfy", comfy, base_path)
+    assert any(k.endswith(".hada_w1_a") for k in tensors(comfy)) and any(k.endswith(".dora_scale") for k in tensors(comfy))
+    back = tmp / "back.safetensors"
+    _convert(cli, comfy, "kohya", back, base_path)
+    assert {k: v.tobytes() for k, v in tensors(back).items()} == {k: v.tobytes() for k, v in lora.items()}
+    assert _max_rel(want, _applied(cli, tmp, base_path, comfy, "comfy")) == 0.0
+    bad = tmp / "bad.safetensors"
+    r = cli("lora", "convert", src, "--to", "diffusers", "-o", bad, "--base", base_path)
+    assert r.returncode == 2 and not bad.exists()
+    assert len(r.stderr.strip().splitlines()) == 1 and "plain LoRA" in r.stderr
+
+
+def test_without_base_uses_the_shipped_layout(tmp, cli):
+    """A real-size SD1.5 kohya LoRA (rank 1): names resolved on the shipped sd15 layout."""
+    from sdtk.identify.lora_facts import _layout_table
+
+    shapes, _ = _layout_table("sd15-emaonly")
+    rng = np.random.default_rng(8)
+    lora = {}
+    for u in [u for u in base_units(shapes, "kohya") if u.group == "attn"][:30:5]:
+        lora.update(lora_family(u.name, "lora", shapes[u.target.weight], rng, rank=1, alpha=1.0))
+    src = write_tensors(tmp / "real.safetensors", lora, {"ss_base_model_version": "sd_v1"})
+    out = tmp / "d.safetensors"
+    r = cli("lora", "convert", src, "--to", "diffusers", "-o", out)
+    assert r.returncode == 0, r.stderr
+    assert "sd15-emaonly" in r.stdout
+    got = tensors(out)
+    want = {u.name for u in base_units(shapes, "diffusers")}
+    assert {k.rsplit(".lora_", 1)[0] for k in got} <= want and len(got) == len(lora) - len(lora) // 3
+    meta = json.loads(metadata(out)["sdtk.lineage"])
+    assert "lora convert to diffusers" in meta[-1]["operations"][0]
+    assert metadata(out)["ss_base_model_version"] == "sd_v1"
+
+
+def test_bad_input(tmp, cli):
+    base_path = make_model(tmp, "sd15", "sd15-emaonly", scale=8, dtype="float32")
+    rng = np.random.default_rng(9)
+    lora = _kohya_lora(base_path, lambda u: u.name.endswith("attn1_to_q"), rng)
+    src = write_tensors(tmp / "ok.safetensors", lora)
+    out = tmp / "out.safetensors"
+
+    def refused(*args, where=None):
+        r = cli("lora", "convert", *args)
+        assert r.returncode == 2, (args, r.stdout, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+        if where:
+            assert where in r.stderr, r.stderr
+        return r
+
+    refused(src, "--to", "a1111", "-o", out, where="--to")
+    assert not out.exists()
+    refused(base_path, "--to", "kohya", "-o", out, "--base", base_path, where="sd15")  # a checkpoint, not a LoRA
+    assert not out.exists()
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    evil = tmp / "evil.pt"
+    evil.write_bytes(pickle.dumps({"x.lora_down.weight": Evil()}))
+    refused(evil, "--to", "kohya", "-o", out, "--base", base_path, where="evil.pt")
+    assert not out.exists()
+    out.write_bytes(b"keep")
+    refused(src, "--to", "diffusers", "-o", out, "--base", base_path, where="out.safetensors")
+    assert out.read_bytes() == b"keep"
+    other = make_model(tmp, "flux", "flux1-dev", scale=64, dtype="float32")
+    out2 = tmp / "o2.safetensors"
+    refused(src, "--to", "diffusers", "-o", out2, "--base", other, where="ok.safetensors")
+    assert not out2.exists()

@@ -262,3 +262,174 @@ def test_bad_input(tmp, cli):
     out2 = tmp / "o2.safetensors"
     refused(src, "--to", "diffusers", "-o", out2, "--base", other, where="ok.safetensors")
     assert not out2.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Oracles: diffusers loads our diffusers output; ComfyUI's key maps take every key of our comfyui output.
+
+def _diffusers_or_skip():
+    pytest.importorskip("torch")
+    pytest.importorskip("diffusers")
+    pytest.importorskip("peft")
+    import test_lora_diffusers as tld
+
+    return tld
+
+
+def test_diffusers_output_fused_by_diffusers_equals_sdtk_apply_unet(tmp, cli):
+    import torch
+
+    tld = _diffusers_or_skip()
+    unet = tld._tiny_unet()
+    ldm = tld._ldm_checkpoint(unet)
+    base_path = write_tensors(tmp / "base.safetensors", ldm)
+    weights = dict(unet.state_dict())
+    rng = np.random.default_rng(11)
+    lora = {}
+    for m in tld.UNET_MODULES:  # attn, ff, 1x1 proj_in, 3x3 resnet LoCon, time_emb_proj; alpha/rank = 2/3
+        w = weights[m + ".weight"].shape
+        name = "lora_unet_" + m.replace(".", "_")
+        lora[name + ".lora_down.weight"] = (rng.standard_normal((3,) + tuple(w[1:])) * 0.2).astype(np.float32)
+        lora[name + ".lora_up.weight"] = (rng.standard_normal((w[0], 3) + (1,) * (len(w) - 2)) * 0.2).astype(np.float32)
+        lora[name + ".alpha"] = np.array(2.0, dtype=np.float32)
+    src = write_tensors(tmp / "kohya.safetensors", lora)
+    out = tmp / "diffusers.safetensors"
+    _convert(cli, src, "diffusers", out, base_path)
+    ours = tensors(out)
+    assert all(k.startswith("unet.") and ".lora_" in k for k in ours)
+    mixin = tld.diffusers.loaders.StableDiffusionLoraLoaderMixin
+    sd, alphas = mixin.lora_state_dict({k: torch.from_numpy(v) for k, v in ours.items()})
+    mixin.load_lora_into_unet(sd, alphas, unet, adapter_name="c")
+    unet.fuse_lora(lora_scale=1.0)
+    unet.unload_lora()
+    fused = {"model.diffusion_model." + tld._ldm_name(k): v.detach().numpy() for k, v in unet.state_dict().items()}
+    got = _applied(cli, tmp, base_path, src, "src")
+    touched = {"model.diffusion_model." + tld._ldm_name(m + ".weight") for m in tld.UNET_MODULES}
+    worst = 0.0
+    for k, v in fused.items():
+        if k in touched:
+            assert not np.array_equal(v, ldm[k]), k
+            d = float(np.max(np.abs(got[k] - v)))
+            worst = max(worst, d / float(np.max(np.abs(v))))
+            assert d <= 2e-6 * float(np.max(np.abs(v))), (k, d)
+        else:
+            assert got[k].tobytes() == v.tobytes(), k
+    print(f"UNet: diffusers fuse_lora of the converted file vs sdtk apply of the kohya source: max relative difference {worst:.2e}")
+
+
+def test_diffusers_output_fused_by_diffusers_equals_sdtk_apply_flux(tmp, cli):
+    """kohya FLUX (fused qkv / linear1, alpha 3 of rank 2) on a 32-wide FLUX: diffusers' own kohya
+    converter hard-codes 3072 for linear1 (reference §1.3); our split output loads directly."""
+    import torch
+
+    tld = _diffusers_or_skip()
+    tr = tld._tiny_flux()
+    try:
+        bfl = tld._bfl_checkpoint(tr)
+    except TypeError as e:
+        pytest.skip(f"diffusers' FLUX single-file converter differs: {e}")
+    base_path = write_tensors(tmp / "flux.safetensors", bfl)
+    rng = np.random.default_rng(12)
+    modules = ("double_blocks.0.img_attn.qkv", "double_blocks.0.txt_attn.qkv", "double_blocks.0.img_attn.proj",
+               "double_blocks.0.img_mlp.0", "double_blocks.0.txt_mod.lin", "single_blocks.0.linear1",
+               "single_blocks.0.linear2", "final_layer.adaLN_modulation.1", "img_in")
+    lora = {}
+    for m in modules:
+        w = bfl["model.diffusion_model." + m + ".weight"].shape
+        lora.update(lora_family("lora_unet_" + m.replace(".", "_"), "lora", w, rng, rank=2, alpha=3.0))
+    src = write_tensors(tmp / "kohya-flux.safetensors", lora)
+    out = tmp / "diffusers-flux.safetensors"
+    info = _convert(cli, src, "diffusers", out, base_path)
+    assert info["split"] == 3 and info["alpha_folded"] == len(modules)
+    ours = tensors(out)
+    mixin = tld.diffusers.loaders.FluxLoraLoaderMixin
+    sd = mixin.lora_state_dict({k: torch.from_numpy(v) for k, v in ours.items()})
+    sd = sd[0] if isinstance(sd, tuple) else sd
+    mixin.load_lora_into_transformer(sd, None, tr, adapter_name="c")
+    tr.fuse_lora(lora_scale=1.0)
+    tr.unload_lora()
+    fused = tld._bfl_checkpoint(tr)
+    got = _applied(cli, tmp, base_path, src, "src")
+    changed = [k for k in fused if not np.array_equal(fused[k], bfl[k])]
+    assert len(changed) == len(modules), changed
+    worst = 0.0
+    for k, v in fused.items():
+        d = float(np.max(np.abs(got[k] - v)))
+        worst = max(worst, d / (float(np.max(np.abs(v))) or 1.0))
+        assert d <= 2e-6 * (float(np.max(np.abs(v))) or 1.0), (k, d)
+    print(f"FLUX: diffusers fuse_lora of the converted file vs sdtk apply of the kohya source: max relative difference {worst:.2e}")
+
+
+def _comfy_key_map(comfy_lora, comfy_utils, base):
+    """ComfyUI's own key map over this base as ComfyUI loads it: UNet/DiT `diffusion_model.*`, text
+    encoders in HF layout (OpenCLIP converted by comfy.utils.clip_text_transformers_convert)."""
+    from test_lora_comfyui import SD1_UNET_CONFIG, _FakeModel
+
+    unet = ["diffusion_model." + k[len("model.diffusion_model."):] for k in base if k.startswith("model.diffusion_model.")]
+    clip = {}
+    for ckpt, comfy in (("cond_stage_model.transformer.", "clip_l.transformer."), ("conditioner.embedders.0.transformer.", "clip_l.transformer."),
+                        ("text_encoders.clip_l.transformer.", "clip_l.transformer."), ("text_encoders.t5xxl.transformer.", "t5xxl.transformer.")):
+        clip.update({comfy + k[len(ckpt):]: None for k in base if k.startswith(ckpt)})
+    g = {k: base[k] for k in base if k.startswith("conditioner.embedders.1.model.")}
+    if g:
+        clip.update({k: None for k in comfy_utils.clip_text_transformers_convert(g, "conditioner.embedders.1.model.", "clip_g.transformer.")})
+    config = SD1_UNET_CONFIG if any(k.startswith("model.diffusion_model.input_blocks.") for k in base) and "model.diffusion_model.label_emb.0.0.weight" not in base else {}
+    key_map = {}
+    comfy_lora.model_lora_keys_unet(_FakeModel(unet, config), key_map)
+    comfy_lora.model_lora_keys_clip(_FakeModel(list(clip)), key_map)
+    return key_map
+
+
+@pytest.mark.parametrize("layout,scale,pick", [
+    ("sdxl-base", 16, lambda u: ("input_blocks_4_" in u.name and u.group == "attn") or (u.group == "te" and "layers_2_" in u.name)),
+    ("flux1-dev-aio", 32, _flux_pick),
+])
+def test_comfyui_loads_every_key_of_the_comfyui_output(tmp, cli, caplog, layout, scale, pick):
+    import logging
+
+    from helpers_lora import comfy_or_skip
+
+    comfy_lora, comfy_utils = comfy_or_skip()
+    import torch
+
+    base_path = make_model(tmp, "base", layout, scale=scale, dtype="float32")
+    base = tensors(base_path)
+    lora = _kohya_lora(base_path, pick, np.random.default_rng(13))
+    src = write_tensors(tmp / "kohya.safetensors", lora)
+    out = tmp / "comfy.safetensors"
+    info = _convert(cli, src, "comfyui", out, base_path)
+    ours = tensors(out)
+    key_map = _comfy_key_map(comfy_lora, comfy_utils, {k: torch.from_numpy(v) for k, v in base.items()})
+    with caplog.at_level(logging.WARNING):
+        patches = comfy_lora.load_lora({k: torch.from_numpy(v) for k, v in ours.items()}, key_map)
+    assert not [r for r in caplog.records if "not loaded" in r.getMessage()], caplog.text[:500]
+    assert len(patches) == info["modules_out"]
+    if layout.startswith("sdxl"):
+        assert any(k[0].startswith("clip_g.") if isinstance(k, tuple) else k.startswith("clip_g.") for k in patches)
+
+
+def test_comfyui_output_values_match_comfyui_sd1(tmp, cli):
+    """SD1.5 kohya LoRA / LoCon / LoHa -> comfyui names: ComfyUI's load_lora + calculate_weight of
+    our output equal sdtk apply of the source."""
+    from helpers_lora import comfy_or_skip
+
+    comfy_lora, comfy_utils = comfy_or_skip()
+    from test_lora_comfyui import _comfy_patched
+
+    base_path = make_model(tmp, "sd15", "sd15-emaonly", scale=8, dtype="float32")
+    base = tensors(base_path)
+    kinds = lambda u: ("loha", {}) if u.name.endswith("ff_net_2") else ("lora", {})  # noqa: E731
+    pick = lambda u: "down_blocks_1_" in u.name and (u.group in ("attn", "conv")) or "layers_4_" in u.name  # noqa: E731
+    lora = _kohya_lora(base_path, pick, np.random.default_rng(14), kinds=kinds)
+    src = write_tensors(tmp / "kohya.safetensors", lora)
+    out = tmp / "comfy.safetensors"
+    _convert(cli, src, "comfyui", out, base_path)
+    want = _comfy_patched(comfy_lora, comfy_utils, base, tensors(out), 1.0, 1.0)
+    got = _applied(cli, tmp, base_path, src, "src")
+    assert want
+    worst = 0.0
+    for k, v in want.items():
+        d = float(np.max(np.abs(got[k].astype(np.float64) - v)))
+        worst = max(worst, d / (float(np.max(np.abs(v))) or 1.0))
+        assert d <= 1e-5 * (float(np.max(np.abs(v))) or 1.0), (k, d)
+    print(f"ComfyUI on the converted file vs sdtk apply of the source: max relative difference {worst:.2e}")

@@ -433,3 +433,53 @@ def test_comfyui_output_values_match_comfyui_sd1(tmp, cli):
         worst = max(worst, d / (float(np.max(np.abs(v))) or 1.0))
         assert d <= 1e-5 * (float(np.max(np.abs(v))) or 1.0), (k, d)
     print(f"ComfyUI on the converted file vs sdtk apply of the source: max relative difference {worst:.2e}")
+
+
+def test_dora_to_diffusers_fused_by_diffusers_equals_sdtk_apply(tmp, cli):
+    """Output-axis DoRA (LyCORIS wd_on_out `dora_scale` (out, 1[, 1, 1])) -> diffusers
+    `lora_magnitude_vector`: diffusers' DoRA fuse equals sdtk apply of the source; back to kohya
+    gives the same applied result; an input-axis dora_scale is refused for diffusers."""
+    import torch
+
+    tld = _diffusers_or_skip()
+    unet = tld._tiny_unet()
+    ldm = tld._ldm_checkpoint(unet)
+    base_path = write_tensors(tmp / "base.safetensors", ldm)
+    weights = dict(unet.state_dict())
+    rng = np.random.default_rng(15)
+    modules = ("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q", "down_blocks.0.attentions.0.transformer_blocks.0.ff.net.2",
+               "up_blocks.1.attentions.1.transformer_blocks.0.attn2.to_k", "down_blocks.1.resnets.0.conv1")
+    lora = {}
+    for m in modules:
+        lora.update(lora_family("lora_unet_" + m.replace(".", "_"), "lora", weights[m + ".weight"].shape, rng, rank=3, alpha=2.0, dora="out"))
+    src = write_tensors(tmp / "dora.safetensors", lora)
+    out = tmp / "dora-diffusers.safetensors"
+    _convert(cli, src, "diffusers", out, base_path)
+    ours = tensors(out)
+    assert sum(k.endswith(".lora_magnitude_vector.weight") for k in ours) == len(modules)
+    mixin = tld.diffusers.loaders.StableDiffusionLoraLoaderMixin
+    sd, alphas = mixin.lora_state_dict({k: torch.from_numpy(v) for k, v in ours.items()})
+    mixin.load_lora_into_unet(sd, alphas, unet, adapter_name="d")
+    unet.fuse_lora(lora_scale=1.0)
+    unet.unload_lora()
+    fused = {"model.diffusion_model." + tld._ldm_name(k): v.detach().numpy() for k, v in unet.state_dict().items()}
+    got = _applied(cli, tmp, base_path, src, "src")
+    touched = {"model.diffusion_model." + tld._ldm_name(m + ".weight") for m in modules}
+    worst = 0.0
+    for k in touched:
+        assert not np.array_equal(fused[k], ldm[k]), k
+        d = float(np.max(np.abs(got[k] - fused[k])))
+        worst = max(worst, d / float(np.max(np.abs(fused[k]))))
+        assert d <= 2e-6 * float(np.max(np.abs(fused[k]))), (k, d)
+    print(f"DoRA: diffusers fuse_lora of the converted file vs sdtk apply of the source: max relative difference {worst:.2e}")
+    back = tmp / "dora-back.safetensors"
+    _convert(cli, out, "kohya", back, base_path)
+    assert _max_rel(got, _applied(cli, tmp, base_path, back, "back")) <= 2e-6
+    lora_in = dict(lora)
+    name = "lora_unet_" + modules[0].replace(".", "_")
+    lora_in[name + ".dora_scale"] = np.ones((1, weights[modules[0] + ".weight"].shape[1]), np.float32) * 1.5
+    lora_in = {k: v for k, v in lora_in.items() if not k.startswith("lora_unet_" + modules[3].replace(".", "_"))}
+    bad_src = write_tensors(tmp / "dora-in.safetensors", lora_in)
+    bad = tmp / "bad.safetensors"
+    r = cli("lora", "convert", bad_src, "--to", "diffusers", "-o", bad, "--base", base_path)
+    assert r.returncode == 2 and not bad.exists() and "per input column" in r.stderr, r.stderr

@@ -22,7 +22,10 @@ LoRA was made for) and named with the target convention's table (ops/lora/naming
 - diffusers orders FLUX's final adaLN modulation (scale, shift), BFL (shift, scale): up's two row
   halves are swapped when one side's target has `swap_halves` and the other's not.
 - kohya / ComfyUI hold every LyCORIS type under the same suffixes (renamed only); diffusers holds
-  plain LoRA / LoCon only (no Tucker `lora_mid`, no DoRA, no LoHa/LoKr/...): refused.
+  plain LoRA / LoCon only, and DoRA with a per-output-row magnitude (`dora_scale` ->
+  `lora_magnitude_vector`, as diffusers' own kohya converter renames it; PEFT normalises W + s dW
+  per output row, the same as an output-axis `dora_scale`); Tucker `lora_mid`, input-axis DoRA,
+  LoHa / LoKr / ... are refused.
 Output: atomically through the safetensors writer, input metadata kept (ss_*, modelspec), stale
 hashes replaced by the output's own (sshs_model_hash when the input had one, modelspec.hash_sha256),
 one `sdtk.lineage` step.
@@ -55,7 +58,9 @@ KOHYA_SUFFIX = {"down": ".lora_down.weight", "up": ".lora_up.weight", "mid": ".l
 for _suffix, _role in SUFFIX_ROLES:  # every other role under its first (LyCORIS) spelling
     KOHYA_SUFFIX.setdefault(_role, _suffix)
 KOHYA_SUFFIX["magnitude"] = ".dora_scale"  # PEFT's lora_magnitude_vector (out,) -> kohya/LyCORIS (out, 1[, 1, 1])
-DIFFUSERS_SUFFIX = {"down": ".lora_A.weight", "up": ".lora_B.weight"}
+DIFFUSERS_SUFFIX = {"down": ".lora_A.weight", "up": ".lora_B.weight",
+                    # DoRA magnitude: diffusers _convert_non_diffusers_lora_to_diffusers (dora_scale -> lora_magnitude_vector)
+                    "magnitude": ".lora_magnitude_vector.weight"}
 # Kinds the diffusers / PEFT format can hold (peft tuners/lora: Linear and Conv2d LoRA).
 DIFFUSERS_KINDS = ("lora", "locon")
 
@@ -149,9 +154,15 @@ def _refuse_kind(src: str, m: Module, why: str) -> None:
     raise SdtkError(src, f"module {m.name} is {what}: {why}")
 
 
-def _plain(src: str, m: Module, why: str) -> None:
-    if m.kind not in DIFFUSERS_KINDS or "mid" in m.parts or m.dora:
+def _plain(src: str, m: Module, why: str, dora: bool = False) -> None:
+    """Refuse anything but a plain LoRA / LoCon (with `dora`: output-axis DoRA allowed too)."""
+    if m.kind not in DIFFUSERS_KINDS or "mid" in m.parts or (m.dora and not dora):
         _refuse_kind(src, m, why)
+    if m.dora and "dora_scale" in m.parts:
+        scale, out = m.parts["dora_scale"].shape, m.parts["up"].shape[0]
+        if scale[0] != out or m.parts["dora_scale"].numel != out:
+            raise SdtkError(src, f"module {m.name}: DoRA magnitude {list(scale)} is per input column (old LyCORIS); "
+                                 f"PEFT's lora_magnitude_vector is per output row (convert to kohya or comfyui)")
 
 
 def convert_lora(src: str, dest: str, to: str, *, base: Optional[str] = None, overwrite: bool = False,
@@ -196,7 +207,8 @@ def convert_lora(src: str, dest: str, to: str, *, base: Optional[str] = None, ov
         fuse: Dict[Tuple[str, bool], List[Tuple[Module, Target]]] = {}
         for m, t in pairs:
             if conv == "diffusers":
-                _plain(src, m, "the diffusers / PEFT format holds plain LoRA / LoCon only (convert to kohya or comfyui)")
+                _plain(src, m, "the diffusers / PEFT format holds plain LoRA / LoCon (and output-axis DoRA) only "
+                               "(convert to kohya or comfyui)", dora=_key(t) in by_key)
             u = by_key.get(_key(t))
             if u is not None:
                 _rename(out, m, t, u.name, u.target, conv, peft, result)
@@ -255,7 +267,7 @@ def _rename(out: _Out, m: Module, t: Target, name: str, dest: Target, conv: str,
     out.module(name, m.name)
     result.renamed += 1
     swap = t.swap_halves != dest.swap_halves
-    if swap and m.kind not in DIFFUSERS_KINDS:
+    if swap and (m.kind not in DIFFUSERS_KINDS or m.dora):
         _refuse_kind(out.src, m, f"its rows would have to be swapped for {name} (only plain LoRAs can be)")
     if conv == "diffusers":
         s = module_scale(m, peft)
@@ -267,12 +279,16 @@ def _rename(out: _Out, m: Module, t: Target, name: str, dest: Target, conv: str,
                 lambda d=down, f=sd: (_f32(d) * F32(f)).astype(d.dtype.numpy) if f != 1.0 else d.read())
         out.add(name + DIFFUSERS_SUFFIX["up"], up.dtype, up.shape,
                 lambda u=up, f=su, sw=swap: _maybe_swap((_f32(u) * F32(f)).astype(u.dtype.numpy) if f != 1.0 else u.read(), sw))
+        mag = m.parts.get("dora_scale", m.parts.get("magnitude"))
+        if mag is not None:  # PEFT: (out,) for Linear, (1, out, 1, 1) for conv (reference §7.1)
+            shape = (mag.numel,) if len(down.shape) == 2 else (1, mag.numel, 1, 1)
+            out.add(name + DIFFUSERS_SUFFIX["magnitude"], mag.dtype, shape, lambda x=mag, sh=shape: np.asarray(x.read()).reshape(sh))
         return
     for role, tensor in m.parts.items():
         suffix = KOHYA_SUFFIX[role]
         if role == "magnitude":  # PEFT (out,) -> LyCORIS / kohya output-axis dora_scale (out, 1[, 1, 1])
             nd = len(m.parts["down"].shape) if "down" in m.parts else 2
-            shape = (tensor.shape[0],) + (1,) * (nd - 1)
+            shape = (tensor.numel,) + (1,) * (nd - 1)
             out.add(name + suffix, tensor.dtype, shape, lambda x=tensor, s=shape: np.asarray(x.read()).reshape(s))
         elif role == "up" and swap:
             out.add(name + suffix, tensor.dtype, tensor.shape, lambda x=tensor: _swap_rows(np.asarray(x.read())))

@@ -101,12 +101,13 @@ def merge_cmd(
     rank: Optional[int] = typer.Option(None, "--rank", help="Re-factor each module to this rank (QR + small SVD of the stacked factors; the cap with --dynamic). Default: exact, ranks concatenated."),
     dynamic: Optional[str] = typer.Option(None, "--dynamic", help="With --rank: sv_ratio:R, sv_fro:F or sv_cumulative:C (kohya's conventions)."),
     out_dtype: Optional[str] = typer.Option(None, "--dtype", help="Output dtype (default: the widest input's)."),
+    kohya_ratios: bool = typer.Option(False, "--kohya-ratios", help="kohya merge_lora.py semantics (not exact): factors summed with sqrt(alpha_i/alpha_1)*W scales, so weights act as W|W| and cross terms appear; equal ranks only."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
     json_out: bool = typer.Option(False, "--json", help="Print a JSON summary."),
 ) -> int:
     """Merge LoRAs: exactly (ranks concatenated: applying the result equals applying each input at its weight), or to a rank with --rank (the truncated SVD of the exact sum; error reported)."""
     from sdtk.adapters.matching import parse_lora_argument
-    from sdtk.ops.lora.merge import concat_merge, rank_merge
+    from sdtk.ops.lora.merge import concat_merge, kohya_merge, rank_merge
 
     specs = [parse_lora_argument(a) for a in loras]
     if len(specs) < 2:
@@ -118,6 +119,17 @@ def merge_cmd(
     if rank is not None and rank < 1:
         raise UsageError(None, "--rank must be at least 1")
     pairs = [(s.path, s.strength) for s in specs]
+    if kohya_ratios:
+        if rank is not None:
+            raise UsageError(None, "--kohya-ratios and --rank do not go together")
+        result = kohya_merge(pairs, str(output), overwrite=overwrite, out_dtype=out_dtype)
+        if json_out:
+            print_json({"output": result.output, "modules": result.modules, "ranks": result.ranks, "exact": False,
+                        "semantics": "kohya merge_lora.py", "inputs": [{"file": p, "weight": w} for p, w in result.inputs]})
+        else:
+            console.print(f"wrote {result.output}: {result.modules} modules, kohya merge_lora.py semantics "
+                          f"(factors summed: weights act as W|W|, cross terms; not exact)")
+        return 0
     if rank is None:
         result, rows = concat_merge(pairs, str(output), overwrite=overwrite, out_dtype=out_dtype), None
     else:

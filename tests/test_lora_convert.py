@@ -258,6 +258,8 @@ def test_bad_input(tmp, cli):
     out.write_bytes(b"keep")
     refused(src, "--to", "diffusers", "-o", out, "--base", base_path, where="out.safetensors")
     assert out.read_bytes() == b"keep"
+    refused(src, "--to", "diffusers", "-o", tmp / "nobase.safetensors", where="--base")  # scaled: the shipped layout does not fit
+    assert not (tmp / "nobase.safetensors").exists()
     other = make_model(tmp, "flux", "flux1-dev", scale=64, dtype="float32")
     out2 = tmp / "o2.safetensors"
     refused(src, "--to", "diffusers", "-o", out2, "--base", other, where="ok.safetensors")

@@ -103,7 +103,7 @@ def normalise_target(to: str) -> str:
     return TARGETS[key]
 
 
-def _base_shapes(src: str, cat, adapter, base: Optional[str]):
+def _base_shapes(src: str, cat, base: Optional[str]):
     """({key: shape}, alias table or None, label) of `--base` or of the LoRA's own architecture's layout."""
     if base is not None:
         from sdtk.formats import open_model
@@ -184,9 +184,14 @@ def convert_lora(src: str, dest: str, to: str, *, base: Optional[str] = None, ov
         adapter = read_adapter(cat.tensors, cat.metadata)
         if not adapter.modules:
             raise SdtkError(src, "has no adapter modules (is it a LoRA?)")
-        shapes, table, base_label = _base_shapes(src, cat, adapter, base)
+        shapes, table, base_label = _base_shapes(src, cat, base)
         patches, reports = plan_patches(shapes, [(LoraInput(src), adapter)], table)
-        check_reports(reports, base_label, allow_unmatched)
+        try:
+            check_reports(reports, base_label, allow_unmatched)
+        except SdtkError as e:
+            if base is None:  # the shipped layout is full size: a LoRA for a scaled or other model needs its base
+                raise SdtkError(e.path, e.problem + "; give its base model with --base CKPT") from None
+            raise
         result = ConvertResult(os.fspath(dest), src, conv, base_label, len(adapter.modules), 0,
                                skipped=list(reports[0].unmatched))
         matched: Dict[int, Tuple[Module, Target]] = {}

@@ -144,9 +144,10 @@ def test_flux_round_trips_split_and_fuse(tmp, cli):
     mlp = base["model.diffusion_model.single_blocks.1.linear1.weight"].shape[0] - 3 * hidden
     assert mid["transformer.single_transformer_blocks.1.proj_mlp.lora_B.weight"].shape == (mlp, 4)
     back = tensors(tmp / "flux-diffusers-kohya.safetensors")
-    # fused again: downs stacked (rank 4 x 4 parts), alpha = the rank sum
-    assert back["lora_unet_single_blocks_1_linear1.lora_down.weight"].shape[0] == 16
-    assert float(back["lora_unet_single_blocks_1_linear1.alpha"]) == 16.0
+    # fused again: the parts share kohya's down, so it is kept (rank 4, not 4 x 4) with alpha = rank
+    # (the scale 3/4 stays folded in the factors)
+    assert back["lora_unet_single_blocks_1_linear1.lora_down.weight"].shape[0] == 4
+    assert float(back["lora_unet_single_blocks_1_linear1.alpha"]) == 4.0
     # diffusers -> kohya -> diffusers: the block-diagonal fuse is chunked, not copied (ranks kept)
     again = tmp / "flux-again.safetensors"
     _convert(cli, tmp / "flux-diffusers-kohya.safetensors", "diffusers", again, base_path)
@@ -154,6 +155,35 @@ def test_flux_round_trips_split_and_fuse(tmp, cli):
     for k, v in mid.items():
         assert a[k].shape == v.shape, k
         assert np.allclose(a[k], v, rtol=1e-6, atol=1e-7), k
+
+
+def test_flux_independent_parts_fuse_block_diagonal(tmp, cli):
+    """ai-toolkit-style parts with their own downs and ranks (to_q rank 2, to_k rank 3, proj_mlp
+    rank 2, no to_v): fused into kohya's linear1 with downs stacked and a block-diagonal up (rank 7,
+    alpha 7); to_v's rows stay zero. Applied results equal; back to diffusers equals too."""
+    base_path = make_model(tmp, "flux", "flux1-dev", scale=32, dtype="float32")
+    base = tensors(base_path)
+    hidden = base["model.diffusion_model.single_blocks.0.linear2.weight"].shape[0]
+    width = base["model.diffusion_model.single_blocks.0.linear1.weight"].shape[1]
+    mlp = base["model.diffusion_model.single_blocks.0.linear1.weight"].shape[0] - 3 * hidden
+    rng = np.random.default_rng(16)
+    lora = {}
+    for part, rows, rank in (("attn.to_q", hidden, 2), ("attn.to_k", hidden, 3), ("proj_mlp", mlp, 2)):
+        name = f"transformer.single_transformer_blocks.0.{part}"
+        lora[name + ".lora_A.weight"] = (rng.standard_normal((rank, width)) * 0.1).astype(np.float32)
+        lora[name + ".lora_B.weight"] = (rng.standard_normal((rows, rank)) * 0.1).astype(np.float32)
+    src = write_tensors(tmp / "aitk.safetensors", lora)
+    want = _applied(cli, tmp, base_path, src, "src")
+    k = tmp / "k.safetensors"
+    assert _convert(cli, src, "kohya", k, base_path)["fused"] == 1
+    got = tensors(k)
+    up = got["lora_unet_single_blocks_0_linear1.lora_up.weight"]
+    assert up.shape == (3 * hidden + mlp, 7) and float(got["lora_unet_single_blocks_0_linear1.alpha"]) == 7.0
+    assert not np.any(up[2 * hidden:3 * hidden]) and not np.any(up[:hidden, 2:])
+    assert _max_rel(want, _applied(cli, tmp, base_path, k, "k")) <= 2e-6
+    d = tmp / "d.safetensors"
+    _convert(cli, k, "diffusers", d, base_path)
+    assert _max_rel(want, _applied(cli, tmp, base_path, d, "d")) <= 2e-6
 
 
 def test_diffusers_input_with_header_alpha(tmp, cli):

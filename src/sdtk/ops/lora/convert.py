@@ -16,9 +16,11 @@ LoRA was made for) and named with the target convention's table (ops/lora/naming
   `single_blocks.N.linear1` (= [q; k; v; mlp]); diffusers splits them (to_q/to_k/to_v, add_*_proj,
   proj_mlp) as row slices whose sizes come from the base's shapes. Split: down copied to every
   part, up split by rows; unless up is block-diagonal with a rank divisible by the number of
-  parts (what a fuse writes), then both are chunked. Fuse: downs stacked (rank sum), up
-  block-diagonal, alpha = the rank sum (each part's scale folded first). Parts a LoRA does not
-  train are zero rows of the fused up.
+  parts (what a fuse of independent parts writes), then both are chunked. Fuse: downs stacked
+  (rank sum), up block-diagonal, alpha = the rank sum (each part's scale folded first); when all
+  parts share one down (what a split writes) that down is kept and the ups stacked by rows, so
+  kohya -> diffusers -> kohya keeps the rank. Parts a LoRA does not train are zero rows of the
+  fused up.
 - diffusers orders FLUX's final adaLN modulation (scale, shift), BFL (shift, scale): up's two row
   halves are swapped when one side's target has `swap_halves` and the other's not.
 - kohya / ComfyUI hold every LyCORIS type under the same suffixes (renamed only); diffusers holds
@@ -364,7 +366,8 @@ def _split(out: _Out, m: Module, t: Target, parts, conv: str, peft, result: Conv
 
 def _fuse(out: _Out, parts: List[Tuple[Module, Target]], name: str, wshape, conv: str, peft, result: ConvertResult) -> None:
     """Row-slice modules (to_q / to_k / to_v / proj_mlp) as one module of the fused weight: downs
-    stacked, up block-diagonal, every part's scale folded in, alpha = the rank sum (scale 1)."""
+    stacked, up block-diagonal (or, when the parts share one down, that down and the ups stacked),
+    every part's scale folded in, alpha = the output rank (scale 1)."""
     parts = sorted(parts, key=lambda mt: mt[1].rows[0])
     for (a, ta), (b, tb) in zip(parts, parts[1:]):
         if ta.rows[0] + ta.rows[1] > tb.rows[0]:
@@ -381,8 +384,18 @@ def _fuse(out: _Out, parts: List[Tuple[Module, Target]], name: str, wshape, conv
             raise SdtkError(out.src, f"module {m.name}: input shape {list(m.parts['down'].shape[1:])} differs from {first.name}'s")
     scales = [scale_split(module_scale(m, peft)) for m, _ in parts]
     result.folded += sum(1 for m, _ in parts if module_scale(m, peft) != 1.0)
+    # parts that share one down (what a split writes: kohya's down copied to q, k, v) fuse without
+    # growing the rank: that down, the ups stacked by rows (read now: it decides the shapes)
+    downs = [_f32(m.parts["down"]) * F32(sd) for (m, _), (sd, _) in zip(parts, scales)]
+    shared = len(set(ranks)) == 1 and all(np.array_equal(downs[0], d) for d in downs[1:])
+    first_down = downs[0] if shared else None
+    del downs  # not kept while the plan waits to be written (read again by the loader)
+    if shared:
+        total = ranks[0]
 
     def down_loader():
+        if shared:
+            return first_down.astype(down_dt.numpy)
         return np.concatenate([_f32(m.parts["down"]) * F32(sd) for (m, _), (sd, _) in zip(parts, scales)], axis=0).astype(down_dt.numpy)
 
     def up_loader():
@@ -391,11 +404,11 @@ def _fuse(out: _Out, parts: List[Tuple[Module, Target]], name: str, wshape, conv
         for (m, t), (_, su), r in zip(parts, scales, ranks):
             off, length = t.rows
             up[off:off + length, col:col + r] = _f32(m.parts["up"]).reshape(length, r) * F32(su)
-            col += r
+            col += 0 if shared else r
         return up.astype(up_dt.numpy)
 
     suffix = DIFFUSERS_SUFFIX if conv == "diffusers" else KOHYA_SUFFIX
     out.add(name + suffix["down"], down_dt, (total,) + tail, down_loader)
     out.add(name + suffix["up"], up_dt, (wshape[0], total), up_loader)
     if conv != "diffusers":
-        _alpha_tensor(out, name, float(total))
+        _alpha_tensor(out, name, float(total))  # scale 1: every part's scale is in its factors

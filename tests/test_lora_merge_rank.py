@@ -124,3 +124,36 @@ def test_merge_at_rank_refuses_nonlinear_modules(tmp, cli, kind, opts, words):
     assert len(r.stderr.strip().splitlines()) == 1 and not out.exists()
     r = cli("lora", "merge", pb, pb, "--dynamic", "sv_fro:0.9", "-o", out)
     assert r.returncode == 2 and "--rank" in r.stderr and not out.exists()
+
+
+def test_kohya_ratios_follow_merge_lora_py(tmp, cli):
+    """--kohya-ratios: kohya merge_lora.py merge_lora_models (reference §3.1), written out here:
+    k_i = sqrt(alpha_i / alpha_1) * w_i; down = sum k_i down_i, up = sum |k_i| up_i, alpha = alpha_1
+    (alpha = rank when a file has none). A single input at w = 0.5 therefore acts at 0.25."""
+    rng = np.random.default_rng(21)
+    a = lora_family(Q, "lora", (8, 6), rng, rank=3, alpha=2.0)
+    a.update(lora_family(CONV, "lora", (8, 4, 3, 3), rng, rank=2, alpha=1.0))
+    b = lora_family(Q, "lora", (8, 6), rng, rank=3, alpha=None)  # no alpha: kohya takes alpha = rank
+    b.update(lora_family(CONV, "lora", (8, 4, 3, 3), rng, rank=2, alpha=4.0))
+    pa, pb = write_tensors(tmp / "a.safetensors", a), write_tensors(tmp / "b.safetensors", b)
+    out = tmp / "k.safetensors"
+    r = cli("lora", "merge", f"{pa}:0.7", f"{pb}:-0.4", "--kohya-ratios", "-o", out)
+    assert r.returncode == 0, r.stderr
+    got = tensors(out)
+    for name, alpha_a, alpha_b in ((Q, 2.0, 3.0), (CONV, 1.0, 4.0)):
+        ka, kb = np.sqrt(alpha_a / alpha_a) * 0.7, np.sqrt(alpha_b / alpha_a) * -0.4
+        down = a[name + ".lora_down.weight"] * ka + b[name + ".lora_down.weight"] * kb
+        up = a[name + ".lora_up.weight"] * abs(ka) + b[name + ".lora_up.weight"] * abs(kb)
+        assert np.allclose(got[name + ".lora_down.weight"], down, rtol=1e-6, atol=1e-7)
+        assert np.allclose(got[name + ".lora_up.weight"], up, rtol=1e-6, atol=1e-7)
+        assert float(got[name + ".alpha"]) == alpha_a
+    # the quadratic ratio: one input at 0.5 gives 0.25 of its delta
+    one = tmp / "one.safetensors"
+    assert cli("lora", "merge", f"{pa}:0.5", f"{pa}:0", "--kohya-ratios", "-o", one).returncode == 0
+    g = tensors(one)
+    want = _flat(a[Q + ".lora_up.weight"]) @ _flat(a[Q + ".lora_down.weight"]) * 0.25
+    assert np.allclose(_flat(g[Q + ".lora_up.weight"]) @ _flat(g[Q + ".lora_down.weight"]), want, rtol=1e-6, atol=1e-8)
+    c = write_tensors(tmp / "c.safetensors", lora_family(Q, "lora", (8, 6), rng, rank=5))
+    bad = tmp / "bad.safetensors"
+    r = cli("lora", "merge", pa, c, "--kohya-ratios", "-o", bad)
+    assert r.returncode == 2 and not bad.exists() and "equal ranks" in r.stderr

@@ -101,12 +101,13 @@ def merge_cmd(
     rank: Optional[int] = typer.Option(None, "--rank", help="Re-factor each module to this rank (QR + small SVD of the stacked factors; the cap with --dynamic). Default: exact, ranks concatenated."),
     dynamic: Optional[str] = typer.Option(None, "--dynamic", help="With --rank: sv_ratio:R, sv_fro:F or sv_cumulative:C (kohya's conventions)."),
     out_dtype: Optional[str] = typer.Option(None, "--dtype", help="Output dtype (default: the widest input's)."),
+    kohya_ratios: bool = typer.Option(False, "--kohya-ratios", help="kohya merge_lora.py semantics (not exact): factors summed with sqrt(alpha_i/alpha_1)*W scales, so weights act as W|W| and cross terms appear; equal ranks only."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
     json_out: bool = typer.Option(False, "--json", help="Print a JSON summary."),
 ) -> int:
     """Merge LoRAs: exactly (ranks concatenated: applying the result equals applying each input at its weight), or to a rank with --rank (the truncated SVD of the exact sum; error reported)."""
     from sdtk.adapters.matching import parse_lora_argument
-    from sdtk.ops.lora.merge import concat_merge, rank_merge
+    from sdtk.ops.lora.merge import concat_merge, kohya_merge, rank_merge
 
     specs = [parse_lora_argument(a) for a in loras]
     if len(specs) < 2:
@@ -118,6 +119,17 @@ def merge_cmd(
     if rank is not None and rank < 1:
         raise UsageError(None, "--rank must be at least 1")
     pairs = [(s.path, s.strength) for s in specs]
+    if kohya_ratios:
+        if rank is not None:
+            raise UsageError(None, "--kohya-ratios and --rank do not go together")
+        result = kohya_merge(pairs, str(output), overwrite=overwrite, out_dtype=out_dtype)
+        if json_out:
+            print_json({"output": result.output, "modules": result.modules, "ranks": result.ranks, "exact": False,
+                        "semantics": "kohya merge_lora.py", "inputs": [{"file": p, "weight": w} for p, w in result.inputs]})
+        else:
+            console.print(f"wrote {result.output}: {result.modules} modules, kohya merge_lora.py semantics "
+                          f"(factors summed: weights act as W|W|, cross terms; not exact)")
+        return 0
     if rank is None:
         result, rows = concat_merge(pairs, str(output), overwrite=overwrite, out_dtype=out_dtype), None
     else:
@@ -237,6 +249,36 @@ def extract_cmd(
                       f"median {errs[len(errs) // 2]:.4f}, worst {worst.error:.4f} ({worst.name})")
     if len(changed) < len(mods):
         console.print(f"  {len(mods) - len(changed)} modules are identical in both models (zero factors)")
+    return 0
+
+
+@lora_app.command("convert")
+def convert_cmd(
+    lora: Path = typer.Argument(..., help="A LoRA / LyCORIS file (any naming convention)."),
+    to: str = typer.Option(..., "--to", help="kohya, diffusers (= PEFT-based loaders) or comfyui (alias comfy)."),
+    output: Path = typer.Option(..., "-o", "--output", help="Output .safetensors file."),
+    base: Optional[Path] = typer.Option(None, "--base", help="The base model (names and shapes only); default: the shipped layout of the architecture the LoRA was made for."),
+    allow_unmatched: bool = typer.Option(False, "--allow-unmatched", help="Leave out modules that match nothing in the base."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
+    json_out: bool = typer.Option(False, "--json", help="Print a JSON summary."),
+) -> int:
+    """Rename a LoRA into another convention (FLUX qkv / linear1 split or fused, alpha folded for diffusers): applying the result gives the same weights."""
+    from sdtk.ops.lora.convert import convert_lora, normalise_target
+
+    conv = normalise_target(to)
+    if not str(output).endswith(".safetensors"):
+        raise UsageError(output, "the output must be a .safetensors file")
+    result = convert_lora(str(lora), str(output), conv, base=str(base) if base else None, overwrite=overwrite,
+                          allow_unmatched=allow_unmatched)
+    if json_out:
+        print_json(result.as_dict())
+        return 0
+    console.print(f"wrote {result.output} ({result.bytes:,} bytes): {result.modules_in} modules -> {result.modules_out} "
+                  f"{result.to} modules (base: {result.base})")
+    console.print(f"  {result.renamed} renamed, {result.split} fused modules split, {result.fused} fused from parts, "
+                  f"alpha/rank folded into the factors of {result.folded}")
+    if result.skipped:
+        console.print(f"  skipped {len(result.skipped)}: " + _short(f"{m} ({why})" for m, why in result.skipped))
     return 0
 
 

@@ -14,6 +14,12 @@ LoCon inputs the same sqrt|c_i| factors are stacked (U = [sign(c_i) sqrt|c_i| up
 dense M is never formed. A module where some input is Tucker LoCon, LoHa, LoKr or a full diff is
 made dense (only that module) and its top k come from lowrank.svd_exact. New factors: up = U_k S_k,
 down = V_k^T (kohya's split), alpha = k (scale 1). Dynamic ranks: resize.dynamic_rank.
+kohya's own semantics, only behind `--kohya-ratios` (`kohya_merge`; reference §3.1, sd-scripts
+networks/merge_lora.py merge_lora_models without --concat): per module base_alpha = the alpha of
+the first input holding it (alpha = rank when absent); every down is multiplied by k_i =
+sqrt(alpha_i / base_alpha) * w_i and every up by |k_i|, the factors are summed tensor by tensor (equal
+ranks only) and alpha = base_alpha. The product carries cross terms up_i down_j and every weight
+acts as w_i |w_i| (sd-scripts #868: users pass sqrt of the ratio they mean).
 Non-Tucker LoHa and flat LoKr factors do not record a conv kernel: when no input of the module
 does, the merged factors keep the flattened (out, in*kh*kw) layout (sdtk and ComfyUI reshape by
 element count).
@@ -239,3 +245,48 @@ def _fractions(kept: float, energy: float) -> Tuple[float, float]:
 def _keys(name: str, m) -> Tuple[str, str]:
     """kohya suffixes for the output (`.lora_up.weight` / `.lora_down.weight`)."""
     return name + ".lora_up.weight", name + ".lora_down.weight"
+
+
+def kohya_merge(inputs: Sequence[Tuple[str, float]], dest: str, overwrite: bool = False,
+                out_dtype: Optional[str] = None) -> MergeSummary:
+    """kohya merge_lora.py's merge of LoRAs (see the module docstring): not exact, on purpose."""
+    cats = []
+    try:
+        adapters, dt, names = _open_inputs(inputs, cats, _refuse_for_concat, out_dtype)
+        plan: List[LazyTensor] = []
+        ranks: Dict[int, int] = {}
+        for name in names:
+            parts = [(a.modules[name], w, p) for a, w, p in adapters if name in a.modules]
+            shapes = {(tuple(m.parts["down"].shape), tuple(m.parts["up"].shape)) for m, _, _ in parts}
+            if len(shapes) > 1:
+                raise SdtkError(parts[-1][2], f"module {name}: factor shapes {sorted(shapes)} differ between inputs; "
+                                              f"kohya's merge sums factors tensor by tensor (equal ranks only); drop --kohya-ratios")
+            alphas = [m.scalar("alpha") if m.scalar("alpha") is not None else float(m.parts["down"].shape[0]) for m, _, _ in parts]
+            base_alpha = alphas[0]
+            ks = [float(np.sqrt(a / base_alpha)) * w for a, (_, w, _) in zip(alphas, parts)]
+            rank = parts[0][0].parts["down"].shape[0]
+            ranks[rank] = ranks.get(rank, 0) + 1
+            up_key, down_key = _keys(name, parts[0][0])
+
+            def summed(role, parts=parts, ks=ks):
+                total = None
+                for (m, _, _), k in zip(parts, ks):
+                    term = np.asarray(m.parts[role].read(), F32) * F32(abs(k) if role == "up" else k)
+                    total = term if total is None else total + term
+                return total.astype(dt.numpy)
+
+            first = parts[0][0]
+            plan += [LazyTensor(down_key, dt, tuple(first.parts["down"].shape), lambda f=summed: f("down")),
+                     LazyTensor(up_key, dt, tuple(first.parts["up"].shape), lambda f=summed: f("up")),
+                     LazyTensor(name + ".alpha", dt, (), lambda a=base_alpha: np.array(a, dtype=dt.numpy))]
+        meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(next(iter(ranks))) if len(ranks) == 1 else "Dynamic",
+                "ss_network_alpha": "Dynamic",
+                "sdtk.lora_merge": ", ".join(f"{os.path.basename(p)}:{w:g}" for p, w in inputs) + " (kohya ratios: w|w|, cross terms)"}
+        for key in ("ss_base_model_version", "ss_v2", "modelspec.architecture", "modelspec.implementation"):
+            if key in cats[0].metadata:
+                meta[key] = cats[0].metadata[key]
+        write_safetensors(dest, plan, meta, inputs=[p for p, _ in inputs], overwrite=overwrite)
+        return MergeSummary(os.fspath(dest), len(names), ranks, list(inputs))
+    finally:
+        for c in cats:
+            c.close()

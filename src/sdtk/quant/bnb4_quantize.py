@@ -48,6 +48,18 @@ def _bounds(quant_type: str) -> Tuple[np.ndarray, np.ndarray]:
     return ((s[:-1] + s[1:]) / _F32(2)).astype(_F32), order.astype(np.uint8)
 
 
+CHUNK = 1 << 18  # values handled at a time (a multiple of every blocksize): cache-sized temporaries
+
+
+def _codes(scaled: np.ndarray, bounds: np.ndarray) -> np.ndarray:
+    """torch.bucketize(right=False): the number of bounds below each value (15 compares beat a
+    binary search by ~3x in numpy)."""
+    q = np.zeros(scaled.shape, dtype=np.uint8)
+    for b in bounds:
+        q += scaled > b
+    return q
+
+
 def quantize_4bit(values: np.ndarray, blocksize: int = 64, quant_type: str = "nf4") -> Tuple[np.ndarray, np.ndarray]:
     """Values (any float array; flattened row-major) -> (packed uint8 [ceil(n/2), 1], absmax f32 [blocks])."""
     if blocksize not in BLOCKSIZES:
@@ -55,23 +67,26 @@ def quantize_4bit(values: np.ndarray, blocksize: int = 64, quant_type: str = "nf
     x = np.ascontiguousarray(values, dtype=_F32).reshape(-1)
     n = x.size
     full = n - n % blocksize
-    whole = x[:full].reshape(-1, blocksize)
-    absmax = np.abs(whole).max(axis=1) if full else np.zeros(0, _F32)
-    with np.errstate(over="ignore"):
-        inv = (_F32(1) / np.maximum(absmax, _F32(1e-38))).astype(_F32)
-    scaled = np.empty(n + (n & 1), dtype=_F32)
-    np.clip(whole * inv[:, None], -1, 1, out=scaled[:full].reshape(-1, blocksize))
+    bounds, order = _bounds(quant_type)
+    codes = np.empty(n + (n & 1), dtype=np.uint8)
+    absmax = np.empty(-(-n // blocksize), dtype=_F32)
+    for start in range(0, full, CHUNK):
+        whole = x[start:min(start + CHUNK, full)].reshape(-1, blocksize)
+        am = np.abs(whole).max(axis=1)
+        absmax[start // blocksize:start // blocksize + am.size] = am
+        inv = (_F32(1) / np.maximum(am, _F32(1e-38))).astype(_F32)
+        scaled = whole * inv[:, None]
+        np.clip(scaled, -1, 1, out=scaled)
+        codes[start:start + scaled.size] = _codes(scaled.reshape(-1), bounds)
     if full < n:
         am = _F32(np.abs(x[full:]).max())
-        absmax = np.append(absmax, am).astype(_F32)
-        scaled[full:n] = np.clip(x[full:] / max(am, _F32(1e-38)), -1, 1)
+        absmax[-1] = am
+        codes[full:n] = _codes(np.clip(x[full:] / max(am, _F32(1e-38)), -1, 1), bounds)
     if n & 1:
-        scaled[n] = 0
-    bounds, order = _bounds(quant_type)
-    q = np.searchsorted(bounds, scaled, side="left").astype(np.uint8)  # torch.bucketize(right=False)
+        codes[n] = _codes(np.zeros(1, _F32), bounds)[0]
     if quant_type != "nf4":
-        q = order[q]
-    packed = (q[0::2] << 4) | q[1::2]
+        codes = order[codes]
+    packed = (codes[0::2] << 4) | codes[1::2]
     return packed.reshape(-1, 1), absmax
 
 

@@ -197,6 +197,32 @@ def test_flux_layout_gets_the_forge_key_set(tmp, cli):
         assert "bitsandbytes NF4" in text and "Forge" in text
 
 
+@pytest.mark.parametrize("lang", ["en", "ja", "zh", "ru"])
+def test_quantization_section_speaks_the_report_language(tmp, lang):
+    from rich.console import Console
+
+    from sdtk.identify.core import identify_path
+    from sdtk.ops.to_nf4 import convert_file_to_nf4
+    from sdtk.report import render_identity
+    from sdtk.report.messages import catalogue
+
+    src = write_tensors(tmp / "m.safetensors", {P + "double_blocks.0.img_attn.qkv.weight": _weights((64, 128), "bfloat16", 1),
+                                                P + "double_blocks.0.img_attn.proj.weight": _weights((128, 64), "bfloat16", 2)})
+    out = tmp / "m-nf4.safetensors"
+    convert_file_to_nf4(src, out, double_quant=True)
+    ident = identify_path(out)
+    assert [c["key"] for c in ident.quantization["caveat_keys"]] == ["quant.caveat.bnb4_loaders", "quant.caveat.double_quant"]
+    console = Console(record=True, width=400)
+    console.print(render_identity(ident, lang, verbose=True))
+    text = console.export_text()
+    words = catalogue(lang)
+    assert words["quant.caveat.bnb4_loaders"] in text
+    assert words["quant.caveat.double_quant"].format(n=2, total=2) in text
+    assert "2 NF4" in text
+    if lang != "en":
+        assert "bits/weight," not in text and "custom node" not in text
+
+
 def _one_line_refusal(r, tmp, *names):
     assert r.returncode == 2, r.stdout + r.stderr
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr

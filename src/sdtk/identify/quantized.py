@@ -16,8 +16,20 @@ GGUF_NOT = ("AUTOMATIC1111",)
 # bitsandbytes 4-bit (reference §4.1, §4.3): Forge loads it (ForgeLoader4Bit); ComfyUI core has no
 # bitsandbytes loader (a custom node is needed); diffusers/transformers use another key layout
 BNB4_LOADERS = ("Forge",)
-BNB4_NOT = ("ComfyUI core (needs a bitsandbytes NF4 custom node)", "AUTOMATIC1111",
-            "diffusers (convert the file first)")
+BNB4_NOT = ("ComfyUI core", "AUTOMATIC1111", "diffusers")
+# caveats: (English text for the JSON, report message key + fields for the four languages)
+CAVEATS = {
+    "orig_shape": "reshaped conv weights (comfy.gguf.orig_shape.*): stable-diffusion.cpp ignores that metadata and cannot load them",
+    "five_d": "tensors of more than 4 dimensions: stock ggml (stable-diffusion.cpp) refuses them; ComfyUI-GGUF reads them",
+    "no_arch": "no general.architecture: ComfyUI-GGUF loads it in compatibility mode (architecture guessed from names)",
+    "bnb4_loaders": "ComfyUI needs a bitsandbytes NF4 custom node; diffusers and transformers use another key layout (convert the file first)",
+    "double_quant": "double-quantized absmax (8-bit) on {n} of {total} weights, as in Forge's v1 FLUX NF4 file",
+}
+
+
+def _caveat(q: Dict[str, Any], code: str, **fields) -> None:
+    q["caveats"].append(CAVEATS[code].format(**fields))
+    q["caveat_keys"].append({"key": f"quant.caveat.{code}", "fields": fields})
 HIGH_PRECISION = {"F32", "F16", "BF16", "F64"}
 
 
@@ -36,17 +48,17 @@ def describe_quantization(cat, components: Mapping[str, Any]) -> Optional[Dict[s
     if rest:
         by_component["other" if components else "file"] = _summarise(cat, rest)
     overall = _summarise(cat, list(cat.tensors))
-    loaders, caveats = list(GGUF_LOADERS), []
+    loaders, notes = list(GGUF_LOADERS), {"caveats": [], "caveat_keys": []}
     if any(k.startswith("comfy.gguf.orig_shape.") for k in cat.kv):
         loaders.remove("stable-diffusion.cpp (--diffusion-model)")
-        caveats.append("reshaped conv weights (comfy.gguf.orig_shape.*): stable-diffusion.cpp ignores that metadata and cannot load them")
+        _caveat(notes, "orig_shape")
     if any(len(t.ne) > 4 for t in cat.tensors.values()):
-        caveats.append("tensors of more than 4 dimensions: stock ggml (stable-diffusion.cpp) refuses them; ComfyUI-GGUF reads them")
+        _caveat(notes, "five_d")
         if "stable-diffusion.cpp (--diffusion-model)" in loaders:
             loaders.remove("stable-diffusion.cpp (--diffusion-model)")
     arch = cat.architecture
     if arch is None:
-        caveats.append("no general.architecture: ComfyUI-GGUF loads it in compatibility mode (architecture guessed from names)")
+        _caveat(notes, "no_arch")
     ftype = cat.kv.get("general.file_type")
     from sdtk.quant.ggml_types import FILE_TYPE_NAME
 
@@ -61,7 +73,7 @@ def describe_quantization(cat, components: Mapping[str, Any]) -> Optional[Dict[s
         "components": by_component,
         "loaders": loaders,
         "not_loaders": list(GGUF_NOT),
-        "caveats": caveats,
+        **notes,
     }
 
 
@@ -124,9 +136,10 @@ def describe_bnb4(raw: Mapping[str, Any], components: Mapping[str, Any]) -> Dict
     # the headline: the component(s) holding the 4-bit weights (a bundle's text encoders/VAE are not quantized)
     quantized_keys = [k for name, comp in components.items() if any(k in states for k in comp.keys) for k in comp.keys if k in raw]
     overall = summarise(quantized_keys or [k for k in raw if k not in aux], view_params)
-    caveats = []
+    notes: Dict[str, Any] = {"caveats": [], "caveat_keys": []}
+    _caveat(notes, "bnb4_loaders")
     if nested:
-        caveats.append(f"double-quantized absmax (8-bit) on {nested} of {len(states)} weights, as Forge's v1 FLUX NF4 file")
+        _caveat(notes, "double_quant", n=nested, total=len(states))
     return {
         "format": "bitsandbytes-4bit",
         "architecture": None,
@@ -139,7 +152,7 @@ def describe_bnb4(raw: Mapping[str, Any], components: Mapping[str, Any]) -> Dict
         "components": by_component,
         "loaders": list(BNB4_LOADERS),
         "not_loaders": list(BNB4_NOT),
-        "caveats": caveats,
+        **notes,
     }
 
 

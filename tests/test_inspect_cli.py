@@ -113,6 +113,24 @@ def test_catalogues_are_complete_and_use_the_same_fields(lang):
         assert _fields(other[key]) == _fields(template), key
 
 
+# the same in every language: names, program and format tokens, or a bare placeholder
+SAME_WORDS = {"advice.needs_config_yaml", "folder.unreadable", "component.dit", "component.unet", "component.vae",
+              "kind.controlnet", "kind.lora", "kind.t2i-adapter", "kind.vae", "prediction.ztsnr", "what.model",
+              "train.clip_skip", "train.learning_rate", "train.network_alpha", "train.network_dim",
+              "train.network_module", "trigger.modelspec.trigger_phrase"}
+
+
+@pytest.mark.parametrize("lang", [l for l in LANGUAGES if l != "en"])
+def test_every_message_is_translated(lang):
+    """A message added in English only (copied into the other catalogues) fails here; the
+    quantization messages (GGUF, NF4) are among those checked."""
+    en, other = catalogue("en"), catalogue(lang)
+    assert {k for k in en if k.startswith("quant.")} >= {"quant.component", "quant.kept", "quant.loaders",
+                                                          "quant.caveat.orig_shape", "quant.caveat.double_quant"}
+    copied = sorted(k for k, v in en.items() if not k.startswith("_") and other[k] == v and k not in SAME_WORDS)
+    assert not copied, copied
+
+
 def test_every_message_key_used_exists(tmp):
     """Render a spread of files in every language: no raw message key or unfilled field shows."""
     files = [H.write_sparse(tmp / "a.safetensors", H.layout("sd15-full-ema")),

@@ -19,6 +19,8 @@ CONVERT_TARGETS = {
     "diffusers": ("a diffusers folder (model_index.json + components) that loads offline", "_to_diffusers"),
     "gguf": ("the diffusion model as GGUF, as city96's GGUF tools write it (with --quant)", None),  # sdtk.ops.convert
     "fp8-scaled": ("ComfyUI's per-layer scaled fp8 (weight_scale + comfy_quant)", None),  # sdtk.ops.convert
+    "nf4": ("bitsandbytes NF4 Linear weights, the layout Forge loads (its FLUX NF4 files)", None),  # sdtk.ops.convert
+    "fp4": ("bitsandbytes FP4, the same layout with bitsandbytes' FP4 code", None),  # sdtk.ops.convert
 }
 
 
@@ -52,6 +54,8 @@ def register(app: typer.Typer) -> None:
         variant: Optional[str] = typer.Option(None, "--variant", help="--to diffusers: name the weights *.VARIANT.safetensors (fp16 also casts to fp16)."),
         tokenizers: Optional[Path] = typer.Option(None, "--tokenizers", help="--to diffusers: a folder with the T5 tokenizer to copy (sdtk ships CLIP's only)."),
         quant: Optional[str] = typer.Option(None, "--quant", help="With --to gguf: Q8_0|Q6_K|Q5_K_M|Q5_K_S|Q4_K_M|Q4_K_S|Q5_0|Q5_1|Q4_0|Q4_1|Q3_K_M|Q3_K_S|Q2_K|F16|BF16."),
+        nf4_double_quant: bool = typer.Option(False, "--nf4-double-quant", help="With --to nf4/fp4: quantize the absmax scales too (8-bit, as Forge's v1 FLUX NF4 file; default: f32 absmax, as its v2)."),
+        blocksize: Optional[int] = typer.Option(None, "--blocksize", help="With --to nf4/fp4: values per absmax block, 32..4096 (default 64, as Forge's files)."),
     ) -> int:
         """Convert model files to safetensors: precision, EMA, pruning, CLIP fixes, VAE baking, extraction.
 
@@ -73,7 +77,7 @@ def register(app: typer.Typer) -> None:
             bake_vae=str(bake_vae) if bake_vae else None, extract=list(extract), replace=list(replace_parts),
             preset=preset, prediction_type=prediction_type, sidecar=not no_sidecar,
             source_hashes=not no_source_hash, output_hash=hash_output, replace_input=replace_input, overwrite=overwrite,
-            to=None if handler else to, quant=quant,
+            to=None if handler else to, quant=quant, nf4_double_quant=nf4_double_quant, blocksize=blocksize,
         ))
         show_progress = not json_out and err_console.is_terminal
         if handler is None and (variant or tokenizers):

@@ -21,6 +21,7 @@ from sdtk.identify.diffusers_folder import identify_diffusers_folder
 from sdtk.identify.metadata import summarise_metadata
 from sdtk.identify.model import Component, Identity, Problem
 from sdtk.identify.scaled import match_scaled_layout
+from sdtk.quant import nf4
 from sdtk.identify.prediction import predict
 
 ADAPTER_FILE_KINDS = ("lora", "embedding", "hypernetwork")
@@ -47,13 +48,16 @@ def identify(cat: Catalogue, *, deep: bool = False, config: Optional[ConfigBesid
         config = (parse_config(path, config_text) if config_text is not None
                   else ConfigBeside(path, bool(has_config), error="cannot be read" if has_config else None))
     tensors = cat.tensors
+    bnb4 = cat.format != "gguf" and nf4.detect(tensors)
+    if bnb4:  # bitsandbytes 4-bit (Forge NF4): the weights with their real shapes; quant-state keys are no model keys
+        tensors, _ = nf4.dequantized_view(cat.path, tensors)
     shapes = {k: t.shape for k, t in tensors.items()}
     ident = Identity(path=cat.path, format=cat.format, file_size=cat.file_size, kind="unknown", architecture="unknown")
     ident.deep = deep
-    ident.tensor_count = len(tensors)
+    ident.tensor_count = len(cat.tensors)
     ident.parameters = sum(t.numel for t in tensors.values())
-    ident.tensor_bytes = sum(t.nbytes for t in tensors.values())
-    ident.dtypes = dict(Counter(t.dtype.short for t in tensors.values()))
+    ident.tensor_bytes = sum(t.nbytes for t in cat.tensors.values())
+    ident.dtypes = dict(Counter(t.dtype.short for t in cat.tensors.values()))
     ident.metadata = summarise_metadata(cat.metadata)
     ident.safety = dict(SAFETY.get(cat.format, {"verdict": "unknown", "reason": cat.format}))
     ident.notes = list(cat.notes)
@@ -85,6 +89,15 @@ def identify(cat: Catalogue, *, deep: bool = False, config: Optional[ConfigBesid
     ident.precision = precision_of(ident.components, tensors)
     if cat.format == "gguf":
         _describe_gguf(ident, cat)
+    elif bnb4:
+        from sdtk.identify.quantized import describe_bnb4, quant_precision
+
+        ident.quantization = describe_bnb4(cat.tensors, ident.components)
+        ident.precision = quant_precision(ident.quantization)
+        for name, comp in ident.components.items():  # sizes and types as stored
+            stored = ident.quantization["components"].get(name)
+            if stored is not None:
+                comp.bytes, comp.dtypes = stored["bytes"], dict(stored["types"])
     if scaled is not None:
         ident.problems.append(Problem("scaled_copy", "warning", "problem.scaled_copy",
                                       {"layout": scaled[0], "scale": scaled[2], "title": ident.title}))

@@ -71,6 +71,8 @@ class ConvertOptions:
     overwrite: bool = False
     to: Optional[str] = None  # output format: safetensors (default) | gguf
     quant: Optional[str] = None  # with --to gguf: Q8_0, Q4_K_S, ... (sdtk.ops.gguf_rules.QUANT_CHOICES)
+    nf4_double_quant: bool = False  # with --to nf4/fp4: double-quantized absmax (Forge v1 style)
+    blocksize: Optional[int] = None  # with --to nf4/fp4: values per absmax block (default 64)
 
     @property
     def does_anything(self) -> bool:
@@ -123,13 +125,20 @@ def resolve_options(opts: ConvertOptions) -> ConvertOptions:
 
 def _resolve_format(opts: ConvertOptions) -> ConvertOptions:
     """--to gguf --quant Q: a format of its own; it combines with none of the safetensors options."""
-    if opts.to not in (None, "safetensors", "gguf", "fp8-scaled"):
-        raise UsageError(None, f"--to {opts.to}: choose safetensors, gguf or fp8-scaled")
+    if opts.to not in (None, "safetensors", "gguf", "fp8-scaled", "nf4", "fp4"):
+        raise UsageError(None, f"--to {opts.to}: choose safetensors, gguf, fp8-scaled, nf4 or fp4")
+    if opts.to not in ("nf4", "fp4") and (opts.nf4_double_quant or opts.blocksize is not None):
+        raise UsageError(None, "--nf4-double-quant and --blocksize go with --to nf4 or --to fp4")
     if opts.to != "gguf":
         if opts.quant:
             raise UsageError(None, "--quant is for --to gguf")
-        if opts.to == "fp8-scaled" and (opts.does_anything or opts.replace_input or opts.output_hash):
-            raise UsageError(None, "--to fp8-scaled does not combine with the other conversion options")
+        if opts.to in ("fp8-scaled", "nf4", "fp4") and (opts.does_anything or opts.replace_input or opts.output_hash):
+            raise UsageError(None, f"--to {opts.to} does not combine with the other conversion options")
+        if opts.to in ("nf4", "fp4"):
+            from sdtk.quant.bnb4_quantize import BLOCKSIZES
+
+            if opts.blocksize is not None and opts.blocksize not in BLOCKSIZES:
+                raise UsageError(None, f"--blocksize {opts.blocksize}: bitsandbytes takes {', '.join(map(str, BLOCKSIZES))}")
         return opts
     from sdtk.ops.gguf_rules import QUANT_CHOICES
 
@@ -568,6 +577,11 @@ def convert_file(source: Path, opts: ConvertOptions, output: Optional[Path] = No
         from sdtk.ops.to_fp8_scaled import convert_file_to_fp8_scaled
 
         return None, convert_file_to_fp8_scaled(source, output, out_folder, opts.overwrite, progress)
+    if opts.to in ("nf4", "fp4"):
+        from sdtk.ops.to_nf4 import convert_file_to_nf4
+
+        return None, convert_file_to_nf4(source, output, out_folder, opts.overwrite, progress, quant_type=opts.to,
+                                         blocksize=opts.blocksize or 64, double_quant=opts.nf4_double_quant)
     replacing = opts.replace_input
     with contextlib.ExitStack() as stack:
         cat = stack.enter_context(open_model(source))  # hostile or broken files are refused here

@@ -367,6 +367,7 @@ def _quantization_lines(ident: Identity, lang: str) -> List:
             lines.append(Text("    " + _t("quant.kept", lang, n=c["high_precision_weights"], params_h=human_count(c["high_precision_parameters"]),
                                           examples=join(c["high_precision_examples"], 3))))
     lines.append(Text("  " + _t("quant.loaders", lang, loaders=join(q["loaders"]), not_loaders=join(q["not_loaders"]))))
-    for caveat in q["caveats"]:
-        lines.append(Text("  ! " + caveat, style="yellow"))
+    for caveat in q.get("caveat_keys") or [{"text": c} for c in q["caveats"]]:
+        words = _t(caveat["key"], lang, **caveat["fields"]) if "key" in caveat else caveat["text"]
+        lines.append(Text("  ! " + words, style="yellow"))
     return lines

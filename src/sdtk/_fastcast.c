@@ -65,6 +65,32 @@ static Py_ssize_t f16_fixup(const uint32_t *in, uint16_t *out, Py_ssize_t n)
     return overflow;
 }
 
+/* f16_fixup, also counting the inputs that were NaN or inf (`*nonfinite`): each of them gives a
+   special output (exponent all ones), so the common block without one costs nothing more. */
+static Py_ssize_t f16_fixup_counting(const uint32_t *in, uint16_t *out, Py_ssize_t n, Py_ssize_t *nonfinite)
+{
+    Py_ssize_t overflow = 0, bad = 0;
+    uint32_t any_special = 0;
+    for (Py_ssize_t i = 0; i < n; i++)
+        any_special |= (uint32_t)((out[i] & 0x7c00u) == 0x7c00u);
+    if (!any_special)
+        return 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if ((out[i] & 0x7c00u) != 0x7c00u)
+            continue;
+        uint32_t f = in[i];
+        if ((f & 0x7f800000u) != 0x7f800000u) {
+            overflow++; /* finite input, inf output */
+            continue;
+        }
+        bad++;
+        if (f & 0x007fffffu)
+            out[i] = numpy_nan_half(f);
+    }
+    *nonfinite += bad;
+    return overflow;
+}
+
 #if SDTK_X86
 __attribute__((target("avx2,f16c")))
 static void f32_to_f16_block(const float *in, uint16_t *out, Py_ssize_t n)
@@ -245,6 +271,31 @@ static PyObject *py_f32_to_f16(PyObject *self, PyObject *args)
     return PyLong_FromSsize_t(overflow);
 }
 
+static PyObject *py_f32_to_f16_counting(PyObject *self, PyObject *args)
+{
+    Py_buffer src, dst;
+    Py_ssize_t n, overflow = 0, nonfinite = 0;
+    (void)self;
+    if (!have_f16c()) {
+        PyErr_SetString(PyExc_RuntimeError, "this CPU lacks F16C/AVX2");
+        return NULL;
+    }
+    if (!get_buffers(args, "y*w*", &src, &dst, 4, 2, &n))
+        return NULL;
+    const float *in = (const float *)src.buf;
+    uint16_t *out = (uint16_t *)dst.buf;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t at = 0; at < n; at += BLOCK) {
+        Py_ssize_t m = n - at < BLOCK ? n - at : BLOCK;
+        f32_to_f16_block(in + at, out + at, m);
+        overflow += f16_fixup_counting((const uint32_t *)(in + at), out + at, m, &nonfinite);
+    }
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&src);
+    PyBuffer_Release(&dst);
+    return Py_BuildValue("(nn)", overflow, nonfinite);
+}
+
 static PyObject *py_f16_to_f32(PyObject *self, PyObject *args)
 {
     Py_buffer src, dst;
@@ -418,6 +469,7 @@ static PyObject *py_has_f16c(PyObject *self, PyObject *noargs)
 
 static PyMethodDef methods[] = {
     {"f32_to_f16", py_f32_to_f16, METH_VARARGS, "f32_to_f16(src, dst) -> finite values that became inf. Needs F16C."},
+    {"f32_to_f16_counting", py_f32_to_f16_counting, METH_VARARGS, "f32_to_f16_counting(src, dst) -> (finite values that became inf, NaN/inf inputs). Needs F16C."},
     {"f16_to_f32", py_f16_to_f32, METH_VARARGS, "f16_to_f32(src, dst) -> 0. Needs F16C."},
     {"f32_to_fp8", py_f32_to_fp8, METH_VARARGS, "f32_to_fp8(src, dst, kind, saturate) -> overflowed values. kind 0 = e4m3fn, 1 = e5m2."},
     {"bf16_to_f32", py_bf16_to_f32, METH_VARARGS, "bf16_to_f32(src, dst) -> 0."},

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Optional, Tuple
 
 if TYPE_CHECKING:
     import numpy as np
@@ -129,6 +129,20 @@ def cast_into(src: np.ndarray, out: np.ndarray, saturate: bool = False) -> Optio
     if src.size == 0:
         return 0
     return int(kernel(src, out))
+
+
+def f32_to_f16_counting(src: np.ndarray, out: np.ndarray) -> Optional[Tuple[int, int]]:
+    """float32 `src` cast into float16 `out` (the same bits as `cast_into`) and, counted in the
+    same pass, (finite values that became inf, NaN/inf values of `src`); None without the F16C
+    kernel (the caller checks and casts another way)."""
+    _init()
+    if (not _enabled() or not _ext.has_f16c() or not hasattr(_ext, "f32_to_f16_counting") or src.dtype != _F32
+            or out.dtype != _F16 or src.size != out.size or not (src.flags.c_contiguous and out.flags.c_contiguous)):
+        return None
+    if src.size == 0:
+        return 0, 0
+    overflow, nonfinite = _ext.f32_to_f16_counting(_raw(src), _raw(out))
+    return int(overflow), int(nonfinite)
 
 
 def astype(arr: np.ndarray, dtype) -> np.ndarray:

@@ -76,6 +76,26 @@ def cast_array(arr: np.ndarray, dst: DType) -> tuple[np.ndarray, int]:
     return out, overflow
 
 
+def cast_f16_counting_nonfinite(arr: np.ndarray) -> Optional[tuple[np.ndarray, int, int]]:
+    """float32 `arr` cast to float16 as `cast_array` casts it, with (overflowed values, NaN/inf
+    values of `arr`) counted in the same pass (no separate finiteness scan of the float32 array);
+    None without the F16C kernel."""
+    if arr.dtype != np.float32 or not arr.flags.c_contiguous:
+        return None
+    out = np.empty(arr.shape, dtype=np.float16)
+    flat_in, flat_out = arr.reshape(-1), out.reshape(-1)
+    starts = range(0, flat_in.size, CHUNK_ELEMENTS)
+
+    def one(start: int):
+        stop = min(start + CHUNK_ELEMENTS, flat_in.size)
+        return fastcast.f32_to_f16_counting(flat_in[start:stop], flat_out[start:stop])
+
+    counts = list(_pool().map(one, starts)) if len(starts) > 1 else [one(0)] if flat_in.size else [(0, 0)]
+    if any(c is None for c in counts):
+        return None
+    return out, sum(c[0] for c in counts), sum(c[1] for c in counts)
+
+
 def _cast_chunk(piece: np.ndarray, target: np.ndarray, dst: DType, check: bool, limit) -> int:
     if limit is not None:
         fast = fastcast.cast_into(piece, target, saturate=True)  # same bits and count as below

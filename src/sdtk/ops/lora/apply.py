@@ -96,7 +96,7 @@ def apply_plan(base_cat, patches: Dict[str, List[Patch]], peft_configs: Sequence
     """The write plan: the base's tensors in order, touched ones computed when written.
     `out_dtypes` (key -> DType): tensors written in another dtype than they read as (the
     dequantized weights of a quantized base), touched or not; cast once."""
-    from sdtk.ops.cast import cast_array
+    from sdtk.ops.cast import cast_array, cast_f16_counting_nonfinite
 
     stats = stats if stats is not None else ApplyStats()
     out_dtypes = out_dtypes or {}
@@ -123,12 +123,18 @@ def apply_plan(base_cat, patches: Dict[str, List[Patch]], peft_configs: Sequence
 
         def load(t=t, key=key, dst=dst):
             result = patched_array(t.read(), patches[key], peft_configs, dora_convention, reuse=True)
-            if not _all_finite(result):
-                bad = int(np.size(result) - np.count_nonzero(np.isfinite(result)))
+            # fp16 (the usual base): the cast counts NaN/inf in the same pass; else a scan first
+            fused = cast_f16_counting_nonfinite(result) if dst.numpy == np.float16 else None
+            bad = fused[2] if fused is not None else (0 if _all_finite(result) else
+                                                      int(np.size(result) - np.count_nonzero(np.isfinite(result))))
+            if bad:
                 files = sorted({os.path.basename(lora_files[p.lora]) for p in patches[key]})
                 raise SdtkError(files[0] if len(files) == 1 else None,
                                 f"applying it to {key} gives {bad} NaN/inf values; nothing was written")
-            out, overflow = cast_array(result, dst) if dst.numpy != result.dtype else (result.copy(), 0)
+            if fused is not None:
+                out, overflow = fused[0], fused[1]
+            else:
+                out, overflow = cast_array(result, dst) if dst.numpy != result.dtype else (result.copy(), 0)
             if overflow:
                 stats.overflow[key] += overflow
             return out

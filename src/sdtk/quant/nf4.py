@@ -15,12 +15,13 @@ its table's entry 8 is +0.0 but code 8 decodes to -0.0).
 from __future__ import annotations
 
 import json
-from typing import Dict, List, Tuple
-
-import numpy as np
+from typing import TYPE_CHECKING, Dict, List, Tuple
 
 from sdtk.errors import FormatError
 from sdtk.tensors import DTYPES, LazyTensor, numel
+
+if TYPE_CHECKING:  # numpy is imported where values are read: inspect of a header needs none
+    import numpy as np
 
 STATE_SUFFIXES = (".quant_state.bitsandbytes__nf4", ".quant_state.bitsandbytes__fp4")
 AUX = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map")
@@ -32,6 +33,8 @@ def detect(tensors: Dict[str, LazyTensor]) -> bool:
 
 
 def _state(path: str, t: LazyTensor) -> dict:
+    import numpy as np
+
     try:
         spec = json.loads(np.asarray(t.read()).astype(np.uint8).tobytes().decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
@@ -43,12 +46,16 @@ def _state(path: str, t: LazyTensor) -> dict:
 
 
 def _f32(t: LazyTensor) -> np.ndarray:
+    import numpy as np
+
     return np.asarray(t.read(), dtype=np.float32).reshape(-1)
 
 
 def dequantize_4bit(packed: np.ndarray, absmax: np.ndarray, quant_map: np.ndarray, spec: dict,
                     nested_absmax=None, nested_quant_map=None) -> np.ndarray:
     """The bitsandbytes formula in numpy (f32), cast to the recorded dtype."""
+    import numpy as np
+
     shape = tuple(spec["shape"])
     n = numel(shape)
     bs = spec["blocksize"]
@@ -93,6 +100,8 @@ def dequantized_view(path: str, tensors: Dict[str, LazyTensor]) -> Tuple[Dict[st
             raise FormatError(path, f"4-bit weight {wname} is double-quantized but has no nested_absmax/nested_quant_map")
 
         def load(weight=weight, parts=parts, spec=spec, nested=nested):
+            import numpy as np
+
             return dequantize_4bit(weight.read(), _f32(parts[".absmax"]) if not nested else np.asarray(parts[".absmax"].read()),
                                    _f32(parts[".quant_map"]), spec,
                                    _f32(parts[".nested_absmax"]) if nested else None,

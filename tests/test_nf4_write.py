@@ -195,6 +195,9 @@ def test_flux_layout_gets_the_forge_key_set(tmp, cli):
         assert not info["extra_keys"], info["extra_keys"]
         text = cli("inspect", out).stdout
         assert "bitsandbytes NF4" in text and "Forge" in text
+        # where to put it: Forge only (ComfyUI core cannot load bitsandbytes 4-bit weights)
+        flat = " ".join(text.split())
+        assert "Forge's models/Stable-diffusion" in flat and "models/checkpoints (ComfyUI)" not in flat, flat[-400:]
 
 
 @pytest.mark.parametrize("lang", ["en", "ja", "zh", "ru"])

@@ -67,8 +67,12 @@ def choose_advice(ident: Identity) -> None:
             # models/Stable-diffusion or ComfyUI models/checkpoints; a diffusion model alone
             # (FLUX transformer, bare UNet) in ComfyUI models/diffusion_models or Forge's
             # models/Stable-diffusion with separate VAE/text encoders; A1111 cannot load it
-            _add(ident, "ready_for_generation" if kind == "checkpoint" else "ready_for_generation_diffusion_model",
-                 precision=ident.precision, folder="checkpoints" if kind == "checkpoint" else "diffusion_models")
+            if (ident.quantization or {}).get("format") == "bitsandbytes-4bit":
+                # Forge alone loads bitsandbytes 4-bit files (reference quantized-formats.md §4.3)
+                _add(ident, "ready_for_generation_forge_nf4", precision=ident.precision)
+            else:
+                _add(ident, "ready_for_generation" if kind == "checkpoint" else "ready_for_generation_diffusion_model",
+                     precision=ident.precision, folder="checkpoints" if kind == "checkpoint" else "diffusion_models")
         if ident.variant in ("inpainting", "instruct-pix2pix", "depth", "x4-upscaler", "unclip", "refiner"):
             _add(ident, f"variant_{ident.variant.replace('-', '_')}")
     elif kind in ("lora", "embedding", "controlnet", "t2i-adapter"):

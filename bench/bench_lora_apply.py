@@ -6,8 +6,8 @@ checkpoint, beside `cp && sync` of the same output size.
 Usage:
   python bench/bench_lora_apply.py [--dir /tmp/lbench] [--rank 16] [--scale 1] [--out bench/results/lora_apply.md]
 
-Bases are sparse files built from the real layouts (header + zero-filled hole); LoRAs are real
-random values. Peak anonymous RSS is what the < 500 MB target is about (bench/_measure.py).
+Bases are built from the real layouts (header + zero-valued data), written dense (`cp --sparse=never`,
+not measured) so that sdtk writes every byte, as on a real model; LoRAs are real random values. Peak anonymous RSS is what the < 500 MB target is about (bench/_measure.py).
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import argparse
 import os
 import re
 import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -95,7 +96,13 @@ def lora_tensors(shapes, family: str, rank: int, rng):
 def run_case(folder: Path, layout_name: str, family: str, rank: int, scale: int):
     lay = _scaled(load_layout(layout_name).with_dtype("float16"), scale)
     base = folder / f"{layout_name}-fp16.safetensors"
-    write_sparse_safetensors(base, lay)
+    sparse = folder / f"{layout_name}-sparse.safetensors"
+    write_sparse_safetensors(sparse, lay)
+    # made dense (not measured): sdtk copies untouched spans with copy_file_range, which keeps a
+    # sparse source's holes, so a sparse base would let it skip writing most of the output
+    subprocess.run(["cp", "--sparse=never", str(sparse), str(base)], check=True)
+    sparse.unlink()
+    subprocess.run(["sync"], check=True)
     shapes = {k: tuple(s) for k, s, _ in lay.tensors}
     lora = lora_tensors(shapes, family, rank, np.random.default_rng(0))
     lora_path = folder / f"{family}-lora.safetensors"

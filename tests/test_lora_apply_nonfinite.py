@@ -86,3 +86,64 @@ def test_apply_fp16_bytes_unchanged_by_the_fused_check(tmp, cli, monkeypatch):
     r = cli("lora", "apply", base_path, f"{lora}:0.8", "-o", b)
     assert r.returncode == 0, r.stderr
     assert a.read_bytes() == b.read_bytes()
+
+
+def _sdxl_lora(base, rng):
+    """LoRA, LoHa and stacked modules on an SDXL base: 3x3 convs, attention, OpenCLIP in_proj
+    q/k/v row thirds (patches on row slices) and the UNet's first conv."""
+    t = {}
+    conv = "model.diffusion_model.input_blocks.1.0.in_layers.2.weight"
+    t.update(lora_family("lora_unet_input_blocks_1_0_in_layers_2", "loha", base[conv].shape, rng))
+    q = "model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q.weight"
+    t.update(lora_family("lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q", "lora", base[q].shape, rng, rank=8))
+    in_proj = base["conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight"]
+    third = (in_proj.shape[0] // 3, in_proj.shape[1])
+    for part in ("q_proj", "k_proj", "v_proj"):
+        t.update(lora_family(f"lora_te2_text_model_encoder_layers_0_self_attn_{part}", "lora", third, rng))
+    return t
+
+
+@pytest.mark.parametrize("block_values", [None, 700])
+def test_row_block_bake_writes_the_general_paths_bytes(tmp, monkeypatch, block_values):
+    """The fp16 bake a block of rows at a time (apply.bake_f16_by_rows) writes the same bytes as
+    the general path (a float32 copy of the whole weight, patched, then cast): SD1.5 with LoHa and
+    LoRA, two LoRAs stacked on the same weights, SDXL with OpenCLIP row slices; with 700-value
+    blocks too, so blocks end inside every slice and weight."""
+    from sdtk.adapters.matching import LoraInput
+    from sdtk.ops.lora import apply as apply_mod
+    from sdtk.ops.lora.bake import bake
+
+    if not fastcast.status().startswith("F16C"):
+        pytest.skip("no F16C kernel on this machine")
+    rng = np.random.default_rng(11)
+    sd = make_model(tmp, "sd16", "sd15-emaonly", scale=8, dtype="float16")
+    base = tensors(sd)
+    conv = "model.diffusion_model.input_blocks.1.0.in_layers.2.weight"
+    proj = "model.diffusion_model.input_blocks.1.1.proj_in.weight"
+    first = lora_family("lora_unet_down_blocks_0_resnets_0_conv1", "loha", base[conv].shape, rng)
+    first.update(lora_family("lora_unet_down_blocks_0_attentions_0_proj_in", "lora", base[proj].shape, rng, rank=16))
+    second = lora_family("lora_unet_down_blocks_0_resnets_0_conv1", "lora", base[conv].shape, rng, rank=8)
+    second.update(lora_family("lora_unet_down_blocks_0_attentions_0_proj_in", "loha", base[proj].shape, rng))
+    l1, l2 = write_tensors(tmp / "l1.safetensors", first), write_tensors(tmp / "l2.safetensors", second)
+    xl = make_model(tmp, "xl16", "sdxl-base", scale=8, dtype="float16")
+    l3 = write_tensors(tmp / "l3.safetensors", _sdxl_lora(tensors(xl), rng))
+    cases = [(sd, [LoraInput(str(l1), 0.8, 0.5)]), (sd, [LoraInput(str(l1), 0.7, 1.0), LoraInput(str(l2), -0.6, 1.0)]),
+             (xl, [LoraInput(str(l3), 1.3, 0.9)])]
+    if block_values:
+        monkeypatch.setattr(apply_mod, "ROW_BLOCK_VALUES", block_values)
+    used = {"n": 0}
+    real = apply_mod.bake_f16_by_rows
+
+    def counted(*args):
+        got = real(*args)
+        used["n"] += got is not None
+        return got
+
+    for i, (base_path, loras) in enumerate(cases):
+        a, b = tmp / f"a{i}.safetensors", tmp / f"b{i}.safetensors"
+        monkeypatch.setattr(apply_mod, "bake_f16_by_rows", counted)
+        bake(str(base_path), loras, str(a))
+        monkeypatch.setattr(apply_mod, "bake_f16_by_rows", lambda *args: None)  # the general path
+        bake(str(base_path), loras, str(b))
+        assert a.read_bytes() == b.read_bytes(), (i, loras)
+    assert used["n"] == 7  # every patched weight went through the row-block bake (2 + 2 + conv, to_q, in_proj)

@@ -3,9 +3,9 @@
 The writer calls each computed tensor's loader in plan order; a cast tensor costs CPU (numpy)
 and writing costs I/O, and both release the GIL, so one worker thread that computes up to
 `depth` tensors ahead overlaps the two. Tensors the writer copies file to file (raw spans) are
-left alone. Memory: at most `depth` + 1 computed tensors at a time. `workers` > 1 computes that
-many tensors at once (callers whose loaders are single-threaded, e.g. `lora apply` with BLAS
-limited to one thread, see sdtk.blas).
+left alone, and so are raw reads the writer does itself. Memory: at most `depth` + 1 computed
+tensors at a time. `workers` > 1 computes that many tensors at once (callers whose loaders are
+single-threaded, e.g. `lora apply` with BLAS limited to one thread, see sdtk.blas).
 """
 from __future__ import annotations
 
@@ -15,11 +15,13 @@ from typing import Dict, List, Sequence
 
 from sdtk.tensors import LazyTensor
 
-SPAN_COPY_MIN_BYTES = 1 << 20  # formats.safetensors.write_safetensors copies spans of >= 1 MiB
 
-
-def _copied_by_writer(t: LazyTensor) -> bool:
-    return t.span is not None and t.span.length == t.nbytes and t.nbytes >= SPAN_COPY_MIN_BYTES
+def _computed(t: LazyTensor) -> bool:
+    """A tensor whose loader does work (a cast, a LoRA bake): not the bytes of a file span as they
+    are. Raw reads, even small ones the writer reads itself, take no look-ahead slot, so `depth`
+    counts tensors that cost CPU (an SD1.5 bake interleaves every baked weight with raw biases
+    and norms: counted, they left one or two bakes running ahead instead of `depth`)."""
+    return t.span is None or t.span.length != t.nbytes
 
 
 class Prefetcher:
@@ -27,12 +29,12 @@ class Prefetcher:
 
     def __init__(self, plan: Sequence[LazyTensor], depth: int = 2, workers: int = 1):
         self.depth = max(depth, workers)
-        self.computed: List[LazyTensor] = [t for t in plan if not _copied_by_writer(t)]
+        self.computed: List[LazyTensor] = [t for t in plan if _computed(t)]
         self.index: Dict[int, int] = {id(t): i for i, t in enumerate(self.computed)}
         self.futures: Dict[int, Future] = {}
         self.pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="sdtk-prefetch")
         self.lock = threading.Lock()
-        self.plan = [t if _copied_by_writer(t) else self._wrapped(t) for t in plan]
+        self.plan = [self._wrapped(t) if _computed(t) else t for t in plan]
 
     def _wrapped(self, t: LazyTensor) -> LazyTensor:
         i = self.index[id(t)]

@@ -83,6 +83,80 @@ def patched_array(base: np.ndarray, patches: Sequence[Patch], peft_configs: Sequ
     return full
 
 
+# ---------------------------------------------------------------------------------------------
+# The fused bake: an fp16 weight patched a block of rows at a time, in cache.
+
+ROW_BLOCK_VALUES = 1 << 18  # float32 values per row block (1 MiB): widened, patched, cast back in L2
+
+
+def _row_patch(p: Patch, rows: int, peft_configs: Sequence[dict]):
+    """(kind, factor, left, right...) of a patch the fused bake can apply a block of rows at a
+    time, with the same float32 operations as patch_weight's fast paths; None otherwise."""
+    from sdtk.ops.lora import math as M
+    from sdtk.ops.lora.patch import module_scale
+
+    m, t = p.module, p.target
+    if p.role != "weight" or t.transpose or t.swap_halves or m.dora:
+        return None
+    off, n = t.rows if t.rows is not None else (0, rows)
+    f32 = (lambda role: np.ascontiguousarray(M.flat2(np.asarray(m.parts[role].read(), dtype=F32))))
+    if m.kind in ("lora", "locon") and "mid" not in m.parts and m.parts["up"].shape[0] == n:
+        return ("lora", off, n, p.strength * module_scale(m, peft_configs[p.lora]), f32("up"), f32("down"))
+    if m.kind == "loha" and "hada_t1" not in m.parts and m.parts["hada_w1_a"].shape[0] == n:
+        return ("loha", off, n, F32(p.strength * module_scale(m, peft_configs[p.lora])),
+                f32("hada_w1_a"), f32("hada_w1_b"), f32("hada_w2_a"), f32("hada_w2_b"))
+    return None
+
+
+def bake_f16_by_rows(base: np.ndarray, patches: Sequence[Patch], peft_configs: Sequence[dict]):
+    """An fp16 weight with LoRA / LoCon / LoHa patches (whole weights or row slices) baked a block
+    of rows at a time: widened to float32, patched in order, cast back to fp16 while the block is
+    in cache, with NaN/inf counted in the cast. The same bytes as patched_array + the fp16 cast
+    (each value gets the same float32 operations; tests/test_lora_apply_nonfinite.py), without a
+    full-size float32 copy going through memory twice. Returns (fp16 array, overflowed, NaN/inf),
+    or None when a patch or the machine needs the general path."""
+    from sdtk import fastcast
+    from sdtk.ops.lora import math as M
+    from sdtk.ops.lora.scratch import scratch
+
+    if base.dtype != np.float16 or base.ndim < 2 or not base.flags.c_contiguous:
+        return None
+    rows = base.shape[0]
+    cols = base.size // rows if rows else 0
+    ops = []
+    for p in patches:
+        op = _row_patch(p, rows, peft_configs)
+        if op is None:
+            return None
+        ops.append(op)
+    out = np.empty(base.shape, dtype=np.float16)
+    src, dst = base.reshape(rows, cols), out.reshape(rows, cols)
+    step = max(1, min(rows, ROW_BLOCK_VALUES // max(1, cols)))
+    overflow = nonfinite = 0
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        blk = scratch((r1 - r0) * cols, "rows").reshape(r1 - r0, cols)
+        if fastcast.cast_into(src[r0:r1], blk) is None:
+            return None  # no F16C kernel: the general path
+        for kind, off, n, factor, *parts in ops:
+            lo, hi = max(r0, off), min(r1, off + n)
+            if lo >= hi:
+                continue
+            part = blk[lo - r0:hi - r0]
+            if kind == "lora":
+                up, down = parts
+                M.add_product(part, up[lo - off:hi - off], down, factor)
+            else:
+                a1, b1, a2, b2 = parts
+                M.add_hadamard(part, a1[lo - off:hi - off], b1, a2[lo - off:hi - off], b2, factor, buffers=scratch)
+        counts = fastcast.f32_to_f16_counting(blk.reshape(-1), dst[r0:r1].reshape(-1))
+        if counts is None:
+            return None
+        overflow += counts[0]
+        nonfinite += counts[1]
+    return out, overflow, nonfinite
+
+
 @dataclass
 class ApplyStats:
     computed: int = 0
@@ -122,9 +196,14 @@ def apply_plan(base_cat, patches: Dict[str, List[Patch]], peft_configs: Sequence
         stats.computed += 1
 
         def load(t=t, key=key, dst=dst):
-            result = patched_array(t.read(), patches[key], peft_configs, dora_convention, reuse=True)
-            # fp16 (the usual base): the cast counts NaN/inf in the same pass; else a scan first
-            fused = cast_f16_counting_nonfinite(result) if dst.numpy == np.float16 else None
+            raw = t.read()
+            # fp16 (the usual base): baked a block of rows at a time, NaN/inf counted in the cast
+            fused = bake_f16_by_rows(np.asarray(raw), patches[key], peft_configs) if dst.numpy == np.float16 else None
+            if fused is None:
+                result = patched_array(raw, patches[key], peft_configs, dora_convention, reuse=True)
+                fused = cast_f16_counting_nonfinite(result) if dst.numpy == np.float16 else None
+            else:
+                result = None
             bad = fused[2] if fused is not None else (0 if _all_finite(result) else
                                                       int(np.size(result) - np.count_nonzero(np.isfinite(result))))
             if bad:

@@ -147,3 +147,30 @@ def test_row_block_bake_writes_the_general_paths_bytes(tmp, monkeypatch, block_v
         bake(str(base_path), loras, str(b))
         assert a.read_bytes() == b.read_bytes(), (i, loras)
     assert used["n"] == 7  # every patched weight went through the row-block bake (2 + 2 + conv, to_q, in_proj)
+
+
+@pytest.mark.parametrize("n", [1, 15, 4097, 3 * 4096 + 5])
+def test_fused_loha_kernel_equals_numpys_steps(n):
+    """fastcast.f16_add_hadamard gives the bits of numpy's steps (widen, p1 *= p2, p1 *= factor,
+    w += p1, the cast) and counts overflow and NaN/inf as the cast + scan path does."""
+    rng = np.random.default_rng(n)
+    base = (rng.standard_normal(n) * 3e4).astype(np.float16)
+    p1 = (rng.standard_normal(n) * 300).astype(np.float32)
+    p2 = (rng.standard_normal(n) * 300).astype(np.float32)
+    if n > 9:
+        p1[:4] = [np.inf, np.nan, 1e30, -1e30]
+        base[5] = np.float16(np.inf)
+    factor = np.float32(0.37)
+    out = np.empty(n, np.float16)
+    got = fastcast.f16_add_product(base, p1, p2, factor, out)
+    if got is None:
+        pytest.skip("no F16C kernel on this machine")
+    with np.errstate(all="ignore"):
+        w = base.astype(np.float32)
+        t = p1.copy()
+        t *= p2
+        t *= factor
+        w += t
+        want, want_overflow = cast_array(w, F16)
+    assert out.view(np.uint16).tobytes() == want.view(np.uint16).tobytes()
+    assert got == (want_overflow, int(n - np.count_nonzero(np.isfinite(w))))

@@ -467,6 +467,79 @@ static PyObject *py_has_f16c(PyObject *self, PyObject *noargs)
     return PyBool_FromLong(have_f16c());
 }
 
+/* out = fp16(f32(base) + (p1 * p2) * factor), or with p2 absent fp16(f32(base) + p1 * factor),
+   float32 math in that order: a LoHa (numpy's `p1 *= p2; p1 *= factor; w += p1`) or LoRA
+   (`p *= factor; w += p`) module baked into the widened fp16 weight, then the cast; counting
+   finite results that became inf and NaN/inf results, in one pass over each block. */
+static PyObject *bake_f16(PyObject *args, int hadamard)
+{
+    Py_buffer base, p1, p2, dst;
+    double factor_d;
+    Py_ssize_t n, overflow = 0, nonfinite = 0;
+    if (!have_f16c()) {
+        PyErr_SetString(PyExc_RuntimeError, "this CPU lacks F16C/AVX2");
+        return NULL;
+    }
+    memset(&p2, 0, sizeof p2);
+    if (hadamard ? !PyArg_ParseTuple(args, "y*y*y*dw*", &base, &p1, &p2, &factor_d, &dst)
+                 : !PyArg_ParseTuple(args, "y*y*dw*", &base, &p1, &factor_d, &dst))
+        return NULL;
+    if (base.len % 2 || dst.len != base.len || p1.len != 2 * base.len || (hadamard && p2.len != p1.len)) {
+        PyBuffer_Release(&base);
+        PyBuffer_Release(&p1);
+        if (hadamard)
+            PyBuffer_Release(&p2);
+        PyBuffer_Release(&dst);
+        PyErr_SetString(PyExc_ValueError, "the weight, the products and the output hold different numbers of values");
+        return NULL;
+    }
+    n = base.len / 2;
+    const float factor = (float)factor_d; /* the caller passes a float32 value */
+    const uint16_t *pb = (const uint16_t *)base.buf;
+    const float *a = (const float *)p1.buf, *b = hadamard ? (const float *)p2.buf : NULL;
+    uint16_t *out = (uint16_t *)dst.buf;
+    Py_BEGIN_ALLOW_THREADS
+    float tw[BLOCK];
+    for (Py_ssize_t at = 0; at < n; at += BLOCK) {
+        Py_ssize_t m = n - at < BLOCK ? n - at : BLOCK;
+        f16_to_f32_block(pb + at, tw, m);
+        f32_nan_fixup(pb + at, (uint32_t *)tw, m);
+        if (b) {
+            for (Py_ssize_t i = 0; i < m; i++) {
+                float t = a[at + i] * b[at + i];
+                t = t * factor;
+                tw[i] = tw[i] + t;
+            }
+        } else {
+            for (Py_ssize_t i = 0; i < m; i++) {
+                float t = a[at + i] * factor;
+                tw[i] = tw[i] + t;
+            }
+        }
+        f32_to_f16_block(tw, out + at, m);
+        overflow += f16_fixup_counting((const uint32_t *)tw, out + at, m, &nonfinite);
+    }
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&base);
+    PyBuffer_Release(&p1);
+    if (hadamard)
+        PyBuffer_Release(&p2);
+    PyBuffer_Release(&dst);
+    return Py_BuildValue("(nn)", overflow, nonfinite);
+}
+
+static PyObject *py_f16_add_hadamard(PyObject *self, PyObject *args)
+{
+    (void)self;
+    return bake_f16(args, 1);
+}
+
+static PyObject *py_f16_add_scaled(PyObject *self, PyObject *args)
+{
+    (void)self;
+    return bake_f16(args, 0);
+}
+
 static PyMethodDef methods[] = {
     {"f32_to_f16", py_f32_to_f16, METH_VARARGS, "f32_to_f16(src, dst) -> finite values that became inf. Needs F16C."},
     {"f32_to_f16_counting", py_f32_to_f16_counting, METH_VARARGS, "f32_to_f16_counting(src, dst) -> (finite values that became inf, NaN/inf inputs). Needs F16C."},
@@ -475,6 +548,8 @@ static PyMethodDef methods[] = {
     {"bf16_to_f32", py_bf16_to_f32, METH_VARARGS, "bf16_to_f32(src, dst) -> 0."},
     {"half_to_fp8", py_half_to_fp8, METH_VARARGS, "half_to_fp8(src, dst, is_bf16, kind, saturate) -> overflowed values."},
     {"f16_weighted_sum", py_f16_weighted_sum, METH_VARARGS, "f16_weighted_sum(a, b, out, wa, wb) -> overflowed values: out = fp16(wa*a + wb*b), float32 math. Needs F16C."},
+    {"f16_add_hadamard", py_f16_add_hadamard, METH_VARARGS, "f16_add_hadamard(base, p1, p2, factor, out) -> (overflowed, NaN/inf): out = fp16(f32(base) + (p1*p2)*factor). Needs F16C."},
+    {"f16_add_scaled", py_f16_add_scaled, METH_VARARGS, "f16_add_scaled(base, p, factor, out) -> (overflowed, NaN/inf): out = fp16(f32(base) + p*factor). Needs F16C."},
     {"has_f16c", py_has_f16c, METH_NOARGS, "True when the CPU has F16C and AVX2 (the fp16 paths)."},
     {NULL, NULL, 0, NULL},
 };

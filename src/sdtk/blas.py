@@ -59,13 +59,16 @@ def thread_counts() -> List[int]:
 
 
 @contextlib.contextmanager
-def limited(n: int = 1) -> Iterator[None]:
-    """Every loaded OpenBLAS (numpy's; SciPy's BLAS is loaded first when SciPy is installed)
-    computes on at most `n` threads inside the block."""
+def limited(n: int = 1, with_scipy: bool = True) -> Iterator[None]:
+    """Every loaded OpenBLAS (numpy's; with `with_scipy`, SciPy's, loaded first when SciPy is
+    installed, for callers that use SciPy's LAPACK: sdtk.ops.lora.lowrank) computes on at most
+    `n` threads inside the block. `with_scipy=False` for callers that use numpy alone (`lora apply`):
+    importing SciPy costs ~0.5 s."""
     import numpy  # noqa: F401  (its OpenBLAS is loaded with it)
 
-    with contextlib.suppress(ImportError):
-        import scipy.linalg.blas  # noqa: F401  (sdtk.ops.lora.math uses its sgemm)
+    if with_scipy:
+        with contextlib.suppress(ImportError):
+            import scipy.linalg.blas  # noqa: F401
     saved = []
     for setter, getter in _controls():
         old = getter()

@@ -145,6 +145,26 @@ def f32_to_f16_counting(src: np.ndarray, out: np.ndarray) -> Optional[Tuple[int,
     return int(overflow), int(nonfinite)
 
 
+def f16_add_product(base: np.ndarray, p1: np.ndarray, p2: Optional[np.ndarray], factor, out: np.ndarray) -> Optional[Tuple[int, int]]:
+    """fp16 `out` = fp16(f32(base) + (p1 * p2) * factor), or without `p2` fp16(f32(base) + p1 * factor),
+    in float32 in that order (a LoHa or LoRA module baked into an fp16 weight: the same bits as
+    numpy's steps and the cast), with (finite values that became inf, NaN/inf results) counted in
+    the same pass; None without the F16C kernel."""
+    _init()
+    arrays = (base, p1, out) if p2 is None else (base, p1, p2, out)
+    if (not _enabled() or not _ext.has_f16c() or not hasattr(_ext, "f16_add_scaled") or base.dtype != _F16
+            or out.dtype != _F16 or p1.dtype != _F32 or (p2 is not None and p2.dtype != _F32)
+            or any(a.size != base.size for a in arrays) or not all(a.flags.c_contiguous for a in arrays)):
+        return None
+    if base.size == 0:
+        return 0, 0
+    if p2 is None:
+        overflow, nonfinite = _ext.f16_add_scaled(_raw(base), _raw(p1), float(factor), _raw(out))
+    else:
+        overflow, nonfinite = _ext.f16_add_hadamard(_raw(base), _raw(p1), _raw(p2), float(factor), _raw(out))
+    return int(overflow), int(nonfinite)
+
+
 def astype(arr: np.ndarray, dtype) -> np.ndarray:
     """`arr.astype(dtype)` with the same bits (non-saturating, as numpy / ml_dtypes), faster where a
     kernel exists."""

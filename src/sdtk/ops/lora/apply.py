@@ -132,6 +132,10 @@ def bake_f16_by_rows(base: np.ndarray, patches: Sequence[Patch], peft_configs: S
     out = np.empty(base.shape, dtype=np.float16)
     src, dst = base.reshape(rows, cols), out.reshape(rows, cols)
     step = max(1, min(rows, ROW_BLOCK_VALUES // max(1, cols)))
+    if len(ops) == 1 and ops[0][1:3] == (0, rows):
+        fused = _bake_one_module(src, dst, step, ops[0])
+        if fused is not None:
+            return (out,) + fused
     overflow = nonfinite = 0
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)
@@ -155,6 +159,36 @@ def bake_f16_by_rows(base: np.ndarray, patches: Sequence[Patch], peft_configs: S
         overflow += counts[0]
         nonfinite += counts[1]
     return out, overflow, nonfinite
+
+
+def _bake_one_module(src: np.ndarray, dst: np.ndarray, step: int, op):
+    """One whole-weight LoRA or LoHa module: per block of rows the product(s) (BLAS), then the
+    widening, the scaled add and the counting cast in one C pass (sdtk._fastcast f16_add_scaled /
+    f16_add_hadamard): the float32 operations of add_product / add_hadamard on the widened block,
+    in order. Returns (overflowed, NaN/inf) or None without the kernel."""
+    from sdtk import fastcast
+    from sdtk.ops.lora.scratch import scratch
+
+    kind, _, _, factor, *parts = op
+    rows, cols = src.shape
+    overflow = nonfinite = 0
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        n = (r1 - r0) * cols
+        if kind == "lora":
+            up, down = parts
+            p1 = np.matmul(up[r0:r1], down, out=scratch(n, "hadamard1").reshape(r1 - r0, cols))
+            counts = fastcast.f16_add_product(src[r0:r1], p1, None, F32(factor), dst[r0:r1])
+        else:
+            a1, b1, a2, b2 = parts
+            p1 = np.matmul(a1[r0:r1], b1, out=scratch(n, "hadamard1").reshape(r1 - r0, cols))
+            p2 = np.matmul(a2[r0:r1], b2, out=scratch(n, "hadamard2").reshape(r1 - r0, cols))
+            counts = fastcast.f16_add_product(src[r0:r1], p1, p2, factor, dst[r0:r1])
+        if counts is None:
+            return None
+        overflow += counts[0]
+        nonfinite += counts[1]
+    return overflow, nonfinite
 
 
 @dataclass

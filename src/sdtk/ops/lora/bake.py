@@ -128,7 +128,7 @@ def bake(base_path: str, loras: Sequence[LoraInput], dest: Optional[str], *, all
         # the next changed tensors are computed while this one is written, one per core, each on
         # one BLAS thread (thin products: OpenBLAS's own threads mostly spin, see sdtk.blas);
         # safetensors: every tensor is read in order
-        with blas.limited(1):
+        with blas.limited(1, with_scipy=False):
             ahead = Prefetcher(plan if to == "safetensors" else [], depth=3, workers=_cores())
             try:
                 written = write_plan(ahead.plan if to == "safetensors" else plan, dest, to, quant, meta, overwrite=overwrite,

@@ -191,21 +191,11 @@ def dora_apply(weight: np.ndarray, scaled_delta: np.ndarray, magnitude: np.ndarr
 
 def add_product(weight: np.ndarray, up: np.ndarray, down: np.ndarray, factor: float) -> None:
     """weight += factor * up @ down, in place (weight C-contiguous float32, any shape with
-    weight.shape[0] rows). With SciPy, one BLAS sgemm with beta = 1 (no temporary for the product:
-    about 1.4x faster); else numpy."""
+    weight.shape[0] rows), as numpy's steps: the product, `*= f32(factor)`, `+=`. Always these
+    steps (not a BLAS sgemm with beta = 1, whose fused rounding differs), so the bytes written do
+    not depend on whether SciPy is installed, and equal the fused fp16 bake (sdtk._fastcast)."""
     w2 = weight.reshape(weight.shape[0], -1)
     u, d = np.ascontiguousarray(flat2(up), dtype=F32), np.ascontiguousarray(flat2(down), dtype=F32)
-    try:
-        from scipy.linalg.blas import sgemm
-    except ImportError:  # SciPy is optional
-        sgemm = None
-    if sgemm is not None and w2.flags.c_contiguous and np.shares_memory(w2, weight):
-        # C-order w2 is F-order w2.T: w2.T += factor * d.T @ u.T, written into weight's memory
-        out = sgemm(factor, d.T, u.T, beta=1.0, c=w2.T, overwrite_c=True)
-        if np.shares_memory(out, weight):
-            return
-        w2[...] = out.T
-        return
     delta = u @ d
     delta *= F32(factor)
     w2 += delta

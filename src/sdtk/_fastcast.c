@@ -42,31 +42,10 @@ static inline uint16_t numpy_nan_half(uint32_t f)
     return (uint16_t)(sign | 0x7c00u | m);
 }
 
-/* After a block was converted: rewrite NaN lanes with numpy's bits and count finite inputs that
-   became inf. `in` and `out` are the same block; branch-light, auto-vectorised by the compiler
-   for the common no-special-value case. */
-static Py_ssize_t f16_fixup(const uint32_t *in, uint16_t *out, Py_ssize_t n)
-{
-    Py_ssize_t overflow = 0;
-    uint32_t any_special = 0;
-    for (Py_ssize_t i = 0; i < n; i++)
-        any_special |= (uint32_t)((out[i] & 0x7c00u) == 0x7c00u);
-    if (!any_special)
-        return 0;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        if ((out[i] & 0x7c00u) != 0x7c00u)
-            continue;
-        uint32_t f = in[i];
-        if ((f & 0x7f800000u) != 0x7f800000u)
-            overflow++; /* finite input, inf output */
-        else if (f & 0x007fffffu)
-            out[i] = numpy_nan_half(f);
-    }
-    return overflow;
-}
-
-/* f16_fixup, also counting the inputs that were NaN or inf (`*nonfinite`): each of them gives a
-   special output (exponent all ones), so the common block without one costs nothing more. */
+/* After a block was converted: rewrite NaN lanes with numpy's bits, count finite inputs that
+   became inf (returned) and inputs that were NaN or inf (`*nonfinite`). `in` and `out` are the
+   same block. Each special input gives a special output (exponent all ones), so the common block
+   without one costs one auto-vectorised scan. */
 static Py_ssize_t f16_fixup_counting(const uint32_t *in, uint16_t *out, Py_ssize_t n, Py_ssize_t *nonfinite)
 {
     Py_ssize_t overflow = 0, bad = 0;
@@ -89,6 +68,12 @@ static Py_ssize_t f16_fixup_counting(const uint32_t *in, uint16_t *out, Py_ssize
     }
     *nonfinite += bad;
     return overflow;
+}
+
+static Py_ssize_t f16_fixup(const uint32_t *in, uint16_t *out, Py_ssize_t n)
+{
+    Py_ssize_t ignored = 0;
+    return f16_fixup_counting(in, out, n, &ignored);
 }
 
 #if SDTK_X86
@@ -246,36 +231,12 @@ static int get_buffers(PyObject *args, const char *fmt, Py_buffer *src, Py_buffe
     return 1;
 }
 
-static PyObject *py_f32_to_f16(PyObject *self, PyObject *args)
-{
-    Py_buffer src, dst;
-    Py_ssize_t n, overflow = 0;
-    (void)self;
-    if (!have_f16c()) {
-        PyErr_SetString(PyExc_RuntimeError, "this CPU lacks F16C/AVX2");
-        return NULL;
-    }
-    if (!get_buffers(args, "y*w*", &src, &dst, 4, 2, &n))
-        return NULL;
-    const float *in = (const float *)src.buf;
-    uint16_t *out = (uint16_t *)dst.buf;
-    Py_BEGIN_ALLOW_THREADS
-    for (Py_ssize_t at = 0; at < n; at += BLOCK) {
-        Py_ssize_t m = n - at < BLOCK ? n - at : BLOCK;
-        f32_to_f16_block(in + at, out + at, m);
-        overflow += f16_fixup((const uint32_t *)(in + at), out + at, m);
-    }
-    Py_END_ALLOW_THREADS
-    PyBuffer_Release(&src);
-    PyBuffer_Release(&dst);
-    return PyLong_FromSsize_t(overflow);
-}
-
-static PyObject *py_f32_to_f16_counting(PyObject *self, PyObject *args)
+/* float32 -> float16; returns the finite values that became inf, and with `counting` also the
+   NaN/inf inputs, as a pair. */
+static PyObject *f32_to_f16_impl(PyObject *args, int counting)
 {
     Py_buffer src, dst;
     Py_ssize_t n, overflow = 0, nonfinite = 0;
-    (void)self;
     if (!have_f16c()) {
         PyErr_SetString(PyExc_RuntimeError, "this CPU lacks F16C/AVX2");
         return NULL;
@@ -293,7 +254,19 @@ static PyObject *py_f32_to_f16_counting(PyObject *self, PyObject *args)
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&src);
     PyBuffer_Release(&dst);
-    return Py_BuildValue("(nn)", overflow, nonfinite);
+    return counting ? Py_BuildValue("(nn)", overflow, nonfinite) : PyLong_FromSsize_t(overflow);
+}
+
+static PyObject *py_f32_to_f16(PyObject *self, PyObject *args)
+{
+    (void)self;
+    return f32_to_f16_impl(args, 0);
+}
+
+static PyObject *py_f32_to_f16_counting(PyObject *self, PyObject *args)
+{
+    (void)self;
+    return f32_to_f16_impl(args, 1);
 }
 
 static PyObject *py_f16_to_f32(PyObject *self, PyObject *args)

@@ -84,7 +84,11 @@ def test_parser_lists_and_names():
     assert [every.factor(b) for b in BLOCK_IDS] == list(range(26))
     named = parse_block_weights("in04=0.5, MID=0")
     assert named.family is None and named.factor("IN04") == 0.5 and named.factor("MID") == 0 and named.factor("OUT00") == 1
-    for bad, said in [("1,1,1", "3 values"), ("1,x" + ",1" * 15, "'x' is not a number"), ("IN99=1", "unknown block"),
+    # the A1111 extension's preset names, case-insensitive: the same factors as their lists
+    outs = parse_block_weights("outs")
+    assert outs.factors == parse_block_weights("1,0,0,0,0,0,0,0,0,0,0,0,1,1,1,1,1").factors and outs.family == "sd1"
+    assert outs.factor("IN01") == 0 and outs.factor("OUT08") == 1 and outs.text == "OUTS"
+    for bad, said in [("OUTSS", "or a preset name (NONE, ALL"), ("1,1,1", "3 values"), ("1,x" + ",1" * 15, "'x' is not a number"), ("IN99=1", "unknown block"),
                       ("IN01=1,0.5", "not both"), ("nan" + ",1" * 16, "not a finite number"), ("", "empty")]:
         with pytest.raises(UsageError, match=re.escape(said)):
             parse_block_weights(bad)
@@ -132,6 +136,13 @@ def test_apply_scales_each_block_and_records_it(tmp, cli):
     step = json.loads(metadata(out)["sdtk.lineage"])[-1]
     assert step["loras"][0]["block_weights"] == {"BASE": 0.0, "IN01": 0.0, "MID": 0.5, "OUT03": 2.0}
     assert step["operations"][0].endswith("lbw BASE=0,IN01=0,MID=0.5,OUT03=2")
+    # a preset name on the command line, as in an A1111 prompt: the bytes of its list
+    by_name, by_list = tmp / "by_name.safetensors", tmp / "by_list.safetensors"
+    assert cli("lora", "apply", base_path, f"{lora_path}:0.8:lbw=INALL", "-o", by_name).returncode == 0
+    assert cli("lora", "apply", base_path, f"{lora_path}:0.8:lbw=1,1,1,1,1,1,1,0,0,0,0,0,0,0,0,0,0", "-o", by_list).returncode == 0
+    a, b = tensors(by_name), tensors(by_list)
+    assert set(a) == set(b) and all(a[k].tobytes() == b[k].tobytes() for k in b)
+    assert a[modules["lora_unet_mid_block_attentions_0_proj_in"]].tobytes() == base["model.diffusion_model.middle_block.1.proj_in.weight"].tobytes()
 
 
 def test_block_weights_for_another_unet_are_refused(tmp, cli):

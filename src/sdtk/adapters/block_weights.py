@@ -7,7 +7,8 @@ networks/svd_merge_lora.py, sdxl_merge_lora.py): `BASE` (the text encoders), `IN
 A list gives the blocks that hold weights in that family, in order: 17 values for SD 1.x/2.x
 (the blocks with attention or resnets that LoRAs train), 26 for every SD1 block, 12 for SDXL (the
 blocks with transformers) or 20 for every SDXL block; blocks not listed keep factor 1. Or name
-blocks: `IN04=0.5,MID=0,OUT03=1.2` (the rest 1). Pure functions: parse once, look up per target.
+blocks: `IN04=0.5,MID=0,OUT03=1.2` (the rest 1), or give one of the extension's preset names
+(`OUTS`, `INALL`, ...). Pure functions: parse once, look up per target.
 """
 from __future__ import annotations
 
@@ -25,6 +26,21 @@ _LISTED = {
     26: BLOCK_IDS,
     12: ("BASE", "IN04", "IN05", "IN07", "IN08", "MID") + tuple(f"OUT{i:02d}" for i in range(6)),
     20: ("BASE",) + tuple(f"IN{i:02d}" for i in range(9)) + ("MID",) + tuple(f"OUT{i:02d}" for i in range(9)),
+}
+# the A1111 extension's preset names (hako-mikan/sd-webui-lora-block-weight,
+# scripts/lora_block_weight.py DEF_WEIGHT_PRESET), 17 values each (SD 1.x/2.x); accepted as the
+# whole `lbw=` value, case-insensitive, as the extension accepts them in a prompt
+PRESETS: Dict[str, str] = {
+    "NONE": "0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0",
+    "ALL": "1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1",
+    "INS": "1,1,1,1,0,0,0,0,0,0,0,0,0,0,0,0,0",
+    "IND": "1,0,0,0,1,1,1,0,0,0,0,0,0,0,0,0,0",
+    "INALL": "1,1,1,1,1,1,1,0,0,0,0,0,0,0,0,0,0",
+    "MIDD": "1,0,0,0,1,1,1,1,1,1,1,1,0,0,0,0,0",
+    "OUTD": "1,0,0,0,0,0,0,0,1,1,1,1,0,0,0,0,0",
+    "OUTS": "1,0,0,0,0,0,0,0,0,0,0,0,1,1,1,1,1",
+    "OUTALL": "1,0,0,0,0,0,0,0,1,1,1,1,1,1,1,1,1",
+    "ALL0.5": "0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5",
 }
 # the U-Net each list length is for (kohya: lengths 12 and 20 are SDXL)
 FAMILY_OF_LENGTH = {17: "sd1", 26: "sd1", 12: "sdxl", 20: "sdxl"}
@@ -48,7 +64,10 @@ class BlockWeights:
 
 
 def parse_block_weights(text: str) -> BlockWeights:
-    """`1,0,0,1,...` (12, 17, 20 or 26 numbers) or `IN04=0.5,MID=0` -> BlockWeights."""
+    """`1,0,0,1,...` (12, 17, 20 or 26 numbers), `IN04=0.5,MID=0` or a preset name (`OUTS`) -> BlockWeights."""
+    preset = PRESETS.get(text.strip().upper())
+    if preset is not None:
+        return BlockWeights(parse_block_weights(preset).factors, "sd1", text.strip().upper())
     items = [p.strip() for p in text.split(",") if p.strip()]
     if not items:
         raise UsageError(None, f"block weights {text!r}: empty")
@@ -63,6 +82,12 @@ def parse_block_weights(text: str) -> BlockWeights:
         return BlockWeights(tuple(factors.items()), None, text)
     if any("=" in p for p in items):
         raise UsageError(None, f"block weights {text!r}: give either a list of numbers or NAME=VALUE pairs, not both")
+    if len(items) == 1:
+        try:
+            float(items[0])
+        except ValueError:
+            raise UsageError(None, f"block weights {text!r}: not a list of numbers, NAME=VALUE pairs or a preset name "
+                                   f"({', '.join(PRESETS)})") from None
     values = [_finite(p, text) for p in items]
     listed = _LISTED.get(len(values))
     if listed is None:

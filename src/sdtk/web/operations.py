@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+from sdtk.adapters.block_weights import PRESETS as LBW_PRESETS  # the lora apply form offers the preset names
 from sdtk.errors import SdtkError, UsageError
 from sdtk.web.security import contained, output_name
 
@@ -320,22 +321,6 @@ def _strength(form: Form, key: str, default: Optional[float]) -> Optional[float]
     return value
 
 
-# LoRA Block Weight presets: the A1111 extension's defaults (hako-mikan/sd-webui-lora-block-weight,
-# scripts/lora_block_weight.py DEF_WEIGHT_PRESET); 17 values, SD 1.x/2.x (BASE, IN01..IN08, MID, OUT03..OUT11)
-LBW_PRESETS: Dict[str, str] = {
-    "NONE": "0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0",
-    "ALL": "1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1",
-    "INS": "1,1,1,1,0,0,0,0,0,0,0,0,0,0,0,0,0",
-    "IND": "1,0,0,0,1,1,1,0,0,0,0,0,0,0,0,0,0",
-    "INALL": "1,1,1,1,1,1,1,0,0,0,0,0,0,0,0,0,0",
-    "MIDD": "1,0,0,0,1,1,1,1,1,1,1,1,0,0,0,0,0",
-    "OUTD": "1,0,0,0,0,0,0,0,1,1,1,1,0,0,0,0,0",
-    "OUTS": "1,0,0,0,0,0,0,0,0,0,0,0,1,1,1,1,1",
-    "OUTALL": "1,0,0,0,0,0,0,0,1,1,1,1,1,1,1,1,1",
-    "ALL0.5": "0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5",
-}
-
-
 def block_weights_text(text: str, what: str) -> Optional[str]:
     """The `lbw=` part of `LORA:S:lbw=...` from the form (a preset name, `lbw=...` or the bare list),
     checked with the CLI's parser; None when empty."""
@@ -346,7 +331,6 @@ def block_weights_text(text: str, what: str) -> Optional[str]:
         text = text[4:].strip()
     if not text:
         return None
-    text = LBW_PRESETS.get(text.upper(), text)
     try:
         parse_block_weights(text)
     except UsageError as e:

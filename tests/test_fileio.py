@@ -283,8 +283,11 @@ def test_open_input_permission_denied(tmp, monkeypatch):
 def test_kill_while_writing_leaves_nothing(tmp, sig):
     """`kill` (SIGTERM) or a closed terminal (SIGHUP) unwinds like Ctrl-C: no partial file.
     (By default Python dies on the spot and would leave the temporary file behind.)"""
+    # a terminal session's default SIGHUP: under `nohup` the child would inherit an ignored one,
+    # which sdtk keeps ignored (fileio only replaces default handlers)
     script = (
-        "import sys, time\n"
+        "import signal, sys, time\n"
+        "signal.signal(signal.SIGHUP, signal.SIG_DFL)\n"
         "from sdtk.fileio import AtomicOutput\n"
         "with AtomicOutput(sys.argv[1]) as f:\n"
         "    f.write(b'x' * 1000); f.flush()\n"

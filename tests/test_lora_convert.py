@@ -309,9 +309,9 @@ def _diffusers_or_skip():
 
 
 def test_diffusers_output_fused_by_diffusers_equals_sdtk_apply_unet(tmp, cli):
+    tld = _diffusers_or_skip()
     import torch
 
-    tld = _diffusers_or_skip()
     unet = tld._tiny_unet()
     ldm = tld._ldm_checkpoint(unet)
     base_path = write_tensors(tmp / "base.safetensors", ldm)
@@ -352,9 +352,9 @@ def test_diffusers_output_fused_by_diffusers_equals_sdtk_apply_unet(tmp, cli):
 def test_diffusers_output_fused_by_diffusers_equals_sdtk_apply_flux(tmp, cli):
     """kohya FLUX (fused qkv / linear1, alpha 3 of rank 2) on a 32-wide FLUX: diffusers' own kohya
     converter hard-codes 3072 for linear1 (reference §1.3); our split output loads directly."""
+    tld = _diffusers_or_skip()
     import torch
 
-    tld = _diffusers_or_skip()
     tr = tld._tiny_flux()
     try:
         bfl = tld._bfl_checkpoint(tr)
@@ -471,9 +471,9 @@ def test_dora_to_diffusers_fused_by_diffusers_equals_sdtk_apply(tmp, cli):
     """Output-axis DoRA (LyCORIS wd_on_out `dora_scale` (out, 1[, 1, 1])) -> diffusers
     `lora_magnitude_vector`: diffusers' DoRA fuse equals sdtk apply of the source; back to kohya
     gives the same applied result; an input-axis dora_scale is refused for diffusers."""
+    tld = _diffusers_or_skip()
     import torch
 
-    tld = _diffusers_or_skip()
     unet = tld._tiny_unet()
     ldm = tld._ldm_checkpoint(unet)
     base_path = write_tensors(tmp / "base.safetensors", ldm)

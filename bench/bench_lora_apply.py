@@ -93,7 +93,7 @@ def lora_tensors(shapes, family: str, rank: int, rng):
     return out
 
 
-def run_case(folder: Path, layout_name: str, family: str, rank: int, scale: int):
+def run_case(folder: Path, layout_name: str, family: str, rank: int, scale: int, runs: int):
     lay = _scaled(load_layout(layout_name).with_dtype("float16"), scale)
     base = folder / f"{layout_name}-fp16.safetensors"
     sparse = folder / f"{layout_name}-sparse.safetensors"
@@ -114,17 +114,33 @@ def run_case(folder: Path, layout_name: str, family: str, rank: int, scale: int)
         with open(p, "rb") as f:
             while f.read(64 << 20):
                 pass
-    cp = measure(["sh", "-c", f"cp --sparse=never '{base}' '{copy}' && sync"], "cp && sync")
-    copy.unlink()
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
-    sd = measure([sys.executable, "-m", "sdtk", "lora", "apply", str(base), f"{lora_path}:0.8:0.5", "-o", str(out)], "sdtk lora apply", env=env)
-    size = out.stat().st_size if out.exists() else 0
+    cps, sds, size = [], [], 0
+    for _ in range(runs):  # interleaved: a disk or page-cache hiccup falls on both contenders
+        cps.append(measure(["sh", "-c", f"cp --sparse=never '{base}' '{copy}' && sync"], "cp && sync"))
+        copy.unlink()
+        subprocess.run(["sync"], check=True)
+        sds.append(measure([sys.executable, "-m", "sdtk", "lora", "apply", str(base), f"{lora_path}:0.8:0.5", "-o", str(out)],
+                           "sdtk lora apply", env=env))
+        if out.exists():
+            size = out.stat().st_size
+            out.unlink()
+        subprocess.run(["sync"], check=True)
     for p in (out, base):
         if p.exists():
             p.unlink()
     modules = len({k.rsplit(".", 2)[0] for k in lora if k.endswith((".lora_down.weight", ".hada_w1_a"))})
     return {"case": f"{layout_name} fp16 ({size / 1e9:.2f} GB) + rank-{rank} LoRA ({modules} modules, {lora_path.stat().st_size / 1e6:.0f} MB)",
-            "cp": cp, "sdtk": sd}
+            "cp": cps, "sdtk": sds}
+
+
+def _median(ms):
+    return sorted(ms, key=lambda m: m.wall_s)[len(ms) // 2]
+
+
+def _spread(ms):
+    walls = sorted(m.wall_s for m in ms)
+    return f"{_median(ms).wall_s:.2f} s ({walls[0]:.2f}-{walls[-1]:.2f})" if len(ms) > 1 else f"{walls[0]:.2f} s"
 
 
 def main():
@@ -132,6 +148,7 @@ def main():
     ap.add_argument("--dir", default=None)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--scale", type=int, default=1)
+    ap.add_argument("--runs", type=int, default=3, help="interleaved runs of each contender; medians are reported")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "lora_apply.md"))
     ap.add_argument("--label", default="loaded (other engineers' jobs running)")
     args = ap.parse_args()
@@ -139,18 +156,21 @@ def main():
     rows = []
     try:
         for layout, family in (("sd15-emaonly", "sd1"), ("sdxl-base", "sdxl")):
-            r = run_case(folder, layout, family, args.rank, args.scale)
+            r = run_case(folder, layout, family, args.rank, args.scale, args.runs)
             rows.append(r)
-            print(r["case"], "|", r["cp"].summary(), "|", r["sdtk"].summary(), flush=True)
+            for c, d in zip(r["cp"], r["sdtk"]):
+                print(r["case"], "|", c.summary(), "|", d.summary(), flush=True)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     facts = machine_facts(str(folder.parent))
     lines = ["# `sdtk lora apply` at full size", "", "Machine: " + ", ".join(f"{k} {v}" for k, v in facts.items()), f"Run: {args.label}", "",
-             "| case | cp && sync | sdtk lora apply | ratio | sdtk peak anon RSS |", "|---|---|---|---|---|"]
+             f"Each figure: the median of {args.runs} interleaved runs (min-max in brackets).", "",
+             "| case | cp && sync | sdtk lora apply | ratio (medians) | sdtk CPU (user+sys) | sdtk peak anon RSS |", "|---|---|---|---|---|---|"]
     for r in rows:
-        cp, sd = r["cp"], r["sdtk"]
-        lines.append(f"| {r['case']} | {cp.wall_s:.2f} s | {sd.wall_s:.2f} s{'' if sd.ok else ' (failed: ' + sd.stderr_tail[-200:] + ')'} | "
-                     f"{sd.wall_s / cp.wall_s:.2f}x | {sd.peak_rss_anon / (1 << 20):.0f} MB |")
+        cp, sd = _median(r["cp"]), _median(r["sdtk"])
+        failed = [m for m in r["sdtk"] if not m.ok]
+        lines.append(f"| {r['case']} | {_spread(r['cp'])} | {_spread(r['sdtk'])}{' (failed: ' + failed[0].stderr_tail[-200:] + ')' if failed else ''} | "
+                     f"{sd.wall_s / cp.wall_s:.2f}x | {sd.user_s + sd.sys_s:.2f} s | {max(m.peak_rss_anon for m in r['sdtk']) / (1 << 20):.0f} MB |")
     Path(args.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

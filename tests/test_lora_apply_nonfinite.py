@@ -149,17 +149,23 @@ def test_row_block_bake_writes_the_general_paths_bytes(tmp, monkeypatch, block_v
     assert used["n"] == 7  # every patched weight went through the row-block bake (2 + 2 + conv, to_q, in_proj)
 
 
-@pytest.mark.parametrize("n", [1, 15, 4097, 3 * 4096 + 5])
-def test_fused_loha_kernel_equals_numpys_steps(n):
-    """fastcast.f16_add_hadamard gives the bits of numpy's steps (widen, p1 *= p2, p1 *= factor,
-    w += p1, the cast) and counts overflow and NaN/inf as the cast + scan path does."""
+@pytest.mark.parametrize("kind", ["loha", "lora"])
+@pytest.mark.parametrize("n", [1, 15, 16, 17, 4097, 3 * 4096 + 5])
+def test_fused_kernel_equals_numpys_steps(n, kind):
+    """fastcast.f16_add_product gives the bits of numpy's steps (widen, p1 *= p2 for LoHa,
+    p1 *= factor, w += p1, the cast) and counts overflow and NaN/inf as the cast + scan path does,
+    whether a special value falls in a 16-value vector chunk or in the tail: base NaN payloads
+    (signalling, negative), inf, subnormals, results that overflow fp16 or float32."""
     rng = np.random.default_rng(n)
     base = (rng.standard_normal(n) * 3e4).astype(np.float16)
     p1 = (rng.standard_normal(n) * 300).astype(np.float32)
-    p2 = (rng.standard_normal(n) * 300).astype(np.float32)
+    p2 = (rng.standard_normal(n) * 300).astype(np.float32) if kind == "loha" else None
     if n > 9:
         p1[:4] = [np.inf, np.nan, 1e30, -1e30]
         base[5] = np.float16(np.inf)
+        tail = n - 1 - (n % 16 != 0)  # a position in the tail when there is one
+        for at, bits in ((7, 0x7C01), (n // 2, 0xFE3F), (tail, 0x7D55), (n - 1, 0x0001), (n // 3, 0x83FF)):
+            base.view(np.uint16)[at] = bits  # sNaN, negative qNaN with payload, sNaN, subnormals
     factor = np.float32(0.37)
     out = np.empty(n, np.float16)
     got = fastcast.f16_add_product(base, p1, p2, factor, out)
@@ -168,7 +174,8 @@ def test_fused_loha_kernel_equals_numpys_steps(n):
     with np.errstate(all="ignore"):
         w = base.astype(np.float32)
         t = p1.copy()
-        t *= p2
+        if p2 is not None:
+            t *= p2
         t *= factor
         w += t
         want, want_overflow = cast_array(w, F16)

@@ -168,14 +168,18 @@ def test_fused_fp16_weighted_sum_equals_the_unfused_float32_steps(alpha):
     b = (rng.standard_normal(a.size) * 100).astype(np.float16)
     b[::97] = np.float16(65504)
     b[5::101] = np.float16(np.inf)
+    b[7::89] = np.uint16(0x7C01).view(np.float16)  # signalling NaN
+    b[3::83] = np.uint16(0xFE55).view(np.float16)  # negative quiet NaN with a payload
     out = np.empty_like(a)
     overflow = fastcast.weighted_sum_f16(a, b, out, 1 - alpha, alpha)
     with np.errstate(all="ignore"):
         wide = (1 - alpha) * a.astype(np.float32) + alpha * b.astype(np.float32)
         want = wide.astype(np.float16)
-    nan = np.isnan(want)
-    assert np.array_equal(out.view(np.uint16)[~nan], want.view(np.uint16)[~nan])
-    assert np.isnan(out[nan]).all()
+    assert np.array_equal(out.view(np.uint16), want.view(np.uint16))  # NaN bits included
+    tail = slice(5, 5 + 13)  # a length that is not a multiple of 16 (the scalar tail)
+    out13 = np.empty(13, np.float16)
+    fastcast.weighted_sum_f16(a[tail].copy(), b[tail].copy(), out13, 1 - alpha, alpha)
+    assert np.array_equal(out13.view(np.uint16), want[tail].view(np.uint16))
     assert overflow == int(np.count_nonzero(np.isfinite(wide) & ~np.isfinite(want)))
 
 

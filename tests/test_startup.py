@@ -179,3 +179,17 @@ def test_converting_fp32_or_casting_to_fp16_imports_no_ml_dtypes(tmp_path, extra
     with read_safetensors(out) as cat:
         got = cat.tensors["model.diffusion_model.w"].read()
     assert got.tobytes() == (values.astype(np.float16) if extra else values).tobytes()
+
+
+def test_version_is_pyprojects_and_the_cli_prints_it():
+    """sdtk.version.__version__ (what lineage records and `--version` print) is the packaged version."""
+    import re
+
+    from sdtk import __version__ as facade
+    from sdtk.version import __version__
+
+    pyproject = (Path(SRC).parent / "pyproject.toml").read_text()
+    assert re.search(r'^version = "([^"]+)"', pyproject, re.M).group(1) == __version__ == facade
+    out = subprocess.run([sys.executable, "-m", "sdtk", "--version"], capture_output=True, text=True,
+                         env={"PYTHONPATH": SRC, "PATH": "/usr/bin:/bin"}, timeout=60)
+    assert out.stdout.splitlines()[0] == f"sdtk {__version__}", out.stderr

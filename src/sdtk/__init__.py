@@ -3,8 +3,7 @@
 Read any model file lazily and safely, write safetensors by streaming.
 """
 from sdtk.errors import SdtkError
-
-__version__ = "0.1.0"
+from sdtk.version import __version__
 __all__ = ["SdtkError", "open_model", "__version__"]
 
 

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     import numpy as np
 
 try:  # built by setup.py when a C compiler is present; optional by design (needs no numpy)
-    from sdtk import _fastcast as _ext
+    import sdtk._fastcast as _ext
 except ImportError:  # pragma: no cover - exercised on installs without a compiler
     _ext = None
 

@@ -140,9 +140,8 @@ class RayEngine:
             raise SdtkError(None, "--engine ray needs Ray (pip install 'ray==2.60.0')") from None
         runtime_env = {}
         if self.ship_code:  # the cluster may not have this sdtk: ship the package with the job
-            import sdtk
-
-            runtime_env["py_modules"] = [os.path.dirname(sdtk.__file__)]
+            package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # .../sdtk (this file: sdtk/batch/engine.py)
+            runtime_env["py_modules"] = [package]
         try:
             ray.init(address=self.address, runtime_env=runtime_env or None, logging_level="WARNING",
                      log_to_driver=False, include_dashboard=False if self.address is None else None,

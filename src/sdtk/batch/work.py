@@ -18,7 +18,7 @@ import os
 import time
 from typing import Any, Dict, Optional
 
-from sdtk import __version__
+from sdtk.version import __version__
 from sdtk.batch.listing import ObjectRef
 from sdtk.errors import SdtkError, UnsafeFileError
 from sdtk.formats.source import ByteSource, LocalFileSource, SourceError

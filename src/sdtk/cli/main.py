@@ -13,7 +13,8 @@ from typing import Dict, List, Optional
 import typer
 from typer.core import TyperGroup
 
-from sdtk import __version__, fileio
+from sdtk import fileio
+from sdtk.version import __version__
 from sdtk.cli import light_params
 from sdtk.cli.common import error_line
 from sdtk.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, SdtkError

@@ -23,7 +23,7 @@ import time
 from typing import Optional
 
 try:  # built by setup.py when a C compiler is present; optional by design
-    from sdtk import _sha2 as _ext
+    import sdtk._sha2 as _ext
 except ImportError:  # pragma: no cover - installs without a compiler
     _ext = None
 

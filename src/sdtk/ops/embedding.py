@@ -18,7 +18,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
-from sdtk import __version__
+from sdtk.version import __version__
 from sdtk.errors import SdtkError, UsageError
 from sdtk.formats import open_model
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from sdtk import __version__
+from sdtk.version import __version__
 
 LINEAGE_KEY = "sdtk.lineage"
 MODELSPEC_VERSION = "1.0.0"

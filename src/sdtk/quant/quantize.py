@@ -14,7 +14,7 @@ import numpy as np
 from sdtk.quant.ggml_types import GGMLType
 
 try:  # the optional C extension (setup.py); absent in a plain source checkout
-    from sdtk import _quant as _c
+    import sdtk._quant as _c
 except ImportError:  # pragma: no cover - exercised by the fallback tests with the module hidden
     _c = None
 

@@ -5,7 +5,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from sdtk import __version__
+from sdtk.version import __version__
 from sdtk.architectures.lora_keys import build_alias_table
 from sdtk.errors import SdtkError, UsageError
 from sdtk.fileio import check_output_path

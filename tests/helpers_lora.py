@@ -75,6 +75,9 @@ def lora_family(prefix: str, kind: str, shape: Tuple[int, ...], rng, rank: int =
     elif kind == "oft":
         blocks = opts.get("blocks", 4)
         t[".oft_blocks"] = r(blocks, out // blocks, out // blocks)
+    elif kind == "boft":  # LyCORIS butterfly OFT: (stages, blocks, b, b)
+        stages, b = opts.get("stages", 2), opts.get("block_size", 4)
+        t[".oft_blocks"] = r(stages, out // b, b, b)
     if alpha is not None and kind not in ("full", "ia3"):
         t[".alpha"] = np.array(alpha, dtype=np.float32)
     if opts.get("dora"):

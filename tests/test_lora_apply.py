@@ -128,6 +128,40 @@ def test_several_loras_in_order_and_untouched_bytes(tmp, cli):
             assert got[k].tobytes() == base[k].tobytes()
 
 
+def test_boft_rotates_rows_and_refuses_a_block_layout_that_does_not_fit(tmp, cli):
+    """A LyCORIS BOFT module (4-D oft_blocks) on a real SD1 layout: the butterfly stages and the
+    Cayley blocks are orthogonal, so at strength 1 without rescale every column keeps its norm
+    while the weight changes; zero blocks change nothing; a block size the rows do not fit is a
+    shape mismatch (exit 2, nothing written). Values against LyCORIS: tests/test_lora_oracles.py."""
+    base_path = make_model(tmp, "sd", "sd15-emaonly", scale=8)
+    base = tensors(base_path)
+    key = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight"
+    name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    w = base[key].astype(np.float64)
+    boft = lora_family(name, "boft", w.shape, np.random.default_rng(8), stages=2, block_size=4, alpha=0.0)
+    assert boft[name + ".oft_blocks"].shape == (2, w.shape[0] // 4, 4, 4)
+    out = tmp / "boft.safetensors"
+    r = cli("lora", "apply", base_path, write_tensors(tmp / "b.safetensors", boft), "-o", out, "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["loras"][0]["kinds"] == {"boft": 1}
+    baked = tensors(out)
+    got = baked[key].astype(np.float64)
+    assert np.max(np.abs(got - w)) > 1e-3  # it rotates
+    np.testing.assert_allclose(np.linalg.norm(got, axis=0), np.linalg.norm(w, axis=0), rtol=1e-5)
+    for k in base:
+        if k != key:
+            assert baked[k].tobytes() == base[k].tobytes(), k
+    zero = dict(boft)
+    zero[name + ".oft_blocks"] = np.zeros_like(boft[name + ".oft_blocks"])
+    out0 = tmp / "zero.safetensors"
+    assert cli("lora", "apply", base_path, write_tensors(tmp / "z.safetensors", zero), "-o", out0).returncode == 0
+    assert tensors(out0)[key].tobytes() == base[key].tobytes()  # R = I: the same bits
+    misfit = lora_family(name, "boft", w.shape, np.random.default_rng(9), stages=4, block_size=4)  # 2^3 * 4 = 32 does not divide 40 rows
+    out2 = tmp / "misfit.safetensors"
+    r = cli("lora", "apply", base_path, write_tensors(tmp / "m.safetensors", misfit), "-o", out2)
+    assert r.returncode == 2 and "shape mismatch: BOFT" in r.stderr and not out2.exists(), r.stderr
+
+
 def test_refuses_another_architecture(tmp, cli):
     sd1 = make_model(tmp, "sd1", "sd15-emaonly", scale=8)
     xl = tensors(make_model(tmp, "xl", "sdxl-base", scale=8))

@@ -225,3 +225,20 @@ def test_folder_listing_reads_headers_only_and_alphas_once(tmp, cli, monkeypatch
                 t.loader = (lambda f, n: (lambda: (reads.append(n), f())[1]))(t.loader, t.name)
         identify(cat)
     assert sorted(reads) == sorted(k for k, _, _ in rows if k.endswith(".alpha"))  # each alpha read once
+
+
+def test_alpha_zero_says_what_each_program_does_and_is_no_problem_for_oft(tmp, cli):
+    """alpha 0: kohya (and sdtk's bake) use scale 1, ComfyUI 0 (reference/lora.md §2.1): the
+    problem says both. For OFT/BOFT alpha is the rotation constraint, 0 = none (LyCORIS): no problem."""
+    from helpers_lora import lora_family, write_tensors
+
+    name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    lora = lora_family(name, "lora", (320, 320), np.random.default_rng(1), alpha=0.0)
+    path = write_tensors(tmp / "zero.safetensors", lora)
+    codes = {p.code: p for p in identify_path(path).problems}
+    assert codes["lora_alpha_zero"].details["examples"] == [name]
+    out = " ".join(cli("inspect", path, env={"COLUMNS": "250"}).stdout.split())
+    assert "alpha 0" in out and "scale 1" in out and "ComfyUI applies nothing" in out
+    for kind in ("oft", "boft"):
+        oft = write_tensors(tmp / f"{kind}.safetensors", lora_family(name, kind, (320, 320), np.random.default_rng(2), alpha=0.0))
+        assert "lora_alpha_zero" not in {p.code for p in identify_path(oft).problems}, kind

@@ -112,7 +112,8 @@ def test_merge_at_rank_makes_loha_and_lokr_modules_dense(tmp, cli):
     _check_module(got, CONV, 0.5 * _loha_delta(a, CONV) + _lora_delta(b, CONV), 5)
 
 
-@pytest.mark.parametrize("kind,opts,words", [("lora", {"dora": "out"}, "DoRA"), ("ia3", {}, "(IA)^3"), ("oft", {}, "OFT")])
+@pytest.mark.parametrize("kind,opts,words", [("lora", {"dora": "out"}, "DoRA"), ("ia3", {}, "(IA)^3"), ("oft", {}, "OFT"),
+                                              ("boft", {}, "BOFT")])
 def test_merge_at_rank_refuses_nonlinear_modules(tmp, cli, kind, opts, words):
     rng = np.random.default_rng(14)
     a = lora_family(Q, kind, (40, 32), rng, **opts)

@@ -1,5 +1,5 @@
 """`sdtk lora apply` against the reference libraries, offline: PEFT merge_and_unload (LoRA,
-rsLoRA, DoRA, LoHa) and LyCORIS 4.1.3's forward pass (LoCon, Tucker, LoHa, LoKr, DoRA; not its
+rsLoRA, DoRA, LoHa) and LyCORIS 4.1.3's forward pass (LoCon, Tucker, LoHa, LoKr, DoRA, BOFT; not its
 `merge_to`, which bakes (alpha/r)^2 for LoHa/LoKr: reference/lora.md §3.5). A tiny torch module is
 the base (saved as a file by its own key names), the adapter file is what the library stores;
 sdtk's baked weights must equal the library's merged weights (or reproduce its forward output)
@@ -81,6 +81,7 @@ def test_peft_merge_and_unload(tmp, cli, kind):
 
 def _lycoris_case(kind):
     from lycoris.modules import LoConModule, LohaModule, LokrModule
+    from lycoris.modules.boft import ButterflyOFTModule
 
     return {
         "locon": (LoConModule, {}),
@@ -91,10 +92,13 @@ def _lycoris_case(kind):
         "lokr-full": (LokrModule, {"factor": 4, "decompose_both": False, "full_matrix": True}),
         "dora": (LoConModule, {"weight_decompose": True}),
         "loha-dora": (LohaModule, {"weight_decompose": True}),
+        "boft": (ButterflyOFTModule, {}),  # 32 rows: 4 butterfly stages of 8 blocks of 4
+        "boft-constrained-rescaled": (ButterflyOFTModule, {"constraint": 1e-3, "rescaled": True}),  # ||Q|| clamped to alpha * out_dim
     }[kind]
 
 
-@pytest.mark.parametrize("kind", ["locon", "tucker", "loha", "loha-tucker", "lokr", "lokr-full", "dora", "loha-dora"])
+@pytest.mark.parametrize("kind", ["locon", "tucker", "loha", "loha-tucker", "lokr", "lokr-full", "dora", "loha-dora",
+                                  "boft", "boft-constrained-rescaled"])
 @pytest.mark.parametrize("multiplier", [1.0, 0.6])
 def test_lycoris_forward(tmp, cli, kind, multiplier):
     pytest.importorskip("lycoris")
@@ -106,16 +110,19 @@ def test_lycoris_forward(tmp, cli, kind, multiplier):
         org = getattr(model, name)
         opts = {"lora_dim": 4, **opts}
         mod = cls(f"lora_unet_{name}", org, multiplier, alpha=1.5, **opts)
-        _randomise(mod, ["lora_", "hada_", "lokr_", "dora_scale", "t1", "t2"], seed=len(name))
+        _randomise(mod, ["lora_", "hada_", "lokr_", "dora_scale", "t1", "t2", "oft_blocks", "rescale"], seed=len(name))
         if hasattr(mod, "dora_scale"):
             with torch.no_grad():
                 mod.dora_scale.copy_(mod.dora_scale.abs() + 0.5)
         mod.apply_to()
         wrapped[name] = (org, mod)
-        for k, v in mod.custom_state_dict().items() if hasattr(mod, "custom_state_dict") else mod.state_dict().items():
+        custom = mod.custom_state_dict() if hasattr(mod, "custom_state_dict") else None  # BOFT's returns None
+        for k, v in (custom if custom is not None else mod.state_dict()).items():
             lora[f"{name}.{k}"] = v.detach().float().numpy().copy()
     if kind == "lokr":
         assert any(k.endswith("lokr_w2_a") for k in lora), sorted(lora)
+    if kind.startswith("boft"):
+        assert lora["lin.oft_blocks"].ndim == 4 and lora["lin.oft_blocks"].shape[0] > 1, lora["lin.oft_blocks"].shape
     lora_path = write_tensors(tmp / "lyco.safetensors", lora)
     out = tmp / "out.safetensors"
     r = cli("lora", "apply", base_path, f"{lora_path}:{multiplier}", "-o", out, "--dora", "lycoris")

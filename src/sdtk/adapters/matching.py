@@ -133,6 +133,11 @@ def _check_shape(m: Module, target_shape: Tuple[int, ...]) -> Optional[str]:
         blocks = p["oft_blocks"].shape
         return None if blocks[0] * blocks[-1] == target_shape[0] else \
             f"shape mismatch: OFT {blocks[0]} blocks of {blocks[-1]} for {target_shape[0]} rows"
+    if m.kind == "boft":  # (stages, blocks, b, b); the butterfly pairs rows 2^i * b/2 apart, so b is even
+        stages, blocks, b, _ = p["oft_blocks"].shape
+        if blocks * b != target_shape[0] or b % 2 or target_shape[0] % (2 ** stages * (b // 2) if b else 1):
+            return f"shape mismatch: BOFT {stages} stages of {blocks} blocks of {b} for {target_shape[0]} rows"
+        return None
     if m.kind == "glora":
         b1, b2 = p["b1"].shape, p["b2"].shape
         if b1[0] * int(np.prod(b2[1:])) == numel or b2[0] * int(np.prod(b1[1:])) == numel:
@@ -145,7 +150,7 @@ def _check_shape(m: Module, target_shape: Tuple[int, ...]) -> Optional[str]:
     return None
 
 
-UNSUPPORTED = {"boft": "BOFT (butterfly OFT) is not supported yet", "incomplete": "incomplete module (missing tensors)"}
+UNSUPPORTED = {"incomplete": "incomplete module (missing tensors)"}
 
 
 def plan_patches(base_shapes: Dict[str, Tuple[int, ...]], adapters: Sequence[Tuple[LoraInput, Adapter]],

@@ -369,7 +369,9 @@ def describe_lora(tensors: Mapping[str, LazyTensor], metadata: Mapping[str, str]
     no_alpha = [m.name for m in complete if m.kind in ("lora", "locon", "loha", "lokr") and "alpha" not in m.parts]
     if no_alpha and not adapter.peft_config.get("lora_alpha"):
         problems.append(("lora_alpha_missing", "info", {"count": len(no_alpha), "examples": no_alpha[:3]}))
-    zero = [m.name for m in complete if "alpha" in m.parts and _alpha(m) == 0]
+    # alpha 0: scale 1 in kohya and sdtk, 0 in ComfyUI (reference/lora.md §2.1); for OFT/BOFT alpha
+    # is a constraint, and 0 means none (LyCORIS get_r), so it is not a problem there
+    zero = [m.name for m in complete if "alpha" in m.parts and _alpha(m) == 0 and m.kind not in ("oft", "boft")]
     if zero:
         problems.append(("lora_alpha_zero", "warning", {"count": len(zero), "examples": zero[:3]}))
     incomplete = [m.name for m in modules if m.kind == "incomplete"]

@@ -9,7 +9,8 @@ Formulas (reference/lora.md §2, each checked against the oracles in tests/test_
   side is factorised (r from w1_b, overridden by w2_b), else 1 (ComfyUI lokr.py, A1111 network_lokr.py).
 - DoRA: the magnitude times the normalised direction of W + s dW, per output row or input column.
 - (IA)^3: W * w broadcast over inputs or outputs. GLoRA: W A1 A2 + B1 B2. OFT: Cayley rotations of
-  row blocks (kohya networks/oft.py, LyCORIS diag_oft.py).
+  row blocks (kohya networks/oft.py, LyCORIS diag_oft.py); BOFT: butterfly stages of them
+  (LyCORIS functional/boft.py).
 """
 from __future__ import annotations
 
@@ -155,6 +156,32 @@ def oft_apply(weight: np.ndarray, rotation: np.ndarray, strength: float, rescale
     r = strength * rotation + (1.0 - strength) * eye
     w = weight.reshape(n, b, -1)
     out = np.einsum("knm,knx->kmx", r, w, optimize=True).reshape(weight.shape)
+    if rescale is not None:
+        out = out * rescale.reshape((-1,) + (1,) * (weight.ndim - 1))
+    return out
+
+
+def boft_apply(weight: np.ndarray, rotations: np.ndarray, strength: float, rescale: Optional[np.ndarray] = None) -> np.ndarray:
+    """Butterfly OFT: m stages, stage i rotating blocks of b rows after a butterfly permutation
+    that pairs rows 2^i * b/2 apart; each stage R_m = m R + (1 - m) I (the multiplier folded into
+    every stage), then the optional per-row rescale. `rotations` (m, blocks, b, b) from
+    oft_rotation. The steps of LyCORIS functional/boft.py _diff_weight (W' = W + dW there),
+    reference/lora.md section 2.6."""
+    stages, _, b, _ = rotations.shape
+    rows, rest = weight.shape[0], weight.shape[1:]
+    eye = np.eye(b, dtype=rotations.dtype)
+    half = b // 2
+    x = weight.reshape(rows, -1)
+    for i in range(stages):
+        r = rotations[i]
+        if strength != 1:
+            r = r * F32(strength) + F32(1.0 - strength) * eye
+        k = 2 ** i * half
+        # rows (c, g=2, k) -> (c, k, g): partners 2^i * b/2 apart side by side, then blocks of b
+        x = x.reshape(-1, 2, k, x.shape[-1]).swapaxes(1, 2).reshape(-1, b, x.shape[-1])
+        x = np.matmul(r, x)
+        x = x.reshape(-1, k, 2, x.shape[-1]).swapaxes(1, 2).reshape(rows, -1)
+    out = np.ascontiguousarray(x).reshape((rows,) + tuple(rest))
     if rescale is not None:
         out = out * rescale.reshape((-1,) + (1,) * (weight.ndim - 1))
     return out

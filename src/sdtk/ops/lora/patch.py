@@ -89,12 +89,13 @@ def patch_weight(m: Module, weight: np.ndarray, strength: float, peft: Dict[str,
     if k == "set":
         return _f32(m, "set_weight").reshape(weight.shape).copy()
     if k in ("oft", "boft"):
-        if k == "boft":
-            raise ValueError("BOFT (butterfly OFT) modules are not supported yet")
         blocks = _f32(m, "oft_blocks")
         alpha = m.scalar("alpha")
+        # the constraint is alpha * out_dim for both (kohya oft.py; LyCORIS diag_oft.py / boft.py)
         constraint = None if alpha is None else alpha * weight.shape[0]
         rot = M.oft_rotation(blocks, constraint)
+        if k == "boft":
+            return M.boft_apply(weight, rot, strength, _f32(m, "rescale"))
         return M.oft_apply(weight, rot, strength, _f32(m, "rescale"))
     if k in ("lora", "locon") and "mid" not in m.parts and not m.dora and weight.flags.c_contiguous \
             and m.parts["up"].shape[0] == weight.shape[0]:

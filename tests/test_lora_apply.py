@@ -162,6 +162,52 @@ def test_boft_rotates_rows_and_refuses_a_block_layout_that_does_not_fit(tmp, cli
     assert r.returncode == 2 and "shape mismatch: BOFT" in r.stderr and not out2.exists(), r.stderr
 
 
+def test_sd3_diffusers_names_land_on_qkv_thirds_and_swapped_adaln(tmp, cli):
+    """diffusers / SimpleTuner / OneTrainer names on an SD3 single-file layout: attn.to_k is the
+    middle third of x_block.attn.qkv, attn.add_v_proj the last third of context_block.attn.qkv,
+    the last block's norm1_context and norm_out swap their (scale, shift) halves into (shift,
+    scale); the other rows keep their bytes. Values against diffusers: tests/test_lora_diffusers.py."""
+    base_path = make_model(tmp, "sd3", "sd3-medium-incl-clips", scale=16)
+    base = tensors(base_path)
+    dm = "model.diffusion_model."
+    last = max(int(k.split(".")[3]) for k in base if k.startswith(dm + "joint_blocks."))
+    rng = np.random.default_rng(6)
+    cases = {  # LoRA module -> (checkpoint key, rows touched as (start, stop) or "swap")
+        "transformer.transformer_blocks.0.attn.to_k": (dm + "joint_blocks.0.x_block.attn.qkv.weight", 1),
+        "lora_transformer_transformer_blocks_1_attn_add_v_proj": (dm + "joint_blocks.1.context_block.attn.qkv.weight", 2),
+        f"transformer.transformer_blocks.{last}.norm1_context.linear": (dm + f"joint_blocks.{last}.context_block.adaLN_modulation.1.weight", "swap"),
+        "transformer.norm_out.linear": (dm + "final_layer.adaLN_modulation.1.weight", "swap"),
+    }
+    lora = {}
+    for name, (key, _) in cases.items():
+        shape = base[key].shape
+        rows = shape[0] // 3 if isinstance(cases[name][1], int) else shape[0]
+        lora.update(lora_family(name, "lora", (rows, shape[1]), rng, alpha=None))
+    out = tmp / "out.safetensors"
+    r = cli("lora", "apply", base_path, write_tensors(tmp / "sd3-lora.safetensors", lora), "-o", out, "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["loras"][0]["matched"] == len(cases)
+    got = tensors(out)
+    for name, (key, where) in cases.items():
+        w = base[key].astype(np.float32)
+        up, down = lora[name + ".lora_up.weight"], lora[name + ".lora_down.weight"]
+        delta = up @ down  # no alpha: scale 1
+        want = w.copy()
+        if where == "swap":
+            half = w.shape[0] // 2
+            want[:half] += delta[half:]
+            want[half:] += delta[:half]
+        else:
+            n = w.shape[0] // 3
+            want[where * n:(where + 1) * n] += delta
+        _same(got[key], want)
+        untouched = np.all(want == w, axis=1)
+        assert got[key][untouched].tobytes() == base[key][untouched].tobytes(), name
+    for k in base:
+        if k not in {key for key, _ in cases.values()}:
+            assert got[k].tobytes() == base[k].tobytes(), k
+
+
 def test_refuses_another_architecture(tmp, cli):
     sd1 = make_model(tmp, "sd1", "sd15-emaonly", scale=8)
     xl = tensors(make_model(tmp, "xl", "sdxl-base", scale=8))

@@ -228,3 +228,92 @@ def test_flux_diffusers_lora_matches_diffusers_fuse(tmp, cli):
         assert d <= 2e-6 * float(np.max(np.abs(v)) or 1), (k, d)
         if k not in changed:
             assert got[k].tobytes() == bfl[k].tobytes(), k
+
+
+def _tiny_sd3():
+    torch.manual_seed(0)  # two blocks: the last one's context branch is pre-only (adaLN shift, scale)
+    return diffusers.SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
+                                           num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16,
+                                           pooled_projection_dim=32, out_channels=4, pos_embed_max_size=16)
+
+
+def _sai_checkpoint(tr):
+    """The diffusers SD3 weights under the single-file (SAI MMDiT) names: fused qkv, the final and
+    the last block's context adaLN as (shift, scale); checked by diffusers' own
+    convert_sd3_transformer_checkpoint_to_diffusers, which must give back the state dict exactly."""
+    sd = {k: v.detach().numpy().copy() for k, v in tr.state_dict().items()}
+    sai = {"pos_embed": sd["pos_embed.pos_embed"]}
+    simple = {"pos_embed.proj": "x_embedder.proj", "context_embedder": "context_embedder", "proj_out": "final_layer.linear",
+              "time_text_embed.timestep_embedder.linear_1": "t_embedder.mlp.0", "time_text_embed.timestep_embedder.linear_2": "t_embedder.mlp.2",
+              "time_text_embed.text_embedder.linear_1": "y_embedder.mlp.0", "time_text_embed.text_embedder.linear_2": "y_embedder.mlp.2"}
+    swap = lambda a: np.concatenate(np.split(a, 2)[::-1])  # noqa: E731  (scale, shift) <-> (shift, scale)
+    for p in ("weight", "bias"):
+        for d, s in simple.items():
+            sai[f"{s}.{p}"] = sd[f"{d}.{p}"]
+        sai[f"final_layer.adaLN_modulation.1.{p}"] = swap(sd[f"norm_out.linear.{p}"])
+        for n in (0, 1):
+            d, b = f"transformer_blocks.{n}.", f"joint_blocks.{n}."
+            last = n == 1
+            sai[b + f"x_block.attn.qkv.{p}"] = np.concatenate([sd[d + f"attn.to_{x}.{p}"] for x in "qkv"])
+            sai[b + f"context_block.attn.qkv.{p}"] = np.concatenate([sd[d + f"attn.add_{x}_proj.{p}"] for x in "qkv"])
+            ctx = sd[d + f"norm1_context.linear.{p}"]
+            sai[b + f"context_block.adaLN_modulation.1.{p}"] = swap(ctx) if last else ctx
+            pairs = [("attn.to_out.0", "x_block.attn.proj"), ("ff.net.0.proj", "x_block.mlp.fc1"), ("ff.net.2", "x_block.mlp.fc2"),
+                     ("norm1.linear", "x_block.adaLN_modulation.1")]
+            if not last:
+                pairs += [("attn.to_add_out", "context_block.attn.proj"), ("ff_context.net.0.proj", "context_block.mlp.fc1"),
+                          ("ff_context.net.2", "context_block.mlp.fc2")]
+            for dd, ss in pairs:
+                sai[b + f"{ss}.{p}"] = sd[d + f"{dd}.{p}"]
+    from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
+
+    back = convert_sd3_transformer_checkpoint_to_diffusers({"model.diffusion_model." + k: torch.from_numpy(v) for k, v in sai.items()})
+    assert set(back) == set(sd), sorted(set(back) ^ set(sd))[:6]
+    for k in sd:
+        assert np.array_equal(back[k].numpy(), sd[k]), k
+    return {"model.diffusion_model." + k: v for k, v in sai.items()}
+
+
+SD3_MODULES = (  # diffusers' SD3 LoRA trainer / SimpleTuner names
+    "transformer_blocks.0.attn.to_k", "transformer_blocks.0.attn.add_q_proj", "transformer_blocks.0.attn.to_add_out",
+    "transformer_blocks.0.ff_context.net.2", "transformer_blocks.0.norm1.linear", "transformer_blocks.1.attn.to_v",
+    "transformer_blocks.1.norm1_context.linear", "norm_out.linear", "context_embedder",
+)
+
+
+def test_sd3_diffusers_lora_matches_diffusers_fuse(tmp, cli):
+    """A diffusers-named SD3 LoRA on the single-file checkpoint: q/k/v as row thirds of the fused
+    qkv, the pre-only context adaLN and the final adaLN with their halves swapped, as diffusers'
+    SD3LoraLoaderMixin + fuse_lora computes on the diffusers model."""
+    tr = _tiny_sd3()
+    sai = _sai_checkpoint(tr)
+    base_path = write_tensors(tmp / "sd3.safetensors", sai)
+    weights = dict(tr.state_dict())
+    rng = np.random.default_rng(5)
+    lora = {}
+    for m in SD3_MODULES:
+        w = weights[m + ".weight"].shape
+        lora[f"transformer.{m}.lora_A.weight"] = (rng.standard_normal((2, w[1])) * 0.3).astype(np.float32)
+        lora[f"transformer.{m}.lora_B.weight"] = (rng.standard_normal((w[0], 2)) * 0.3).astype(np.float32)
+    lora_path = write_tensors(tmp / "sd3-lora.safetensors", lora)
+    mixin = diffusers.loaders.SD3LoraLoaderMixin
+    sd = mixin.lora_state_dict({k: torch.from_numpy(v) for k, v in lora.items()})
+    sd = sd[0] if isinstance(sd, tuple) else sd
+    mixin.load_lora_into_transformer(sd, tr, adapter_name="t")
+    tr.fuse_lora(lora_scale=0.7)
+    tr.unload_lora()
+    fused = _sai_checkpoint(tr)
+    out = tmp / "out.safetensors"
+    r = cli("lora", "apply", base_path, f"{lora_path}:0.7", "-o", out, "--json")
+    assert r.returncode == 0, r.stderr
+    import json
+
+    assert json.loads(r.stdout)["loras"][0]["matched"] == len(SD3_MODULES)
+    got = tensors(out)
+    changed = [k for k in fused if not np.array_equal(fused[k], sai[k])]
+    assert len(changed) == 9, changed  # block 0: x qkv, context qkv, context proj, context fc2, x adaLN; block 1: x qkv, context adaLN; final adaLN; context_embedder
+    for k, v in fused.items():
+        d = float(np.max(np.abs(got[k] - v)))
+        assert d <= 2e-6 * float(np.max(np.abs(v)) or 1), (k, d)
+        if k not in changed:
+            assert got[k].tobytes() == sai[k].tobytes(), k

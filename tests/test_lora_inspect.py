@@ -242,3 +242,21 @@ def test_alpha_zero_says_what_each_program_does_and_is_no_problem_for_oft(tmp, c
     for kind in ("oft", "boft"):
         oft = write_tensors(tmp / f"{kind}.safetensors", lora_family(name, kind, (320, 320), np.random.default_rng(2), alpha=0.0))
         assert "lora_alpha_zero" not in {p.code for p in identify_path(oft).problems}, kind
+
+
+def test_diffusers_named_joint_blocks_are_told_apart_by_width(tmp):
+    """transformer.transformer_blocks.N.attn.* is both FLUX's and SD3's diffusers naming: the
+    hidden width decides (FLUX.1 3072, SD3 / SD3.5 medium 1536, SD3.5 large 2432); a second
+    attention (attn2) is SD3.5 medium's MMDiT-X."""
+    from helpers_lora import lora_family, write_tensors
+
+    rng = np.random.default_rng(3)
+    for width, extra, want in ((1536, False, "stable-diffusion-v3-medium"), (1536, True, "stable-diffusion-v3.5-medium"),
+                               (2432, False, "stable-diffusion-v3.5-large"), (3072, False, "flux-1-dev")):
+        lora = {}
+        for n in range(2):
+            for m in ("attn.to_q", "attn.add_k_proj") + (("attn2.to_q",) if extra else ()):
+                lora.update(lora_family(f"transformer.transformer_blocks.{n}.{m}", "lora", (width, width), rng, rank=2, alpha=None))
+        ident = identify_path(write_tensors(tmp / f"dit-{width}-{extra}.safetensors", lora))
+        assert ident.adapter["base_architecture"] == want, (width, extra, ident.adapter["base"])
+        assert ident.adapter["base_confidence"] == "high"

@@ -241,6 +241,56 @@ def flux_diffusers_map(shapes: Mapping[str, Shape]) -> Dict[str, Tuple[str, Opti
     return out
 
 
+# SD3 / SD3.5 MMDiT: diffusers (diffusers' SD3 LoRA trainer, SimpleTuner, OneTrainer) module names ->
+# the single-file (SAI) modules and row slices. Source: ComfyUI comfy/utils.py MMDIT_MAP_BASIC,
+# MMDIT_MAP_BLOCK, mmdit_to_diffusers; diffusers SD3Transformer2DModel module names.
+SD3_BLOCK = (  # (diffusers name inside transformer_blocks.N, SAI name inside joint_blocks.N, slice index of [q,k,v] or None)
+    ("attn.to_q", "x_block.attn.qkv", 0), ("attn.to_k", "x_block.attn.qkv", 1), ("attn.to_v", "x_block.attn.qkv", 2),
+    ("attn.add_q_proj", "context_block.attn.qkv", 0), ("attn.add_k_proj", "context_block.attn.qkv", 1),
+    ("attn.add_v_proj", "context_block.attn.qkv", 2),
+    ("attn2.to_q", "x_block.attn2.qkv", 0), ("attn2.to_k", "x_block.attn2.qkv", 1), ("attn2.to_v", "x_block.attn2.qkv", 2),  # SD3.5 MMDiT-X
+    ("attn.to_out.0", "x_block.attn.proj", None), ("attn.to_add_out", "context_block.attn.proj", None),
+    ("attn2.to_out.0", "x_block.attn2.proj", None),
+    ("ff.net.0.proj", "x_block.mlp.fc1", None), ("ff.net.2", "x_block.mlp.fc2", None),
+    ("ff_context.net.0.proj", "context_block.mlp.fc1", None), ("ff_context.net.2", "context_block.mlp.fc2", None),
+    ("norm1.linear", "x_block.adaLN_modulation.1", None), ("norm1_context.linear", "context_block.adaLN_modulation.1", None),
+    ("attn.norm_q", "x_block.attn.ln_q", None), ("attn.norm_k", "x_block.attn.ln_k", None),
+    ("attn.norm_added_q", "context_block.attn.ln_q", None), ("attn.norm_added_k", "context_block.attn.ln_k", None),
+    ("attn2.norm_q", "x_block.attn2.ln_q", None), ("attn2.norm_k", "x_block.attn2.ln_k", None),
+)
+SD3_TOP = (  # (diffusers, SAI, swap_halves)
+    ("pos_embed.proj", "x_embedder.proj", False), ("context_embedder", "context_embedder", False),
+    ("time_text_embed.timestep_embedder.linear_1", "t_embedder.mlp.0", False),
+    ("time_text_embed.timestep_embedder.linear_2", "t_embedder.mlp.2", False),
+    ("time_text_embed.text_embedder.linear_1", "y_embedder.mlp.0", False),
+    ("time_text_embed.text_embedder.linear_2", "y_embedder.mlp.2", False),
+    ("proj_out", "final_layer.linear", False),
+    ("norm_out.linear", "final_layer.adaLN_modulation.1", True),
+)
+
+
+def sd3_diffusers_map(shapes: Mapping[str, Shape]) -> Dict[str, Tuple[str, Optional[Tuple[int, int]], bool]]:
+    """{diffusers module: (SAI module, rows or None, swap_halves)}, from an MMDiT's {module: weight shape}.
+    The last block's context adaLN is pre-only (shift, scale: 2 chunks); diffusers' AdaLayerNormContinuous
+    there orders them (scale, shift), so its halves swap as the final layer's do."""
+    out: Dict[str, Tuple[str, Optional[Tuple[int, int]], bool]] = {}
+    for diff, sai, swap in SD3_TOP:
+        if sai in shapes:
+            out[diff] = (sai, None, swap)
+    for m, shape in shapes.items():
+        hit = re.match(r"^joint_blocks\.(\d+)\.(.*)$", m)
+        if not hit:
+            continue
+        n, rest = hit.groups()
+        pre_only = f"joint_blocks.{n}.context_block.attn.proj" not in shapes
+        for diff, sai, part in SD3_BLOCK:
+            if rest == sai:
+                rows = None if part is None else (part * (shape[0] // 3), shape[0] // 3)
+                swap = pre_only and sai == "context_block.adaLN_modulation.1"
+                out[f"transformer_blocks.{n}.{diff}"] = (m, rows, swap)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # The table.
 
@@ -334,6 +384,14 @@ def build_alias_table(shapes: Mapping[str, Shape]) -> AliasTable:
                     for xlabs, bfl in XLABS_DOUBLE:
                         if hit.group(2) == bfl:
                             add(f"double_blocks.{hit.group(1)}.{xlabs}", Target(*unet[m]))
+        elif family == "sd3":
+            # diffusers / SimpleTuner (transformer.), OneTrainer (lora_transformer_), SimpleTuner LyCORIS
+            # (lycoris_), raw PEFT dumps (base_model.model., stripped by resolve): ComfyUI lora.py's SD3 keys
+            for diff, (sai, rows, swap) in sd3_diffusers_map({m: shapes[wb[0]] for m, wb in unet.items()}).items():
+                w, b = unet[sai]
+                t = Target(w, b, rows=rows, swap_halves=swap)
+                for alias in ("transformer." + diff, "lora_transformer_" + under(diff), "lycoris_" + under(diff), diff):
+                    add(alias, t)
     _add_text_encoders(modules, shapes, add)
     for m, (w, b) in modules.items():  # any module by its own path (raw PEFT dumps, full-key LoRAs)
         if m not in names and m not in ambiguous:

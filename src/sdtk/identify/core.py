@@ -296,7 +296,10 @@ def _describe_lora(ident: Identity, tensors, metadata) -> None:
     facts = found["facts"]
     ident.adapter.update(facts)
     verdict = facts["base"]
-    if verdict["architecture"] and (verdict["conflict"] or not ident.adapter.get("base_architecture")):
+    # the deep verdict decides when it conflicts, when the quick look found nothing, or when it has
+    # shapes against the quick look's key-name guess (diffusers-named SD3 vs FLUX joint blocks)
+    guessed_by_names = ident.adapter.get("base_source") == "key names" and verdict["confidence"] == "high"
+    if verdict["architecture"] and (verdict["conflict"] or not ident.adapter.get("base_architecture") or guessed_by_names):
         ident.adapter["base_architecture"] = verdict["architecture"]
         ident.adapter["base_source"] = next((e["source"] for e in verdict["evidence"] if e["architecture"] == verdict["architecture"]), None)
     ident.adapter["base_confidence"] = verdict["confidence"]

@@ -172,7 +172,32 @@ def _shape_evidence(modules) -> List[Dict[str, Any]]:
                 break
     if any("joint_blocks" in n for n in names):
         found.append({"source": "key names", "architecture": "stable-diffusion-v3-medium", "detail": "MMDiT joint_blocks"})
+    if not any(e["source"] == "shapes" for e in found):
+        found.extend(_diffusers_dit_width(modules))
     return found
+
+
+# diffusers-named joint blocks (transformer.transformer_blocks.N.attn.to_q ...), which FLUX and SD3
+# share: the hidden width tells them apart. Source: diffusers FluxTransformer2DModel (3072) and
+# SD3Transformer2DModel configs (heads x 64: SD3 / SD3.5 medium 24, SD3.5 large 38); the MMDiT
+# variants of architectures/signatures.py. SD3.5 medium's MMDiT-X blocks have a second attention.
+_DIT_ATTN = re.compile(r"(?<!single_)transformer_blocks[._]\d+[._]attn2?[._](to_[qkv]|add_[qkv]_proj)$")
+DIT_WIDTH_BASE = {3072: "flux-1-dev", 1536: "stable-diffusion-v3-medium", 2432: "stable-diffusion-v3.5-large"}
+
+
+def _diffusers_dit_width(modules) -> List[Dict[str, Any]]:
+    for m in modules:
+        down = m.parts.get("down")
+        if down is None or len(down.shape) != 2 or not _DIT_ATTN.search(m.name):
+            continue
+        arch = DIT_WIDTH_BASE.get(down.shape[1])
+        if arch is None:
+            return []
+        if arch == "stable-diffusion-v3-medium" and any(re.search(r"[._]attn2[._]", x.name) for x in modules):
+            arch = "stable-diffusion-v3.5-medium"
+        label = "FLUX" if arch.startswith("flux") else "MMDiT (SD3)"
+        return [{"source": "shapes", "architecture": arch, "detail": f"diffusers-named {label} joint blocks, hidden width {down.shape[1]}"}]
+    return []
 
 
 def _metadata_evidence(metadata: Mapping[str, str]) -> List[Dict[str, Any]]:

@@ -157,6 +157,27 @@ def test_flux_round_trips_split_and_fuse(tmp, cli):
         assert np.allclose(a[k], v, rtol=1e-6, atol=1e-7), k
 
 
+def _sd3_pick(u):  # the scaled layout keeps SD3 medium's 24 blocks; block 23's context branch is pre-only
+    return (u.name.startswith(("lora_unet_joint_blocks_0_", "lora_unet_joint_blocks_23_")) and "_ln_" not in u.name) \
+        or u.name in ("lora_unet_final_layer_adaLN_modulation_1", "lora_unet_context_embedder")
+
+
+def test_sd3_round_trips_split_fuse_and_swap(tmp, cli):
+    """kohya SD3 (SAI names: fused x/context qkv) -> diffusers (to_q/k/v and add_*_proj row thirds,
+    final and pre-only context adaLN halves swapped) -> kohya and comfyui: the same applied
+    weights each way; diffusers' own loader: tests/test_lora_diffusers.py."""
+    base_path = make_model(tmp, "sd3", "sd3-medium-incl-clips", scale=16, dtype="float32")
+    lora = _kohya_lora(base_path, _sd3_pick, np.random.default_rng(7), alpha=3.0)
+    assert "lora_unet_joint_blocks_23_context_block_adaLN_modulation_1.lora_up.weight" in lora
+    _round_trips(cli, tmp, base_path, lora, "sd3", expect_split=4)  # blocks 0 and 23: x qkv, context qkv
+    mid = tensors(tmp / "sd3-diffusers.safetensors")
+    third = tensors(base_path)["model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight"].shape[0] // 3
+    assert mid["transformer.transformer_blocks.0.attn.to_k.lora_B.weight"].shape == (third, 4)
+    assert "transformer.transformer_blocks.23.norm1_context.lora_A.weight" not in mid
+    assert "transformer.transformer_blocks.23.norm1_context.linear.lora_B.weight" in mid
+    assert "transformer.norm_out.linear.lora_B.weight" in mid
+
+
 def test_flux_independent_parts_fuse_block_diagonal(tmp, cli):
     """ai-toolkit-style parts with their own downs and ranks (to_q rank 2, to_k rank 3, proj_mlp
     rank 2, no to_v): fused into kohya's linear1 with downs stacked and a block-diagonal up (rank 7,
@@ -515,3 +536,40 @@ def test_dora_to_diffusers_fused_by_diffusers_equals_sdtk_apply(tmp, cli):
     bad = tmp / "bad.safetensors"
     r = cli("lora", "convert", bad_src, "--to", "diffusers", "-o", bad, "--base", base_path)
     assert r.returncode == 2 and not bad.exists() and "per input column" in r.stderr, r.stderr
+
+
+def test_diffusers_output_fused_by_diffusers_equals_sdtk_apply_sd3(tmp, cli):
+    """kohya SD3 (SAI names, alpha 3 of rank 2) on a small SD3 -> `--to diffusers`: diffusers'
+    SD3LoraLoaderMixin + fuse_lora of our file equals sdtk apply of the kohya source (fused qkv
+    split into thirds, the final and pre-only context adaLN swapped)."""
+    tld = _diffusers_or_skip()
+    import torch
+
+    tr = tld._tiny_sd3()
+    sai = tld._sai_checkpoint(tr)
+    base_path = write_tensors(tmp / "sd3.safetensors", sai)
+    rng = np.random.default_rng(13)
+    modules = ("joint_blocks.0.x_block.attn.qkv", "joint_blocks.0.context_block.attn.qkv", "joint_blocks.0.x_block.mlp.fc1",
+               "joint_blocks.0.context_block.attn.proj", "joint_blocks.1.context_block.adaLN_modulation.1",
+               "joint_blocks.1.x_block.attn.qkv", "final_layer.adaLN_modulation.1", "context_embedder")
+    lora = {}
+    for m in modules:
+        w = sai["model.diffusion_model." + m + ".weight"].shape
+        lora.update(lora_family("lora_unet_" + m.replace(".", "_"), "lora", w, rng, rank=2, alpha=3.0))
+    src = write_tensors(tmp / "kohya-sd3.safetensors", lora)
+    out = tmp / "diffusers-sd3.safetensors"
+    info = _convert(cli, src, "diffusers", out, base_path)
+    assert info["split"] == 3 and info["alpha_folded"] == len(modules)
+    mixin = tld.diffusers.loaders.SD3LoraLoaderMixin
+    sd = mixin.lora_state_dict({k: torch.from_numpy(v) for k, v in tensors(out).items()})
+    sd = sd[0] if isinstance(sd, tuple) else sd
+    mixin.load_lora_into_transformer(sd, tr, adapter_name="c")
+    tr.fuse_lora(lora_scale=1.0)
+    tr.unload_lora()
+    fused = tld._sai_checkpoint(tr)
+    got = _applied(cli, tmp, base_path, src, "src")
+    changed = [k for k in fused if not np.array_equal(fused[k], sai[k])]
+    assert len(changed) == len(modules), changed
+    for k, v in fused.items():
+        d = float(np.max(np.abs(got[k] - v)))
+        assert d <= 2e-6 * (float(np.max(np.abs(v))) or 1.0), (k, d)

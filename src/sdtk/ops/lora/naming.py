@@ -8,9 +8,10 @@ LoRA-able weight (or row slice of one) and the name a given convention writes fo
   (sdxl_original_unet.py), BFL's for FLUX (fused qkv / linear1), SAI MMDiT's for SD3; text
   encoders `lora_te_` (one CLIP: SD1, SD2) or `lora_te1_`/`lora_te2_`/`lora_te3_` + the HF CLIP
   path (OpenCLIP's fused in_proj is named as q/k/v row thirds).
-- "diffusers" (diffusers save_lora_weights / PEFT): `unet.` + diffusers path, FLUX `transformer.`
-  + diffusers path (q, k, v split: row slices of BFL's fused weights), `text_encoder.` /
-  `text_encoder_2.` + HF path. SD3 DiTs are not mapped (no diffusers table here).
+- "diffusers" (diffusers save_lora_weights / PEFT): `unet.` + diffusers path, FLUX and SD3
+  `transformer.` + diffusers path (q, k, v split: row slices of BFL's / SAI's fused weights; the
+  final and SD3's pre-only context adaLN with swapped halves), `text_encoder.` / `text_encoder_2.`
+  + HF path.
 - "comfyui" (ComfyUI LoraSave, comfy_extras/nodes_lora_extract.py): `diffusion_model.` + the
   checkpoint's module path; text encoders `text_encoders.clip_{l,h,g}.transformer.` + HF path
   (`clip_h` for SD2's OpenCLIP-H: ComfyUI sd2_clip.py; `t5xxl` for T5).
@@ -27,7 +28,7 @@ from typing import Dict, List, Mapping, Optional, Tuple
 
 from sdtk.architectures.lora_keys import (HF_TEXT_ENCODERS, OPENCLIP_TEXT_ENCODERS, REFINER_OPENCLIP, UNET_PREFIXES,
                                           Target, _openclip_targets, _stand_alone_unet, _unet_family,
-                                          flux_diffusers_map, sd_unet_to_diffusers, under)
+                                          flux_diffusers_map, sd3_diffusers_map, sd_unet_to_diffusers, under)
 
 Shape = Tuple[int, ...]
 CONVENTIONS = ("kohya", "diffusers", "comfyui")
@@ -111,15 +112,14 @@ def unet_units(shapes: Mapping[str, Shape], convention: str) -> List[Unit]:
                 name = "diffusion_model." + rel
             units.append(Unit(Target(w, b), name, group))
         return units
-    if fam == "flux" and convention == "diffusers":
-        fmap = flux_diffusers_map({m: shapes[wb[0]] for m, wb in mods.items()})
-        for d, (bfl, rows, swap) in fmap.items():
-            w, b = mods[bfl]
-            group = "attn" if bfl.startswith(("double_blocks.", "single_blocks.")) and "norm" not in bfl else "other"
+    if fam in ("flux", "sd3") and convention == "diffusers":
+        dmap = (flux_diffusers_map if fam == "flux" else sd3_diffusers_map)({m: shapes[wb[0]] for m, wb in mods.items()})
+        blocks = ("double_blocks.", "single_blocks.") if fam == "flux" else ("joint_blocks.",)
+        for d, (native, rows, swap) in dmap.items():
+            w, b = mods[native]
+            group = "attn" if native.startswith(blocks) and "norm" not in native and ".ln_" not in native else "other"
             units.append(Unit(Target(w, b, rows=rows, swap_halves=swap), "transformer." + d, group))
         return units
-    if convention == "diffusers" and fam != "other":
-        return []  # SD3: no diffusers table here
     for rel, (w, b) in mods.items():
         if fam == "flux":
             group = "attn" if rel.startswith(("double_blocks.", "single_blocks.")) and "norm" not in rel else "other"

@@ -175,11 +175,16 @@ def test_fused_fp16_weighted_sum_equals_the_unfused_float32_steps(alpha):
     with np.errstate(all="ignore"):
         wide = (1 - alpha) * a.astype(np.float32) + alpha * b.astype(np.float32)
         want = wide.astype(np.float16)
-    assert np.array_equal(out.view(np.uint16), want.view(np.uint16))  # NaN bits included
+    # exact bits, NaN payloads included, wherever at most one input is NaN; where both are, which
+    # payload survives is the compiler's choice (in numpy's loops too): a NaN is all that is asked
+    both = np.isnan(a) & np.isnan(b)
+    assert both.sum() > 0
+    assert np.array_equal(out.view(np.uint16)[~both], want.view(np.uint16)[~both])
+    assert np.isnan(out[both]).all()
     tail = slice(5, 5 + 13)  # a length that is not a multiple of 16 (the scalar tail)
     out13 = np.empty(13, np.float16)
     fastcast.weighted_sum_f16(a[tail].copy(), b[tail].copy(), out13, 1 - alpha, alpha)
-    assert np.array_equal(out13.view(np.uint16), want[tail].view(np.uint16))
+    assert np.array_equal(out13.view(np.uint16)[~both[tail]], want[tail].view(np.uint16)[~both[tail]])
     assert overflow == int(np.count_nonzero(np.isfinite(wide) & ~np.isfinite(want)))
 
 

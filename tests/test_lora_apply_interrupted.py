@@ -5,7 +5,6 @@ Ctrl-C), no file left behind, the inputs byte for byte as they were."""
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import shutil
 import signal
@@ -17,19 +16,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers_convert import sha256_of as _sha
 from helpers_lora import lora_family, write_tensors
 from helpers_merge import make_model, tensors
 
 SRC = str(Path(__file__).resolve().parent.parent / "src")
 UNET = "model.diffusion_model."
-
-
-def _sha(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _every_attention_lora(shapes, rng, rank=4):

@@ -404,32 +404,42 @@ static Py_ssize_t weighted_sum_steps(const uint16_t *pa, const uint16_t *pb, flo
 }
 
 #if SDTK_X86
+/* 16 float32 values (two registers) narrowed to fp16 and stored; a chunk whose result holds an
+   inf or NaN is fixed up and counted from its float32 values, as f16_fixup_counting does for a
+   block. Returns the finite values that became inf. */
+__attribute__((target("avx2,f16c")))
+static inline Py_ssize_t narrow16_store(__m256 w0, __m256 w1, uint16_t *out, Py_ssize_t *nonfinite)
+{
+    const __m256i exponent = _mm256_set1_epi16(0x7c00);
+    __m128i o0 = _mm256_cvtps_ph(w0, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m128i o1 = _mm256_cvtps_ph(w1, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256i o = _mm256_inserti128_si256(_mm256_castsi128_si256(o0), o1, 1);
+    _mm256_storeu_si256((__m256i *)out, o);
+    __m256i bad = _mm256_cmpeq_epi16(_mm256_and_si256(o, exponent), exponent);
+    if (_mm256_testz_si256(bad, bad))
+        return 0;
+    float w[16];
+    _mm256_storeu_ps(w, w0);
+    _mm256_storeu_ps(w + 8, w1);
+    return f16_fixup_counting((const uint32_t *)w, out, 16, nonfinite);
+}
+
 /* The same 16 values at a time in registers, one pass over memory, no FMA (the steps'
    roundings). No NaN fix-up after widening: the multiply quiets a signalling NaN exactly as
-   VCVTPH2PS does, so a * wa has the same bits either way (every 16-bit pattern is tested). */
+   VCVTPH2PS does, so a * wa has the same bits either way (every 16-bit pattern is tested). Where
+   both inputs are NaN, which payload survives is the compiler's choice, as in numpy's loops. */
 __attribute__((target("avx2,f16c")))
 static Py_ssize_t weighted_sum_avx2(const uint16_t *pa, const uint16_t *pb, float wa, float wb,
                                     uint16_t *out, Py_ssize_t m)
 {
-    const __m256i exponent = _mm256_set1_epi16(0x7c00);
     const __m256 va = _mm256_set1_ps(wa), vb = _mm256_set1_ps(wb);
-    Py_ssize_t overflow = 0, i = 0;
+    Py_ssize_t overflow = 0, ignored = 0, i = 0;
     for (; i + 16 <= m; i += 16) {
         __m128i a0 = _mm_loadu_si128((const __m128i *)(pa + i)), a1 = _mm_loadu_si128((const __m128i *)(pa + i + 8));
         __m128i b0 = _mm_loadu_si128((const __m128i *)(pb + i)), b1 = _mm_loadu_si128((const __m128i *)(pb + i + 8));
         __m256 w0 = _mm256_add_ps(_mm256_mul_ps(_mm256_cvtph_ps(a0), va), _mm256_mul_ps(_mm256_cvtph_ps(b0), vb));
         __m256 w1 = _mm256_add_ps(_mm256_mul_ps(_mm256_cvtph_ps(a1), va), _mm256_mul_ps(_mm256_cvtph_ps(b1), vb));
-        __m128i o0 = _mm256_cvtps_ph(w0, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        __m128i o1 = _mm256_cvtps_ph(w1, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        __m256i o = _mm256_inserti128_si256(_mm256_castsi128_si256(o0), o1, 1);
-        _mm256_storeu_si256((__m256i *)(out + i), o);
-        __m256i bad = _mm256_cmpeq_epi16(_mm256_and_si256(o, exponent), exponent);
-        if (!_mm256_testz_si256(bad, bad)) {
-            float w[16];
-            _mm256_storeu_ps(w, w0);
-            _mm256_storeu_ps(w + 8, w1);
-            overflow += f16_fixup((const uint32_t *)w, out + i, 16);
-        }
+        overflow += narrow16_store(w0, w1, out + i, &ignored);
     }
     if (i < m)
         overflow += weighted_sum_steps(pa + i, pb + i, wa, wb, out + i, m - i);
@@ -519,14 +529,13 @@ static Py_ssize_t bake_f16_steps(const uint16_t *pb, const float *a, const float
    add (no FMA in this target: the same roundings as the steps). The base is widened without
    numpy's NaN fix-up: the add that follows quiets a signalling NaN exactly as VCVTPH2PS does
    (x86 returns the first operand's NaN, quieted), so w + t has the same bits either way (tested
-   with signalling and payload NaNs in tests/test_lora_apply_nonfinite.py). A chunk whose result
-   holds an inf or NaN is fixed up and counted from its float32 values, as f16_fixup_counting
-   does for a block. */
+   with signalling and payload NaNs in tests/test_lora_apply_nonfinite.py); narrow16_store narrows,
+   fixes up and counts. Where two NaNs meet, which payload survives is the compiler's choice (it
+   may swap the operands of + and *), as it is in numpy's own loops: the result is a NaN. */
 __attribute__((target("avx2,f16c")))
 static Py_ssize_t bake_f16_avx2(const uint16_t *pb, const float *a, const float *b, float factor,
                                 uint16_t *out, Py_ssize_t m, Py_ssize_t *nonfinite)
 {
-    const __m256i exponent = _mm256_set1_epi16(0x7c00);
     const __m256 f = _mm256_set1_ps(factor);
     Py_ssize_t overflow = 0, i = 0;
     for (; i + 16 <= m; i += 16) {
@@ -540,17 +549,7 @@ static Py_ssize_t bake_f16_avx2(const uint16_t *pb, const float *a, const float 
         t1 = _mm256_mul_ps(t1, f);
         __m256 w0 = _mm256_add_ps(_mm256_cvtph_ps(_mm256_castsi256_si128(h)), t0);
         __m256 w1 = _mm256_add_ps(_mm256_cvtph_ps(_mm256_extracti128_si256(h, 1)), t1);
-        __m128i o0 = _mm256_cvtps_ph(w0, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        __m128i o1 = _mm256_cvtps_ph(w1, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        __m256i o = _mm256_inserti128_si256(_mm256_castsi128_si256(o0), o1, 1);
-        _mm256_storeu_si256((__m256i *)(out + i), o);
-        __m256i bad = _mm256_cmpeq_epi16(_mm256_and_si256(o, exponent), exponent);
-        if (!_mm256_testz_si256(bad, bad)) {
-            float w[16];
-            _mm256_storeu_ps(w, w0);
-            _mm256_storeu_ps(w + 8, w1);
-            overflow += f16_fixup_counting((const uint32_t *)w, out + i, 16, nonfinite);
-        }
+        overflow += narrow16_store(w0, w1, out + i, nonfinite);
     }
     if (i < m)
         overflow += bake_f16_steps(pb + i, a + i, b ? b + i : NULL, factor, out + i, m - i, nonfinite);
